@@ -1,0 +1,216 @@
+//! The monitor module table.
+//!
+//! Modules are registered in order; the order is the order of every callback. As in the
+//! seed's `MonModule` table:
+//!
+//! | callback          | runs on                         | when                              |
+//! |-------------------|---------------------------------|-----------------------------------|
+//! | `init`            | the boot vCPU (vCPU 0)          | once, after the VM is created     |
+//! | `init_per_thread` | every vCPU thread (boot too)    | after every module's `init`       |
+//! | `sync`            | the boot vCPU                   | checkpoint SAVE_SYNC / CONTINUE_SYNC / RESTORE_SYNC |
+//! | `checkpoint`      | the boot vCPU                   | checkpoint SAVE                   |
+//!
+//! Every callback has a default body that does nothing, so a module implements only what it
+//! needs. Main memory and the CPU are always the first two modules.
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_regs, kvm_segment, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::layout::{self, Layout};
+use crate::vcpu::VcpuContext;
+use crate::vm::VmShared;
+use crate::{Error, Result};
+
+/// One monitor module.
+pub trait Module: Send + Sync {
+    /// The module's name (used in logs, errors and checkpoint sections).
+    fn name(&self) -> &'static str;
+    /// Called once on the boot vCPU after the VM is created.
+    fn init(&self, _vm: &VmShared) -> Result<()> {
+        Ok(())
+    }
+    /// Called on every vCPU thread after all modules' `init`.
+    fn init_per_thread(&self, _vcpu: &mut VcpuContext) -> Result<()> {
+        Ok(())
+    }
+    /// Checkpoint sync, called on the boot vCPU while the VM is stunned.
+    fn sync(&self, _vcpu0: &mut VcpuContext) -> Result<()> {
+        Ok(())
+    }
+    /// Checkpoint save, called on the boot vCPU while the VM is stunned. `None`: no state.
+    fn checkpoint(&self, _vcpu0: &mut VcpuContext) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+}
+
+/// The ordered module table.
+#[derive(Clone)]
+pub struct ModuleTable {
+    modules: Arc<Vec<Arc<dyn Module>>>,
+}
+
+impl ModuleTable {
+    /// The standard table: [`MainMem`], [`Cpu`], then `extra` in order.
+    pub fn standard(extra: Vec<Arc<dyn Module>>) -> Self {
+        let mut modules: Vec<Arc<dyn Module>> = vec![Arc::new(MainMem), Arc::new(Cpu)];
+        modules.extend(extra);
+        ModuleTable {
+            modules: Arc::new(modules),
+        }
+    }
+
+    /// The modules in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Module>> {
+        self.modules.iter()
+    }
+
+    /// Their names in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.modules.iter().map(|m| m.name()).collect()
+    }
+
+    pub(crate) fn run<T>(
+        &self,
+        mut f: impl FnMut(&Arc<dyn Module>) -> Result<T>,
+    ) -> Result<Vec<(&'static str, T)>> {
+        self.modules.iter().map(|m| Ok((m.name(), f(m)?))).collect()
+    }
+}
+
+/// Main memory: registers guest RAM with KVM (dirty logging on) and writes the page tables and
+/// GDT of the [`layout`].
+pub struct MainMem;
+
+impl Module for MainMem {
+    fn name(&self) -> &'static str {
+        "MainMem"
+    }
+
+    fn init(&self, vm: &VmShared) -> Result<()> {
+        for (slot, region) in vm.mem.iter().enumerate() {
+            let host = vm
+                .mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            let desc = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range is the whole of one region of `vm.mem`, which VmShared
+            // keeps mapped for as long as the VM fd lives (fields drop in order: fd first).
+            unsafe { vm.vm_fd.set_user_memory_region(desc) }
+                .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        write_tables(&vm.mem, &vm.layout)
+    }
+}
+
+/// Writes the GDT and the identity-mapped page tables into guest memory.
+pub fn write_tables(mem: &crate::GuestMem, layout: &Layout) -> Result<()> {
+    let w = |addr: u64, v: u64| {
+        mem.write_obj(v, GuestAddress(addr))
+            .map_err(|e| Error::Memory(e.to_string()))
+    };
+    for (i, d) in layout::GDT.iter().enumerate() {
+        w(layout::GDT_ADDR + 8 * i as u64, *d)?;
+    }
+    for (addr, v) in layout.page_table_entries() {
+        w(addr, v)?;
+    }
+    Ok(())
+}
+
+/// The CPU: CPUID, long-mode CPL3 segment state and the entry registers of every vCPU.
+pub struct Cpu;
+
+fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: (selector & 3) as u8,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+impl Module for Cpu {
+    fn name(&self) -> &'static str {
+        "CPU"
+    }
+
+    fn init_per_thread(&self, vcpu: &mut VcpuContext) -> Result<()> {
+        let shared = vcpu.shared.clone();
+        let cpuid = shared
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.fd
+            .set_cpuid2(&cpuid)
+            .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+
+        let mut sregs = vcpu.fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        sregs.cs = segment(layout::USER_CS, 0xb, true);
+        let data = segment(layout::USER_DS, 0x3, false);
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.gdt.base = layout::GDT_ADDR;
+        sregs.gdt.limit = (layout::GDT.len() * 8 - 1) as u16;
+        // PE | MP | ET | NE | WP | AM | PG
+        sregs.cr0 = 0x8005_0033;
+        sregs.cr3 = layout::PML4_ADDR;
+        // PAE | OSFXSR | OSXMMEXCPT: SSE works at CPL3.
+        sregs.cr4 = 0x20 | 0x200 | 0x400;
+        // LME | LMA
+        sregs.efer = 0x500;
+        vcpu.fd
+            .set_sregs(&sregs)
+            .map_err(Error::kvm("KVM_SET_SREGS"))?;
+
+        let l = &shared.layout;
+        let id = vcpu.id;
+        let regs = kvm_regs {
+            rip: shared.entry,
+            rsp: l.stack_top(id),
+            rdi: u64::from(id),
+            rsi: u64::from(l.vcpus),
+            rdx: l.ring(id),
+            rcx: l.data(id),
+            r8: l.data_size(),
+            r9: l.progress(id),
+            rflags: 0x2 | (3 << 12),
+            ..Default::default()
+        };
+        vcpu.fd
+            .set_regs(&regs)
+            .map_err(Error::kvm("KVM_SET_REGS"))?;
+        if shared.irqchip {
+            // With the in-kernel LAPIC, application processors start in UNINITIALIZED and wait
+            // for INIT/SIPI; every Tandem vCPU starts at the entry point instead.
+            let runnable = kvm_bindings::kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            };
+            vcpu.fd
+                .set_mp_state(runnable)
+                .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
+    }
+}

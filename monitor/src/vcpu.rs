@@ -1,0 +1,316 @@
+//! vCPU threads: run the guest, take cross-calls, report exits as user RPCs.
+//!
+//! ```text
+//!  loop:
+//!    clear immediate_exit; fence          ◀── a kick set after this point stops the next run
+//!    drain cross-calls (block if not Running):
+//!        Stun   → ack, then serve calls until Unstun (ack it too)
+//!        Call   → run the closure on this thread (module init_per_thread, state access)
+//!        Start  → state = Running
+//!        Exit   → leave the thread
+//!    KVM_RUN → handle the exit (doorbell / done ports, EINTR = kicked)
+//! ```
+
+use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::actions::UserRpc;
+use crate::layout::{DONE_PORT, DOORBELL_PORT};
+use crate::vm::VmShared;
+
+/// A closure run on a vCPU thread.
+pub type VcpuCall = Box<dyn FnOnce(&mut VcpuContext) + Send>;
+
+/// Messages to one vCPU thread.
+pub(crate) enum CrossCall {
+    /// Stop running the guest, acknowledge, and wait for `Unstun`.
+    Stun { ack: Sender<u32> },
+    /// Run again (not acknowledged: the vCPU stamps `resumed_ns` instead).
+    Unstun,
+    /// Run a closure on this vCPU's thread.
+    Call(VcpuCall),
+    /// Begin running the guest.
+    Start,
+    /// Leave the thread.
+    Exit,
+}
+
+/// What a vCPU is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuState {
+    /// Created, not started yet.
+    Parked = 0,
+    /// Running guest code (or about to).
+    Running = 1,
+    /// Stopped by a stun.
+    Stunned = 2,
+    /// The guest said it has finished.
+    Done = 3,
+    /// The guest or KVM failed; the vCPU is not run again.
+    Failed = 4,
+}
+
+impl VcpuState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => VcpuState::Running,
+            2 => VcpuState::Stunned,
+            3 => VcpuState::Done,
+            4 => VcpuState::Failed,
+            _ => VcpuState::Parked,
+        }
+    }
+}
+
+/// Counters of one vCPU, readable from any thread.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    state: AtomicU8,
+    /// Every return from KVM_RUN.
+    pub exits: AtomicU64,
+    /// Port I/O exits.
+    pub io_exits: AtomicU64,
+    /// Doorbell rings.
+    pub doorbells: AtomicU64,
+    /// Returns caused by a kick (EINTR).
+    pub kicks: AtomicU64,
+    /// Stuns taken.
+    pub stuns: AtomicU64,
+    /// Nanoseconds from VM creation to this vCPU's start.
+    pub started_ns: AtomicU64,
+    /// Nanoseconds from VM creation to this vCPU's done (0 until then).
+    pub done_ns: AtomicU64,
+    /// Nanoseconds from VM creation to the end of this vCPU's last stun.
+    pub resumed_ns: AtomicU64,
+}
+
+impl VcpuStats {
+    /// The vCPU's current state.
+    pub fn state(&self) -> VcpuState {
+        VcpuState::from_u8(self.state.load(Ordering::Acquire))
+    }
+    fn set_state(&self, s: VcpuState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+    /// Nanoseconds the guest ran on this vCPU from start to done (None until done).
+    pub fn run_ns(&self) -> Option<u64> {
+        let done = self.done_ns.load(Ordering::Acquire);
+        (done != 0).then(|| done.saturating_sub(self.started_ns.load(Ordering::Acquire)))
+    }
+}
+
+/// Everything a vCPU thread owns; cross-call closures get `&mut` to it.
+pub struct VcpuContext {
+    /// The vCPU's id (0 = boot vCPU).
+    pub id: u32,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// The VM this vCPU belongs to.
+    pub shared: Arc<VmShared>,
+    pub(crate) stats: Arc<VcpuStats>,
+    pub(crate) rpc: Sender<UserRpc>,
+    pub(crate) epoch: Instant,
+    pub(crate) policy: VcpuSched,
+}
+
+/// Host scheduling policy of vCPU threads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VcpuSched {
+    /// SCHED_IDLE: vCPU threads use every CPU cycle nobody else wants, and any other thread
+    /// that wakes up (stun controller, device drain, replication, heartbeat timers) preempts
+    /// them at once. Tandem's default: its control path must never wait behind guest load.
+    #[default]
+    Idle,
+    /// SCHED_OTHER: vCPU threads compete with the rest of the host as ordinary threads; on an
+    /// overcommitted host the control path may then wait a scheduler slice (ms) for a CPU.
+    Normal,
+}
+
+enum Flow {
+    Continue,
+    Exit,
+}
+
+impl VcpuContext {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos().max(1) as u64
+    }
+
+    fn fail(&mut self, msg: String) {
+        log::error!("vCPU {}: {msg}", self.id);
+        self.stats.set_state(VcpuState::Failed);
+        let _ = self.rpc.send(UserRpc::VcpuError {
+            vcpu: self.id,
+            error: msg,
+        });
+    }
+
+    /// Serves cross-calls while stunned, until `Unstun`. The state is already `Stunned`.
+    fn stunned(&mut self, rx: &Receiver<CrossCall>, mut before: VcpuState) -> Flow {
+        loop {
+            match rx.recv() {
+                Ok(CrossCall::Unstun) => {
+                    self.stats.set_state(before);
+                    self.stats
+                        .resumed_ns
+                        .store(self.now_ns(), Ordering::Release);
+                    return Flow::Continue;
+                }
+                Ok(CrossCall::Stun { ack }) => {
+                    let _ = ack.send(self.id);
+                }
+                Ok(CrossCall::Call(f)) => f(self),
+                Ok(CrossCall::Start) => {
+                    if before == VcpuState::Parked {
+                        self.stats
+                            .started_ns
+                            .store(self.now_ns(), Ordering::Release);
+                        before = VcpuState::Running;
+                    }
+                }
+                Ok(CrossCall::Exit) | Err(_) => return Flow::Exit,
+            }
+        }
+    }
+
+    fn handle(&mut self, cc: CrossCall, rx: &Receiver<CrossCall>) -> Flow {
+        match cc {
+            CrossCall::Stun { ack } => {
+                self.stats.stuns.fetch_add(1, Ordering::Relaxed);
+                let before = self.stats.state();
+                // Publish the state before the ack: whoever holds a StunGuard sees Stunned.
+                self.stats.set_state(VcpuState::Stunned);
+                let _ = ack.send(self.id);
+                self.stunned(rx, before)
+            }
+            CrossCall::Unstun => Flow::Continue,
+            CrossCall::Call(f) => {
+                f(self);
+                Flow::Continue
+            }
+            CrossCall::Start => {
+                if self.stats.state() == VcpuState::Parked {
+                    self.stats
+                        .started_ns
+                        .store(self.now_ns(), Ordering::Release);
+                    self.stats.set_state(VcpuState::Running);
+                }
+                Flow::Continue
+            }
+            CrossCall::Exit => Flow::Exit,
+        }
+    }
+
+    fn port_out(&mut self, port: u16) {
+        self.stats.io_exits.fetch_add(1, Ordering::Relaxed);
+        match port {
+            DOORBELL_PORT => {
+                self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
+                let _ = self.rpc.send(UserRpc::OutputDoorbell { vcpu: self.id });
+            }
+            DONE_PORT => {
+                self.stats.done_ns.store(self.now_ns(), Ordering::Release);
+                self.stats.set_state(VcpuState::Done);
+                let _ = self.rpc.send(UserRpc::VcpuDone { vcpu: self.id });
+            }
+            _ => {
+                let _ = self.rpc.send(UserRpc::PortWrite {
+                    vcpu: self.id,
+                    port,
+                });
+            }
+        }
+    }
+
+    /// Runs the guest once and handles the exit.
+    fn run_once(&mut self) {
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, _)) => Ok(Some(port)),
+            Ok(VcpuExit::IoIn(_, data)) => {
+                data.fill(0xff);
+                Ok(None)
+            }
+            Ok(VcpuExit::Shutdown) => Err(
+                "the guest shut down (triple fault: an exception at CPL3 with no handler, \
+                 e.g. a privileged instruction or a bad memory access)"
+                    .to_string(),
+            ),
+            Ok(VcpuExit::Hlt) => Err("the guest halted without an interrupt source".to_string()),
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                data.fill(0xff);
+                log::debug!("vCPU {}: MMIO read of unbacked {addr:#x}", self.id);
+                Ok(None)
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                log::debug!("vCPU {}: MMIO write to unbacked {addr:#x}", self.id);
+                Ok(None)
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Err(format!(
+                "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
+            )),
+            Ok(VcpuExit::InternalError) => Err("KVM internal error".to_string()),
+            Ok(other) => Err(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR => {
+                self.stats.kicks.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(e) if e.errno() == libc::EAGAIN => Ok(None),
+            Err(e) => Err(format!("KVM_RUN failed: {e}")),
+        };
+        self.stats.exits.fetch_add(1, Ordering::Relaxed);
+        match exit {
+            Ok(Some(port)) => self.port_out(port),
+            Ok(None) => {}
+            Err(msg) => self.fail(msg),
+        }
+    }
+}
+
+/// Applies the vCPU scheduling policy to the calling thread (see [`VcpuSched`]).
+fn apply_policy(id: u32, policy: VcpuSched) {
+    if policy == VcpuSched::Normal {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid, initialised
+    // sched_param; it only changes scheduling policy.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        log::warn!(
+            "vCPU {id}: SCHED_IDLE refused: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The body of a vCPU thread.
+pub(crate) fn vcpu_loop(mut ctx: VcpuContext, rx: Receiver<CrossCall>) {
+    apply_policy(ctx.id, ctx.policy);
+    loop {
+        ctx.fd.set_kvm_immediate_exit(0);
+        fence(Ordering::SeqCst);
+        loop {
+            let cc = if ctx.stats.state() == VcpuState::Running {
+                match rx.try_recv() {
+                    Ok(cc) => cc,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(cc) => cc,
+                    Err(_) => return,
+                }
+            };
+            if let Flow::Exit = ctx.handle(cc, &rx) {
+                return;
+            }
+        }
+        ctx.run_once();
+    }
+}

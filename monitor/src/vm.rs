@@ -1,0 +1,452 @@
+//! The VM: KVM, guest memory, vCPU threads, stun.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::signal::Killable;
+
+use crate::actions::UserRpc;
+use crate::kick::{install_kick_handler, kick_signal, KvmRunMap};
+use crate::layout::{Layout, MAX_IMAGE_SIZE, PAGE_SIZE};
+use crate::module::ModuleTable;
+use crate::vcpu::{vcpu_loop, CrossCall, VcpuCall, VcpuContext, VcpuSched, VcpuState, VcpuStats};
+use crate::{Error, Result};
+
+/// Guest memory with a dirty bitmap that also records writes made by the host (devices).
+pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Entry point (GPA) of the guest code.
+    pub entry: u64,
+    /// How long a stun may take before the VM is declared wedged.
+    pub stun_timeout: Duration,
+    /// Host scheduling policy of the vCPU threads.
+    pub vcpu_sched: VcpuSched,
+}
+
+impl VmConfig {
+    /// A config with the default entry point and stun timeout.
+    pub fn new(mem_mib: u64, vcpus: u32) -> Self {
+        VmConfig {
+            mem_mib,
+            vcpus,
+            entry: crate::layout::LOAD_ADDR,
+            stun_timeout: Duration::from_secs(5),
+            vcpu_sched: VcpuSched::default(),
+        }
+    }
+}
+
+/// The parts of a VM every thread may read. Field order matters: the VM fd is dropped before
+/// the memory that is registered with it.
+pub struct VmShared {
+    /// The KVM system fd.
+    pub kvm: Kvm,
+    /// The VM fd.
+    pub vm_fd: VmFd,
+    /// Guest RAM.
+    pub mem: GuestMem,
+    /// Where things are.
+    pub layout: Layout,
+    /// Entry point of every vCPU.
+    pub entry: u64,
+    /// Whether the in-kernel irqchip (LAPIC, IOAPIC, PIC) exists.
+    pub irqchip: bool,
+}
+
+struct VcpuHandle {
+    tx: Sender<CrossCall>,
+    kick: KvmRunMap,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<VcpuStats>,
+}
+
+/// How long a stun or unstun took.
+#[derive(Clone, Copy, Debug)]
+pub struct StunReport {
+    /// Stun: from posting the first cross-call to the last acknowledgement. Unstun: the time
+    /// to release every vCPU (each stamps `VcpuStats::resumed_ns` when it runs again).
+    pub latency: Duration,
+    /// Nanoseconds since VM creation when the operation began (compare with `resumed_ns`).
+    pub at_ns: u64,
+}
+
+/// A KVM virtual machine with its vCPU threads.
+pub struct Vm {
+    shared: Arc<VmShared>,
+    vcpus: Vec<VcpuHandle>,
+    modules: ModuleTable,
+    stun_lock: Mutex<()>,
+    stun_timeout: Duration,
+    epoch: Instant,
+}
+
+impl Vm {
+    /// Creates the VM, its memory and its vCPU threads, and runs the module table's `init`
+    /// (boot vCPU) and `init_per_thread` (all vCPUs). The vCPUs wait for [`Vm::start`].
+    pub fn new(config: &VmConfig, modules: ModuleTable, rpc: Sender<UserRpc>) -> Result<Vm> {
+        let layout = Layout::new(config.mem_mib, config.vcpus)?;
+        if config.entry >= layout.mem_bytes {
+            return Err(Error::Config(format!(
+                "entry point {:#x} is outside guest RAM ({} MiB)",
+                config.entry, config.mem_mib
+            )));
+        }
+        install_kick_handler()?;
+        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        let max = kvm.get_max_vcpus();
+        if config.vcpus as usize > kvm.get_nr_vcpus() {
+            log::info!(
+                "{} vCPUs on a host KVM recommends {} for: they will share host CPUs",
+                config.vcpus,
+                kvm.get_nr_vcpus()
+            );
+        }
+        if config.vcpus as usize > max {
+            return Err(Error::Config(format!(
+                "--vcpus {} is more than this host's KVM allows ({max})",
+                config.vcpus
+            )));
+        }
+        let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        if let Err(e) = vm_fd.set_tss_address(0xfffb_d000) {
+            log::debug!("KVM_SET_TSS_ADDR not needed or not supported here: {e}");
+        }
+        let irqchip = match vm_fd.create_irq_chip() {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("no in-kernel irqchip ({e}); interrupt guests will not work");
+                false
+            }
+        };
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), layout.mem_bytes as usize)]).map_err(
+            |e| {
+                Error::Memory(format!(
+                    "cannot map {} MiB of guest RAM: {e}",
+                    config.mem_mib
+                ))
+            },
+        )?;
+        let shared = Arc::new(VmShared {
+            kvm,
+            vm_fd,
+            mem,
+            layout,
+            entry: config.entry,
+            irqchip,
+        });
+        let run_size = shared
+            .kvm
+            .get_vcpu_mmap_size()
+            .map_err(Error::kvm("KVM_GET_VCPU_MMAP_SIZE"))?;
+        let epoch = Instant::now();
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let fd = shared
+                .vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+            let kick = KvmRunMap::new(&fd, run_size)?;
+            let (tx, rx) = unbounded();
+            let stats = Arc::new(VcpuStats::default());
+            let ctx = VcpuContext {
+                id,
+                fd,
+                shared: shared.clone(),
+                stats: stats.clone(),
+                rpc: rpc.clone(),
+                epoch,
+                policy: config.vcpu_sched,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu-{id}"))
+                .spawn(move || vcpu_loop(ctx, rx))
+                .map_err(Error::Thread)?;
+            vcpus.push(VcpuHandle {
+                tx,
+                kick,
+                thread: Some(thread),
+                stats,
+            });
+        }
+        let vm = Vm {
+            shared,
+            vcpus,
+            modules,
+            stun_lock: Mutex::new(()),
+            stun_timeout: config.stun_timeout,
+            epoch,
+        };
+        vm.init_modules()?;
+        Ok(vm)
+    }
+
+    fn init_modules(&self) -> Result<()> {
+        let modules = self.modules.clone();
+        self.call_on(0, move |ctx| {
+            modules.run(|m| m.init(&ctx.shared)).map(|_| ())
+        })??;
+        for id in 0..self.vcpu_count() {
+            let modules = self.modules.clone();
+            self.call_on(id, move |ctx| {
+                modules.run(|m| m.init_per_thread(ctx)).map(|_| ())
+            })??;
+        }
+        log::debug!("monitor modules initialised: {:?}", self.modules.names());
+        Ok(())
+    }
+
+    /// The shared parts (memory, fds, layout).
+    pub fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMem {
+        &self.shared.mem
+    }
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.shared.layout
+    }
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+    /// Counters of vCPU `id`.
+    pub fn vcpu_stats(&self, id: u32) -> &VcpuStats {
+        &self.vcpus[id as usize].stats
+    }
+    /// The module table.
+    pub fn modules(&self) -> &ModuleTable {
+        &self.modules
+    }
+
+    /// Copies a guest image to `addr`, checking that it fits the image area.
+    pub fn load_image(&self, addr: u64, image: &[u8]) -> Result<()> {
+        let end = addr.checked_add(image.len() as u64).ok_or_else(|| {
+            Error::Config(format!(
+                "image at {addr:#x} of {} bytes overflows",
+                image.len()
+            ))
+        })?;
+        if image.is_empty() || image.len() as u64 > MAX_IMAGE_SIZE {
+            return Err(Error::Config(format!(
+                "the image is {} bytes: it must hold 1 to {MAX_IMAGE_SIZE} bytes",
+                image.len()
+            )));
+        }
+        if addr < crate::layout::LOAD_ADDR || end > crate::layout::STACK_BASE {
+            return Err(Error::Config(format!(
+                "image {addr:#x}..{end:#x} does not fit the image area {:#x}..{:#x}",
+                crate::layout::LOAD_ADDR,
+                crate::layout::STACK_BASE
+            )));
+        }
+        self.shared
+            .mem
+            .write_slice(image, GuestAddress(addr))
+            .map_err(|e| Error::Memory(e.to_string()))
+    }
+
+    /// Lets every vCPU run the guest.
+    pub fn start(&self) -> Result<()> {
+        for v in &self.vcpus {
+            v.tx.send(CrossCall::Start).map_err(|_| Error::Stopped)?;
+        }
+        Ok(())
+    }
+
+    fn post(&self, id: usize, cc: CrossCall) -> Result<()> {
+        let v = &self.vcpus[id];
+        v.tx.send(cc).map_err(|_| Error::Stopped)?;
+        v.kick.request_exit();
+        if v.stats.state() == VcpuState::Running {
+            if let Some(t) = &v.thread {
+                // A failed signal is fine: immediate_exit alone stops the next KVM_RUN, and a
+                // thread that is not in KVM_RUN reads its channel anyway.
+                let _ = t.kill(kick_signal());
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on vCPU `id`'s thread and returns its result (waits for it).
+    pub fn call_on<R: Send + 'static>(
+        &self,
+        id: u32,
+        f: impl FnOnce(&mut VcpuContext) -> R + Send + 'static,
+    ) -> Result<R> {
+        if id >= self.vcpu_count() {
+            return Err(Error::Config(format!("there is no vCPU {id}")));
+        }
+        let (tx, rx) = bounded(1);
+        let call: VcpuCall = Box::new(move |ctx| {
+            let _ = tx.send(f(ctx));
+        });
+        self.post(id as usize, CrossCall::Call(call))?;
+        rx.recv().map_err(|_| Error::Stopped)
+    }
+
+    fn wait_acks(&self, rx: &Receiver<u32>, what: &'static str, start: Instant) -> Result<()> {
+        let deadline = start + self.stun_timeout;
+        let mut acked = vec![false; self.vcpus.len()];
+        for _ in 0..self.vcpus.len() {
+            match rx.recv_deadline(deadline) {
+                Ok(id) => acked[id as usize] = true,
+                Err(_) => {
+                    let vcpus = (0..self.vcpu_count())
+                        .filter(|&i| !acked[i as usize])
+                        .collect();
+                    return Err(Error::StunTimeout {
+                        what,
+                        vcpus,
+                        timeout: self.stun_timeout,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU: posts a stun cross-call to each, kicks it out of KVM_RUN, and waits
+    /// until all acknowledged. The vCPUs run again when the guard is dropped or
+    /// [`StunGuard::unstun`] is called. Only one stun is in force at a time; a second caller
+    /// waits for the first guard to go.
+    pub fn stun(&self) -> Result<StunGuard<'_>> {
+        let lock = self.stun_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let start = Instant::now();
+        let at_ns = self.now_ns();
+        let (tx, rx) = bounded(self.vcpus.len());
+        for id in 0..self.vcpus.len() {
+            self.post(id, CrossCall::Stun { ack: tx.clone() })?;
+        }
+        if let Err(e) = self.wait_acks(&rx, "stun", start) {
+            let _ = self.unstun_all();
+            return Err(e);
+        }
+        Ok(StunGuard {
+            vm: self,
+            _lock: lock,
+            report: StunReport {
+                latency: start.elapsed(),
+                at_ns,
+            },
+            released: false,
+        })
+    }
+
+    fn unstun_all(&self) -> Result<StunReport> {
+        let start = Instant::now();
+        let at_ns = self.now_ns();
+        for v in &self.vcpus {
+            v.tx.send(CrossCall::Unstun).map_err(|_| Error::Stopped)?;
+        }
+        Ok(StunReport {
+            latency: start.elapsed(),
+            at_ns,
+        })
+    }
+
+    /// Nanoseconds since the VM was created (the clock of `VcpuStats`' timestamps).
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos().max(1) as u64
+    }
+
+    /// The guest's progress counter of vCPU `id` (the u64 at its progress slot).
+    pub fn progress(&self, id: u32) -> Result<u64> {
+        self.shared
+            .mem
+            .load::<u64>(
+                GuestAddress(self.shared.layout.progress(id)),
+                Ordering::Acquire,
+            )
+            .map_err(|e| Error::Memory(e.to_string()))
+    }
+
+    /// Fetches and resets the dirty-page bitmap: KVM's log (guest writes) OR vm-memory's bitmap
+    /// (host writes, e.g. devices). Bit `n` stands for guest page `n`.
+    pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
+        let pages = self.shared.layout.pages() as usize;
+        let mut out = vec![0u64; pages.div_ceil(64)];
+        let mut page_base = 0usize;
+        for (slot, region) in self.shared.mem.iter().enumerate() {
+            let kvm = self
+                .shared
+                .vm_fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
+            let host = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            let region_pages = (region.len() / PAGE_SIZE) as usize;
+            for p in 0..region_pages {
+                let (w, b) = (p / 64, p % 64);
+                let bit =
+                    (kvm.get(w).copied().unwrap_or(0) | host.get(w).copied().unwrap_or(0)) >> b & 1;
+                if bit != 0 {
+                    let g = page_base + p;
+                    out[g / 64] |= 1 << (g % 64);
+                }
+            }
+            page_base += region_pages;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        for id in 0..self.vcpus.len() {
+            let _ = self.post(id, CrossCall::Exit);
+        }
+        for v in &mut self.vcpus {
+            if let Some(t) = v.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Proof that every vCPU is stopped. Dropping it lets them run again.
+pub struct StunGuard<'a> {
+    vm: &'a Vm,
+    _lock: MutexGuard<'a, ()>,
+    report: StunReport,
+    released: bool,
+}
+
+impl StunGuard<'_> {
+    /// How long the stun took.
+    pub fn report(&self) -> StunReport {
+        self.report
+    }
+    /// The stunned VM.
+    pub fn vm(&self) -> &Vm {
+        self.vm
+    }
+    /// Lets the vCPUs run again and reports how long that took.
+    pub fn unstun(mut self) -> Result<StunReport> {
+        self.released = true;
+        self.vm.unstun_all()
+    }
+}
+
+impl Drop for StunGuard<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            if let Err(e) = self.vm.unstun_all() {
+                log::error!("unstun failed: {e}");
+            }
+        }
+    }
+}

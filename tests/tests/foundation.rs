@@ -1,0 +1,236 @@
+//! Foundation: workload guests give the reference digest; stun stops every vCPU.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::DigestSink;
+use monitor::{Module, ModuleTable, VcpuContext, VcpuState, Vm, VmConfig};
+use tandem_tests::{require_kvm, workload, Harness};
+use vmx::{GuestSpec, OutputTarget, RunConfig};
+
+/// The vCPU's state once it has taken the last unstun (which is not acknowledged).
+fn settled_state(vm: &Vm, v: u32) -> VcpuState {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let s = vm.vcpu_stats(v).state();
+        if s != VcpuState::Stunned || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn run_lib(w: &workloads::Workload, vcpus: u32, mem_mib: u64) -> vmx::RunReport {
+    require_kvm();
+    let cfg = RunConfig {
+        guest: GuestSpec::Workload(w.clone()),
+        vcpus,
+        mem_mib,
+        output: OutputTarget::None,
+        timeout: Some(Duration::from_secs(120)),
+    };
+    vmx::run::run(&cfg).expect("run")
+}
+
+#[test]
+fn counter_matches_the_reference_model_on_1_and_4_vcpus() {
+    let w = workload("counter", &[("iters", "40M"), ("record_every", "20k")]);
+    for vcpus in [1, 4] {
+        let report = run_lib(&w, vcpus, 64);
+        let want = DigestSink::of(&w.reference_all(vcpus));
+        assert_eq!(report.digest, want, "{vcpus} vCPUs");
+        assert_eq!(report.digest.records(), u64::from(vcpus) * 2001);
+    }
+}
+
+#[test]
+fn dirty_matches_the_reference_model_and_reaches_the_dirty_log() {
+    let w = workload(
+        "dirty",
+        &[
+            ("iters", "200k"),
+            ("pages", "8"),
+            ("ws_mib", "4"),
+            ("record_every", "500"),
+        ],
+    );
+    let report = run_lib(&w, 4, 64);
+    assert_eq!(report.digest, DigestSink::of(&w.reference_all(4)));
+
+    // The same guest through the library: every page of every working set is dirty, and so
+    // are the ring pages the host wrote (tail), which only vm-memory's bitmap sees.
+    let h = Harness::new(&w, 2, 64);
+    let vm = h.vm.clone();
+    vm.take_dirty_bitmap().unwrap(); // forget the loader's writes
+    vm.start().unwrap();
+    let digest = h.finish();
+    assert_eq!(digest, DigestSink::of(&w.reference_all(2)));
+    let bitmap = vm.take_dirty_bitmap().unwrap();
+    let dirty = |page: u64| bitmap[(page / 64) as usize] >> (page % 64) & 1 == 1;
+    for v in 0..2 {
+        let first = vm.layout().data(v) / 4096;
+        assert!(
+            (first..first + 4 * 256).all(dirty),
+            "working set of vCPU {v}"
+        );
+        assert!(dirty(vm.layout().ring(v) / 4096), "ring of vCPU {v}");
+    }
+    let again = vm.take_dirty_bitmap().unwrap();
+    assert!(
+        again.iter().all(|w| *w == 0),
+        "the bitmap is reset after a fetch"
+    );
+}
+
+#[test]
+fn a_thousand_stuns_stop_every_vcpu_and_the_run_still_completes_exactly() {
+    let w = workload(
+        "dirty",
+        &[
+            ("iters", "40M"),
+            ("pages", "4"),
+            ("ws_mib", "4"),
+            ("record_every", "100k"),
+        ],
+    );
+    let h = Harness::new(&w, 4, 64);
+    let vm = h.vm.clone();
+    vm.start().unwrap();
+    let mut moved_between_stuns = 0;
+    let mut last = vec![0u64; 4];
+    let mut worst = Duration::ZERO;
+    for _ in 0..1000 {
+        let guard = vm.stun().expect("stun");
+        worst = worst.max(guard.report().latency);
+        for v in 0..4 {
+            let s = vm.vcpu_stats(v).state();
+            assert!(
+                matches!(s, VcpuState::Stunned),
+                "vCPU {v} is {s:?} while stunned"
+            );
+        }
+        let before: Vec<u64> = (0..4).map(|v| vm.progress(v).unwrap()).collect();
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_micros(100) {
+            std::hint::spin_loop();
+        }
+        let after: Vec<u64> = (0..4).map(|v| vm.progress(v).unwrap()).collect();
+        assert_eq!(before, after, "a vCPU made progress while stunned");
+        if before.iter().zip(&last).any(|(b, l)| b > l) {
+            moved_between_stuns += 1;
+        }
+        last = before;
+        guard.unstun().expect("unstun");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    for v in 0..4 {
+        let s = settled_state(&vm, v);
+        assert_eq!(
+            s,
+            VcpuState::Running,
+            "vCPU {v} must still be running after 1000 stuns"
+        );
+    }
+    let stuns: u64 = (0..4)
+        .map(|v| {
+            vm.vcpu_stats(v)
+                .stuns
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    assert_eq!(stuns, 4000);
+    let digest = h.finish();
+    assert_eq!(digest, DigestSink::of(&w.reference_all(4)));
+    assert!(
+        moved_between_stuns > 700,
+        "the guest must run between stuns (moved {moved_between_stuns} times of 1000)"
+    );
+    eprintln!("worst stun latency over 1000 stuns: {worst:?}");
+}
+
+/// Puts every vCPU at CPL0 on `cli; hlt` so it blocks inside KVM_RUN.
+struct HaltAtCpl0;
+
+impl Module for HaltAtCpl0 {
+    fn name(&self) -> &'static str {
+        "HaltAtCpl0"
+    }
+    fn init_per_thread(&self, vcpu: &mut VcpuContext) -> monitor::Result<()> {
+        let mut sregs = vcpu.fd.get_sregs().unwrap();
+        sregs.cs.selector = monitor::layout::KERNEL_CS;
+        sregs.cs.dpl = 0;
+        for s in [
+            &mut sregs.ds,
+            &mut sregs.es,
+            &mut sregs.ss,
+            &mut sregs.fs,
+            &mut sregs.gs,
+        ] {
+            s.selector = monitor::layout::KERNEL_DS;
+            s.dpl = 0;
+        }
+        vcpu.fd.set_sregs(&sregs).unwrap();
+        Ok(())
+    }
+}
+
+#[test]
+fn stun_reaches_vcpus_blocked_in_hlt_and_in_an_exit() {
+    require_kvm();
+    let (tx, _rx) = crossbeam_channel::unbounded();
+    let modules = ModuleTable::standard(vec![Arc::new(HaltAtCpl0)]);
+    assert_eq!(modules.names(), ["MainMem", "CPU", "HaltAtCpl0"]);
+    let vm = Vm::new(&VmConfig::new(32, 2), modules, tx).unwrap();
+    vm.load_image(monitor::layout::LOAD_ADDR, &[0xfa, 0xf4, 0xeb, 0xfd])
+        .unwrap(); // cli; hlt; jmp hlt
+    vm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // let both vCPUs reach the hlt
+    for round in 0..20 {
+        let g = vm.stun().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        for v in 0..2 {
+            assert_eq!(vm.vcpu_stats(v).state(), VcpuState::Stunned);
+        }
+        g.unstun().unwrap();
+    }
+    for v in 0..2 {
+        let s = vm.vcpu_stats(v);
+        assert_eq!(
+            settled_state(&vm, v),
+            VcpuState::Running,
+            "still halted, not failed"
+        );
+        assert!(
+            s.kicks.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+            "vCPU {v} was kicked"
+        );
+    }
+}
+
+#[test]
+fn typed_monitor_actions_pause_continue_and_refuse_out_of_order_steps() {
+    let w = workload("counter", &[("iters", "400M"), ("record_every", "1M")]);
+    let h = Harness::new(&w, 2, 32);
+    let monitor = monitor::Monitor::spawn(h.vm.clone()).unwrap();
+    let refused = monitor.sync_modules().unwrap_err().to_string();
+    assert!(refused.contains("must be stunned"), "{refused}");
+    assert!(monitor
+        .unstun()
+        .unwrap_err()
+        .to_string()
+        .contains("not stunned"));
+    monitor.start().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    monitor.stun().unwrap();
+    assert!(monitor
+        .stun()
+        .unwrap_err()
+        .to_string()
+        .contains("already stunned"));
+    let a = monitor.progress().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(a, monitor.progress().unwrap());
+    monitor.sync_modules().unwrap();
+    monitor.unstun().unwrap();
+    drop(monitor);
+    assert_eq!(h.finish(), DigestSink::of(&w.reference_all(2)));
+}

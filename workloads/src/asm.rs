@@ -1,0 +1,183 @@
+//! Code generation for the workload guests.
+//!
+//! Register use (both workloads), after the prologue:
+//!
+//! | reg   | meaning                                  |
+//! |-------|------------------------------------------|
+//! | `rdi` | vCPU id (from the entry ABI)             |
+//! | `r9`  | progress slot (from the entry ABI)       |
+//! | `r12` | output ring                              |
+//! | `r13` | ring head (records produced)             |
+//! | `r14` | record sequence number                   |
+//! | `rbx` | running checksum                         |
+//! | `rcx` | iteration count                          |
+//! | `r15` | iterations left until the next record    |
+//!
+//! `emit` takes kind in `r8d`, value `rbx`, aux `rcx`; it clobbers `rax` and `rdx`.
+
+use devices::output::{kind, RECORD_SIZE, RING_HEAD, RING_RECORDS, RING_SLOTS, RING_TAIL};
+use iced_x86::code_asm::*;
+use monitor::layout::{DONE_PORT, DOORBELL_PORT};
+
+use crate::{Error, Workload, MIX, SEED, WORD_MIX};
+
+fn e(err: IcedError) -> Error {
+    Error::Asm(err.to_string())
+}
+
+/// `out DOORBELL_PORT, eax` with `eax` = vCPU id.
+fn doorbell(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(eax, edi)?;
+    a.mov(edx, DOORBELL_PORT as u32)?;
+    a.out(dx, eax)
+}
+
+/// The `emit` subroutine.
+fn emit_sub(a: &mut CodeAssembler, label: &mut CodeLabel, batch: u64) -> Result<(), IcedError> {
+    let mut spin = a.create_label();
+    let mut space = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(label)?;
+    // Ring full? Ring the doorbell once, then spin until the host moved the tail.
+    a.mov(rax, r13)?;
+    a.sub(rax, qword_ptr(r12 + RING_TAIL as i32))?;
+    a.cmp(rax, RING_SLOTS as i32)?;
+    a.jb(space)?;
+    doorbell(a)?;
+    a.set_label(&mut spin)?;
+    a.pause()?;
+    a.mov(rax, r13)?;
+    a.sub(rax, qword_ptr(r12 + RING_TAIL as i32))?;
+    a.cmp(rax, RING_SLOTS as i32)?;
+    a.jae(spin)?;
+    a.set_label(&mut space)?;
+    a.mov(rax, r13)?;
+    a.and(rax, (RING_SLOTS - 1) as i32)?;
+    a.shl(rax, RECORD_SIZE.trailing_zeros())?;
+    a.lea(rax, qword_ptr(r12 + rax + RING_RECORDS as i32))?;
+    a.mov(dword_ptr(rax), edi)?;
+    a.mov(dword_ptr(rax + 4), r8d)?;
+    a.mov(qword_ptr(rax + 8), r14)?;
+    a.mov(qword_ptr(rax + 16), rbx)?;
+    a.mov(qword_ptr(rax + 24), rcx)?;
+    a.inc(r14)?;
+    a.inc(r13)?;
+    a.mov(qword_ptr(r12 + RING_HEAD as i32), r13)?;
+    a.test(r13, (batch - 1) as i32)?;
+    a.jnz(done)?;
+    doorbell(a)?;
+    a.set_label(&mut done)?;
+    a.ret()?;
+    Ok(())
+}
+
+fn prologue(a: &mut CodeAssembler, record_every: u64) -> Result<(), IcedError> {
+    a.mov(r12, rdx)?;
+    a.mov(r13, qword_ptr(r12 + RING_HEAD as i32))?;
+    a.xor(r14d, r14d)?;
+    a.lea(rbx, qword_ptr(rdi + 1))?;
+    a.mov(rax, SEED)?;
+    a.imul_2(rbx, rax)?;
+    a.mov(r15, record_every)?;
+    Ok(())
+}
+
+/// After an iteration: publish progress, count down to the next record.
+fn iteration_tail(
+    a: &mut CodeAssembler,
+    emit: CodeLabel,
+    record_every: u64,
+    iters: u64,
+    top: CodeLabel,
+) -> Result<(), IcedError> {
+    let mut next = a.create_label();
+    a.inc(rcx)?;
+    a.mov(qword_ptr(r9), rcx)?;
+    a.dec(r15)?;
+    a.jnz(next)?;
+    a.mov(r8d, kind::PROGRESS)?;
+    a.call(emit)?;
+    a.mov(r15, record_every)?;
+    a.set_label(&mut next)?;
+    a.mov(rax, iters)?;
+    a.cmp(rcx, rax)?;
+    a.jb(top)?;
+    Ok(())
+}
+
+fn epilogue(a: &mut CodeAssembler, emit: CodeLabel) -> Result<(), IcedError> {
+    let mut hang = a.create_label();
+    a.mov(r8d, kind::DONE)?;
+    a.call(emit)?;
+    doorbell(a)?;
+    a.mov(edx, DONE_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.set_label(&mut hang)?;
+    a.pause()?;
+    a.jmp(hang)?;
+    Ok(())
+}
+
+pub(crate) fn assemble(w: &Workload, load_addr: u64) -> Result<Vec<u8>, Error> {
+    let mut a = CodeAssembler::new(64).map_err(e)?;
+    let mut emit = a.create_label();
+    let mut top = a.create_label();
+    let build = |a: &mut CodeAssembler, emit: &mut CodeLabel, top: &mut CodeLabel| {
+        match w {
+            Workload::Counter(p) => {
+                prologue(a, p.record_every)?;
+                a.xor(ecx, ecx)?;
+                a.mov(r10, MIX)?;
+                a.set_label(top)?;
+                a.xor(rbx, rcx)?;
+                a.rol(rbx, 13)?;
+                a.imul_2(rbx, r10)?;
+                iteration_tail(a, *emit, p.record_every, p.iters, *top)?;
+                epilogue(a, *emit)?;
+                emit_sub(a, emit, p.batch)
+            }
+            Workload::Dirty(p) => {
+                // rsi page index, r10 offset in page, r11 data base, rbp write counter j,
+                // r8 pages left in this iteration.
+                a.mov(r11, rcx)?;
+                prologue(a, p.record_every)?;
+                a.xor(ecx, ecx)?;
+                a.xor(esi, esi)?;
+                a.xor(r10d, r10d)?;
+                a.xor(ebp, ebp)?;
+                let npages = p.ws_mib * 256;
+                let mut inner = a.create_label();
+                let mut nowrap = a.create_label();
+                a.set_label(top)?;
+                a.mov(r8, p.pages)?;
+                a.set_label(&mut inner)?;
+                a.mov(rax, rsi)?;
+                a.shl(rax, 12)?;
+                a.add(rax, r11)?;
+                a.add(rax, r10)?;
+                a.mov(rdx, qword_ptr(rax))?;
+                a.imul_3(rdx, rdx, WORD_MIX as i32)?;
+                a.add(rdx, rbp)?;
+                a.mov(qword_ptr(rax), rdx)?;
+                a.rol(rbx, 7)?;
+                a.xor(rbx, rdx)?;
+                a.inc(rbp)?;
+                a.inc(rsi)?;
+                a.mov(rax, npages)?;
+                a.cmp(rsi, rax)?;
+                a.jb(nowrap)?;
+                a.xor(esi, esi)?;
+                a.add(r10, 8)?;
+                a.and(r10, 4095)?;
+                a.set_label(&mut nowrap)?;
+                a.dec(r8)?;
+                a.jnz(inner)?;
+                iteration_tail(a, *emit, p.record_every, p.iters, *top)?;
+                epilogue(a, *emit)?;
+                emit_sub(a, emit, p.batch)
+            }
+        }
+    };
+    build(&mut a, &mut emit, &mut top).map_err(e)?;
+    a.assemble(load_addr).map_err(e)
+}

@@ -1,0 +1,255 @@
+//! `cargo xtask`: Tandem's developer commands.
+//!
+//! * `cargo xtask bench stun`  — stun/unstun latency for 1, 2 and 4 vCPUs
+//! * `cargo xtask bench guest` — `counter` in a 1-vCPU guest against the same loop on the host
+//! * `cargo xtask bench`       — all of them
+//!
+//! Every bench prints its table and appends it, with the command, to BENCHMARKS.md.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use monitor::{ModuleTable, Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Tandem's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure, print, and append the results to BENCHMARKS.md.
+    Bench {
+        /// Which benchmark (all when left out).
+        which: Option<Bench>,
+        /// Stuns per vCPU count.
+        #[arg(long, default_value_t = 2000)]
+        stuns: usize,
+        /// Do not write BENCHMARKS.md.
+        #[arg(long)]
+        no_record: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Bench {
+    /// Stun and unstun latency.
+    Stun,
+    /// Guest vs native throughput of the counter loop.
+    Guest,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+/// A VM running `counter` forever (it is dropped, not finished).
+fn endless_counter(vcpus: u32) -> Result<(Arc<Vm>, std::thread::JoinHandle<()>), String> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let vm = Vm::new(&VmConfig::new(32, vcpus), ModuleTable::standard(vec![]), tx)
+        .map_err(|e| e.to_string())?;
+    let w = workloads::Workload::parse(
+        "counter",
+        &[
+            ("iters".into(), (1u64 << 46).to_string()),
+            ("record_every".into(), "10M".into()),
+        ],
+    )
+    .map_err(|e| e.to_string())?;
+    let at = monitor::layout::LOAD_ADDR;
+    vm.load_image(at, &w.code(at).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let vm = Arc::new(vm);
+    let rings = (0..vcpus).map(|v| vm.layout().ring(v)).collect();
+    let mut dev = devices::OutputDevice::new(vm.memory().clone(), rings);
+    let drainer = std::thread::spawn(move || {
+        let mut sink = devices::DigestSink::new(vcpus);
+        for rpc in rx.iter() {
+            if let monitor::UserRpc::OutputDoorbell { vcpu } = rpc {
+                let _ = dev.drain(vcpu, &mut sink);
+            }
+        }
+    });
+    vm.start().map_err(|e| e.to_string())?;
+    Ok((vm, drainer))
+}
+
+fn bench_stun(stuns: usize, out: &mut String) -> Result<(), String> {
+    writeln!(out, "### Stun latency\n").unwrap();
+    writeln!(
+        out,
+        "`cargo xtask bench stun --stuns {stuns}`: a `counter` guest runs on every vCPU; the \
+         controller stuns (cross-call + kick, waits for every vCPU's ack) and unstuns {stuns} \
+         times, 1 ms apart. *stun*: post to last ack. *release*: posting the unstun. *all \
+         running*: unstun to the last vCPU's own resume stamp (with more vCPUs than host CPUs \
+         this includes waiting for a free CPU). Host: {} CPUs.\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
+    .unwrap();
+    let head = "| vCPUs | stun p50 µs | stun p99 µs | stun max µs | release p50 µs | all running p50 µs | all running p99 µs |";
+    println!("{head}");
+    writeln!(out, "{head}\n|---|---|---|---|---|---|---|").unwrap();
+    for vcpus in [1u32, 2, 4] {
+        let (vm, drainer) = endless_counter(vcpus)?;
+        std::thread::sleep(Duration::from_millis(50));
+        let (mut stun, mut release, mut running) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..stuns {
+            let g = vm.stun().map_err(|e| e.to_string())?;
+            stun.push(g.report().latency);
+            let r = g.unstun().map_err(|e| e.to_string())?;
+            release.push(r.latency);
+            std::thread::sleep(Duration::from_millis(1));
+            let last = (0..vcpus)
+                .map(|v| {
+                    vm.vcpu_stats(v)
+                        .resumed_ns
+                        .load(std::sync::atomic::Ordering::Acquire)
+                })
+                .max()
+                .unwrap_or(0);
+            running.push(Duration::from_nanos(last.saturating_sub(r.at_ns)));
+        }
+        drop(vm);
+        drainer.join().map_err(|_| "drain thread panicked")?;
+        stun.sort();
+        release.sort();
+        running.sort();
+        let row = format!(
+            "| {vcpus} | {} | {} | {} | {} | {} | {} |",
+            us(percentile(&stun, 0.5)),
+            us(percentile(&stun, 0.99)),
+            us(*stun.last().unwrap()),
+            us(percentile(&release, 0.5)),
+            us(percentile(&running, 0.5)),
+            us(percentile(&running, 0.99)),
+        );
+        println!("{row}");
+        writeln!(out, "{row}").unwrap();
+    }
+    writeln!(out).unwrap();
+    Ok(())
+}
+
+fn bench_guest(out: &mut String) -> Result<(), String> {
+    let iters: u64 = 1_000_000_000;
+    let w = workloads::Workload::parse(
+        "counter",
+        &[
+            ("iters".into(), iters.to_string()),
+            ("record_every".into(), "1M".into()),
+        ],
+    )
+    .map_err(|e| e.to_string())?;
+    let cfg = vmx::RunConfig {
+        guest: vmx::GuestSpec::Workload(w),
+        vcpus: 1,
+        mem_mib: 32,
+        output: vmx::OutputTarget::None,
+        timeout: Some(Duration::from_secs(300)),
+    };
+    let report = vmx::run::run(&cfg).map_err(|e| e.to_string())?;
+    let guest_rate = iters as f64 / (report.vcpus[0].run_ms / 1e3);
+    let progress = std::sync::atomic::AtomicU64::new(0);
+    let t = Instant::now();
+    let acc = workloads::native_counter(0, std::hint::black_box(iters), &progress);
+    let native_rate = iters as f64 / t.elapsed().as_secs_f64();
+    let guest_acc = report.digest.vcpus[0].2.map(|r| r.value).unwrap_or(0);
+    if acc != guest_acc {
+        return Err(format!(
+            "guest and host disagree on the checksum ({guest_acc:#x} vs {acc:#x})"
+        ));
+    }
+    let text = format!(
+        "### Guest throughput\n\n`cargo xtask bench guest`: the `counter` loop, {iters} iterations, \
+         in a 1-vCPU CPL3 guest and as a native host thread (same checksum {acc:#018x}).\n\n\
+         | where | iterations/s |\n|---|---|\n| guest (1 vCPU) | {:.3e} |\n| native thread | {:.3e} |\n| guest / native | {:.1} % |\n",
+        guest_rate,
+        native_rate,
+        100.0 * guest_rate / native_rate
+    );
+    print!("{text}");
+    writeln!(out, "{text}").unwrap();
+    Ok(())
+}
+
+fn record(section: &str) -> std::io::Result<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let path = root.join("BENCHMARKS.md");
+    let new = !path.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    if new {
+        writeln!(
+            f,
+            "# Tandem benchmarks\n\nWritten by `cargo xtask bench`; newest runs last.\n"
+        )?;
+    }
+    let host = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let when = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    writeln!(f, "## Run of {when} on {host}\n\n{section}")?;
+    Ok(path)
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Bench {
+            which,
+            stuns,
+            no_record,
+        } => {
+            let mut out = String::new();
+            let all = which.is_none();
+            let mut r = Ok(());
+            if all || which == Some(Bench::Stun) {
+                r = r.and_then(|_| bench_stun(stuns, &mut out));
+            }
+            if all || which == Some(Bench::Guest) {
+                r = r.and_then(|_| bench_guest(&mut out));
+            }
+            r.and_then(|_| {
+                if !no_record {
+                    let p = record(&out).map_err(|e| format!("cannot write BENCHMARKS.md: {e}"))?;
+                    println!("appended to {}", p.display());
+                }
+                Ok(())
+            })
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e}");
+        std::process::exit(1);
+    }
+}
