@@ -80,6 +80,15 @@ fn dirty_matches_the_reference_model_and_reaches_the_dirty_log() {
         again.iter().all(|w| *w == 0),
         "the bitmap is reset after a fetch"
     );
+
+    // Both vCPUs now sit in their thread after the done exit, outside KVM_RUN: stun still
+    // reaches them, and unstun returns them to Done.
+    for _ in 0..10 {
+        let g = vm.stun().expect("stun of finished vCPUs");
+        assert!((0..2).all(|v| vm.vcpu_stats(v).state() == VcpuState::Stunned));
+        g.unstun().unwrap();
+    }
+    assert!((0..2).all(|v| settled_state(&vm, v) == VcpuState::Done));
 }
 
 #[test]
