@@ -12,6 +12,13 @@
 //! then vmx; at every restore step vmx acts first and then the monitor ([`CptState::order`]).
 //! A [`Trace`] records (state, side, step) so tests can check that order.
 
+pub mod group;
+pub mod memfile;
+pub mod snapshot;
+
+pub use group::Group;
+pub use snapshot::{Section, Snapshot};
+
 use serde::{Deserialize, Serialize};
 
 /// The checkpoint states of the seed "Checkpoint Internals".
@@ -64,9 +71,48 @@ pub const TRANSITIONS: &[(CptState, CptState)] = &[
     (CptState::RestoreSync, CptState::None),
 ];
 
-/// An illegal transition.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Everything that can go wrong in the checkpoint engine.
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A snapshot file is damaged or hostile (the message names what is wrong).
+    #[error("bad snapshot: {0}")]
+    Corrupt(String),
+    /// A snapshot of a format version this build does not read.
+    #[error("{0}")]
+    Version(String),
+    /// A state could not be encoded.
+    #[error("cannot save {section}: {msg}")]
+    Encode {
+        /// Section name.
+        section: String,
+        /// What failed.
+        msg: String,
+    },
+    /// A group is in the checkpoint but not the VM, or the reverse.
+    #[error("missing group {name:?}: it is in the {} but not in {missing_in}", if *missing_in == "this VM" { "checkpoint" } else { "VM" })]
+    MissingGroup {
+        /// The group.
+        name: String,
+        /// "this VM" or "the checkpoint".
+        missing_in: &'static str,
+    },
+    /// A group or module refused its state.
+    #[error("{component}: {msg}")]
+    Component {
+        /// Group or module name.
+        component: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// `from → to` is not in the transition table.
     #[error("illegal checkpoint transition {from:?} → {to:?} (legal from {from:?}: {legal:?})")]
     IllegalTransition {
@@ -77,6 +123,23 @@ pub enum Error {
         /// What `from` may go to.
         legal: Vec<CptState>,
     },
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+    /// A group or module error.
+    pub fn component(component: &str, msg: impl std::fmt::Display) -> Self {
+        Error::Component {
+            component: component.to_string(),
+            msg: msg.to_string(),
+        }
+    }
 }
 
 impl CptState {
@@ -136,6 +199,10 @@ impl Machine {
     /// The current state.
     pub fn state(&self) -> CptState {
         self.state
+    }
+    /// Checks that `to` may come next, without moving.
+    pub fn check_next(&self, to: CptState) -> Result<(), Error> {
+        self.state.check(to).map(|_| ())
     }
     /// Moves to `to` if the table allows it; otherwise changes nothing.
     pub fn advance(&mut self, to: CptState) -> Result<CptState, Error> {

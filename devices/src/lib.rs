@@ -6,7 +6,9 @@
 
 pub mod output;
 
-pub use output::{DigestReport, DigestSink, OutputDevice, OutputSink, Record, TextSink};
+pub use output::{
+    DigestReport, DigestSink, OutputDevice, OutputSink, OutputState, Record, TextSink,
+};
 
 /// Everything that can go wrong in a device.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,9 @@ pub enum Error {
     /// Guest memory could not be accessed.
     #[error("guest memory access failed: {0}")]
     Memory(String),
+    /// Saved state that does not fit this device.
+    #[error("device state does not fit: {0}")]
+    State(String),
     /// The sink failed.
     #[error("the output sink failed: {0} (is the disk full or the reader gone?)")]
     Sink(#[from] std::io::Error),

@@ -126,17 +126,34 @@ impl<W: Write + Send> OutputSink for TextSink<W> {
     }
 }
 
-/// SHA-256 of each vCPU's record stream, plus counts.
+/// A running digest of each vCPU's record stream: `d(n+1) = SHA-256(d(n) ‖ record)`, from
+/// `d(0)` = 32 zero bytes. A hash chain rather than one SHA-256 so that its state can be saved
+/// in a snapshot and a restored VM goes on to report the digest of the whole stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DigestSink {
-    vcpus: Vec<(Sha256, u64, Option<Record>)>,
+    vcpus: Vec<DigestLane>,
 }
+
+/// One vCPU's digest state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestLane {
+    /// Chain value.
+    pub chain: [u8; 32],
+    /// Records so far.
+    pub records: u64,
+    /// The last record.
+    pub last: Option<Record>,
+}
+
+/// Version of [`DigestSink`]'s saved state.
+pub const DIGEST_STATE_VERSION: u32 = 1;
 
 /// The digest of a whole run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DigestReport {
-    /// Per vCPU: (records, hex SHA-256 of the stream, last record).
+    /// Per vCPU: (records, hex chain value, last record).
     pub vcpus: Vec<(u64, String, Option<Record>)>,
-    /// SHA-256 over every vCPU's (id, count, digest), in vCPU order.
+    /// SHA-256 over every vCPU's (id, count, chain value), in vCPU order.
     pub total: String,
 }
 
@@ -165,8 +182,13 @@ impl DigestSink {
     /// A sink for `vcpus` streams.
     pub fn new(vcpus: u32) -> Self {
         DigestSink {
-            vcpus: (0..vcpus).map(|_| (Sha256::new(), 0, None)).collect(),
+            vcpus: vec![DigestLane::default(); vcpus as usize],
         }
+    }
+
+    /// Number of streams.
+    pub fn vcpus(&self) -> usize {
+        self.vcpus.len()
     }
 
     /// The digest of everything seen so far.
@@ -176,12 +198,11 @@ impl DigestSink {
             .vcpus
             .iter()
             .enumerate()
-            .map(|(i, (h, n, last))| {
-                let d = h.clone().finalize();
+            .map(|(i, lane)| {
                 total.update((i as u32).to_le_bytes());
-                total.update(n.to_le_bytes());
-                total.update(d);
-                (*n, hex::encode(d), *last)
+                total.update(lane.records.to_le_bytes());
+                total.update(lane.chain);
+                (lane.records, hex::encode(lane.chain), lane.last)
             })
             .collect();
         DigestReport {
@@ -206,11 +227,14 @@ impl OutputSink for DigestSink {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no vCPU {vcpu}"))
         })?;
         for r in records {
-            slot.0.update(r.to_bytes());
+            let mut h = Sha256::new();
+            h.update(slot.chain);
+            h.update(r.to_bytes());
+            slot.chain = h.finalize().into();
         }
-        slot.1 += records.len() as u64;
+        slot.records += records.len() as u64;
         if let Some(r) = records.last() {
-            slot.2 = Some(*r);
+            slot.last = Some(*r);
         }
         Ok(())
     }
@@ -229,6 +253,19 @@ impl<A: OutputSink, B: OutputSink> OutputSink for Tee<A, B> {
         self.1.flush()
     }
 }
+
+/// Saved state of the output device (version [`OUTPUT_STATE_VERSION`]). The rings themselves
+/// live in guest memory; the device keeps only how much it has drained from each.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputState {
+    /// Ring addresses, per vCPU.
+    pub rings: Vec<u64>,
+    /// Records drained, per vCPU.
+    pub drained: Vec<u64>,
+}
+
+/// Version of [`OutputState`].
+pub const OUTPUT_STATE_VERSION: u32 = 1;
 
 /// The output device: knows where each vCPU's ring is and drains it.
 pub struct OutputDevice<M> {
@@ -251,6 +288,26 @@ impl<M: GuestMemoryBackend> OutputDevice<M> {
     /// Records drained so far from each vCPU.
     pub fn drained(&self) -> &[u64] {
         &self.drained
+    }
+
+    /// The device's saved state.
+    pub fn save_state(&self) -> OutputState {
+        OutputState {
+            rings: self.rings.clone(),
+            drained: self.drained.clone(),
+        }
+    }
+
+    /// Loads saved state; it must describe the same rings.
+    pub fn restore_state(&mut self, s: OutputState) -> Result<()> {
+        if s.rings != self.rings || s.drained.len() != self.rings.len() {
+            return Err(Error::State(format!(
+                "the saved output device has rings {:x?}, this VM {:x?}",
+                s.rings, self.rings
+            )));
+        }
+        self.drained = s.drained;
+        Ok(())
     }
 
     fn mem_err(e: impl std::fmt::Display) -> Error {

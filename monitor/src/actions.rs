@@ -14,8 +14,11 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use checkpoint::{CptState, Machine, Section, Snapshot};
 use crossbeam_channel::{bounded, unbounded, Sender};
 
+use crate::module::CptArgs;
+use crate::vcpu::VcpuState;
 use crate::vm::{StunGuard, StunReport, Vm};
 use crate::{Error, Result};
 
@@ -41,6 +44,19 @@ pub enum MonitorAction {
         /// Where the answer goes.
         reply: Sender<Result<()>>,
     },
+    /// Carry out the monitor's half of a checkpoint step; the answer comes back as
+    /// [`UserRpc::StepDone`]. Save steps: SAVE_SYNC, QUIESCE, SAVE, CONTINUE_SYNC; restore
+    /// steps: RESTORE (with the snapshot), RESTORE_SYNC.
+    CptStep {
+        /// The state to enter.
+        state: CptState,
+        /// Where bulk data goes or comes from.
+        args: CptArgs,
+        /// The snapshot being restored (RESTORE only).
+        snapshot: Option<Arc<Snapshot>>,
+    },
+    /// Abandon a checkpoint in progress: lift restrictions, back to NONE.
+    CptAbort,
     /// Read every vCPU's guest progress counter.
     Progress {
         /// Where the answer goes.
@@ -50,9 +66,25 @@ pub enum MonitorAction {
     Shutdown,
 }
 
+/// What the monitor did in one checkpoint step.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StepOutput {
+    /// Sections saved (SAVE).
+    pub sections: Vec<Section>,
+    /// What was done, in order (for the checkpoint trace).
+    pub steps: Vec<String>,
+}
+
 /// Events from the monitor to vmx.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserRpc {
+    /// The monitor finished its half of a checkpoint step.
+    StepDone {
+        /// The state the step entered.
+        state: CptState,
+        /// What it did, or why it failed.
+        result: std::result::Result<StepOutput, String>,
+    },
     /// The guest rang vCPU `vcpu`'s output doorbell: drain its ring.
     OutputDoorbell {
         /// Which vCPU's ring.
@@ -85,11 +117,146 @@ pub struct Monitor {
     thread: Option<JoinHandle<()>>,
 }
 
-fn serve(vm: Arc<Vm>, rx: crossbeam_channel::Receiver<MonitorAction>) {
+/// The monitor's checkpoint bookkeeping.
+struct Cpt {
+    machine: Machine,
+    /// QUIESCE restricts actions until CONTINUE_SYNC.
+    restricted: bool,
+}
+
+fn sync_steps(vm: &Vm, steps: &mut Vec<String>) -> Result<()> {
+    let modules = vm.modules().clone();
+    vm.call_on(0, move |ctx| modules.run(|m| m.sync(ctx)))??;
+    steps.extend(vm.modules().names().iter().map(|n| format!("sync {n}")));
+    Ok(())
+}
+
+fn cpt_step(
+    vm: &Vm,
+    cpt: &mut Cpt,
+    stunned: bool,
+    state: CptState,
+    args: &CptArgs,
+    snapshot: Option<&Snapshot>,
+) -> Result<StepOutput> {
+    let bad = |why: String| Error::BadState {
+        action: "checkpoint step",
+        why,
+    };
+    let illegal = |e: checkpoint::Error| bad(e.to_string());
+    let mut out = StepOutput::default();
+    match state {
+        CptState::SaveSync | CptState::Save if !stunned => {
+            return Err(bad(format!("{state:?} needs a stunned VM")));
+        }
+        CptState::Restore => {
+            let running = (0..vm.vcpu_count())
+                .any(|v| vm.vcpu_stats(v).state() == VcpuState::Running && !stunned);
+            if running {
+                return Err(bad("RESTORE needs vCPUs that are not running".into()));
+            }
+        }
+        _ => {}
+    }
+    cpt.machine.check_next(state).map_err(illegal)?;
+    match state {
+        CptState::SaveSync => sync_steps(vm, &mut out.steps)?,
+        CptState::Quiesce => {
+            cpt.restricted = true;
+            out.steps = vec!["drain actions".into(), "restrict actions".into()];
+        }
+        CptState::Save => {
+            out.sections = vm.save_vcpus()?;
+            out.steps.push("save vCPU state".into());
+            out.sections.extend(vm.checkpoint_modules(args)?);
+            out.steps.extend(
+                vm.modules()
+                    .names()
+                    .iter()
+                    .map(|n| format!("checkpoint {n}")),
+            );
+        }
+        CptState::ContinueSync => {
+            cpt.restricted = false;
+            out.steps.push("lift restrictions".into());
+            sync_steps(vm, &mut out.steps)?;
+        }
+        CptState::Restore => {
+            let snap = snapshot.ok_or_else(|| bad("RESTORE needs the snapshot".into()))?;
+            vm.restore_modules(snap, args)?;
+            out.steps
+                .extend(vm.modules().names().iter().map(|n| format!("restore {n}")));
+            vm.restore_vcpus(snap)?;
+            out.steps.push("restore vCPU state".into());
+        }
+        CptState::RestoreSync => sync_steps(vm, &mut out.steps)?,
+        CptState::None => return Err(bad("NONE is not a step".into())),
+    }
+    cpt.machine.advance(state).map_err(illegal)?;
+    if matches!(state, CptState::ContinueSync | CptState::RestoreSync) {
+        cpt.machine.advance(CptState::None).map_err(illegal)?;
+    }
+    Ok(out)
+}
+
+fn serve(vm: Arc<Vm>, rx: crossbeam_channel::Receiver<MonitorAction>, rpc: Sender<UserRpc>) {
     let vm = &*vm;
     let mut stun: Option<StunGuard<'_>> = None;
+    let mut cpt = Cpt {
+        machine: Machine::default(),
+        restricted: false,
+    };
+    let restricted = |what: &'static str| Error::BadState {
+        action: what,
+        why: "a checkpoint is in progress (actions are restricted until CONTINUE_SYNC)".into(),
+    };
     for action in rx.iter() {
         match action {
+            MonitorAction::Start { .. }
+            | MonitorAction::Unstun { .. }
+            | MonitorAction::SyncModules { .. }
+                if cpt.restricted =>
+            {
+                match action {
+                    MonitorAction::Start { reply } => {
+                        let _ = reply.send(Err(restricted("start")));
+                    }
+                    MonitorAction::Unstun { reply } => {
+                        let _ = reply.send(Err(restricted("unstun")));
+                    }
+                    MonitorAction::SyncModules { reply } => {
+                        let _ = reply.send(Err(restricted("sync modules")));
+                    }
+                    _ => unreachable!("matched above"),
+                }
+            }
+            MonitorAction::CptStep {
+                state,
+                args,
+                snapshot,
+            } => {
+                let r = cpt_step(
+                    vm,
+                    &mut cpt,
+                    stun.is_some(),
+                    state,
+                    &args,
+                    snapshot.as_deref(),
+                );
+                if let Err(e) = &r {
+                    log::error!("checkpoint step {state:?} failed: {e}");
+                }
+                let _ = rpc.send(UserRpc::StepDone {
+                    state,
+                    result: r.map_err(|e| e.to_string()),
+                });
+            }
+            MonitorAction::CptAbort => {
+                cpt = Cpt {
+                    machine: Machine::default(),
+                    restricted: false,
+                };
+            }
             MonitorAction::Start { reply } => {
                 let _ = reply.send(vm.start());
             }
@@ -141,12 +308,13 @@ fn serve(vm: Arc<Vm>, rx: crossbeam_channel::Receiver<MonitorAction>) {
 
 impl Monitor {
     /// Serves actions for `vm` on the monitor thread (callers may keep a clone of `vm` to
-    /// read memory and counters).
-    pub fn spawn(vm: Arc<Vm>) -> Result<Monitor> {
+    /// read memory and counters). Checkpoint steps answer on `rpc`, the same channel the vCPUs
+    /// report on.
+    pub fn spawn(vm: Arc<Vm>, rpc: Sender<UserRpc>) -> Result<Monitor> {
         let (tx, rx) = unbounded();
         let thread = std::thread::Builder::new()
             .name("monitor".into())
-            .spawn(move || serve(vm, rx))
+            .spawn(move || serve(vm, rx, rpc))
             .map_err(Error::Thread)?;
         Ok(Monitor {
             tx,
@@ -180,6 +348,10 @@ impl Monitor {
     /// Runs the modules' sync callbacks (VM must be stunned).
     pub fn sync_modules(&self) -> Result<()> {
         self.request(|reply| MonitorAction::SyncModules { reply })
+    }
+    /// Posts an action without waiting (for steps answered by a user RPC).
+    pub fn post(&self, action: MonitorAction) -> Result<()> {
+        self.tx.send(action).map_err(|_| Error::Stopped)
     }
 }
 

@@ -24,12 +24,13 @@ pub mod actions;
 mod kick;
 pub mod layout;
 pub mod module;
+pub mod state;
 mod vcpu;
 mod vm;
 
-pub use actions::{Monitor, MonitorAction, UserRpc};
+pub use actions::{Monitor, MonitorAction, StepOutput, UserRpc};
 pub use layout::Layout;
-pub use module::{Module, ModuleTable};
+pub use module::{CptArgs, Module, ModuleTable};
 pub use vcpu::{VcpuContext, VcpuSched, VcpuState, VcpuStats};
 pub use vm::{GuestMem, StunGuard, StunReport, Vm, VmConfig, VmShared};
 

@@ -8,12 +8,16 @@
 //! | `init`            | the boot vCPU (vCPU 0)          | once, after the VM is created     |
 //! | `init_per_thread` | every vCPU thread (boot too)    | after every module's `init`       |
 //! | `sync`            | the boot vCPU                   | checkpoint SAVE_SYNC / CONTINUE_SYNC / RESTORE_SYNC |
-//! | `checkpoint`      | the boot vCPU                   | checkpoint SAVE                   |
+//! | `checkpoint`      | the boot vCPU                   | checkpoint SAVE (section `module/<name>`) |
+//! | `restore`         | the boot vCPU                   | checkpoint RESTORE                |
 //!
 //! Every callback has a default body that does nothing, so a module implements only what it
-//! needs. Main memory and the CPU are always the first two modules.
+//! needs. The standard table is MainMem, CPU, Irqchip (main memory and the CPU first).
 
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use checkpoint::memfile::{self, MemIndex};
 
 use kvm_bindings::{
     kvm_regs, kvm_segment, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE,
@@ -41,10 +45,37 @@ pub trait Module: Send + Sync {
     fn sync(&self, _vcpu0: &mut VcpuContext) -> Result<()> {
         Ok(())
     }
+    /// Version of the state `checkpoint` writes.
+    fn version(&self) -> u32 {
+        1
+    }
     /// Checkpoint save, called on the boot vCPU while the VM is stunned. `None`: no state.
-    fn checkpoint(&self, _vcpu0: &mut VcpuContext) -> Result<Option<Vec<u8>>> {
+    fn checkpoint(&self, _vcpu0: &mut VcpuContext, _args: &CptArgs) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
+    /// Checkpoint restore of state saved at `version`, on the boot vCPU before any vCPU runs.
+    fn restore(
+        &self,
+        _vcpu0: &mut VcpuContext,
+        _version: u32,
+        _data: &[u8],
+        _args: &CptArgs,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a checkpoint's bulk data goes (or comes from).
+#[derive(Clone, Debug, Default)]
+pub struct CptArgs {
+    /// The sparse memory file (written on save, checked on restore).
+    pub mem_path: Option<PathBuf>,
+    /// On restore, check every memory chunk's checksum first (otherwise pages load lazily).
+    pub verify: bool,
+}
+
+fn module_err(module: &'static str) -> impl Fn(String) -> Error {
+    move |msg| Error::Module { module, msg }
 }
 
 /// The ordered module table.
@@ -54,9 +85,10 @@ pub struct ModuleTable {
 }
 
 impl ModuleTable {
-    /// The standard table: [`MainMem`], [`Cpu`], then `extra` in order.
+    /// The standard table: [`MainMem`], [`Cpu`], [`Irqchip`], then `extra` in order.
     pub fn standard(extra: Vec<Arc<dyn Module>>) -> Self {
-        let mut modules: Vec<Arc<dyn Module>> = vec![Arc::new(MainMem), Arc::new(Cpu)];
+        let mut modules: Vec<Arc<dyn Module>> =
+            vec![Arc::new(MainMem), Arc::new(Cpu), Arc::new(Irqchip)];
         modules.extend(extra);
         ModuleTable {
             modules: Arc::new(modules),
@@ -108,7 +140,55 @@ impl Module for MainMem {
             unsafe { vm.vm_fd.set_user_memory_region(desc) }
                 .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
+        if vm.restoring {
+            // The page tables and GDT come back with the rest of memory.
+            return Ok(());
+        }
         write_tables(&vm.mem, &vm.layout)
+    }
+
+    fn checkpoint(&self, vcpu0: &mut VcpuContext, args: &CptArgs) -> Result<Option<Vec<u8>>> {
+        let Some(path) = &args.mem_path else {
+            return Ok(None);
+        };
+        let mem = &vcpu0.shared.mem;
+        let read = |gpa: u64, buf: &mut [u8]| {
+            mem.read_slice(buf, GuestAddress(gpa))
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let index = memfile::save_sparse(path, vcpu0.shared.layout.mem_bytes, &read, &|_| {})
+            .map_err(|e| module_err("MainMem")(e.to_string()))?;
+        checkpoint::Section::encode("", 1, &index)
+            .map(|s| Some(s.data))
+            .map_err(|e| module_err("MainMem")(e.to_string()))
+    }
+
+    fn restore(
+        &self,
+        vcpu0: &mut VcpuContext,
+        _version: u32,
+        data: &[u8],
+        args: &CptArgs,
+    ) -> Result<()> {
+        let err = module_err("MainMem");
+        let index: MemIndex =
+            postcard::from_bytes(data).map_err(|e| err(format!("bad memory index: {e}")))?;
+        index.check().map_err(|e| err(e.to_string()))?;
+        if index.size != vcpu0.shared.layout.mem_bytes {
+            return Err(err(format!(
+                "the snapshot holds {} MiB of memory but this VM has {} MiB",
+                index.size >> 20,
+                vcpu0.shared.layout.mem_bytes >> 20
+            )));
+        }
+        if args.verify {
+            let path = args
+                .mem_path
+                .as_ref()
+                .ok_or_else(|| err("no memory file to verify".into()))?;
+            memfile::verify_sparse(path, &index).map_err(|e| err(e.to_string()))?;
+        }
+        Ok(())
     }
 }
 
@@ -148,9 +228,53 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
+/// Saved state of the CPU module.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CpuState {
+    vcpus: u32,
+    tsc_khz: u32,
+}
+
 impl Module for Cpu {
     fn name(&self) -> &'static str {
         "CPU"
+    }
+
+    fn checkpoint(&self, vcpu0: &mut VcpuContext, _args: &CptArgs) -> Result<Option<Vec<u8>>> {
+        let tsc_khz = vcpu0.fd.get_tsc_khz().unwrap_or(0);
+        let s = CpuState {
+            vcpus: vcpu0.shared.layout.vcpus,
+            tsc_khz,
+        };
+        postcard::to_stdvec(&s)
+            .map(Some)
+            .map_err(|e| module_err("CPU")(e.to_string()))
+    }
+
+    fn restore(
+        &self,
+        vcpu0: &mut VcpuContext,
+        _version: u32,
+        data: &[u8],
+        _args: &CptArgs,
+    ) -> Result<()> {
+        let err = module_err("CPU");
+        let s: CpuState =
+            postcard::from_bytes(data).map_err(|e| err(format!("bad CPU state: {e}")))?;
+        if s.vcpus != vcpu0.shared.layout.vcpus {
+            return Err(err(format!(
+                "the snapshot has {} vCPUs but this VM has {}",
+                s.vcpus, vcpu0.shared.layout.vcpus
+            )));
+        }
+        let here = vcpu0.fd.get_tsc_khz().unwrap_or(0);
+        if s.tsc_khz != 0 && here != 0 && s.tsc_khz != here {
+            log::warn!(
+                "the snapshot's TSC ran at {} kHz, this host's at {here} kHz",
+                s.tsc_khz
+            );
+        }
+        Ok(())
     }
 
     fn init_per_thread(&self, vcpu: &mut VcpuContext) -> Result<()> {
@@ -211,6 +335,59 @@ impl Module for Cpu {
                 .set_mp_state(runnable)
                 .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
         }
+        Ok(())
+    }
+}
+
+/// The in-kernel interrupt controllers (PIC, IOAPIC), the PIT and the KVM clock.
+pub struct Irqchip;
+
+impl Module for Irqchip {
+    fn name(&self) -> &'static str {
+        "Irqchip"
+    }
+
+    fn version(&self) -> u32 {
+        crate::state::IRQCHIP_STATE_VERSION
+    }
+
+    fn checkpoint(&self, vcpu0: &mut VcpuContext, _args: &CptArgs) -> Result<Option<Vec<u8>>> {
+        let shared = &vcpu0.shared;
+        if !shared.irqchip {
+            return Ok(None);
+        }
+        let mut s = crate::state::capture_irqchip(&shared.vm_fd)?;
+        if let Some((pit, clock)) = shared.frozen_vm_time() {
+            s.pit = pit;
+            s.clock = clock;
+        }
+        postcard::to_stdvec(&s)
+            .map(Some)
+            .map_err(|e| module_err("Irqchip")(e.to_string()))
+    }
+
+    fn restore(
+        &self,
+        vcpu0: &mut VcpuContext,
+        version: u32,
+        data: &[u8],
+        _args: &CptArgs,
+    ) -> Result<()> {
+        let err = module_err("Irqchip");
+        if version != crate::state::IRQCHIP_STATE_VERSION {
+            return Err(err(format!(
+                "state version {version} is not one this build reads (1)"
+            )));
+        }
+        if !vcpu0.shared.irqchip {
+            return Err(err(
+                "the snapshot has an in-kernel irqchip but this host's KVM has none".into(),
+            ));
+        }
+        let s: crate::state::IrqchipSnapshot =
+            postcard::from_bytes(data).map_err(|e| err(format!("bad irqchip state: {e}")))?;
+        s.apply(&vcpu0.shared.vm_fd)?;
+        vcpu0.shared.remember_vm_time(s.pit, s.clock);
         Ok(())
     }
 }

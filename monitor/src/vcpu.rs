@@ -11,7 +11,7 @@
 //!    KVM_RUN → handle the exit (doorbell / done ports, EINTR = kicked)
 //! ```
 
-use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -87,6 +87,8 @@ pub struct VcpuStats {
     pub done_ns: AtomicU64,
     /// Nanoseconds from VM creation to the end of this vCPU's last stun.
     pub resumed_ns: AtomicU64,
+    /// The guest reported done on this vCPU.
+    pub done: AtomicBool,
 }
 
 impl VcpuStats {
@@ -215,6 +217,7 @@ impl VcpuContext {
             }
             DONE_PORT => {
                 self.stats.done_ns.store(self.now_ns(), Ordering::Release);
+                self.stats.done.store(true, Ordering::Release);
                 self.stats.set_state(VcpuState::Done);
                 let _ = self.rpc.send(UserRpc::VcpuDone { vcpu: self.id });
             }
@@ -227,8 +230,17 @@ impl VcpuContext {
         }
     }
 
+    /// A restored vCPU that had finished before the snapshot: it is never run again.
+    pub(crate) fn mark_done_restored(&mut self) {
+        self.stats.done.store(true, Ordering::Release);
+        if self.stats.state() == VcpuState::Parked {
+            self.stats.set_state(VcpuState::Done);
+        }
+    }
+
     /// Runs the guest once and handles the exit.
     fn run_once(&mut self) {
+        self.shared.ran.store(true, Ordering::Release);
         let exit = match self.fd.run() {
             Ok(VcpuExit::IoOut(port, _)) => Ok(Some(port)),
             Ok(VcpuExit::IoIn(_, data)) => {

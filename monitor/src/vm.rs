@@ -1,6 +1,7 @@
 //! The VM: KVM, guest memory, vCPU threads, stun.
 
-use std::sync::atomic::Ordering;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,9 +15,11 @@ use vmm_sys_util::signal::Killable;
 use crate::actions::UserRpc;
 use crate::kick::{install_kick_handler, kick_signal, KvmRunMap};
 use crate::layout::{Layout, MAX_IMAGE_SIZE, PAGE_SIZE};
-use crate::module::ModuleTable;
+use crate::module::{CptArgs, ModuleTable};
+use crate::state::{capture_vcpu, msr_list, Restored, VcpuSnapshot, VCPU_STATE_VERSION};
 use crate::vcpu::{vcpu_loop, CrossCall, VcpuCall, VcpuContext, VcpuSched, VcpuState, VcpuStats};
 use crate::{Error, Result};
+use checkpoint::{Section, Snapshot};
 
 /// Guest memory with a dirty bitmap that also records writes made by the host (devices).
 pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
@@ -34,6 +37,11 @@ pub struct VmConfig {
     pub stun_timeout: Duration,
     /// Host scheduling policy of the vCPU threads.
     pub vcpu_sched: VcpuSched,
+    /// Guest RAM comes from this snapshot memory file, mapped privately (pages load lazily,
+    /// writes stay in this process); otherwise RAM starts zeroed.
+    pub memory_file: Option<PathBuf>,
+    /// The VM is being restored: MainMem does not write page tables (they are in memory).
+    pub restoring: bool,
 }
 
 impl VmConfig {
@@ -45,6 +53,8 @@ impl VmConfig {
             entry: crate::layout::LOAD_ADDR,
             stun_timeout: Duration::from_secs(5),
             vcpu_sched: VcpuSched::default(),
+            memory_file: None,
+            restoring: false,
         }
     }
 }
@@ -62,8 +72,69 @@ pub struct VmShared {
     pub layout: Layout,
     /// Entry point of every vCPU.
     pub entry: u64,
-    /// Whether the in-kernel irqchip (LAPIC, IOAPIC, PIC) exists.
+    /// Whether the in-kernel irqchip (LAPIC, IOAPIC, PIC) and PIT exist.
     pub irqchip: bool,
+    /// The VM is being restored from a snapshot.
+    pub restoring: bool,
+    /// The MSRs saved for each vCPU, in restore order.
+    pub msrs: Vec<u32>,
+    pub(crate) restored: Mutex<Restored>,
+    pub(crate) ran: AtomicBool,
+}
+
+impl VmShared {
+    /// The restored PIT and clock, while no vCPU has run since the restore.
+    pub(crate) fn frozen_vm_time(
+        &self,
+    ) -> Option<(kvm_bindings::kvm_pit_state2, kvm_bindings::kvm_clock_data)> {
+        if self.ran.load(Ordering::Acquire) {
+            return None;
+        }
+        self.restored.lock().unwrap_or_else(|p| p.into_inner()).vm
+    }
+    pub(crate) fn remember_vm_time(
+        &self,
+        pit: kvm_bindings::kvm_pit_state2,
+        clock: kvm_bindings::kvm_clock_data,
+    ) {
+        self.restored.lock().unwrap_or_else(|p| p.into_inner()).vm = Some((pit, clock));
+    }
+}
+
+fn map_memory(config: &VmConfig, layout: &Layout) -> Result<GuestMem> {
+    let size = layout.mem_bytes as usize;
+    let Some(path) = &config.memory_file else {
+        return GuestMem::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| {
+            Error::Memory(format!(
+                "cannot map {} MiB of guest RAM: {e}",
+                config.mem_mib
+            ))
+        });
+    };
+    use vm_memory::bitmap::NewBitmap;
+    use vm_memory::mmap::MmapRegionBuilder;
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::Memory(format!("cannot open {}: {e}", path.display())))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::Memory(e.to_string()))?
+        .len();
+    if len != layout.mem_bytes {
+        return Err(Error::Memory(format!(
+            "{} is {len} bytes, the VM needs {} bytes",
+            path.display(),
+            layout.mem_bytes
+        )));
+    }
+    let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+        .with_file_offset(vm_memory::FileOffset::new(file, 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| Error::Memory(format!("cannot map {}: {e}", path.display())))?;
+    let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| Error::Memory("guest memory region overflows".into()))?;
+    GuestMem::from_regions(vec![region]).map_err(|e| Error::Memory(e.to_string()))
 }
 
 struct VcpuHandle {
@@ -125,20 +196,20 @@ impl Vm {
             log::debug!("KVM_SET_TSS_ADDR not needed or not supported here: {e}");
         }
         let irqchip = match vm_fd.create_irq_chip() {
-            Ok(()) => true,
+            Ok(()) => {
+                let pit = kvm_bindings::kvm_pit_config::default();
+                vm_fd
+                    .create_pit2(pit)
+                    .map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+                true
+            }
             Err(e) => {
                 log::warn!("no in-kernel irqchip ({e}); interrupt guests will not work");
                 false
             }
         };
-        let mem = GuestMem::from_ranges(&[(GuestAddress(0), layout.mem_bytes as usize)]).map_err(
-            |e| {
-                Error::Memory(format!(
-                    "cannot map {} MiB of guest RAM: {e}",
-                    config.mem_mib
-                ))
-            },
-        )?;
+        let mem = map_memory(config, &layout)?;
+        let msrs = msr_list(&kvm)?;
         let shared = Arc::new(VmShared {
             kvm,
             vm_fd,
@@ -146,6 +217,10 @@ impl Vm {
             layout,
             entry: config.entry,
             irqchip,
+            restoring: config.restoring,
+            msrs,
+            restored: Mutex::new(Restored::default()),
+            ran: AtomicBool::new(false),
         });
         let run_size = shared
             .kvm
@@ -373,6 +448,134 @@ impl Vm {
                 Ordering::Acquire,
             )
             .map_err(|e| Error::Memory(e.to_string()))
+    }
+
+    /// Saves every vCPU's state (VM stunned or not started): sections `vcpu/<n>`.
+    pub fn save_vcpus(&self) -> Result<Vec<Section>> {
+        (0..self.vcpu_count())
+            .map(|id| {
+                let snap = self.call_on(id, move |ctx| {
+                    let done = ctx.stats.done.load(Ordering::Acquire);
+                    let mut s = capture_vcpu(&ctx.fd, &ctx.shared.msrs, done)?;
+                    if !ctx.shared.ran.load(Ordering::Acquire) {
+                        let r = ctx
+                            .shared
+                            .restored
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        if let Some(Some((tsc, tmcct))) = r.vcpus.get(id as usize) {
+                            s.freeze_time(*tsc, *tmcct);
+                        }
+                    }
+                    Ok::<_, Error>(s)
+                })??;
+                Section::encode(&format!("vcpu/{id}"), VCPU_STATE_VERSION, &snap).map_err(|e| {
+                    Error::Vcpu {
+                        vcpu: id,
+                        msg: e.to_string(),
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Loads every vCPU's state from `snap` (before any vCPU runs).
+    pub fn restore_vcpus(&self, snap: &Snapshot) -> Result<()> {
+        let n = self.vcpu_count();
+        if snap.get(&format!("vcpu/{n}")).is_some() {
+            return Err(Error::Config(format!(
+                "the snapshot has more than {n} vCPUs"
+            )));
+        }
+        for id in 0..n {
+            let name = format!("vcpu/{id}");
+            let sec = snap
+                .get(&name)
+                .ok_or_else(|| Error::Config(format!("the snapshot has no state for vCPU {id}")))?;
+            if sec.version != VCPU_STATE_VERSION {
+                return Err(Error::Vcpu {
+                    vcpu: id,
+                    msg: format!(
+                        "state version {} is not one this build reads (1)",
+                        sec.version
+                    ),
+                });
+            }
+            let state: VcpuSnapshot = sec.decode().map_err(|e| Error::Vcpu {
+                vcpu: id,
+                msg: e.to_string(),
+            })?;
+            self.call_on(id, move |ctx| {
+                state.apply(&ctx.fd)?;
+                if state.done {
+                    ctx.mark_done_restored();
+                }
+                let mut r = ctx
+                    .shared
+                    .restored
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                r.vcpus.resize(ctx.shared.layout.vcpus as usize, None);
+                r.vcpus[ctx.id as usize] = Some(state.time_values());
+                Ok::<_, Error>(())
+            })??;
+        }
+        Ok(())
+    }
+
+    /// Runs every module's `checkpoint` on the boot vCPU: sections `module/<name>`.
+    pub fn checkpoint_modules(&self, args: &CptArgs) -> Result<Vec<Section>> {
+        let modules = self.modules.clone();
+        let args = args.clone();
+        let saved = self.call_on(0, move |ctx| {
+            modules.run(|m| Ok((m.version(), m.checkpoint(ctx, &args)?)))
+        })??;
+        saved
+            .into_iter()
+            .filter_map(|(name, (version, data))| {
+                data.map(|data| Section {
+                    name: format!("module/{name}"),
+                    version,
+                    data,
+                })
+            })
+            .map(Ok)
+            .collect()
+    }
+
+    /// Runs every module's `restore` on the boot vCPU, in table order. A module with saved
+    /// state that this VM lacks, or the reverse, is an error that names it.
+    pub fn restore_modules(&self, snap: &Snapshot, args: &CptArgs) -> Result<()> {
+        let names = self.modules.names();
+        for s in snap
+            .names()
+            .iter()
+            .filter_map(|n| n.strip_prefix("module/"))
+        {
+            if !names.contains(&s) {
+                return Err(Error::Config(format!(
+                    "the snapshot has state for monitor module {s:?}, which this build lacks"
+                )));
+            }
+        }
+        let sections: Vec<Option<Section>> = names
+            .iter()
+            .map(|n| snap.get(&format!("module/{n}")).cloned())
+            .collect();
+        let modules = self.modules.clone();
+        let args = args.clone();
+        self.call_on(0, move |ctx| {
+            let mut i = 0;
+            modules.run(|m| {
+                let s = &sections[i];
+                i += 1;
+                match s {
+                    Some(s) => m.restore(ctx, s.version, &s.data, &args),
+                    None => Ok(()),
+                }
+            })
+        })??;
+        Ok(())
     }
 
     /// Fetches and resets the dirty-page bitmap: KVM's log (guest writes) OR vm-memory's bitmap

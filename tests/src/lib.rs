@@ -79,6 +79,8 @@ pub fn workload(name: &str, args: &[(&str, &str)]) -> Workload {
 pub struct Harness {
     /// The VM.
     pub vm: Arc<Vm>,
+    /// The channel the VM reports on (for a `Monitor`).
+    pub rpc: crossbeam_channel::Sender<UserRpc>,
     drainer: Option<JoinHandle<Result<DigestReport, String>>>,
 }
 
@@ -92,7 +94,7 @@ impl Harness {
             Vm::new(
                 &VmConfig::new(mem_mib, vcpus),
                 ModuleTable::standard(vec![]),
-                tx,
+                tx.clone(),
             )
             .expect("create VM"),
         );
@@ -105,6 +107,7 @@ impl Harness {
         let drainer = std::thread::spawn(move || drain(dev, rx, vcpus));
         Harness {
             vm,
+            rpc: tx,
             drainer: Some(drainer),
         }
     }
@@ -138,7 +141,7 @@ fn drain(
                 done += 1;
             }
             Ok(UserRpc::VcpuError { vcpu, error }) => return Err(format!("vCPU {vcpu}: {error}")),
-            Ok(UserRpc::PortWrite { .. }) => {}
+            Ok(UserRpc::PortWrite { .. }) | Ok(UserRpc::StepDone { .. }) => {}
             Err(e) => return Err(format!("guest did not finish: {e}")),
         }
     }

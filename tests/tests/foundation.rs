@@ -188,7 +188,7 @@ fn stun_reaches_vcpus_blocked_in_hlt_and_in_an_exit() {
     require_kvm();
     let (tx, _rx) = crossbeam_channel::unbounded();
     let modules = ModuleTable::standard(vec![Arc::new(HaltAtCpl0)]);
-    assert_eq!(modules.names(), ["MainMem", "CPU", "HaltAtCpl0"]);
+    assert_eq!(modules.names(), ["MainMem", "CPU", "Irqchip", "HaltAtCpl0"]);
     let vm = Vm::new(&VmConfig::new(32, 2), modules, tx).unwrap();
     vm.load_image(monitor::layout::LOAD_ADDR, &[0xfa, 0xf4, 0xeb, 0xfd])
         .unwrap(); // cli; hlt; jmp hlt
@@ -219,7 +219,7 @@ fn stun_reaches_vcpus_blocked_in_hlt_and_in_an_exit() {
 fn typed_monitor_actions_pause_continue_and_refuse_out_of_order_steps() {
     let w = workload("counter", &[("iters", "400M"), ("record_every", "1M")]);
     let h = Harness::new(&w, 2, 32);
-    let monitor = monitor::Monitor::spawn(h.vm.clone()).unwrap();
+    let monitor = monitor::Monitor::spawn(h.vm.clone(), h.rpc.clone()).unwrap();
     let refused = monitor.sync_modules().unwrap_err().to_string();
     assert!(refused.contains("must be stunned"), "{refused}");
     assert!(monitor

@@ -4,8 +4,12 @@
 //! `MonitorAction`s and handles the `UserRpc`s that come back (output doorbells, vCPU done,
 //! vCPU errors). [`run::run`] is `tandem run` as a library call.
 
+pub mod control;
+pub mod groups;
+pub mod machine;
 pub mod run;
 
+pub use machine::{power_on, Boot, Options, Outcome, Vmx, POWER_ON};
 pub use run::{GuestSpec, OutputTarget, RunConfig, RunReport};
 
 /// Everything that can go wrong in vmx.
@@ -20,6 +24,12 @@ pub enum Error {
     /// A device failed.
     #[error(transparent)]
     Device(#[from] devices::Error),
+    /// A checkpoint, snapshot file or restore failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
+    /// The monitor's half of a checkpoint step failed.
+    #[error("checkpoint step failed: {0}")]
+    Step(String),
     /// A guest vCPU failed.
     #[error("the guest failed on vCPU {vcpu}: {error}")]
     Guest {

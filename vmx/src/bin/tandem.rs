@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use vmx::{GuestSpec, OutputTarget, RunConfig};
+use vmx::control::Request;
+use vmx::{Boot, GuestSpec, Options, Outcome, OutputTarget};
 use workloads::Workload;
 
 /// Tandem runs KVM virtual machines and checkpoints them.
@@ -25,6 +26,93 @@ enum Command {
     ///
     /// Same arguments give the same digest on every run and every machine.
     Run(RunArgs),
+    /// Power on from a snapshot (FILE and FILE.mem) and run to completion.
+    ///
+    /// The digest printed at the end covers the whole output stream, from the original boot.
+    Restore(RestoreArgs),
+    /// Send a command to a running tandem's control socket and print the JSON reply.
+    Ctl(CtlArgs),
+    /// Check a snapshot: the state file's checksums and every memory chunk's.
+    Verify {
+        /// The snapshot state file.
+        file: PathBuf,
+    },
+}
+
+/// Options shared by `run` and `restore`.
+#[derive(clap::Args)]
+struct Common {
+    /// Also write every record as a text line (`vcpu seq kind value aux`) to FILE, or - for stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Give up if the guest has not finished after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout_secs: Option<u64>,
+    /// Serve a JSON-lines control socket here (see `tandem ctl`).
+    #[arg(long, value_name = "SOCKET")]
+    control: Option<PathBuf>,
+    /// Stay paused after power-on until `tandem ctl SOCKET resume`.
+    #[arg(long, requires = "control")]
+    paused: bool,
+    /// Write the checkpoint trace (state, side, step) as JSON to FILE after each checkpoint.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+}
+
+impl Common {
+    fn options(&self) -> Options {
+        Options {
+            output: match &self.output {
+                None => OutputTarget::None,
+                Some(p) if p.as_os_str() == "-" => OutputTarget::Stdout,
+                Some(p) => OutputTarget::File(p.clone()),
+            },
+            control: self.control.clone(),
+            paused: self.paused,
+            timeout: self.timeout_secs.map(Duration::from_secs),
+            trace: self.trace.clone(),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The snapshot state file (its memory is FILE.mem).
+    file: PathBuf,
+    /// Check every memory chunk's checksum before running (otherwise pages load lazily).
+    #[arg(long)]
+    verify: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The control socket of a running `tandem run|restore --control SOCKET`.
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Stop every vCPU until `resume`.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// Print state and counters.
+    Status,
+    /// Save a snapshot to FILE and FILE.mem.
+    Snapshot {
+        /// Where the state file goes.
+        file: PathBuf,
+        /// Power the VM off after saving (suspend).
+        #[arg(long)]
+        stop: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -57,15 +145,8 @@ struct RunArgs {
     /// k/M/G suffixes and _ separators.
     #[arg(long = "guest-arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
     guest_args: Vec<(String, String)>,
-    /// Also write every record as a text line (`vcpu seq kind value aux`) to FILE, or - for stdout.
-    #[arg(long, value_name = "FILE")]
-    output: Option<PathBuf>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
-    /// Give up if the guest has not finished after this many seconds.
-    #[arg(long, value_name = "SECS")]
-    timeout_secs: Option<u64>,
+    #[command(flatten)]
+    common: Common,
 }
 
 fn parse_addr(s: &str) -> Result<u64, String> {
@@ -103,27 +184,79 @@ fn run(args: RunArgs) -> Result<(), vmx::Error> {
             ))
         }
     };
-    let output = match &args.output {
-        None => OutputTarget::None,
-        Some(p) if p.as_os_str() == "-" => OutputTarget::Stdout,
-        Some(p) => OutputTarget::File(p.clone()),
-    };
-    let cfg = RunConfig {
+    let boot = Boot::Fresh {
         guest,
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
-        output,
-        timeout: args.timeout_secs.map(Duration::from_secs),
     };
-    let report = vmx::run::run(&cfg)?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serialises")
-        );
-    } else {
-        println!("{report}");
+    finish(
+        vmx::power_on(boot, &args.common.options())?.run()?,
+        args.common.json,
+    )
+}
+
+fn finish(outcome: Outcome, json: bool) -> Result<(), vmx::Error> {
+    match outcome {
+        Outcome::Finished(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                println!("{report}");
+            }
+        }
+        Outcome::Suspended { path, report } => {
+            if json {
+                let v = serde_json::json!({"suspended": path, "report": report});
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("report serialises")
+                );
+            } else {
+                println!("suspended to {}\n{report}", path.display());
+            }
+        }
     }
+    Ok(())
+}
+
+fn restore(args: RestoreArgs) -> Result<(), vmx::Error> {
+    let boot = Boot::Restore {
+        path: args.file,
+        verify: args.verify,
+    };
+    finish(
+        vmx::power_on(boot, &args.common.options())?.run()?,
+        args.common.json,
+    )
+}
+
+fn ctl(args: CtlArgs) -> Result<(), vmx::Error> {
+    let req = match args.command {
+        CtlCommand::Pause => Request::Pause,
+        CtlCommand::Resume => Request::Resume,
+        CtlCommand::Status => Request::Status,
+        CtlCommand::Snapshot { file, stop } => {
+            let file = std::path::absolute(&file).unwrap_or(file);
+            Request::Snapshot { path: file, stop }
+        }
+    };
+    let reply = vmx::control::request(&args.socket, &req, Duration::from_secs(300))?;
+    println!("{reply}");
+    if reply["ok"] == serde_json::Value::Bool(true) {
+        Ok(())
+    } else {
+        Err(vmx::Error::Step(
+            reply["error"].as_str().unwrap_or("refused").to_string(),
+        ))
+    }
+}
+
+fn verify(file: PathBuf) -> Result<(), vmx::Error> {
+    let v = vmx::machine::verify(&file)?;
+    println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
     Ok(())
 }
 
@@ -132,6 +265,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
+        Command::Ctl(args) => ctl(args),
+        Command::Verify { file } => verify(file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

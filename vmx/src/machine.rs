@@ -1,0 +1,814 @@
+//! The VM as vmx sees it: power-on (a phase table), the main loop, and the checkpoint driver.
+//!
+//! Save (monitor first at every step, then vmx):
+//!
+//! ```text
+//!   vmx                                   monitor
+//!    │ Stun ───────────────────────────▶ │ cross-calls, acks
+//!    │ CptStep(SAVE_SYNC) ─────────────▶ │ modules sync
+//!    │ ◀──────────────── StepDone ────── │
+//!    │ groups sync (output drained)      │
+//!    │ CptStep(QUIESCE) ───────────────▶ │ drain + restrict actions
+//!    │ ◀──────────────── StepDone ────── │
+//!    │ CptStep(SAVE) ──────────────────▶ │ vCPU state, modules checkpoint (memory file)
+//!    │ ◀──────── StepDone(sections) ──── │
+//!    │ stun callback; groups checkpoint; write state file (tmp + rename)
+//!    │ CptStep(CONTINUE_SYNC) ─────────▶ │ lift restrictions, modules sync
+//!    │ ◀──────────────── StepDone ────── │
+//!    │ groups sync; Unstun; unstun callback            (or: power off after SAVE)
+//! ```
+//!
+//! Restore happens in power-on phase 6 (vmx first at every step, then the monitor): RESTORE
+//! (groups restore, then `CptStep(RESTORE)`: modules, vCPU state), RESTORE_SYNC (groups sync,
+//! unpause, then `CptStep(RESTORE_SYNC)`: modules sync).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use checkpoint::group::{restore_groups, save_groups};
+use checkpoint::memfile::{self, mem_path, MemIndex};
+use checkpoint::{CptState, Group, Machine, SaveEnd, Section, Side, Snapshot, Trace};
+use crossbeam_channel::{never, select, unbounded, Receiver};
+use devices::{DigestReport, DigestSink, OutputDevice, OutputSink, TextSink};
+use monitor::{
+    CptArgs, Layout, ModuleTable, Monitor, MonitorAction, StepOutput, UserRpc, Vm, VmConfig,
+};
+use serde_json::{json, Value};
+
+use crate::control::{self, ControlSocket, Envelope, Request};
+use crate::groups::{ConfigGroup, MachineConfig, OutputGroup, Sinks};
+use crate::run::{GuestSpec, OutputTarget, RunReport, VcpuReport};
+use crate::{Error, Result};
+
+/// How the VM comes to life.
+#[derive(Clone, Debug)]
+pub enum Boot {
+    /// A fresh guest.
+    Fresh {
+        /// The guest code.
+        guest: GuestSpec,
+        /// vCPUs.
+        vcpus: u32,
+        /// RAM in MiB.
+        mem_mib: u64,
+    },
+    /// From a snapshot state file (and its `.mem` beside it).
+    Restore {
+        /// The state file.
+        path: PathBuf,
+        /// Check every memory chunk's checksum before running.
+        verify: bool,
+    },
+}
+
+/// Everything besides the guest.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Where records go besides the digest.
+    pub output: OutputTarget,
+    /// Control socket path.
+    pub control: Option<PathBuf>,
+    /// Stay paused after power-on until a `resume`.
+    pub paused: bool,
+    /// Give up after this long.
+    pub timeout: Option<Duration>,
+    /// Write the checkpoint trace (JSON) here after every checkpoint or restore.
+    pub trace: Option<PathBuf>,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every vCPU finished.
+    Finished(RunReport),
+    /// Saved and powered off.
+    Suspended {
+        /// The snapshot.
+        path: PathBuf,
+        /// Output so far.
+        report: RunReport,
+    },
+}
+
+/// One row of the power-on phase table.
+pub struct Phase {
+    /// Phase number as the seed names them.
+    pub id: &'static str,
+    /// What happens.
+    pub name: &'static str,
+    /// Modules and groups that act in this phase.
+    pub modules: &'static [&'static str],
+    run: fn(&mut PowerOn) -> Result<()>,
+}
+
+/// The power-on phase table: restore is detected early (phase 1) and performed late (phase 6).
+pub const POWER_ON: &[Phase] = &[
+    Phase {
+        id: "1",
+        name: "detect restore, pause",
+        modules: &["checkpoint"],
+        run: PowerOn::detect,
+    },
+    Phase {
+        id: "1.5",
+        name: "machine configuration",
+        modules: &["config"],
+        run: PowerOn::config,
+    },
+    Phase {
+        id: "2",
+        name: "guest memory source",
+        modules: &["MainMem"],
+        run: PowerOn::memory,
+    },
+    Phase {
+        id: "2.5",
+        name: "open checkpoint data",
+        modules: &["checkpoint", "MainMem"],
+        run: PowerOn::open_data,
+    },
+    Phase {
+        id: "3",
+        name: "monitor: VM, module init",
+        modules: &["MainMem", "CPU", "Irqchip"],
+        run: PowerOn::monitor,
+    },
+    Phase {
+        id: "4",
+        name: "devices and groups",
+        modules: &["config", "output"],
+        run: PowerOn::devices,
+    },
+    Phase {
+        id: "5",
+        name: "load guest image",
+        modules: &["loader"],
+        run: PowerOn::image,
+    },
+    Phase {
+        id: "6",
+        name: "late power-on: restore, start",
+        modules: &["checkpoint", "vCPUs"],
+        run: PowerOn::late,
+    },
+];
+
+/// Power-on in progress.
+pub struct PowerOn {
+    boot: Boot,
+    opts: Options,
+    snapshot: Option<Arc<Snapshot>>,
+    config: Option<MachineConfig>,
+    code: Option<(Vec<u8>, u64)>,
+    memory_file: Option<PathBuf>,
+    vmx: Option<Vmx>,
+    /// Phases run, in order.
+    pub phases_run: Vec<&'static str>,
+}
+
+impl PowerOn {
+    fn restoring(&self) -> bool {
+        matches!(self.boot, Boot::Restore { .. })
+    }
+
+    fn detect(&mut self) -> Result<()> {
+        if let Boot::Restore { path, .. } = &self.boot {
+            // The VM will stay paused until phase 6 has restored it.
+            let snap = Snapshot::read_file(path)?;
+            self.snapshot = Some(Arc::new(snap));
+            log::info!("restoring from {}", path.display());
+        }
+        Ok(())
+    }
+
+    fn config(&mut self) -> Result<()> {
+        self.config = Some(match (&self.boot, &self.snapshot) {
+            (Boot::Restore { .. }, Some(snap)) => {
+                let sec = snap
+                    .get(&checkpoint::group::section_name("config"))
+                    .ok_or_else(|| checkpoint::Error::Corrupt("no machine configuration".into()))?;
+                let c: MachineConfig = sec.decode()?;
+                Layout::new(c.mem_mib, c.vcpus).map_err(|e| {
+                    checkpoint::Error::Corrupt(format!("machine configuration: {e}"))
+                })?;
+                c
+            }
+            (
+                Boot::Fresh {
+                    guest,
+                    vcpus,
+                    mem_mib,
+                },
+                _,
+            ) => {
+                let layout = Layout::new(*mem_mib, *vcpus)?;
+                let (code, load, entry, name) = guest_code(guest, &layout)?;
+                self.code = Some((code, load));
+                MachineConfig {
+                    vcpus: *vcpus,
+                    mem_mib: *mem_mib,
+                    entry,
+                    guest: name,
+                }
+            }
+            _ => unreachable!("phase 1 reads the snapshot of a restore"),
+        });
+        Ok(())
+    }
+
+    fn memory(&mut self) -> Result<()> {
+        if let Boot::Restore { path, .. } = &self.boot {
+            self.memory_file = Some(mem_path(path));
+        }
+        Ok(())
+    }
+
+    fn open_data(&mut self) -> Result<()> {
+        let (Some(snap), Some(file)) = (&self.snapshot, &self.memory_file) else {
+            return Ok(());
+        };
+        let sec = snap
+            .get("module/MainMem")
+            .ok_or_else(|| checkpoint::Error::Corrupt("no memory index (module/MainMem)".into()))?;
+        let index: MemIndex = sec.decode()?;
+        let config = self.config.as_ref().expect("phase 1.5");
+        if index.size != config.mem_mib << 20 {
+            return Err(checkpoint::Error::Corrupt(format!(
+                "memory index says {} bytes, the configuration {} MiB",
+                index.size, config.mem_mib
+            ))
+            .into());
+        }
+        memfile::open_checked(file, &index)?;
+        Ok(())
+    }
+
+    fn monitor(&mut self) -> Result<()> {
+        let c = self.config.clone().expect("phase 1.5");
+        let (rpc_tx, rpc_rx) = unbounded();
+        let vm_cfg = VmConfig {
+            entry: c.entry,
+            memory_file: self.memory_file.clone(),
+            restoring: self.restoring(),
+            ..VmConfig::new(c.mem_mib, c.vcpus)
+        };
+        let vm = Arc::new(Vm::new(
+            &vm_cfg,
+            ModuleTable::standard(vec![]),
+            rpc_tx.clone(),
+        )?);
+        let monitor = Monitor::spawn(vm.clone(), rpc_tx)?;
+        let layout = *vm.layout();
+        let text: Option<Box<dyn std::io::Write + Send>> = match &self.opts.output {
+            OutputTarget::None => None,
+            OutputTarget::Stdout => Some(Box::new(std::io::BufWriter::new(std::io::stdout()))),
+            OutputTarget::File(p) => Some(Box::new(std::io::BufWriter::new(
+                std::fs::File::create(p).map_err(|source| Error::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+            ))),
+        };
+        let rings = (0..c.vcpus).map(|v| layout.ring(v)).collect();
+        let output = OutputGroup {
+            dev: OutputDevice::new(vm.memory().clone(), rings),
+            sinks: Sinks {
+                digest: DigestSink::new(c.vcpus),
+                text: text.map(TextSink::new),
+            },
+        };
+        let (ctl_rx, ctl_guard) = match &self.opts.control {
+            Some(p) => {
+                let (rx, g) = control::listen(p)?;
+                (rx, Some(g))
+            }
+            None => (never(), None),
+        };
+        self.vmx = Some(Vmx {
+            vm,
+            monitor,
+            rpc_rx,
+            ctl_rx,
+            _ctl_guard: ctl_guard,
+            config: ConfigGroup(c.clone()),
+            output,
+            machine: Machine::default(),
+            trace: Trace::default(),
+            paused: true,
+            started: false,
+            done: vec![false; c.vcpus as usize],
+            start: Instant::now(),
+            opts: self.opts.clone(),
+            checkpoints: 0,
+        });
+        Ok(())
+    }
+
+    fn devices(&mut self) -> Result<()> {
+        // The output device and the config group were built with the VM in phase 3, because
+        // they need its memory; here they are checked against each other.
+        let v = self.vmx.as_ref().expect("phase 3");
+        debug_assert_eq!(v.output.dev.drained().len() as u32, v.vm.vcpu_count());
+        Ok(())
+    }
+
+    fn image(&mut self) -> Result<()> {
+        if let Some((code, load)) = &self.code {
+            self.vmx
+                .as_ref()
+                .expect("phase 3")
+                .vm
+                .load_image(*load, code)?;
+        }
+        Ok(())
+    }
+
+    fn late(&mut self) -> Result<()> {
+        let snapshot = self.snapshot.clone();
+        let verify = matches!(self.boot, Boot::Restore { verify: true, .. });
+        let paused = self.opts.paused;
+        let mem_file = self.memory_file.clone();
+        let vmx = self.vmx.as_mut().expect("phase 3");
+        if let Some(snap) = snapshot {
+            vmx.restore(
+                snap,
+                CptArgs {
+                    mem_path: mem_file,
+                    verify,
+                },
+                paused,
+            )?;
+        } else if !paused {
+            vmx.unpause()?;
+        }
+        Ok(())
+    }
+}
+
+fn guest_code(guest: &GuestSpec, layout: &Layout) -> Result<(Vec<u8>, u64, u64, String)> {
+    match guest {
+        GuestSpec::Workload(w) => {
+            w.check_fits(layout)?;
+            let at = monitor::layout::LOAD_ADDR;
+            Ok((w.code(at)?, at, at, format!("{w:?}")))
+        }
+        GuestSpec::Image {
+            path,
+            load_addr,
+            entry,
+        } => {
+            let code = std::fs::read(path).map_err(|source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let end = load_addr.saturating_add(code.len() as u64);
+            if !(*load_addr..end).contains(entry) {
+                return Err(Error::Usage(format!(
+                    "--entry {entry:#x} is outside the image ({load_addr:#x}..{end:#x})"
+                )));
+            }
+            Ok((
+                code,
+                *load_addr,
+                *entry,
+                format!("image {}", path.display()),
+            ))
+        }
+    }
+}
+
+/// Powers a VM on by running the phase table in order.
+pub fn power_on(boot: Boot, opts: &Options) -> Result<Vmx> {
+    let mut p = PowerOn {
+        boot,
+        opts: opts.clone(),
+        snapshot: None,
+        config: None,
+        code: None,
+        memory_file: None,
+        vmx: None,
+        phases_run: Vec::new(),
+    };
+    for phase in POWER_ON {
+        log::debug!(
+            "power-on phase {} ({}): {:?}",
+            phase.id,
+            phase.name,
+            phase.modules
+        );
+        (phase.run)(&mut p)?;
+        p.phases_run.push(phase.id);
+    }
+    Ok(p.vmx.expect("phase 3 builds the VM"))
+}
+
+/// A powered-on VM and everything vmx keeps for it.
+pub struct Vmx {
+    vm: Arc<Vm>,
+    monitor: Monitor,
+    rpc_rx: Receiver<UserRpc>,
+    ctl_rx: Receiver<Envelope>,
+    _ctl_guard: Option<ControlSocket>,
+    config: ConfigGroup,
+    output: OutputGroup,
+    machine: Machine,
+    trace: Trace,
+    paused: bool,
+    started: bool,
+    done: Vec<bool>,
+    start: Instant,
+    opts: Options,
+    checkpoints: u64,
+}
+
+impl Vmx {
+    /// The VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// The checkpoint trace so far.
+    pub fn trace(&self) -> &Trace {
+        &self.trace
+    }
+
+    fn groups(&mut self) -> [&mut dyn Group; 2] {
+        [&mut self.config, &mut self.output]
+    }
+
+    fn unpause(&mut self) -> Result<()> {
+        if !self.started {
+            self.monitor.start()?;
+            self.started = true;
+        } else {
+            self.monitor.unstun()?;
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<()> {
+        if self.paused {
+            return Ok(());
+        }
+        self.monitor.stun()?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Handles one user RPC; a finished checkpoint step is handed back.
+    fn handle_rpc(
+        &mut self,
+        rpc: UserRpc,
+    ) -> Result<Option<(CptState, std::result::Result<StepOutput, String>)>> {
+        match rpc {
+            UserRpc::OutputDoorbell { vcpu } => {
+                self.output.drain(vcpu)?;
+            }
+            UserRpc::VcpuDone { vcpu } => {
+                self.output.drain(vcpu)?;
+                if let Some(d) = self.done.get_mut(vcpu as usize) {
+                    *d = true;
+                }
+            }
+            UserRpc::VcpuError { vcpu, error } => return Err(Error::Guest { vcpu, error }),
+            UserRpc::PortWrite { vcpu, port } => {
+                log::warn!("vCPU {vcpu} wrote to port {port:#x}, which no device claims");
+            }
+            UserRpc::StepDone { state, result } => return Ok(Some((state, result))),
+        }
+        Ok(None)
+    }
+
+    /// Posts the monitor's half of a step and waits for it, serving other RPCs meanwhile.
+    fn monitor_step(
+        &mut self,
+        state: CptState,
+        args: CptArgs,
+        snapshot: Option<Arc<Snapshot>>,
+    ) -> Result<StepOutput> {
+        self.monitor.post(MonitorAction::CptStep {
+            state,
+            args,
+            snapshot,
+        })?;
+        loop {
+            let rpc = self
+                .rpc_rx
+                .recv_timeout(Duration::from_secs(120))
+                .map_err(|_| {
+                    Error::Step(format!("the monitor did not finish {state:?} within 120 s"))
+                })?;
+            if let Some((s, r)) = self.handle_rpc(rpc)? {
+                if s != state {
+                    return Err(Error::Step(format!(
+                        "the monitor answered {s:?} while vmx waited for {state:?}"
+                    )));
+                }
+                let out = r.map_err(Error::Step)?;
+                for step in &out.steps {
+                    self.trace.push(state, Side::Monitor, step.clone());
+                }
+                return Ok(out);
+            }
+        }
+    }
+
+    fn groups_sync(&mut self, state: CptState) -> Result<()> {
+        let mut names = Vec::new();
+        for g in self.groups() {
+            g.sync()?;
+            names.push(g.name());
+        }
+        for n in names {
+            self.trace.push(state, Side::Vmx, format!("sync group {n}"));
+        }
+        Ok(())
+    }
+
+    /// Saves a snapshot to `path` (state) and `path.mem` (memory), then continues or stops.
+    pub fn checkpoint(&mut self, path: &Path, end: SaveEnd) -> Result<Value> {
+        let t0 = Instant::now();
+        let was_paused = self.paused;
+        let mut stunned_here = false;
+        if self.started && !was_paused {
+            self.monitor.stun()?;
+            stunned_here = true;
+        }
+        let first = self.trace.0.len();
+        let result = self.checkpoint_stunned(path, end, was_paused);
+        if let Err(e) = &result {
+            log::error!("checkpoint to {} failed: {e}", path.display());
+            let _ = self.monitor.post(MonitorAction::CptAbort);
+            let err = checkpoint::Error::component("checkpoint", e);
+            for g in self.groups() {
+                g.error(&err);
+            }
+            self.machine = Machine::default();
+            if stunned_here {
+                let _ = self.monitor.unstun();
+            }
+        }
+        self.write_trace();
+        let bytes = result?;
+        self.checkpoints += 1;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        log::info!(
+            "checkpoint {} saved in {ms:.1} ms ({} trace steps)",
+            path.display(),
+            self.trace.0.len() - first
+        );
+        Ok(
+            json!({"ok": true, "path": path, "ms": ms, "state_bytes": bytes, "stopped": end == SaveEnd::PowerOff}),
+        )
+    }
+
+    fn checkpoint_stunned(&mut self, path: &Path, end: SaveEnd, was_paused: bool) -> Result<usize> {
+        let mem = mem_path(path);
+        // SAVE_SYNC
+        self.machine.advance(CptState::SaveSync)?;
+        self.monitor_step(CptState::SaveSync, CptArgs::default(), None)?;
+        self.groups_sync(CptState::SaveSync)?;
+        // QUIESCE
+        self.machine.advance(CptState::Quiesce)?;
+        self.monitor_step(CptState::Quiesce, CptArgs::default(), None)?;
+        self.trace.push(CptState::Quiesce, Side::Vmx, "no-op");
+        // SAVE
+        self.machine.advance(CptState::Save)?;
+        let out = self.monitor_step(
+            CptState::Save,
+            CptArgs {
+                mem_path: Some(mem),
+                verify: false,
+            },
+            None,
+        )?;
+        self.trace
+            .push(CptState::Save, Side::Vmx, "stun callback: save");
+        let mut snap = Snapshot::default();
+        for s in out.sections {
+            snap.push(s)?;
+        }
+        let mut groups = self.groups();
+        let saved = save_groups(&mut groups, &mut snap)?;
+        for g in saved {
+            self.trace
+                .push(CptState::Save, Side::Vmx, format!("checkpoint group {g}"));
+        }
+        let bytes = snap.to_bytes();
+        checkpoint::snapshot::write_atomic(path, &bytes)?;
+        self.trace
+            .push(CptState::Save, Side::Vmx, "write state file");
+        match end {
+            SaveEnd::Continue => {
+                self.machine.advance(CptState::ContinueSync)?;
+                self.monitor_step(CptState::ContinueSync, CptArgs::default(), None)?;
+                self.groups_sync(CptState::ContinueSync)?;
+                if !was_paused && self.started {
+                    self.monitor.unstun()?;
+                }
+                self.trace
+                    .push(CptState::ContinueSync, Side::Vmx, "unpause");
+                self.trace
+                    .push(CptState::ContinueSync, Side::Vmx, "unstun callback");
+            }
+            SaveEnd::PowerOff => {
+                self.trace.push(CptState::Save, Side::Vmx, "power off");
+                self.paused = true;
+            }
+        }
+        self.machine.advance(CptState::None)?;
+        Ok(bytes.len())
+    }
+
+    fn restore(&mut self, snap: Arc<Snapshot>, args: CptArgs, stay_paused: bool) -> Result<()> {
+        // RESTORE: vmx groups first, then the monitor (modules, vCPU state).
+        self.machine.advance(CptState::Restore)?;
+        let mut groups = self.groups();
+        let restored = restore_groups(&mut groups, &snap)?;
+        for g in restored {
+            self.trace
+                .push(CptState::Restore, Side::Vmx, format!("restore group {g}"));
+        }
+        self.monitor_step(CptState::Restore, args, Some(snap))?;
+        for v in 0..self.vm.vcpu_count() {
+            if self.vm.vcpu_stats(v).done.load(Ordering::Acquire) {
+                self.done[v as usize] = true;
+            }
+        }
+        // RESTORE_SYNC: vmx groups sync, unpause, then the monitor syncs.
+        self.machine.advance(CptState::RestoreSync)?;
+        self.groups_sync(CptState::RestoreSync)?;
+        if !stay_paused {
+            self.unpause()?;
+        }
+        self.trace.push(
+            CptState::RestoreSync,
+            Side::Vmx,
+            if stay_paused {
+                "stay paused"
+            } else {
+                "unpause"
+            },
+        );
+        self.monitor_step(CptState::RestoreSync, CptArgs::default(), None)?;
+        self.machine.advance(CptState::None)?;
+        self.write_trace();
+        Ok(())
+    }
+
+    fn write_trace(&self) {
+        if let Some(p) = &self.opts.trace {
+            let text = serde_json::to_string_pretty(&self.trace).expect("trace serialises");
+            if let Err(e) = std::fs::write(p, text) {
+                log::warn!("cannot write the trace to {}: {e}", p.display());
+            }
+        }
+    }
+
+    fn status(&self) -> Value {
+        let vcpus: Vec<Value> = (0..self.vm.vcpu_count())
+            .map(|v| {
+                let s = self.vm.vcpu_stats(v);
+                json!({
+                    "state": format!("{:?}", s.state()),
+                    "records": self.output.dev.drained()[v as usize],
+                    "exits": s.exits.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        json!({
+            "ok": true,
+            "state": if self.paused { "paused" } else { "running" },
+            "checkpoint": format!("{:?}", self.machine.state()),
+            "checkpoints": self.checkpoints,
+            "uptime_ms": self.start.elapsed().as_millis() as u64,
+            "records": self.output.dev.drained().iter().sum::<u64>(),
+            "vcpus": vcpus,
+        })
+    }
+
+    fn handle_request(&mut self, req: Request) -> (Value, Option<PathBuf>) {
+        let err = |e: Error| json!({"ok": false, "error": e.to_string()});
+        match req {
+            Request::Status => (self.status(), None),
+            Request::Pause => (
+                self.pause()
+                    .map(|_| json!({"ok": true}))
+                    .unwrap_or_else(err),
+                None,
+            ),
+            Request::Resume => (
+                self.unpause()
+                    .map(|_| json!({"ok": true}))
+                    .unwrap_or_else(err),
+                None,
+            ),
+            Request::Snapshot { path, stop } => {
+                if self.all_done() {
+                    return (
+                        json!({"ok": false, "error": "the guest has finished; nothing to snapshot"}),
+                        None,
+                    );
+                }
+                let end = if stop {
+                    SaveEnd::PowerOff
+                } else {
+                    SaveEnd::Continue
+                };
+                match self.checkpoint(&path, end) {
+                    Ok(v) => (v, stop.then_some(path)),
+                    Err(e) => (err(e), None),
+                }
+            }
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        self.done.iter().all(|d| *d)
+    }
+
+    fn report(&mut self) -> Result<RunReport> {
+        self.output.sinks.flush().map_err(devices::Error::Sink)?;
+        let vcpus = (0..self.vm.vcpu_count())
+            .map(|i| {
+                let s = self.vm.vcpu_stats(i);
+                VcpuReport {
+                    records: self.output.dev.drained()[i as usize],
+                    exits: s.exits.load(Ordering::Relaxed),
+                    doorbells: s.doorbells.load(Ordering::Relaxed),
+                    run_ms: s.run_ns().unwrap_or(0) as f64 / 1e6,
+                }
+            })
+            .collect();
+        Ok(RunReport {
+            digest: self.output.sinks.digest.report(),
+            wall_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            vcpus,
+        })
+    }
+
+    /// The digest of the output so far.
+    pub fn digest(&self) -> DigestReport {
+        self.output.sinks.digest.report()
+    }
+
+    /// Serves user RPCs and control requests until every vCPU is done or a `snapshot` with
+    /// `stop` powers the VM off.
+    pub fn run(mut self) -> Result<Outcome> {
+        let deadline = self.opts.timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.all_done() && self.started {
+                return Ok(Outcome::Finished(self.report()?));
+            }
+            let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            select! {
+                recv(self.rpc_rx) -> rpc => {
+                    let rpc = rpc.map_err(|_| monitor::Error::Stopped)?;
+                    if let Some((s, _)) = self.handle_rpc(rpc)? {
+                        log::warn!("stray checkpoint step answer {s:?}");
+                    }
+                }
+                recv(self.ctl_rx) -> env => {
+                    if let Ok((req, reply)) = env {
+                        let (answer, stopped) = self.handle_request(req);
+                        let _ = reply.send(answer);
+                        if let Some(path) = stopped {
+                            return Ok(Outcome::Suspended { path, report: self.report()? });
+                        }
+                    }
+                }
+                default(wait) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(Error::Timeout(self.opts.timeout.unwrap_or_default()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Checks a snapshot: the state file's integrity and every memory chunk's checksum.
+pub fn verify(path: &Path) -> Result<Value> {
+    let snap = Snapshot::read_file(path)?;
+    let index: MemIndex = snap
+        .get("module/MainMem")
+        .ok_or_else(|| checkpoint::Error::Corrupt("no memory index (module/MainMem)".into()))?
+        .decode()?;
+    index.check()?;
+    memfile::verify_sparse(&mem_path(path), &index)?;
+    let sections: Vec<Value> = snap
+        .iter()
+        .map(|s: &Section| json!({"name": s.name, "version": s.version, "bytes": s.data.len()}))
+        .collect();
+    Ok(json!({
+        "ok": true,
+        "memory_bytes": index.size,
+        "memory_used_bytes": index.used_bytes(),
+        "sections": sections,
+    }))
+}
