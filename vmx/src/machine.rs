@@ -531,14 +531,14 @@ impl Vmx {
     /// Saves a snapshot to `path` (state) and `path.mem` (memory), then continues or stops.
     pub fn checkpoint(&mut self, path: &Path, end: SaveEnd) -> Result<Value> {
         let t0 = Instant::now();
-        let was_paused = self.paused;
-        let mut stunned_here = false;
-        if self.started && !was_paused {
+        // The monitor holds a stun already only when a started VM was paused; otherwise
+        // (running, or powered on paused and never started) the checkpoint stuns it here.
+        let stunned_here = !(self.started && self.paused);
+        if stunned_here {
             self.monitor.stun()?;
-            stunned_here = true;
         }
         let first = self.trace.0.len();
-        let result = self.checkpoint_stunned(path, end, was_paused);
+        let result = self.checkpoint_stunned(path, end, stunned_here);
         if let Err(e) = &result {
             log::error!("checkpoint to {} failed: {e}", path.display());
             let _ = self.monitor.post(MonitorAction::CptAbort);
@@ -565,7 +565,12 @@ impl Vmx {
         )
     }
 
-    fn checkpoint_stunned(&mut self, path: &Path, end: SaveEnd, was_paused: bool) -> Result<usize> {
+    fn checkpoint_stunned(
+        &mut self,
+        path: &Path,
+        end: SaveEnd,
+        stunned_here: bool,
+    ) -> Result<usize> {
         let mem = mem_path(path);
         // SAVE_SYNC
         self.machine.advance(CptState::SaveSync)?;
@@ -606,7 +611,7 @@ impl Vmx {
                 self.machine.advance(CptState::ContinueSync)?;
                 self.monitor_step(CptState::ContinueSync, CptArgs::default(), None)?;
                 self.groups_sync(CptState::ContinueSync)?;
-                if !was_paused && self.started {
+                if stunned_here {
                     self.monitor.unstun()?;
                 }
                 self.trace

@@ -1,0 +1,541 @@
+//! Snapshots: save at a random moment, restore in a new process, the guest carries on exactly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use checkpoint::group::{ManifestEntry, MANIFEST};
+use checkpoint::{Section, Snapshot, Trace};
+use devices::DigestSink;
+use rand::{Rng, SeedableRng};
+use tandem_tests::{require_kvm, tandem, tandem_bin, total_digest, workload};
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("tandem-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+    fn join(&self, s: &str) -> PathBuf {
+        self.0.join(s)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(tandem_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tandem")
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["ctl", sock.to_str().unwrap()];
+    a.extend_from_slice(args);
+    tandem(&a)
+}
+
+fn finish(child: Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tandem failed: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Text lines of the record stream, per vCPU, in order.
+fn lines_per_vcpu(files: &[&Path], vcpus: u32) -> Vec<Vec<String>> {
+    let mut out = vec![Vec::new(); vcpus as usize];
+    for f in files {
+        for l in std::fs::read_to_string(f).unwrap().lines() {
+            let v: usize = l.split(' ').next().unwrap().parse().unwrap();
+            out[v].push(l.to_string());
+        }
+    }
+    out
+}
+
+fn reference_lines(w: &workloads::Workload, vcpus: u32) -> Vec<Vec<String>> {
+    w.reference_all(vcpus)
+        .iter()
+        .enumerate()
+        .map(|(v, recs)| {
+            recs.iter()
+                .map(|r| format!("{v} {} {} {:016x} {}", r.seq, r.kind, r.value, r.aux))
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs `args`, snapshots with --stop after `delay`, restores in a new process; returns the
+/// directory (state file "snap", outputs "a.txt", "b.txt", traces) and the restore's stdout.
+fn snapshot_and_restore(tag: &str, args: &[&str], delay: Duration) -> (Dir, String) {
+    let d = Dir::new(tag);
+    let (sock, a, snap) = (d.join("ctl"), d.join("a.txt"), d.join("snap"));
+    let mut run_args = vec![
+        "run",
+        "--control",
+        sock.to_str().unwrap(),
+        "--output",
+        a.to_str().unwrap(),
+    ];
+    let trace = d.join("save-trace.json");
+    run_args.extend(["--trace", trace.to_str().unwrap()]);
+    run_args.extend_from_slice(args);
+    let child = spawn(&run_args);
+    wait_for(&sock);
+    std::thread::sleep(delay);
+    let reply = ctl(&sock, &["snapshot", snap.to_str().unwrap(), "--stop"]);
+    assert!(
+        reply.status.success(),
+        "snapshot refused: {}",
+        String::from_utf8_lossy(&reply.stdout)
+    );
+    let first = finish(child);
+    assert!(first.contains("suspended to"), "{first}");
+    let b = d.join("b.txt");
+    let rtrace = d.join("restore-trace.json");
+    let out = tandem(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--output",
+        b.to_str().unwrap(),
+        "--trace",
+        rtrace.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (d, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("random seed {s}");
+    s
+}
+
+#[test]
+fn snapshot_at_a_random_moment_restores_in_a_new_process_exactly() {
+    require_kvm();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+        (
+            "counter",
+            &[("iters", "300M"), ("record_every", "100k")],
+            &["--vcpus", "1", "--mem-mib", "32"],
+        ),
+        (
+            "counter",
+            &[("iters", "150M"), ("record_every", "100k")],
+            &["--vcpus", "4", "--mem-mib", "32"],
+        ),
+        (
+            "dirty",
+            &[
+                ("iters", "20M"),
+                ("pages", "4"),
+                ("ws_mib", "4"),
+                ("record_every", "20k"),
+            ],
+            &["--vcpus", "1", "--mem-mib", "32"],
+        ),
+        (
+            "dirty",
+            &[
+                ("iters", "8M"),
+                ("pages", "4"),
+                ("ws_mib", "4"),
+                ("record_every", "20k"),
+            ],
+            &["--vcpus", "4", "--mem-mib", "32"],
+        ),
+    ];
+    for (name, gargs, vm_args) in cases {
+        let w = workload(name, gargs);
+        let vcpus: u32 = vm_args[1].parse().unwrap();
+        let mut args = vec!["--guest", *name];
+        let kv: Vec<String> = gargs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        for a in &kv {
+            args.extend(["--guest-arg", a.as_str()]);
+        }
+        args.extend_from_slice(vm_args);
+        let delay = Duration::from_millis(rng.gen_range(30..300));
+        let (d, out) = snapshot_and_restore(&format!("{name}{vcpus}"), &args, delay);
+        let want = DigestSink::of(&w.reference_all(vcpus));
+        assert_eq!(
+            total_digest(out.as_bytes()),
+            want.total,
+            "{name} on {vcpus} vCPUs, snapshot after {delay:?}"
+        );
+        let got = lines_per_vcpu(&[&d.join("a.txt"), &d.join("b.txt")], vcpus);
+        assert_eq!(
+            got,
+            reference_lines(&w, vcpus),
+            "every record exactly once, in order"
+        );
+        let before = std::fs::read_to_string(d.join("a.txt"))
+            .unwrap()
+            .lines()
+            .count();
+        assert!(
+            before > 0,
+            "the snapshot came after some output ({name}, {vcpus} vCPUs)"
+        );
+    }
+}
+
+#[test]
+fn the_checkpoint_trace_runs_monitor_first_on_save_and_vmx_first_on_restore() {
+    require_kvm();
+    let w = [
+        "--guest",
+        "counter",
+        "--guest-arg",
+        "iters=300M",
+        "--vcpus",
+        "2",
+        "--mem-mib",
+        "32",
+    ];
+    let (d, _) = snapshot_and_restore("trace", &w, Duration::from_millis(50));
+    let read = |f: &str| -> Trace {
+        serde_json::from_str(&std::fs::read_to_string(d.join(f)).unwrap()).unwrap()
+    };
+    let save = read("save-trace.json");
+    let restore = read("restore-trace.json");
+    for t in [&save, &restore] {
+        t.check_order()
+            .unwrap_or_else(|e| panic!("out of order at {e:?} in {t:#?}"));
+    }
+    let steps = |t: &Trace| -> Vec<String> {
+        t.0.iter()
+            .map(|e| format!("{:?} {:?} {}", e.state, e.side, e.step))
+            .collect()
+    };
+    assert_eq!(
+        steps(&save),
+        [
+            "SaveSync Monitor sync MainMem",
+            "SaveSync Monitor sync CPU",
+            "SaveSync Monitor sync Irqchip",
+            "SaveSync Vmx sync group config",
+            "SaveSync Vmx sync group output",
+            "Quiesce Monitor drain actions",
+            "Quiesce Monitor restrict actions",
+            "Quiesce Vmx no-op",
+            "Save Monitor save vCPU state",
+            "Save Monitor checkpoint MainMem",
+            "Save Monitor checkpoint CPU",
+            "Save Monitor checkpoint Irqchip",
+            "Save Vmx stun callback: save",
+            "Save Vmx checkpoint group config",
+            "Save Vmx checkpoint group output",
+            "Save Vmx write state file",
+            "Save Vmx power off",
+        ]
+    );
+    assert_eq!(
+        steps(&restore),
+        [
+            "Restore Vmx restore group config",
+            "Restore Vmx restore group output",
+            "Restore Monitor restore MainMem",
+            "Restore Monitor restore CPU",
+            "Restore Monitor restore Irqchip",
+            "Restore Monitor restore vCPU state",
+            "RestoreSync Vmx sync group config",
+            "RestoreSync Vmx sync group output",
+            "RestoreSync Vmx unpause",
+            "RestoreSync Monitor sync MainMem",
+            "RestoreSync Monitor sync CPU",
+            "RestoreSync Monitor sync Irqchip",
+        ]
+    );
+}
+
+#[test]
+fn a_checkpoint_that_continues_leaves_the_run_exact() {
+    require_kvm();
+    let d = Dir::new("continue");
+    let (sock, snap) = (d.join("ctl"), d.join("snap"));
+    let w = workload(
+        "dirty",
+        &[
+            ("iters", "8M"),
+            ("pages", "4"),
+            ("ws_mib", "4"),
+            ("record_every", "20k"),
+        ],
+    );
+    let child = spawn(&[
+        "run",
+        "--control",
+        sock.to_str().unwrap(),
+        "--guest",
+        "dirty",
+        "--guest-arg",
+        "iters=8M",
+        "--guest-arg",
+        "pages=4",
+        "--guest-arg",
+        "ws_mib=4",
+        "--guest-arg",
+        "record_every=20k",
+        "--vcpus",
+        "2",
+        "--mem-mib",
+        "32",
+    ]);
+    wait_for(&sock);
+    for i in 0..5 {
+        std::thread::sleep(Duration::from_millis(40));
+        let r = ctl(
+            &sock,
+            &[
+                "snapshot",
+                snap.with_extension(i.to_string()).to_str().unwrap(),
+            ],
+        );
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stdout));
+    }
+    assert!(ctl(&sock, &["pause"]).status.success());
+    let s = ctl(&sock, &["status"]);
+    assert!(String::from_utf8_lossy(&s.stdout).contains("\"state\":\"paused\""));
+    assert!(ctl(&sock, &["resume"]).status.success());
+    let out = finish(child);
+    assert_eq!(
+        total_digest(out.as_bytes()),
+        DigestSink::of(&w.reference_all(2)).total
+    );
+    // Each of the five snapshots restores to the same final output.
+    let out = tandem(&["restore", snap.with_extension("2").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        total_digest(&out.stdout),
+        DigestSink::of(&w.reference_all(2)).total
+    );
+}
+
+#[test]
+fn restore_then_snapshot_before_running_is_byte_identical() {
+    require_kvm();
+    let args = [
+        "--guest",
+        "counter",
+        "--guest-arg",
+        "iters=200M",
+        "--vcpus",
+        "4",
+        "--mem-mib",
+        "32",
+    ];
+    let (d, _) = snapshot_and_restore("idem", &args, Duration::from_millis(120));
+    let (sock, snap2) = (d.join("ctl2"), d.join("snap2"));
+    let child = spawn(&[
+        "restore",
+        d.join("snap").to_str().unwrap(),
+        "--paused",
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for(&sock);
+    let r = ctl(&sock, &["snapshot", snap2.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stdout));
+    assert!(ctl(&sock, &["resume"]).status.success());
+    let w = workload("counter", &[("iters", "200M")]);
+    assert_eq!(
+        total_digest(finish(child).as_bytes()),
+        DigestSink::of(&w.reference_all(4)).total
+    );
+    let (a, b) = (
+        Snapshot::read_file(&d.join("snap")).unwrap(),
+        Snapshot::read_file(&snap2).unwrap(),
+    );
+    assert_eq!(a.names(), b.names());
+    for s in a.iter() {
+        let t = b.get(&s.name).unwrap();
+        assert_eq!(
+            (s.version, &s.data),
+            (t.version, &t.data),
+            "section {} differs after restore",
+            s.name
+        );
+    }
+    assert!(
+        a.names().iter().any(|n| n == "vcpu/3") && a.names().iter().any(|n| n == "module/Irqchip")
+    );
+    assert_eq!(
+        std::fs::read(d.join("snap.mem")).unwrap(),
+        std::fs::read(d.join("snap2.mem")).unwrap()
+    );
+}
+
+fn saved(tag: &str) -> (Dir, PathBuf) {
+    let args = [
+        "--guest",
+        "dirty",
+        "--guest-arg",
+        "iters=20M",
+        "--guest-arg",
+        "pages=4",
+        "--guest-arg",
+        "ws_mib=4",
+        "--vcpus",
+        "2",
+        "--mem-mib",
+        "32",
+    ];
+    let (d, _) = snapshot_and_restore(tag, &args, Duration::from_millis(100));
+    let snap = d.join("snap");
+    (d, snap)
+}
+
+fn refused(args: &[&str], needle: &str) {
+    let out = tandem(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} was accepted");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_a_clear_error() {
+    require_kvm();
+    let (d, snap) = saved("corrupt");
+    let good = std::fs::read(&snap).unwrap();
+    let bad = d.join("bad");
+    std::fs::copy(d.join("snap.mem"), d.join("bad.mem")).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    for _ in 0..20 {
+        let cut = rng.gen_range(0..good.len());
+        std::fs::write(&bad, &good[..cut]).unwrap();
+        refused(&["restore", bad.to_str().unwrap()], "bad snapshot");
+    }
+    for _ in 0..100 {
+        let mut b = good.clone();
+        let i = rng.gen_range(0..b.len());
+        b[i] ^= rng.gen_range(1..=255u8);
+        std::fs::write(&bad, &b).unwrap();
+        let out = tandem(&["restore", bad.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && !err.contains("panicked"),
+            "flip at {i}: {err}"
+        );
+        assert!(
+            err.contains("bad snapshot") || err.contains("format v"),
+            "flip at {i}: {err}"
+        );
+    }
+    // A newer format says so.
+    let mut b = good.clone();
+    b[8..12].copy_from_slice(&3u32.to_le_bytes());
+    std::fs::write(&bad, &b).unwrap();
+    refused(
+        &["restore", bad.to_str().unwrap()],
+        "format v3 is newer than this build, v1",
+    );
+    // Memory: a flipped byte is caught by verify and by restore --verify; a short file at once.
+    std::fs::write(&bad, &good).unwrap();
+    let mem = std::fs::read(d.join("snap.mem")).unwrap();
+    let used = mem.iter().rposition(|&b| b != 0).unwrap();
+    let mut m = mem.clone();
+    m[used] ^= 0x40;
+    std::fs::write(d.join("bad.mem"), &m).unwrap();
+    refused(&["verify", bad.to_str().unwrap()], "fails its checksum");
+    refused(
+        &["restore", "--verify", bad.to_str().unwrap()],
+        "fails its checksum",
+    );
+    std::fs::write(d.join("bad.mem"), &mem[..mem.len() - 4096]).unwrap();
+    refused(
+        &["restore", bad.to_str().unwrap()],
+        "wrong or truncated memory file",
+    );
+    let ok = tandem(&["verify", snap.to_str().unwrap()]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
+#[test]
+fn a_group_missing_on_either_side_is_named() {
+    require_kvm();
+    let (d, snap) = saved("missing");
+    let mut s = Snapshot::read_file(&snap).unwrap();
+    let manifest: Vec<ManifestEntry> = s.take(MANIFEST).unwrap().decode().unwrap();
+    s.take("group/output").unwrap();
+    let kept: Vec<ManifestEntry> = manifest
+        .iter()
+        .filter(|e| e.name != "output")
+        .cloned()
+        .collect();
+    s.push(Section::encode(MANIFEST, 1, &kept).unwrap())
+        .unwrap();
+    let bad = d.join("bad");
+    s.write_file(&bad).unwrap();
+    std::fs::copy(d.join("snap.mem"), d.join("bad.mem")).unwrap();
+    refused(
+        &["restore", bad.to_str().unwrap()],
+        "missing group \"output\": it is in the VM but not in the checkpoint",
+    );
+
+    let mut s = Snapshot::read_file(&snap).unwrap();
+    let mut more = s
+        .take(MANIFEST)
+        .unwrap()
+        .decode::<Vec<ManifestEntry>>()
+        .unwrap();
+    more.push(ManifestEntry {
+        name: "disk".into(),
+        version: 1,
+        optional: false,
+    });
+    s.push(Section {
+        name: "group/disk".into(),
+        version: 1,
+        data: vec![1, 2, 3],
+    })
+    .unwrap();
+    s.push(Section::encode(MANIFEST, 1, &more).unwrap())
+        .unwrap();
+    s.write_file(&bad).unwrap();
+    refused(
+        &["restore", bad.to_str().unwrap()],
+        "missing group \"disk\": it is in the checkpoint but not in this VM",
+    );
+}
