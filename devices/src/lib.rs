@@ -3,8 +3,10 @@
 //! * [`output`]: the output device. Each vCPU appends [`Record`]s to its ring in guest memory
 //!   and rings a doorbell; the host drains the ring into an [`OutputSink`]. This stream is the
 //!   VM's "externally visible output".
+//! * [`vmmdev`]: the guest-host device: guest info and the guest heartbeat (flatline detection).
 
 pub mod output;
+pub mod vmmdev;
 
 pub use output::{
     DigestReport, DigestSink, OutputDevice, OutputSink, OutputState, Record, TextSink,

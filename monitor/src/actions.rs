@@ -102,12 +102,14 @@ pub enum UserRpc {
         /// What happened.
         error: String,
     },
-    /// A write to a port no device claims.
+    /// A port write for a vmx device (anything but the doorbell and done ports).
     PortWrite {
         /// The vCPU.
         vcpu: u32,
         /// The port.
         port: u16,
+        /// The value written (zero-extended).
+        data: u32,
     },
 }
 

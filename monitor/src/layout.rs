@@ -79,6 +79,12 @@ pub const MAX_MEM_MIB: u64 = PD_COUNT * 1024;
 pub const DOORBELL_PORT: u16 = 0x510;
 /// Done: `out DONE_PORT, eax` says vCPU `eax` has finished.
 pub const DONE_PORT: u16 = 0x511;
+/// Guest-host device (vmmdev): `out`, `eax` = heartbeat interval in ms (0 turns it off).
+pub const HEARTBEAT_CONFIG_PORT: u16 = 0x512;
+/// Guest-host device (vmmdev): `out` = heartbeat ping.
+pub const HEARTBEAT_PING_PORT: u16 = 0x513;
+/// Guest-host device (vmmdev): `out`, `eax` = the guest's version (guest info).
+pub const GUEST_INFO_PORT: u16 = 0x514;
 
 /// Kernel code selector (DPL 0).
 pub const KERNEL_CS: u16 = 0x08;

@@ -208,7 +208,7 @@ impl VcpuContext {
         }
     }
 
-    fn port_out(&mut self, port: u16) {
+    fn port_out(&mut self, port: u16, data: u32) {
         self.stats.io_exits.fetch_add(1, Ordering::Relaxed);
         match port {
             DOORBELL_PORT => {
@@ -225,6 +225,7 @@ impl VcpuContext {
                 let _ = self.rpc.send(UserRpc::PortWrite {
                     vcpu: self.id,
                     port,
+                    data,
                 });
             }
         }
@@ -242,7 +243,12 @@ impl VcpuContext {
     fn run_once(&mut self) {
         self.shared.ran.store(true, Ordering::Release);
         let exit = match self.fd.run() {
-            Ok(VcpuExit::IoOut(port, _)) => Ok(Some(port)),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut b = [0u8; 4];
+                let n = data.len().min(4);
+                b[..n].copy_from_slice(&data[..n]);
+                Ok(Some((port, u32::from_le_bytes(b))))
+            }
             Ok(VcpuExit::IoIn(_, data)) => {
                 data.fill(0xff);
                 Ok(None)
@@ -276,7 +282,7 @@ impl VcpuContext {
         };
         self.stats.exits.fetch_add(1, Ordering::Relaxed);
         match exit {
-            Ok(Some(port)) => self.port_out(port),
+            Ok(Some((port, data))) => self.port_out(port, data),
             Ok(None) => {}
             Err(msg) => self.fail(msg),
         }

@@ -64,6 +64,30 @@ impl Group for ConfigGroup {
     }
 }
 
+/// The `vmmdev` group: the guest-host device with the heartbeat.
+#[derive(Default)]
+pub struct VmmDevGroup {
+    /// The device.
+    pub dev: devices::vmmdev::VmmDev,
+}
+
+impl Group for VmmDevGroup {
+    fn name(&self) -> &'static str {
+        "vmmdev"
+    }
+    fn version(&self) -> u32 {
+        devices::vmmdev::VMMDEV_STATE_VERSION
+    }
+    fn checkpoint(&mut self) -> Result<Vec<u8>, CptError> {
+        encode("vmmdev", &self.dev.save_state())
+    }
+    fn restore(&mut self, version: u32, data: &[u8]) -> Result<(), CptError> {
+        self.dev
+            .restore_state(version, data, std::time::Instant::now())
+            .map_err(|e| CptError::component("vmmdev", e))
+    }
+}
+
 /// Where drained records go: the running digest, and optionally text lines.
 pub struct Sinks {
     /// The digest of every vCPU's stream.

@@ -38,9 +38,10 @@ use monitor::{
 use serde_json::{json, Value};
 
 use crate::control::{self, ControlSocket, Envelope, Request};
-use crate::groups::{ConfigGroup, MachineConfig, OutputGroup, Sinks};
-use crate::run::{GuestSpec, OutputTarget, RunReport, VcpuReport};
+use crate::groups::{ConfigGroup, MachineConfig, OutputGroup, Sinks, VmmDevGroup};
+use crate::run::{GuestSpec, HeartbeatReport, OutputTarget, RunReport, VcpuReport};
 use crate::{Error, Result};
+use devices::vmmdev::{HeartbeatEvent, VmmDev};
 
 /// How the VM comes to life.
 #[derive(Clone, Debug)]
@@ -138,7 +139,7 @@ pub const POWER_ON: &[Phase] = &[
     Phase {
         id: "4",
         name: "devices and groups",
-        modules: &["config", "output"],
+        modules: &["config", "output", "vmmdev"],
         run: PowerOn::devices,
     },
     Phase {
@@ -294,6 +295,9 @@ impl PowerOn {
             _ctl_guard: ctl_guard,
             config: ConfigGroup(c.clone()),
             output,
+            vmmdev: VmmDevGroup::default(),
+            heartbeat_events: Vec::new(),
+            unclaimed_ports: Vec::new(),
             machine: Machine::default(),
             trace: Trace::default(),
             paused: true,
@@ -413,6 +417,9 @@ pub struct Vmx {
     _ctl_guard: Option<ControlSocket>,
     config: ConfigGroup,
     output: OutputGroup,
+    vmmdev: VmmDevGroup,
+    heartbeat_events: Vec<(f64, HeartbeatEvent)>,
+    unclaimed_ports: Vec<u16>,
     machine: Machine,
     trace: Trace,
     paused: bool,
@@ -434,8 +441,31 @@ impl Vmx {
         &self.trace
     }
 
-    fn groups(&mut self) -> [&mut dyn Group; 2] {
-        [&mut self.config, &mut self.output]
+    fn groups(&mut self) -> [&mut dyn Group; 3] {
+        [&mut self.config, &mut self.output, &mut self.vmmdev]
+    }
+
+    fn heartbeat_event(&mut self, e: HeartbeatEvent) {
+        match &e {
+            HeartbeatEvent::Flatlined {
+                silent_ms,
+                interval_ms,
+            } => log::warn!(
+                "guest flatlined: no heartbeat for {silent_ms} ms (interval {interval_ms} ms): \
+                 the guest may be hung"
+            ),
+            HeartbeatEvent::Reawakened { silent_ms } => {
+                log::warn!("guest reawakened: heartbeat back after {silent_ms} ms of silence")
+            }
+        }
+        self.heartbeat_events
+            .push((self.start.elapsed().as_secs_f64() * 1e3, e));
+    }
+
+    fn check_heartbeat(&mut self) {
+        if let Some(e) = self.vmmdev.dev.check(Instant::now()) {
+            self.heartbeat_event(e);
+        }
     }
 
     fn unpause(&mut self) -> Result<()> {
@@ -446,6 +476,7 @@ impl Vmx {
             self.monitor.unstun()?;
         }
         self.paused = false;
+        self.vmmdev.dev.resume_timer(Instant::now());
         Ok(())
     }
 
@@ -455,6 +486,7 @@ impl Vmx {
         }
         self.monitor.stun()?;
         self.paused = true;
+        self.vmmdev.dev.suspend_timer();
         Ok(())
     }
 
@@ -474,8 +506,18 @@ impl Vmx {
                 }
             }
             UserRpc::VcpuError { vcpu, error } => return Err(Error::Guest { vcpu, error }),
-            UserRpc::PortWrite { vcpu, port } => {
-                log::warn!("vCPU {vcpu} wrote to port {port:#x}, which no device claims");
+            UserRpc::PortWrite { vcpu, port, data } => {
+                if VmmDev::claims(port) {
+                    if let Some(e) = self.vmmdev.dev.write(port, data, Instant::now()) {
+                        self.heartbeat_event(e);
+                    }
+                } else if !self.unclaimed_ports.contains(&port) {
+                    self.unclaimed_ports.push(port);
+                    log::warn!(
+                        "vCPU {vcpu} wrote to port {port:#x}, which no device claims \
+                         (ignored; reported once)"
+                    );
+                }
             }
             UserRpc::StepDone { state, result } => return Ok(Some((state, result))),
         }
@@ -536,6 +578,8 @@ impl Vmx {
         let stunned_here = !(self.started && self.paused);
         if stunned_here {
             self.monitor.stun()?;
+            // A stunned guest cannot ping: the checkpoint is not guest silence.
+            self.vmmdev.dev.suspend_timer();
         }
         let first = self.trace.0.len();
         let result = self.checkpoint_stunned(path, end, stunned_here);
@@ -613,6 +657,7 @@ impl Vmx {
                 self.groups_sync(CptState::ContinueSync)?;
                 if stunned_here {
                     self.monitor.unstun()?;
+                    self.vmmdev.dev.resume_timer(Instant::now());
                 }
                 self.trace
                     .push(CptState::ContinueSync, Side::Vmx, "unpause");
@@ -748,10 +793,17 @@ impl Vmx {
                 }
             })
             .collect();
+        let hb = &self.vmmdev.dev;
         Ok(RunReport {
             digest: self.output.sinks.digest.report(),
             wall_ms: self.start.elapsed().as_secs_f64() * 1e3,
             vcpus,
+            heartbeat: HeartbeatReport {
+                interval_ms: hb.interval_ms(),
+                pings: hb.pings(),
+                guest_version: hb.guest_version(),
+                events: self.heartbeat_events.clone(),
+            },
         })
     }
 
@@ -768,7 +820,12 @@ impl Vmx {
             if self.all_done() && self.started {
                 return Ok(Outcome::Finished(self.report()?));
             }
-            let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+            self.check_heartbeat();
+            let wake = [deadline, self.vmmdev.dev.deadline()]
+                .into_iter()
+                .flatten()
+                .min();
+            let wait = wake.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
             select! {

@@ -75,6 +75,21 @@ pub struct RunReport {
     pub wall_ms: f64,
     /// Per-vCPU counters.
     pub vcpus: Vec<VcpuReport>,
+    /// The guest heartbeat.
+    pub heartbeat: HeartbeatReport,
+}
+
+/// What the heartbeat saw.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HeartbeatReport {
+    /// Interval the guest asked for (0: off).
+    pub interval_ms: u32,
+    /// Pings received.
+    pub pings: u64,
+    /// The version the guest reported through the guest-info port.
+    pub guest_version: u32,
+    /// Flatlines and reawakenings, with ms since power-on.
+    pub events: Vec<(f64, devices::vmmdev::HeartbeatEvent)>,
 }
 
 impl RunReport {
@@ -87,6 +102,9 @@ impl RunReport {
 impl std::fmt::Display for RunReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "{}", self.digest)?;
+        for (at, e) in &self.heartbeat.events {
+            writeln!(f, "heartbeat at {at:.0} ms: {e:?}")?;
+        }
         for (i, v) in self.vcpus.iter().enumerate() {
             writeln!(
                 f,

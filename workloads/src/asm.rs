@@ -17,7 +17,9 @@
 
 use devices::output::{kind, RECORD_SIZE, RING_HEAD, RING_RECORDS, RING_SLOTS, RING_TAIL};
 use iced_x86::code_asm::*;
-use monitor::layout::{DONE_PORT, DOORBELL_PORT};
+use monitor::layout::{
+    DONE_PORT, DOORBELL_PORT, GUEST_INFO_PORT, HEARTBEAT_CONFIG_PORT, HEARTBEAT_PING_PORT,
+};
 
 use crate::{Error, Workload, MIX, SEED, WORD_MIX};
 
@@ -126,13 +128,50 @@ pub(crate) fn assemble(w: &Workload, load_addr: u64) -> Result<Vec<u8>, Error> {
         match w {
             Workload::Counter(p) => {
                 prologue(a, p.record_every)?;
+                let hb = p.hb_ms > 0;
+                if hb {
+                    // Guest info, then the heartbeat interval; rbp counts down to the next ping.
+                    a.mov(eax, 1u32)?;
+                    a.mov(edx, GUEST_INFO_PORT as u32)?;
+                    a.out(dx, eax)?;
+                    a.mov(eax, p.hb_ms as u32)?;
+                    a.mov(edx, HEARTBEAT_CONFIG_PORT as u32)?;
+                    a.out(dx, eax)?;
+                    a.mov(rbp, p.hb_every)?;
+                }
                 a.xor(ecx, ecx)?;
                 a.mov(r10, MIX)?;
                 a.set_label(top)?;
                 a.xor(rbx, rcx)?;
                 a.rol(rbx, 13)?;
                 a.imul_2(rbx, r10)?;
+                if hb {
+                    let mut skip = a.create_label();
+                    let mut ping = a.create_label();
+                    a.dec(rbp)?;
+                    a.jnz(skip)?;
+                    a.mov(rbp, p.hb_every)?;
+                    if p.stall_iters > 0 {
+                        // No pings for iterations stall_at .. stall_at + stall_iters.
+                        a.mov(rax, p.stall_at)?;
+                        a.cmp(rcx, rax)?;
+                        a.jb(ping)?;
+                        a.mov(rax, p.stall_at.saturating_add(p.stall_iters))?;
+                        a.cmp(rcx, rax)?;
+                        a.jb(skip)?;
+                    }
+                    a.set_label(&mut ping)?;
+                    a.mov(edx, HEARTBEAT_PING_PORT as u32)?;
+                    a.out(dx, eax)?;
+                    a.set_label(&mut skip)?;
+                    a.nop()?;
+                }
                 iteration_tail(a, *emit, p.record_every, p.iters, *top)?;
+                if hb {
+                    a.xor(eax, eax)?;
+                    a.mov(edx, HEARTBEAT_CONFIG_PORT as u32)?;
+                    a.out(dx, eax)?;
+                }
                 epilogue(a, *emit)?;
                 emit_sub(a, emit, p.batch)
             }

@@ -58,6 +58,14 @@ pub struct CounterParams {
     pub record_every: u64,
     /// Records between two doorbells (power of two, ≤ ring size).
     pub batch: u64,
+    /// Heartbeat: interval to configure in ms (0: the guest does not use the heartbeat).
+    pub hb_ms: u64,
+    /// Heartbeat: iterations between two pings.
+    pub hb_every: u64,
+    /// Heartbeat: first iteration of a stretch without pings (a "hang").
+    pub stall_at: u64,
+    /// Heartbeat: length of that stretch in iterations (0: none).
+    pub stall_iters: u64,
 }
 
 /// Parameters of `dirty`.
@@ -102,6 +110,10 @@ impl Workload {
                 iters: 200_000_000,
                 record_every: 100_000,
                 batch: 64,
+                hb_ms: 0,
+                hb_every: 1_000_000,
+                stall_at: 0,
+                stall_iters: 0,
             }),
             "dirty" => Workload::Dirty(DirtyParams {
                 iters: 1_000_000,
@@ -125,6 +137,10 @@ impl Workload {
                     &mut p.record_every
                 }
                 (Workload::Counter(p), "batch") => &mut p.batch,
+                (Workload::Counter(p), "hb_ms") => &mut p.hb_ms,
+                (Workload::Counter(p), "hb_every") => &mut p.hb_every,
+                (Workload::Counter(p), "stall_at") => &mut p.stall_at,
+                (Workload::Counter(p), "stall_iters") => &mut p.stall_iters,
                 (Workload::Dirty(p), "iters") | (Workload::Dirty(p), "n") => &mut p.iters,
                 (Workload::Dirty(p), "record_every") | (Workload::Dirty(p), "k") => {
                     &mut p.record_every
@@ -134,7 +150,9 @@ impl Workload {
                 (Workload::Dirty(p), "pages") | (Workload::Dirty(p), "w") => &mut p.pages,
                 _ => {
                     let keys = match w {
-                        Workload::Counter(_) => "iters, record_every, batch",
+                        Workload::Counter(_) => {
+                            "iters, record_every, batch, hb_ms, hb_every, stall_at, stall_iters"
+                        }
                         Workload::Dirty(_) => "iters, record_every, batch, ws_mib, pages",
                     };
                     return Err(Error::Param(format!(
@@ -163,6 +181,14 @@ impl Workload {
             return Err(Error::Param(format!(
                 "batch must be a power of two from 1 to {RING_SLOTS}"
             )));
+        }
+        if let Workload::Counter(p) = self {
+            if p.hb_ms > 3_600_000 {
+                return Err(Error::Param("hb_ms must be 0 to 3600000".into()));
+            }
+            if p.hb_every == 0 || p.hb_every > u32::MAX as u64 {
+                return Err(Error::Param("hb_every must be 1 to 2^32-1".into()));
+            }
         }
         if let Workload::Dirty(p) = self {
             if p.ws_mib == 0 || p.ws_mib > 16 * 1024 {
@@ -302,7 +328,11 @@ mod tests {
             Workload::Counter(CounterParams {
                 iters: 1_000_000,
                 record_every: 1000,
-                batch: 64
+                batch: 64,
+                hb_ms: 0,
+                hb_every: 1_000_000,
+                stall_at: 0,
+                stall_iters: 0,
             })
         );
         assert!(Workload::parse("nope", &[])
