@@ -19,9 +19,7 @@ use std::sync::Arc;
 
 use checkpoint::memfile::{self, MemIndex};
 
-use kvm_bindings::{
-    kvm_regs, kvm_segment, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE,
-};
+use kvm_bindings::{kvm_regs, kvm_segment, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{self, Layout};
@@ -279,12 +277,8 @@ impl Module for Cpu {
 
     fn init_per_thread(&self, vcpu: &mut VcpuContext) -> Result<()> {
         let shared = vcpu.shared.clone();
-        let cpuid = shared
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         vcpu.fd
-            .set_cpuid2(&cpuid)
+            .set_cpuid2(&shared.cpuid)
             .map_err(Error::kvm("KVM_SET_CPUID2"))?;
 
         let mut sregs = vcpu.fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;

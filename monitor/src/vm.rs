@@ -78,6 +78,8 @@ pub struct VmShared {
     pub restoring: bool,
     /// The MSRs saved for each vCPU, in restore order.
     pub msrs: Vec<u32>,
+    /// The CPUID KVM supports, given to every vCPU (fetched once: the ioctl is slow).
+    pub cpuid: kvm_bindings::CpuId,
     pub(crate) restored: Mutex<Restored>,
     pub(crate) ran: AtomicBool,
 }
@@ -210,6 +212,9 @@ impl Vm {
         };
         let mem = map_memory(config, &layout)?;
         let msrs = msr_list(&kvm)?;
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let shared = Arc::new(VmShared {
             kvm,
             vm_fd,
@@ -219,6 +224,7 @@ impl Vm {
             irqchip,
             restoring: config.restoring,
             msrs,
+            cpuid,
             restored: Mutex::new(Restored::default()),
             ran: AtomicBool::new(false),
         });
@@ -273,11 +279,17 @@ impl Vm {
         self.call_on(0, move |ctx| {
             modules.run(|m| m.init(&ctx.shared)).map(|_| ())
         })??;
-        for id in 0..self.vcpu_count() {
-            let modules = self.modules.clone();
-            self.call_on(id, move |ctx| {
-                modules.run(|m| m.init_per_thread(ctx)).map(|_| ())
-            })??;
+        // init_per_thread runs on every vCPU thread at once.
+        let (tx, rx) = bounded(self.vcpus.len());
+        for id in 0..self.vcpus.len() {
+            let (modules, tx) = (self.modules.clone(), tx.clone());
+            let call: VcpuCall = Box::new(move |ctx| {
+                let _ = tx.send(modules.run(|m| m.init_per_thread(ctx)).map(|_| ()));
+            });
+            self.post(id, CrossCall::Call(call))?;
+        }
+        for _ in 0..self.vcpus.len() {
+            rx.recv().map_err(|_| Error::Stopped)??;
         }
         log::debug!("monitor modules initialised: {:?}", self.modules.names());
         Ok(())

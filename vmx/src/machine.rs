@@ -396,13 +396,15 @@ pub fn power_on(boot: Boot, opts: &Options) -> Result<Vmx> {
         phases_run: Vec::new(),
     };
     for phase in POWER_ON {
+        let t = Instant::now();
+        (phase.run)(&mut p)?;
         log::debug!(
-            "power-on phase {} ({}): {:?}",
+            "power-on phase {} ({}, {:?}) took {:?}",
             phase.id,
             phase.name,
-            phase.modules
+            phase.modules,
+            t.elapsed()
         );
-        (phase.run)(&mut p)?;
         p.phases_run.push(phase.id);
     }
     Ok(p.vmx.expect("phase 3 builds the VM"))
