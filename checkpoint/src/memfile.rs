@@ -1,6 +1,11 @@
-//! Guest memory in a snapshot: a sparse raw file beside the state file.
+//! Guest memory in a snapshot, in one of two forms.
 //!
 //! ```text
+//!  default: FILE.mem, a sparse raw file beside the state file (below)
+//!  --compress: sections "mem/<chunk>" inside the state file, one per non-zero 2 MiB chunk,
+//!              each the zstd frame of the chunk's bytes (decompressed size capped at the
+//!              chunk size before decompressing); restore decompresses on every core.
+//!
 //!  FILE.mem: exactly `size` bytes; byte n = guest-physical byte n.
 //!            All-zero pages are holes (never written), so the file takes the space of the
 //!            pages the guest actually used, and restore maps it privately: pages load lazily
@@ -18,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::{tmp_path, CRC64};
+use crate::snapshot::{tmp_path, Section, Snapshot, CRC64};
 use crate::Error;
 
 /// Bytes per checksummed chunk.
@@ -45,6 +50,8 @@ pub struct MemIndex {
     pub chunk: u64,
     /// One entry per chunk.
     pub chunks: Vec<ChunkSum>,
+    /// The chunks are zstd sections of the state file, not a `.mem` file.
+    pub compressed: bool,
 }
 
 impl MemIndex {
@@ -130,6 +137,7 @@ pub fn save_sparse(
             size,
             chunk: CHUNK,
             chunks,
+            compressed: false,
         })
     })();
     if result.is_err() {
@@ -222,6 +230,134 @@ fn zero_page_all(b: &[u8]) -> bool {
     b.chunks(PAGE).all(zero_page)
 }
 
+/// The section holding compressed chunk `i`.
+pub fn chunk_section(i: usize) -> String {
+    format!("mem/{i}")
+}
+
+/// zstd level for memory chunks: fast, since a checkpoint stuns the guest.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Compresses `size` bytes of guest memory into one section per non-zero chunk (on every
+/// core). Returns the index and the sections.
+pub fn save_compressed(
+    size: u64,
+    read: &(dyn Fn(u64, &mut [u8]) -> std::io::Result<()> + Sync),
+) -> Result<(MemIndex, Vec<Section>), Error> {
+    if size == 0 || size > MAX_MEM || size % PAGE as u64 != 0 {
+        return Err(Error::Corrupt(format!(
+            "cannot save {size} bytes of memory"
+        )));
+    }
+    let io = |e: std::io::Error| Error::Encode {
+        section: "mem".into(),
+        msg: e.to_string(),
+    };
+    let done: Vec<(ChunkSum, Option<Section>)> = (0..size.div_ceil(CHUNK) as usize)
+        .into_par_iter()
+        .map_init(
+            || vec![0u8; CHUNK as usize],
+            |buf, i| -> Result<(ChunkSum, Option<Section>), Error> {
+                let gpa = i as u64 * CHUNK;
+                let len = CHUNK.min(size - gpa) as usize;
+                let buf = &mut buf[..len];
+                read(gpa, buf).map_err(io)?;
+                if zero_page_all(buf) {
+                    return Ok((ChunkSum::Zero, None));
+                }
+                let data = zstd::bulk::compress(buf, ZSTD_LEVEL).map_err(io)?;
+                Ok((
+                    ChunkSum::Crc(CRC64.checksum(buf)),
+                    Some(Section {
+                        name: chunk_section(i),
+                        version: 1,
+                        data,
+                    }),
+                ))
+            },
+        )
+        .collect::<Result<_, Error>>()?;
+    let (chunks, sections): (Vec<ChunkSum>, Vec<Option<Section>>) = done.into_iter().unzip();
+    Ok((
+        MemIndex {
+            size,
+            chunk: CHUNK,
+            chunks,
+            compressed: true,
+        },
+        sections.into_iter().flatten().collect(),
+    ))
+}
+
+/// Decompresses every chunk of a compressed snapshot (on every core), checks its size and
+/// checksum, and hands it to `write(gpa, bytes)`. Zero chunks are skipped (fresh guest
+/// memory is zero). Nothing is written unless every chunk checks out.
+pub fn load_compressed(
+    index: &MemIndex,
+    snap: &Snapshot,
+    write: &(dyn Fn(u64, &[u8]) -> std::io::Result<()> + Sync),
+) -> Result<(), Error> {
+    let chunks = decompress_all(index, snap)?;
+    chunks.into_par_iter().try_for_each(|(gpa, bytes)| {
+        write(gpa, &bytes)
+            .map_err(|e| Error::Corrupt(format!("cannot load memory at {gpa:#x}: {e}")))
+    })
+}
+
+/// Checks every chunk of a compressed snapshot.
+pub fn verify_compressed(index: &MemIndex, snap: &Snapshot) -> Result<(), Error> {
+    decompress_all(index, snap).map(|_| ())
+}
+
+fn decompress_all(index: &MemIndex, snap: &Snapshot) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+    index.check()?;
+    if !index.compressed {
+        return Err(Error::Corrupt(
+            "the memory index is not of a compressed snapshot".into(),
+        ));
+    }
+    let present = snap
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("mem/"))
+        .count();
+    let expected = index
+        .chunks
+        .iter()
+        .filter(|c| **c != ChunkSum::Zero)
+        .count();
+    if present != expected {
+        return Err(Error::Corrupt(format!(
+            "{present} memory sections for {expected} non-zero chunks"
+        )));
+    }
+    index
+        .chunks
+        .par_iter()
+        .enumerate()
+        .filter_map(|(i, c)| match c {
+            ChunkSum::Zero => None,
+            ChunkSum::Crc(crc) => Some((i, *crc)),
+        })
+        .map(|(i, crc)| {
+            let gpa = i as u64 * CHUNK;
+            let len = CHUNK.min(index.size - gpa) as usize;
+            let s = snap
+                .get(&chunk_section(i))
+                .ok_or_else(|| Error::Corrupt(format!("memory chunk {i} is missing")))?;
+            // The capacity caps the decompressed size: a bomb fails instead of growing.
+            let bytes = zstd::bulk::decompress(&s.data, len)
+                .map_err(|e| Error::Corrupt(format!("memory chunk {i} does not decompress: {e}")))?;
+            if bytes.len() != len || CRC64.checksum(&bytes) != crc {
+                return Err(Error::Corrupt(format!(
+                    "memory chunk {i} (guest-physical {gpa:#x}) fails its checksum: the snapshot is damaged"
+                )));
+            }
+            Ok((gpa, bytes))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,11 +403,59 @@ mod tests {
     }
 
     #[test]
+    fn compressed_round_trip_and_damage() {
+        let g = guest(3 * CHUNK as usize);
+        let read = |gpa: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&g[gpa as usize..gpa as usize + buf.len()]);
+            Ok(())
+        };
+        let (idx, sections) = save_compressed(g.len() as u64, &read).unwrap();
+        assert_eq!(sections.len(), 2, "the all-zero middle chunk is omitted");
+        let mut snap = Snapshot::default();
+        for s in sections {
+            snap.push(s).unwrap();
+        }
+        let out = std::sync::Mutex::new(vec![0u8; g.len()]);
+        let write = |gpa: u64, b: &[u8]| {
+            out.lock().unwrap()[gpa as usize..gpa as usize + b.len()].copy_from_slice(b);
+            Ok(())
+        };
+        load_compressed(&idx, &snap, &write).unwrap();
+        assert_eq!(*out.lock().unwrap(), g);
+        // A bomb: a chunk that decompresses to more than a chunk.
+        let mut bomb = snap.clone();
+        bomb.take("mem/0").unwrap();
+        let big = zstd::bulk::compress(&vec![1u8; 3 * CHUNK as usize], 1).unwrap();
+        bomb.push(Section {
+            name: "mem/0".into(),
+            version: 1,
+            data: big,
+        })
+        .unwrap();
+        assert!(verify_compressed(&idx, &bomb)
+            .unwrap_err()
+            .to_string()
+            .contains("chunk 0"));
+        // A flipped bit in the compressed data.
+        let mut bad = snap.clone();
+        let mut s = bad.take("mem/2").unwrap();
+        let n = s.data.len();
+        s.data[n / 2] ^= 4;
+        bad.push(s).unwrap();
+        assert!(verify_compressed(&idx, &bad).is_err());
+        // A missing chunk.
+        let mut gone = snap.clone();
+        gone.take("mem/2").unwrap();
+        assert!(verify_compressed(&idx, &gone).is_err());
+    }
+
+    #[test]
     fn index_checks_its_own_shape() {
         let mut idx = MemIndex {
             size: 4 * CHUNK,
             chunk: CHUNK,
             chunks: vec![ChunkSum::Zero; 4],
+            compressed: false,
         };
         idx.check().unwrap();
         idx.chunks.pop();

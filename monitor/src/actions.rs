@@ -139,7 +139,7 @@ fn cpt_step(
     stunned: bool,
     state: CptState,
     args: &CptArgs,
-    snapshot: Option<&Snapshot>,
+    snapshot: Option<Arc<Snapshot>>,
 ) -> Result<StepOutput> {
     let bad = |why: String| Error::BadState {
         action: "checkpoint step",
@@ -185,10 +185,14 @@ fn cpt_step(
         }
         CptState::Restore => {
             let snap = snapshot.ok_or_else(|| bad("RESTORE needs the snapshot".into()))?;
-            vm.restore_modules(snap, args)?;
+            let args = CptArgs {
+                snapshot: Some(snap.clone()),
+                ..args.clone()
+            };
+            vm.restore_modules(&snap, &args)?;
             out.steps
                 .extend(vm.modules().names().iter().map(|n| format!("restore {n}")));
-            vm.restore_vcpus(snap)?;
+            vm.restore_vcpus(&snap)?;
             out.steps.push("restore vCPU state".into());
         }
         CptState::RestoreSync => sync_steps(vm, &mut out.steps)?,
@@ -237,14 +241,7 @@ fn serve(vm: Arc<Vm>, rx: crossbeam_channel::Receiver<MonitorAction>, rpc: Sende
                 args,
                 snapshot,
             } => {
-                let r = cpt_step(
-                    vm,
-                    &mut cpt,
-                    stun.is_some(),
-                    state,
-                    &args,
-                    snapshot.as_deref(),
-                );
+                let r = cpt_step(vm, &mut cpt, stun.is_some(), state, &args, snapshot);
                 if let Err(e) = &r {
                     log::error!("checkpoint step {state:?} failed: {e}");
                 }

@@ -15,7 +15,7 @@
 //! needs. The standard table is MainMem, CPU, Irqchip (main memory and the CPU first).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use checkpoint::memfile::{self, MemIndex};
 
@@ -70,6 +70,12 @@ pub struct CptArgs {
     pub mem_path: Option<PathBuf>,
     /// On restore, check every memory chunk's checksum first (otherwise pages load lazily).
     pub verify: bool,
+    /// On save, put memory into the state file as zstd chunks instead of a `.mem` file.
+    pub compress: bool,
+    /// Sections a module saves besides its own (the compressed memory chunks).
+    pub extra: Arc<Mutex<Vec<checkpoint::Section>>>,
+    /// On restore, the whole snapshot (for modules whose state spans several sections).
+    pub snapshot: Option<Arc<checkpoint::Snapshot>>,
 }
 
 fn module_err(module: &'static str) -> impl Fn(String) -> Error {
@@ -146,16 +152,27 @@ impl Module for MainMem {
     }
 
     fn checkpoint(&self, vcpu0: &mut VcpuContext, args: &CptArgs) -> Result<Option<Vec<u8>>> {
-        let Some(path) = &args.mem_path else {
-            return Ok(None);
-        };
+        let err = module_err("MainMem");
         let mem = &vcpu0.shared.mem;
         let read = |gpa: u64, buf: &mut [u8]| {
             mem.read_slice(buf, GuestAddress(gpa))
                 .map_err(|e| std::io::Error::other(e.to_string()))
         };
-        let index = memfile::save_sparse(path, vcpu0.shared.layout.mem_bytes, &read, &|_| {})
-            .map_err(|e| module_err("MainMem")(e.to_string()))?;
+        let size = vcpu0.shared.layout.mem_bytes;
+        let index = if args.compress {
+            let (index, sections) =
+                memfile::save_compressed(size, &read).map_err(|e| err(e.to_string()))?;
+            args.extra
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(sections);
+            index
+        } else {
+            let Some(path) = &args.mem_path else {
+                return Ok(None);
+            };
+            memfile::save_sparse(path, size, &read, &|_| {}).map_err(|e| err(e.to_string()))?
+        };
         checkpoint::Section::encode("", 1, &index)
             .map(|s| Some(s.data))
             .map_err(|e| module_err("MainMem")(e.to_string()))
@@ -179,7 +196,19 @@ impl Module for MainMem {
                 vcpu0.shared.layout.mem_bytes >> 20
             )));
         }
-        if args.verify {
+        if index.compressed {
+            // Every chunk is decompressed and checked before any is written.
+            let snap = args
+                .snapshot
+                .as_ref()
+                .ok_or_else(|| err("no snapshot to load memory from".into()))?;
+            let mem = &vcpu0.shared.mem;
+            let write = |gpa: u64, b: &[u8]| {
+                mem.write_slice(b, GuestAddress(gpa))
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            };
+            memfile::load_compressed(&index, snap, &write).map_err(|e| err(e.to_string()))?;
+        } else if args.verify {
             let path = args
                 .mem_path
                 .as_ref()

@@ -539,10 +539,11 @@ impl Vm {
     pub fn checkpoint_modules(&self, args: &CptArgs) -> Result<Vec<Section>> {
         let modules = self.modules.clone();
         let args = args.clone();
+        let extra = args.extra.clone();
         let saved = self.call_on(0, move |ctx| {
             modules.run(|m| Ok((m.version(), m.checkpoint(ctx, &args)?)))
         })??;
-        saved
+        let mut out: Vec<Section> = saved
             .into_iter()
             .filter_map(|(name, (version, data))| {
                 data.map(|data| Section {
@@ -551,8 +552,9 @@ impl Vm {
                     data,
                 })
             })
-            .map(Ok)
-            .collect()
+            .collect();
+        out.append(&mut extra.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(out)
     }
 
     /// Runs every module's `restore` on the boot vCPU, in table order. A module with saved

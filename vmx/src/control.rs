@@ -45,6 +45,9 @@ pub enum Request {
         /// Power off after saving.
         #[serde(default)]
         stop: bool,
+        /// Memory as zstd chunks inside the state file instead of a sparse `.mem` file.
+        #[serde(default)]
+        compress: bool,
     },
 }
 
@@ -67,7 +70,7 @@ pub fn parse(line: &[u8]) -> std::result::Result<Request, String> {
     let value: Value = serde_json::from_slice(line).map_err(|e| usage(&e))?;
     if let Some(obj) = value.as_object() {
         let allowed: &[&str] = match obj.get("cmd").and_then(Value::as_str) {
-            Some("snapshot") => &["cmd", "path", "stop"],
+            Some("snapshot") => &["cmd", "path", "stop", "compress"],
             _ => &["cmd"],
         };
         if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -80,7 +83,7 @@ pub fn parse(line: &[u8]) -> std::result::Result<Request, String> {
 fn usage(e: &dyn std::fmt::Display) -> String {
     format!(
         "bad request ({e}): send one JSON object per line, e.g. {{\"cmd\":\"status\"}}; \
-         commands: pause, resume, status, snapshot {{path, stop}}"
+         commands: pause, resume, status, snapshot {{path, stop, compress}}"
     )
 }
 
@@ -191,7 +194,8 @@ mod tests {
             parse(br#"{"cmd":"snapshot","path":"/tmp/s"}"#),
             Ok(Request::Snapshot {
                 path: "/tmp/s".into(),
-                stop: false
+                stop: false,
+                compress: false
             })
         );
         for bad in [

@@ -220,20 +220,20 @@ impl PowerOn {
     }
 
     fn memory(&mut self) -> Result<()> {
-        if let Boot::Restore { path, .. } = &self.boot {
-            self.memory_file = Some(mem_path(path));
+        if let (Boot::Restore { path, .. }, Some(snap)) = (&self.boot, &self.snapshot) {
+            // Sparse memory file: mapped privately. Compressed: fresh memory, filled in RESTORE.
+            if !memory_index(snap)?.compressed {
+                self.memory_file = Some(mem_path(path));
+            }
         }
         Ok(())
     }
 
     fn open_data(&mut self) -> Result<()> {
-        let (Some(snap), Some(file)) = (&self.snapshot, &self.memory_file) else {
+        let Some(snap) = &self.snapshot else {
             return Ok(());
         };
-        let sec = snap
-            .get("module/MainMem")
-            .ok_or_else(|| checkpoint::Error::Corrupt("no memory index (module/MainMem)".into()))?;
-        let index: MemIndex = sec.decode()?;
+        let index = memory_index(snap)?;
         let config = self.config.as_ref().expect("phase 1.5");
         if index.size != config.mem_mib << 20 {
             return Err(checkpoint::Error::Corrupt(format!(
@@ -242,7 +242,9 @@ impl PowerOn {
             ))
             .into());
         }
-        memfile::open_checked(file, &index)?;
+        if let Some(file) = &self.memory_file {
+            memfile::open_checked(file, &index)?;
+        }
         Ok(())
     }
 
@@ -341,6 +343,7 @@ impl PowerOn {
                 CptArgs {
                     mem_path: mem_file,
                     verify,
+                    ..CptArgs::default()
                 },
                 paused,
             )?;
@@ -349,6 +352,15 @@ impl PowerOn {
         }
         Ok(())
     }
+}
+
+fn memory_index(snap: &Snapshot) -> Result<MemIndex> {
+    let index: MemIndex = snap
+        .get("module/MainMem")
+        .ok_or_else(|| checkpoint::Error::Corrupt("no memory index (module/MainMem)".into()))?
+        .decode()?;
+    index.check()?;
+    Ok(index)
 }
 
 fn guest_code(guest: &GuestSpec, layout: &Layout) -> Result<(Vec<u8>, u64, u64, String)> {
@@ -573,7 +585,7 @@ impl Vmx {
     }
 
     /// Saves a snapshot to `path` (state) and `path.mem` (memory), then continues or stops.
-    pub fn checkpoint(&mut self, path: &Path, end: SaveEnd) -> Result<Value> {
+    pub fn checkpoint(&mut self, path: &Path, end: SaveEnd, compress: bool) -> Result<Value> {
         let t0 = Instant::now();
         // The monitor holds a stun already only when a started VM was paused; otherwise
         // (running, or powered on paused and never started) the checkpoint stuns it here.
@@ -584,7 +596,7 @@ impl Vmx {
             self.vmmdev.dev.suspend_timer();
         }
         let first = self.trace.0.len();
-        let result = self.checkpoint_stunned(path, end, stunned_here);
+        let result = self.checkpoint_stunned(path, end, stunned_here, compress);
         if let Err(e) = &result {
             log::error!("checkpoint to {} failed: {e}", path.display());
             let _ = self.monitor.post(MonitorAction::CptAbort);
@@ -616,6 +628,7 @@ impl Vmx {
         path: &Path,
         end: SaveEnd,
         stunned_here: bool,
+        compress: bool,
     ) -> Result<usize> {
         let mem = mem_path(path);
         // SAVE_SYNC
@@ -631,8 +644,9 @@ impl Vmx {
         let out = self.monitor_step(
             CptState::Save,
             CptArgs {
-                mem_path: Some(mem),
-                verify: false,
+                mem_path: (!compress).then(|| mem.clone()),
+                compress,
+                ..CptArgs::default()
             },
             None,
         )?;
@@ -650,6 +664,10 @@ impl Vmx {
         }
         let bytes = snap.to_bytes();
         checkpoint::snapshot::write_atomic(path, &bytes)?;
+        if compress {
+            // A memory file left by an earlier snapshot at this path belongs to no snapshot now.
+            let _ = std::fs::remove_file(&mem);
+        }
         self.trace
             .push(CptState::Save, Side::Vmx, "write state file");
         match end {
@@ -758,7 +776,11 @@ impl Vmx {
                     .unwrap_or_else(err),
                 None,
             ),
-            Request::Snapshot { path, stop } => {
+            Request::Snapshot {
+                path,
+                stop,
+                compress,
+            } => {
                 if self.all_done() {
                     return (
                         json!({"ok": false, "error": "the guest has finished; nothing to snapshot"}),
@@ -770,7 +792,7 @@ impl Vmx {
                 } else {
                     SaveEnd::Continue
                 };
-                match self.checkpoint(&path, end) {
+                match self.checkpoint(&path, end, compress) {
                     Ok(v) => (v, stop.then_some(path)),
                     Err(e) => (err(e), None),
                 }
@@ -859,12 +881,12 @@ impl Vmx {
 /// Checks a snapshot: the state file's integrity and every memory chunk's checksum.
 pub fn verify(path: &Path) -> Result<Value> {
     let snap = Snapshot::read_file(path)?;
-    let index: MemIndex = snap
-        .get("module/MainMem")
-        .ok_or_else(|| checkpoint::Error::Corrupt("no memory index (module/MainMem)".into()))?
-        .decode()?;
-    index.check()?;
-    memfile::verify_sparse(&mem_path(path), &index)?;
+    let index = memory_index(&snap)?;
+    if index.compressed {
+        memfile::verify_compressed(&index, &snap)?;
+    } else {
+        memfile::verify_sparse(&mem_path(path), &index)?;
+    }
     let sections: Vec<Value> = snap
         .iter()
         .map(|s: &Section| json!({"name": s.name, "version": s.version, "bytes": s.data.len()}))

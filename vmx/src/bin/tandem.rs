@@ -112,6 +112,10 @@ enum CtlCommand {
         /// Power the VM off after saving (suspend).
         #[arg(long)]
         stop: bool,
+        /// Put memory into the state file as zstd chunks (for archiving and shipping) instead
+        /// of a sparse FILE.mem (fast, lazily loaded on restore).
+        #[arg(long)]
+        compress: bool,
     },
 }
 
@@ -238,9 +242,17 @@ fn ctl(args: CtlArgs) -> Result<(), vmx::Error> {
         CtlCommand::Pause => Request::Pause,
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Status => Request::Status,
-        CtlCommand::Snapshot { file, stop } => {
+        CtlCommand::Snapshot {
+            file,
+            stop,
+            compress,
+        } => {
             let file = std::path::absolute(&file).unwrap_or(file);
-            Request::Snapshot { path: file, stop }
+            Request::Snapshot {
+                path: file,
+                stop,
+                compress,
+            }
         }
     };
     let reply = vmx::control::request(&args.socket, &req, Duration::from_secs(300))?;
