@@ -72,7 +72,7 @@ pub enum HeartbeatEvent {
 }
 
 /// The device.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct VmmDev {
     guest_version: u32,
     interval_ms: u32,
@@ -80,19 +80,6 @@ pub struct VmmDev {
     pings: u64,
     flatlined: bool,
     flatlines: u64,
-}
-
-impl Default for VmmDev {
-    fn default() -> Self {
-        VmmDev {
-            guest_version: 0,
-            interval_ms: 0,
-            last_ping: None,
-            pings: 0,
-            flatlined: false,
-            flatlines: 0,
-        }
-    }
 }
 
 impl VmmDev {

@@ -146,7 +146,8 @@ fn seed() -> u64 {
 fn snapshot_at_a_random_moment_restores_in_a_new_process_exactly() {
     require_kvm();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
-    let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
         (
             "counter",
             &[("iters", "300M"), ("record_every", "100k")],

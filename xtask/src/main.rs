@@ -231,6 +231,7 @@ fn snapshot_once(dir: &std::path::Path, mem_mib: u64) -> Result<(f64, u64, f64),
             &Request::Snapshot {
                 path: snap2,
                 stop: true,
+                compress: false,
             },
             Duration::from_secs(120),
         )
