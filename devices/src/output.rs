@@ -45,8 +45,12 @@ pub const RING_BYTES: u64 = RING_RECORDS + RING_SLOTS * RECORD_SIZE;
 pub mod kind {
     /// A progress record: `value` is the running checksum, `aux` the iteration count.
     pub const PROGRESS: u32 = 1;
-    /// The last record of a vCPU: `value` is the final checksum, `aux` the iteration count.
+    /// The last record of a vCPU: `value` is the final checksum, `aux` the iteration count
+    /// (the tick count for `ticker`).
     pub const DONE: u32 = 2;
+    /// A `ticker` progress record: `value` is the running checksum, `aux` the timer ticks the
+    /// vCPU had taken (timing-dependent, unlike everything else in the stream).
+    pub const TICK: u32 = 3;
 }
 
 /// One output record.

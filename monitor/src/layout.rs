@@ -7,11 +7,14 @@
 //!  0x0000_2000 ─ 0x0000_2fff  PML4                                    monitor
 //!  0x0000_3000 ─ 0x0000_3fff  PDPT                                    monitor
 //!  0x0000_4000 ─ 0x0001_3fff  16 page directories (2 MiB pages, ≤16 GiB) monitor
-//!  0x0001_4000 ─ 0x0001_ffff  reserved (IDT, TSS for interrupt guests)  —
+//!  0x0001_4000 ─ 0x0001_4fff  IDT (256 gates, zeroed: guests fill it)   guest
+
 //!  0x0002_0000 ─ 0x0002_03ff  progress slots, 64 B per vCPU            guest
+//!  0x0003_0000 ─ 0x0005_0fff  TSS per vCPU, with a zeroed I/O bitmap   monitor
 //!  0x0010_0000 ─ 0x001f_ffff  output rings, 64 KiB per vCPU            guest (head) / host (tail)
 //!  0x0020_0000 ─ 0x003f_ffff  guest image (default load address)       monitor, once
 //!  0x0040_0000 ─ 0x004f_ffff  stacks, 64 KiB per vCPU (grows down)     guest
+//!  0x0050_0000 ─ 0x0053_ffff  kernel stacks (interrupts), 16 KiB each  CPU
 //!  0x0080_0000 ─ end          data, split evenly between the vCPUs     guest
 //! ```
 //!
@@ -31,7 +34,11 @@
 //! | `r9`     | GPA of this vCPU's progress slot                |
 //! | `rflags` | `0x3002` (IOPL = 3: `in`/`out` allowed at CPL3) |
 //!
-//! Segments: `cs = 0x23` (64-bit code, DPL 3), `ss = ds = es = fs = gs = 0x1b` (data, DPL 3).
+//! Segments: `cs = 0x23` (64-bit code, DPL 3), `ss = ds = es = fs = gs = 0x1b` (data, DPL 3);
+//! `gs.base` = this vCPU's progress slot (so CPL0 handlers find per-vCPU data at `gs:`).
+//! IDTR = [`IDT_ADDR`], 256 gates, all absent until the guest writes them (memory is
+//! user-writable); TR = this vCPU's TSS, whose `rsp0` is its kernel stack. Interrupts are off
+//! (`rflags.IF = 0`) until the guest runs `sti`.
 //! Ports: a write to [`DOORBELL_PORT`] asks the host to drain this vCPU's output ring; a write
 //! to [`DONE_PORT`] says this vCPU has finished (it is never run again).
 
@@ -51,6 +58,23 @@ pub const PDPT_ADDR: u64 = 0x3000;
 pub const PD_ADDR: u64 = 0x4000;
 /// Number of page directories, which bounds the RAM size.
 pub const PD_COUNT: u64 = 16;
+/// Interrupt descriptor table (256 16-byte gates).
+pub const IDT_ADDR: u64 = 0x1_4000;
+/// First task-state segment.
+pub const TSS_ADDR: u64 = 0x3_0000;
+/// Stride between two TSSs (104-byte TSS, 8 KiB I/O bitmap, terminator byte).
+pub const TSS_STRIDE: u64 = 0x2100;
+/// TSS limit: the 104-byte TSS, the I/O permission bitmap for all 65,536 ports (all zero:
+/// every port allowed) and its 0xff terminator. On this machine's KVM-PVM, port I/O at CPL3
+/// is checked against the bitmap even with IOPL = 3, so the bitmap must be there.
+pub const TSS_LIMIT: u64 = 104 + 8192;
+/// First kernel (interrupt) stack.
+pub const KSTACK_BASE: u64 = 0x50_0000;
+/// Size of each kernel stack.
+pub const KSTACK_SIZE: u64 = 0x4000;
+/// GDT index of vCPU 0's TSS descriptor (16 bytes: two entries per vCPU).
+pub const GDT_TSS_INDEX: u64 = 5;
+
 /// Per-vCPU progress slots (one u64 counter at the start of each 64-byte slot).
 pub const PROGRESS_ADDR: u64 = 0x2_0000;
 /// Stride between two progress slots.
@@ -96,16 +120,29 @@ pub const USER_DS: u16 = 0x18 | 3;
 pub const USER_CS: u16 = 0x20 | 3;
 
 const _: () = assert!(
-    PD_ADDR + PD_COUNT * PAGE_SIZE <= PROGRESS_ADDR,
+    PD_ADDR + PD_COUNT * PAGE_SIZE <= IDT_ADDR,
     "page tables overlap"
+);
+const _: () = assert!(
+    PROGRESS_ADDR + MAX_VCPUS as u64 * PROGRESS_STRIDE <= TSS_ADDR,
+    "slots overlap"
+);
+const _: () = assert!(
+    TSS_ADDR + MAX_VCPUS as u64 * TSS_STRIDE <= RING_BASE,
+    "TSSs overlap"
+);
+const _: () = assert!(TSS_LIMIT < TSS_STRIDE, "TSS overlaps the next");
+const _: () = assert!(
+    KSTACK_BASE + MAX_VCPUS as u64 * KSTACK_SIZE <= DATA_BASE,
+    "kernel stacks overlap"
+);
+const _: () = assert!(
+    STACK_BASE + MAX_VCPUS as u64 * STACK_SIZE <= KSTACK_BASE,
+    "stacks overlap"
 );
 const _: () = assert!(
     RING_BASE + MAX_VCPUS as u64 * RING_STRIDE <= LOAD_ADDR,
     "rings overlap"
-);
-const _: () = assert!(
-    STACK_BASE + MAX_VCPUS as u64 * STACK_SIZE <= DATA_BASE,
-    "stacks overlap"
 );
 
 /// The GDT: null, kernel code, kernel data, user data, user code (the `sysret` order).
@@ -166,6 +203,30 @@ impl Layout {
     pub fn progress(&self, vcpu: u32) -> u64 {
         PROGRESS_ADDR + u64::from(vcpu) * PROGRESS_STRIDE
     }
+    /// GPA of vCPU `vcpu`'s TSS.
+    pub fn tss(&self, vcpu: u32) -> u64 {
+        TSS_ADDR + u64::from(vcpu) * TSS_STRIDE
+    }
+    /// Top of vCPU `vcpu`'s kernel stack.
+    pub fn kstack_top(&self, vcpu: u32) -> u64 {
+        KSTACK_BASE + (u64::from(vcpu) + 1) * KSTACK_SIZE
+    }
+    /// GDT selector of vCPU `vcpu`'s TSS.
+    pub fn tss_selector(&self, vcpu: u32) -> u16 {
+        ((GDT_TSS_INDEX + 2 * u64::from(vcpu)) * 8) as u16
+    }
+    /// The two GDT entries of a 64-bit TSS descriptor for vCPU `vcpu` (available TSS).
+    pub fn tss_descriptor(&self, vcpu: u32) -> [u64; 2] {
+        let base = self.tss(vcpu);
+        let limit = TSS_LIMIT;
+        let low = (limit & 0xffff)
+            | (base & 0xff_ffff) << 16
+            | 0x89 << 40 // present, type 9: available 64-bit TSS
+            | ((limit >> 16) & 0xf) << 48
+            | ((base >> 24) & 0xff) << 56;
+        [low, base >> 32]
+    }
+
     /// Initial stack pointer of vCPU `vcpu`.
     pub fn stack_top(&self, vcpu: u32) -> u64 {
         STACK_BASE + (u64::from(vcpu) + 1) * STACK_SIZE

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use checkpoint::memfile::{self, MemIndex};
 
 use kvm_bindings::{kvm_regs, kvm_segment, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{self, Layout};
 use crate::vcpu::VcpuContext;
@@ -228,6 +228,23 @@ pub fn write_tables(mem: &crate::GuestMem, layout: &Layout) -> Result<()> {
     for (i, d) in layout::GDT.iter().enumerate() {
         w(layout::GDT_ADDR + 8 * i as u64, *d)?;
     }
+    for v in 0..layout.vcpus {
+        let [low, high] = layout.tss_descriptor(v);
+        let at = layout::GDT_ADDR + u64::from(layout.tss_selector(v));
+        w(at, low)?;
+        w(at + 8, high)?;
+        // TSS: rsp0 at offset 4; the I/O bitmap right after the TSS (offset 104), all zero
+        // (every port allowed), then its 0xff terminator.
+        w(layout.tss(v) + 4, layout.kstack_top(v))?;
+        let tss = GuestAddress(layout.tss(v));
+        let werr = |e: vm_memory::GuestMemoryError| Error::Memory(e.to_string());
+        mem.write_obj(104u16, tss.unchecked_add(102))
+            .map_err(werr)?;
+        mem.write_slice(&[0u8; 8192], tss.unchecked_add(104))
+            .map_err(werr)?;
+        mem.write_obj(0xffu8, tss.unchecked_add(layout::TSS_LIMIT))
+            .map_err(werr)?;
+    }
     for (addr, v) in layout.page_table_entries() {
         w(addr, v)?;
     }
@@ -318,8 +335,28 @@ impl Module for Cpu {
         sregs.fs = data;
         sregs.gs = data;
         sregs.ss = data;
+        let l = &shared.layout;
+        let id = vcpu.id;
+        if id == 0 {
+            let pvm = crate::state::is_pvm(&vcpu.fd);
+            shared.pvm.store(pvm, std::sync::atomic::Ordering::Relaxed);
+            if pvm {
+                log::debug!("this host's KVM is KVM-PVM");
+            }
+        }
+        sregs.gs.base = l.progress(id);
         sregs.gdt.base = layout::GDT_ADDR;
-        sregs.gdt.limit = (layout::GDT.len() * 8 - 1) as u16;
+        sregs.gdt.limit = (u64::from(l.tss_selector(l.vcpus - 1)) + 15) as u16;
+        sregs.idt.base = layout::IDT_ADDR;
+        sregs.idt.limit = 256 * 16 - 1;
+        sregs.tr = kvm_segment {
+            base: l.tss(id),
+            limit: layout::TSS_LIMIT as u32,
+            selector: l.tss_selector(id),
+            type_: 0xb, // busy 64-bit TSS
+            present: 1,
+            ..Default::default()
+        };
         // PE | MP | ET | NE | WP | AM | PG
         sregs.cr0 = 0x8005_0033;
         sregs.cr3 = layout::PML4_ADDR;
@@ -331,8 +368,6 @@ impl Module for Cpu {
             .set_sregs(&sregs)
             .map_err(Error::kvm("KVM_SET_SREGS"))?;
 
-        let l = &shared.layout;
-        let id = vcpu.id;
         let regs = kvm_regs {
             rip: shared.entry,
             rsp: l.stack_top(id),

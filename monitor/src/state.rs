@@ -31,6 +31,30 @@ pub const VCPU_STATE_VERSION: u32 = 1;
 pub const IRQCHIP_STATE_VERSION: u32 = 1;
 
 const MSR_IA32_TSC: u32 = 0x10;
+/// An MSR that this machine's KVM-PVM answers with the signature "PVM" (0x4d5650); a plain
+/// KVM has no such MSR. Found by scanning KVM's MSR range on this host.
+pub const MSR_PVM_SIGNATURE: u32 = 0x4b56_4d11;
+/// The value of [`MSR_PVM_SIGNATURE`] on a PVM host.
+pub const PVM_SIGNATURE: u64 = 0x4d_5650;
+
+/// Whether the vCPU belongs to a KVM-PVM host (it answers PVM's signature MSR).
+pub fn is_pvm(fd: &VcpuFd) -> bool {
+    let Ok(mut probe) = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_PVM_SIGNATURE,
+        ..Default::default()
+    }]) else {
+        return false;
+    };
+    fd.get_msrs(&mut probe) == Ok(1) && probe.as_slice()[0].data == PVM_SIGNATURE
+}
+
+/// Whether this host's KVM is KVM-PVM (creates a throwaway VM and vCPU to ask).
+pub fn host_is_pvm() -> Result<bool> {
+    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+    let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+    let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+    Ok(is_pvm(&vcpu))
+}
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// Offset of the LAPIC timer current-count register.
 const APIC_TMCCT: usize = 0x390;

@@ -239,6 +239,28 @@ impl VcpuContext {
         }
     }
 
+    /// Describes a triple fault with where the guest was.
+    fn shutdown_report(&self) -> String {
+        let at = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                " at rip {:#x} (cs {:#x}, rsp {:#x}, cr2 {:#x})",
+                r.rip, s.cs.selector, r.rsp, s.cr2
+            ),
+            _ => String::new(),
+        };
+        let pvm = if self.shared.pvm.load(Ordering::Relaxed) {
+            " This host's KVM is KVM-PVM, which delivers no interrupt or exception through a \
+             guest's IDT (only to PVM-aware guests), so guests that use interrupts (ticker) \
+             cannot run here."
+        } else {
+            ""
+        };
+        format!(
+            "the guest shut down (triple fault){at}: an exception with no handler, e.g. a \
+             privileged instruction at CPL3, a bad memory access, or a missing IDT gate.{pvm}"
+        )
+    }
+
     /// Runs the guest once and handles the exit.
     fn run_once(&mut self) {
         self.shared.ran.store(true, Ordering::Release);
@@ -253,11 +275,7 @@ impl VcpuContext {
                 data.fill(0xff);
                 Ok(None)
             }
-            Ok(VcpuExit::Shutdown) => Err(
-                "the guest shut down (triple fault: an exception at CPL3 with no handler, \
-                 e.g. a privileged instruction or a bad memory access)"
-                    .to_string(),
-            ),
+            Ok(VcpuExit::Shutdown) => Err(String::new()),
             Ok(VcpuExit::Hlt) => Err("the guest halted without an interrupt source".to_string()),
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 data.fill(0xff);
@@ -281,6 +299,13 @@ impl VcpuContext {
             Err(e) => Err(format!("KVM_RUN failed: {e}")),
         };
         self.stats.exits.fetch_add(1, Ordering::Relaxed);
+        let exit = exit.map_err(|msg| {
+            if msg.is_empty() {
+                self.shutdown_report()
+            } else {
+                msg
+            }
+        });
         match exit {
             Ok(Some((port, data))) => self.port_out(port, data),
             Ok(None) => {}

@@ -78,6 +78,11 @@ pub struct VmShared {
     pub restoring: bool,
     /// The MSRs saved for each vCPU, in restore order.
     pub msrs: Vec<u32>,
+    /// This host's KVM is KVM-PVM (it lists the PVM MSRs). PVM runs guest CPL3 natively but
+    /// delivers interrupts and exceptions only to PVM-aware guests (through
+    /// `MSR_PVM_EVENT_ENTRY`), never through a guest's IDT. Set by the CPU module, which asks
+    /// the boot vCPU for PVM's signature MSR.
+    pub pvm: AtomicBool,
     /// The CPUID KVM supports, given to every vCPU (fetched once: the ioctl is slow).
     pub cpuid: kvm_bindings::CpuId,
     pub(crate) restored: Mutex<Restored>,
@@ -223,6 +228,7 @@ impl Vm {
             entry: config.entry,
             irqchip,
             restoring: config.restoring,
+            pvm: AtomicBool::new(false),
             msrs,
             cpuid,
             restored: Mutex::new(Restored::default()),

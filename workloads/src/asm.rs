@@ -19,6 +19,7 @@ use devices::output::{kind, RECORD_SIZE, RING_HEAD, RING_RECORDS, RING_SLOTS, RI
 use iced_x86::code_asm::*;
 use monitor::layout::{
     DONE_PORT, DOORBELL_PORT, GUEST_INFO_PORT, HEARTBEAT_CONFIG_PORT, HEARTBEAT_PING_PORT,
+    IDT_ADDR, KERNEL_CS,
 };
 
 use crate::{Error, Workload, MIX, SEED, WORD_MIX};
@@ -120,12 +121,162 @@ fn epilogue(a: &mut CodeAssembler, emit: CodeLabel) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// Writes IDT gate `vector` → `handler` (64-bit interrupt gate, selector 0x08) from CPL3:
+/// IDT memory is user-writable; only IDTR is privileged, and the monitor set it.
+fn gate(
+    a: &mut CodeAssembler,
+    vector: u64,
+    handler: CodeLabel,
+    dpl3: bool,
+) -> Result<(), IcedError> {
+    a.lea(rax, ptr(handler))?;
+    a.mov(rdx, IDT_ADDR + vector * 16)?;
+    a.mov(word_ptr(rdx), ax)?;
+    a.mov(word_ptr(rdx + 2), u32::from(KERNEL_CS))?;
+    a.mov(byte_ptr(rdx + 4), 0u32)?;
+    a.mov(byte_ptr(rdx + 5), if dpl3 { 0xeeu32 } else { 0x8eu32 })?;
+    a.shr(rax, 16)?;
+    a.mov(word_ptr(rdx + 6), ax)?;
+    a.mov(dword_ptr(rdx + 8), 0u32)?;
+    a.mov(dword_ptr(rdx + 12), 0u32)
+}
+
+/// `wrmsr` of `value` (≤ 32 bits) to `msr`.
+fn wrmsr(a: &mut CodeAssembler, msr: u32, value: u32) -> Result<(), IcedError> {
+    a.mov(ecx, msr)?;
+    a.mov(eax, value)?;
+    a.xor(edx, edx)?;
+    a.wrmsr()
+}
+
+const X2APIC_EOI: u32 = 0x80b;
+const X2APIC_SVR: u32 = 0x80f;
+const X2APIC_LVT_TIMER: u32 = 0x832;
+const X2APIC_TMICT: u32 = 0x838;
+const X2APIC_TDCR: u32 = 0x83e;
+const IA32_APIC_BASE: u32 = 0x1b;
+const TIMER_VECTOR: u64 = 0x20;
+const SETUP_VECTOR: u64 = 0x80;
+const SPURIOUS_VECTOR: u64 = 0xff;
+
+/// The `ticker` guest: a CPL3 compute loop whose records carry the tick count that a short
+/// CPL0 LAPIC-timer handler keeps at `gs:[8]` (the vCPU's progress slot + 8).
+fn ticker(a: &mut CodeAssembler, p: &crate::TickerParams) -> Result<(), IcedError> {
+    let mut emit = a.create_label();
+    let mut top = a.create_label();
+    let mut next = a.create_label();
+    let mut timer = a.create_label();
+    let mut setup = a.create_label();
+    let mut spurious = a.create_label();
+    let mut eoi = a.create_label();
+    let mut hang = a.create_label();
+
+    prologue(a, p.record_every)?;
+    gate(a, TIMER_VECTOR, timer, false)?;
+    gate(a, SETUP_VECTOR, setup, true)?;
+    gate(a, SPURIOUS_VECTOR, spurious, false)?;
+    if p.hb_ms > 0 {
+        a.mov(eax, 1u32)?;
+        a.mov(edx, GUEST_INFO_PORT as u32)?;
+        a.out(dx, eax)?;
+        a.mov(eax, p.hb_ms as u32)?;
+        a.mov(edx, HEARTBEAT_CONFIG_PORT as u32)?;
+        a.out(dx, eax)?;
+    }
+    // The LAPIC counts at 1 GHz in KVM (divide by 1): the period in ns is the count.
+    a.mov(eax, (p.tick_us * 1000) as u32)?;
+    a.int(SETUP_VECTOR as u32)?;
+    a.sti()?;
+    a.xor(ecx, ecx)?;
+    a.mov(r10, MIX)?;
+    a.set_label(&mut top)?;
+    a.xor(rbx, rcx)?;
+    a.rol(rbx, 13)?;
+    a.imul_2(rbx, r10)?;
+    a.inc(rcx)?;
+    a.mov(qword_ptr(r9), rcx)?;
+    a.dec(r15)?;
+    a.jnz(next)?;
+    a.push(rcx)?;
+    a.mov(rcx, qword_ptr(r9 + 8))?;
+    a.mov(r8d, kind::TICK)?;
+    a.call(emit)?;
+    a.pop(rcx)?;
+    a.mov(r15, p.record_every)?;
+    a.set_label(&mut next)?;
+    a.mov(rax, p.iters)?;
+    a.cmp(rcx, rax)?;
+    a.jb(top)?;
+    a.cli()?;
+    if p.hb_ms > 0 {
+        a.xor(eax, eax)?;
+        a.mov(edx, HEARTBEAT_CONFIG_PORT as u32)?;
+        a.out(dx, eax)?;
+    }
+    a.mov(rcx, qword_ptr(r9 + 8))?;
+    a.mov(r8d, kind::DONE)?;
+    a.call(emit)?;
+    doorbell(a)?;
+    a.mov(edx, DONE_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.set_label(&mut hang)?;
+    a.pause()?;
+    a.jmp(hang)?;
+
+    // CPL0: the timer interrupt. Count, ping the heartbeat every 16 ticks, EOI.
+    a.set_label(&mut timer)?;
+    a.push(rax)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.inc(qword_ptr(8).gs())?;
+    a.mov(rax, qword_ptr(8).gs())?;
+    a.test(al, 15)?;
+    a.jnz(eoi)?;
+    if p.hb_ms > 0 {
+        a.mov(edx, HEARTBEAT_PING_PORT as u32)?;
+        a.out(dx, al)?;
+    }
+    a.set_label(&mut eoi)?;
+    wrmsr(a, X2APIC_EOI, 0)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.pop(rax)?;
+    a.iretq()?;
+
+    // CPL0: `int 0x80` with eax = period: x2APIC on, periodic timer on TIMER_VECTOR.
+    a.set_label(&mut setup)?;
+    a.push(rax)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.mov(ecx, IA32_APIC_BASE)?;
+    a.rdmsr()?;
+    a.or(eax, 0xc00)?;
+    a.wrmsr()?;
+    wrmsr(a, X2APIC_SVR, 0x100 | SPURIOUS_VECTOR as u32)?;
+    wrmsr(a, X2APIC_TDCR, 0xb)?;
+    wrmsr(a, X2APIC_LVT_TIMER, TIMER_VECTOR as u32 | 1 << 17)?;
+    a.mov(rax, qword_ptr(rsp + 16))?;
+    a.mov(ecx, X2APIC_TMICT)?;
+    a.xor(edx, edx)?;
+    a.wrmsr()?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.pop(rax)?;
+    a.iretq()?;
+
+    a.set_label(&mut spurious)?;
+    a.iretq()?;
+
+    emit_sub(a, &mut emit, p.batch)
+}
+
 pub(crate) fn assemble(w: &Workload, load_addr: u64) -> Result<Vec<u8>, Error> {
     let mut a = CodeAssembler::new(64).map_err(e)?;
     let mut emit = a.create_label();
     let mut top = a.create_label();
     let build = |a: &mut CodeAssembler, emit: &mut CodeLabel, top: &mut CodeLabel| {
         match w {
+            Workload::Ticker(p) => ticker(a, p),
             Workload::Counter(p) => {
                 prologue(a, p.record_every)?;
                 let hb = p.hb_ms > 0;

@@ -47,6 +47,23 @@ pub enum Workload {
     Counter(CounterParams),
     /// Memory writer.
     Dirty(DirtyParams),
+    /// Compute with LAPIC timer interrupts handled at CPL0.
+    Ticker(TickerParams),
+}
+
+/// Parameters of `ticker`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TickerParams {
+    /// Iterations per vCPU.
+    pub iters: u64,
+    /// Iterations between two records.
+    pub record_every: u64,
+    /// Records between two doorbells (power of two, ≤ ring size).
+    pub batch: u64,
+    /// LAPIC timer period in µs.
+    pub tick_us: u64,
+    /// Heartbeat interval to configure in ms (the timer handler pings every 16 ticks; 0: off).
+    pub hb_ms: u64,
 }
 
 /// Parameters of `counter`.
@@ -101,7 +118,7 @@ fn parse_u64(key: &str, v: &str) -> Result<u64, Error> {
 
 impl Workload {
     /// The workload names.
-    pub const NAMES: [&'static str; 2] = ["counter", "dirty"];
+    pub const NAMES: [&'static str; 3] = ["counter", "dirty", "ticker"];
 
     /// Builds a workload from its name and `key=value` arguments.
     pub fn parse(name: &str, args: &[(String, String)]) -> Result<Self, Error> {
@@ -114,6 +131,13 @@ impl Workload {
                 hb_every: 1_000_000,
                 stall_at: 0,
                 stall_iters: 0,
+            }),
+            "ticker" => Workload::Ticker(TickerParams {
+                iters: 300_000_000,
+                record_every: 1_000_000,
+                batch: 64,
+                tick_us: 1000,
+                hb_ms: 100,
             }),
             "dirty" => Workload::Dirty(DirtyParams {
                 iters: 1_000_000,
@@ -138,6 +162,13 @@ impl Workload {
                 }
                 (Workload::Counter(p), "batch") => &mut p.batch,
                 (Workload::Counter(p), "hb_ms") => &mut p.hb_ms,
+                (Workload::Ticker(p), "iters") | (Workload::Ticker(p), "n") => &mut p.iters,
+                (Workload::Ticker(p), "record_every") | (Workload::Ticker(p), "k") => {
+                    &mut p.record_every
+                }
+                (Workload::Ticker(p), "batch") => &mut p.batch,
+                (Workload::Ticker(p), "tick_us") => &mut p.tick_us,
+                (Workload::Ticker(p), "hb_ms") => &mut p.hb_ms,
                 (Workload::Counter(p), "hb_every") => &mut p.hb_every,
                 (Workload::Counter(p), "stall_at") => &mut p.stall_at,
                 (Workload::Counter(p), "stall_iters") => &mut p.stall_iters,
@@ -154,6 +185,7 @@ impl Workload {
                             "iters, record_every, batch, hb_ms, hb_every, stall_at, stall_iters"
                         }
                         Workload::Dirty(_) => "iters, record_every, batch, ws_mib, pages",
+                        Workload::Ticker(_) => "iters, record_every, batch, tick_us, hb_ms",
                     };
                     return Err(Error::Param(format!(
                         "--guest-arg {k}: {name} takes {keys}"
@@ -170,7 +202,16 @@ impl Workload {
         let (iters, every, batch) = match self {
             Workload::Counter(p) => (p.iters, p.record_every, p.batch),
             Workload::Dirty(p) => (p.iters, p.record_every, p.batch),
+            Workload::Ticker(p) => (p.iters, p.record_every, p.batch),
         };
+        if let Workload::Ticker(p) = self {
+            if !(10..=1_000_000).contains(&p.tick_us) {
+                return Err(Error::Param("tick_us must be 10 to 1000000".into()));
+            }
+            if p.hb_ms > 3_600_000 {
+                return Err(Error::Param("hb_ms must be 0 to 3600000".into()));
+            }
+        }
         if iters == 0 || iters > 1 << 48 {
             return Err(Error::Param("iters must be 1 to 2^48".into()));
         }
@@ -206,6 +247,7 @@ impl Workload {
         match self {
             Workload::Counter(_) => "counter",
             Workload::Dirty(_) => "dirty",
+            Workload::Ticker(_) => "ticker",
         }
     }
 
@@ -257,6 +299,16 @@ impl Workload {
                     }
                 }
                 emit(kind::DONE, acc, p.iters);
+            }
+            Workload::Ticker(p) => {
+                // aux (the tick count) depends on timing; the model leaves it 0.
+                for i in 0..p.iters {
+                    acc = (acc ^ i).rotate_left(13).wrapping_mul(MIX);
+                    if (i + 1) % p.record_every == 0 {
+                        emit(kind::TICK, acc, 0);
+                    }
+                }
+                emit(kind::DONE, acc, 0);
             }
             Workload::Dirty(p) => {
                 let npages = p.ws_mib * 256;
