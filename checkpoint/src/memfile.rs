@@ -243,7 +243,9 @@ const ZSTD_LEVEL: i32 = 1;
 pub fn save_compressed(
     size: u64,
     read: &(dyn Fn(u64, &mut [u8]) -> std::io::Result<()> + Sync),
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(MemIndex, Vec<Section>), Error> {
+    let done = AtomicU64::new(0);
     if size == 0 || size > MAX_MEM || size % PAGE as u64 != 0 {
         return Err(Error::Corrupt(format!(
             "cannot save {size} bytes of memory"
@@ -262,6 +264,7 @@ pub fn save_compressed(
                 let len = CHUNK.min(size - gpa) as usize;
                 let buf = &mut buf[..len];
                 read(gpa, buf).map_err(io)?;
+                progress(done.fetch_add(len as u64, Ordering::Relaxed) + len as u64);
                 if zero_page_all(buf) {
                     return Ok((ChunkSum::Zero, None));
                 }
@@ -409,7 +412,7 @@ mod tests {
             buf.copy_from_slice(&g[gpa as usize..gpa as usize + buf.len()]);
             Ok(())
         };
-        let (idx, sections) = save_compressed(g.len() as u64, &read).unwrap();
+        let (idx, sections) = save_compressed(g.len() as u64, &read, &|_| {}).unwrap();
         assert_eq!(sections.len(), 2, "the all-zero middle chunk is omitted");
         let mut snap = Snapshot::default();
         for s in sections {

@@ -64,7 +64,7 @@ pub trait Module: Send + Sync {
 }
 
 /// Where a checkpoint's bulk data goes (or comes from).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct CptArgs {
     /// The sparse memory file (written on save, checked on restore).
     pub mem_path: Option<PathBuf>,
@@ -76,6 +76,21 @@ pub struct CptArgs {
     pub extra: Arc<Mutex<Vec<checkpoint::Section>>>,
     /// On restore, the whole snapshot (for modules whose state spans several sections).
     pub snapshot: Option<Arc<checkpoint::Snapshot>>,
+    /// Told (bytes done, bytes in all) as long work (memory save or load) goes on.
+    pub progress: Option<Progress>,
+}
+
+/// A progress callback: (bytes done, bytes in all). Called from several threads.
+pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+impl std::fmt::Debug for CptArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CptArgs")
+            .field("mem_path", &self.mem_path)
+            .field("verify", &self.verify)
+            .field("compress", &self.compress)
+            .finish_non_exhaustive()
+    }
 }
 
 fn module_err(module: &'static str) -> impl Fn(String) -> Error {
@@ -159,9 +174,14 @@ impl Module for MainMem {
                 .map_err(|e| std::io::Error::other(e.to_string()))
         };
         let size = vcpu0.shared.layout.mem_bytes;
+        let progress = |done: u64| {
+            if let Some(p) = &args.progress {
+                p(done, size)
+            }
+        };
         let index = if args.compress {
             let (index, sections) =
-                memfile::save_compressed(size, &read).map_err(|e| err(e.to_string()))?;
+                memfile::save_compressed(size, &read, &progress).map_err(|e| err(e.to_string()))?;
             args.extra
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -171,7 +191,7 @@ impl Module for MainMem {
             let Some(path) = &args.mem_path else {
                 return Ok(None);
             };
-            memfile::save_sparse(path, size, &read, &|_| {}).map_err(|e| err(e.to_string()))?
+            memfile::save_sparse(path, size, &read, &progress).map_err(|e| err(e.to_string()))?
         };
         checkpoint::Section::encode("", 1, &index)
             .map(|s| Some(s.data))
@@ -203,9 +223,17 @@ impl Module for MainMem {
                 .as_ref()
                 .ok_or_else(|| err("no snapshot to load memory from".into()))?;
             let mem = &vcpu0.shared.mem;
+            let done = std::sync::atomic::AtomicU64::new(0);
+            let total = index.used_bytes();
             let write = |gpa: u64, b: &[u8]| {
                 mem.write_slice(b, GuestAddress(gpa))
-                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let n = b.len() as u64;
+                let so_far = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                if let Some(p) = &args.progress {
+                    p(so_far, total);
+                }
+                Ok(())
             };
             memfile::load_compressed(&index, snap, &write).map_err(|e| err(e.to_string()))?;
         } else if args.verify {

@@ -243,3 +243,62 @@ fn typed_monitor_actions_pause_continue_and_refuse_out_of_order_steps() {
     drop(monitor);
     assert_eq!(h.finish(), DigestSink::of(&w.reference_all(2)));
 }
+
+#[test]
+fn the_monitor_refuses_checkpoint_steps_out_of_order() {
+    use checkpoint::CptState;
+    use monitor::{CptArgs, MonitorAction, UserRpc};
+    let w = workload("counter", &[("iters", "400M"), ("record_every", "1M")]);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let vm = Arc::new(
+        Vm::new(
+            &VmConfig::new(32, 2),
+            ModuleTable::standard(vec![]),
+            tx.clone(),
+        )
+        .unwrap(),
+    );
+    vm.load_image(
+        monitor::layout::LOAD_ADDR,
+        &w.code(monitor::layout::LOAD_ADDR).unwrap(),
+    )
+    .unwrap();
+    let monitor = monitor::Monitor::spawn(vm.clone(), tx).unwrap();
+    let step = |state| {
+        monitor
+            .post(MonitorAction::CptStep {
+                state,
+                args: CptArgs::default(),
+                snapshot: None,
+            })
+            .unwrap();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(30)).unwrap() {
+                UserRpc::StepDone { state: s, result } => {
+                    assert_eq!(s, state);
+                    return result;
+                }
+                _ => continue,
+            }
+        }
+    };
+    monitor.stun().unwrap();
+    // SAVE straight from NONE skips SAVE_SYNC and QUIESCE.
+    let e = step(CptState::Save).unwrap_err();
+    assert!(
+        e.contains("illegal checkpoint transition None → Save"),
+        "{e}"
+    );
+    // The right order works, and RESTORE in the middle of a save is refused.
+    step(CptState::SaveSync).unwrap();
+    let e = step(CptState::Restore).unwrap_err();
+    assert!(e.contains("SaveSync → Restore"), "{e}");
+    step(CptState::Quiesce).unwrap();
+    // While quiesced, actions other than checkpoint steps are refused.
+    let e = monitor.unstun().unwrap_err().to_string();
+    assert!(e.contains("checkpoint is in progress"), "{e}");
+    let out = step(CptState::Save).unwrap();
+    assert!(out.sections.iter().any(|s| s.name == "vcpu/1"));
+    step(CptState::ContinueSync).unwrap();
+    monitor.unstun().unwrap();
+}

@@ -7,6 +7,7 @@
 pub mod control;
 pub mod groups;
 pub mod machine;
+pub mod progress;
 pub mod run;
 
 pub use machine::{power_on, Boot, Options, Outcome, Vmx, POWER_ON};

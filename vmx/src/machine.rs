@@ -343,6 +343,7 @@ impl PowerOn {
                 CptArgs {
                     mem_path: mem_file,
                     verify,
+                    progress: Some(crate::progress::reporter("loading memory")),
                     ..CptArgs::default()
                 },
                 paused,
@@ -646,6 +647,7 @@ impl Vmx {
             CptArgs {
                 mem_path: (!compress).then(|| mem.clone()),
                 compress,
+                progress: Some(crate::progress::reporter("saving memory")),
                 ..CptArgs::default()
             },
             None,
