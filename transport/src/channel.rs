@@ -1,0 +1,186 @@
+//! Frames over a byte stream, sealed with ChaCha20-Poly1305 once the handshake is done.
+//!
+//! The AEAD nonce of frame n is n (a counter per direction), and the frame header is the
+//! associated data: a frame that is altered, replayed, reordered or dropped fails to open.
+
+use std::io::{Read, Write};
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+
+use crate::frame::{FrameHeader, FrameType, HEADER_LEN};
+use crate::message::{Message, MAX_TEXT};
+use crate::pages::{decode_batch, encode_batch, PageRange};
+use crate::{Error, Result};
+
+const TAG: usize = 16;
+
+/// What arrived.
+#[derive(Debug)]
+pub enum Received {
+    /// A control or handshake message.
+    Message(Message),
+    /// A batch of page ranges (checked structurally; each range is checked when decoded).
+    Pages(Vec<PageRange>),
+    /// The sender ended the stream cleanly.
+    End,
+    /// The sender aborted, saying why.
+    Cancelled(String),
+}
+
+/// One side of a link.
+pub struct Channel<S> {
+    stream: S,
+    send_key: Option<ChaCha20Poly1305>,
+    recv_key: Option<ChaCha20Poly1305>,
+    send_seq: u64,
+    recv_seq: u64,
+}
+
+fn nonce(seq: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&seq.to_le_bytes());
+    Nonce::from(n)
+}
+
+impl<S> std::fmt::Debug for Channel<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("sealed", &self.send_key.is_some())
+            .field("send_seq", &self.send_seq)
+            .field("recv_seq", &self.recv_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Read + Write> Channel<S> {
+    /// An unsealed channel (handshake, or --insecure-plaintext).
+    pub fn plain(stream: S) -> Self {
+        Channel {
+            stream,
+            send_key: None,
+            recv_key: None,
+            send_seq: 0,
+            recv_seq: 0,
+        }
+    }
+
+    /// From now on every frame is sealed.
+    pub(crate) fn seal(&mut self, send: [u8; 32], recv: [u8; 32]) {
+        self.send_key = Some(ChaCha20Poly1305::new(Key::from_slice(&send)));
+        self.recv_key = Some(ChaCha20Poly1305::new(Key::from_slice(&recv)));
+        self.send_seq = 0;
+        self.recv_seq = 0;
+    }
+
+    /// Whether frames are sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.send_key.is_some()
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    fn write_frame(&mut self, kind: FrameType, payload: &[u8]) -> Result<()> {
+        let sealed_len = payload.len() + if self.send_key.is_some() { TAG } else { 0 };
+        let header = FrameHeader::new(kind, 0, sealed_len)?.encode();
+        let body = match &self.send_key {
+            Some(k) => {
+                let seq = self.send_seq;
+                self.send_seq += 1;
+                k.encrypt(
+                    &nonce(seq),
+                    Payload {
+                        msg: payload,
+                        aad: &header,
+                    },
+                )
+                .map_err(|_| Error::Seal { seq })?
+            }
+            None => payload.to_vec(),
+        };
+        self.stream.write_all(&header)?;
+        self.stream.write_all(&body)?;
+        self.stream.flush()?;
+        Ok(())
+    }
+
+    fn read_frame(&mut self) -> Result<(FrameHeader, Vec<u8>)> {
+        let mut hb = [0u8; HEADER_LEN];
+        self.stream.read_exact(&mut hb)?;
+        let header = FrameHeader::decode(&hb)?;
+        let mut body = vec![0u8; header.len as usize];
+        self.stream.read_exact(&mut body)?;
+        let plain = match &self.recv_key {
+            Some(k) => {
+                let seq = self.recv_seq;
+                self.recv_seq += 1;
+                k.decrypt(
+                    &nonce(seq),
+                    Payload {
+                        msg: &body,
+                        aad: &hb,
+                    },
+                )
+                .map_err(|_| Error::Seal { seq })?
+            }
+            None => body,
+        };
+        Ok((header, plain))
+    }
+
+    /// Sends a message.
+    pub fn send(&mut self, m: &Message) -> Result<()> {
+        self.write_frame(m.frame_type(), &m.encode())
+    }
+
+    /// Sends a batch of page ranges.
+    pub fn send_pages(&mut self, ranges: &[PageRange]) -> Result<()> {
+        self.write_frame(FrameType::Pages, &encode_batch(ranges))
+    }
+
+    /// Ends the stream cleanly.
+    pub fn end(&mut self) -> Result<()> {
+        self.write_frame(FrameType::EndOfStream, &[])
+    }
+
+    /// Aborts the stream, saying why (at most 200 bytes are sent).
+    pub fn cancel(&mut self, reason: &str) -> Result<()> {
+        let r: String = reason.chars().take(200).collect();
+        self.write_frame(FrameType::Cancel, r.as_bytes())
+    }
+
+    /// Receives the next frame. Handshake frames are accepted only before the link is sealed.
+    pub fn recv(&mut self) -> Result<Received> {
+        let (header, body) = self.read_frame()?;
+        match header.kind {
+            FrameType::Handshake if self.recv_key.is_some() => Err(Error::Handshake(
+                "a handshake message after the handshake".into(),
+            )),
+            FrameType::Handshake | FrameType::Control | FrameType::Heartbeat => {
+                let m = Message::decode(&body)?;
+                if m.frame_type() != header.kind {
+                    return Err(Error::Message(format!(
+                        "{m:?} in a {:?} frame",
+                        header.kind
+                    )));
+                }
+                Ok(Received::Message(m))
+            }
+            FrameType::Pages => Ok(Received::Pages(decode_batch(&body)?)),
+            FrameType::EndOfStream => {
+                if !body.is_empty() {
+                    return Err(Error::Message("end-of-stream frame with a payload".into()));
+                }
+                Ok(Received::End)
+            }
+            FrameType::Cancel => {
+                let reason =
+                    String::from_utf8_lossy(&body[..body.len().min(MAX_TEXT)]).into_owned();
+                Ok(Received::Cancelled(reason))
+            }
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The one enum of control messages (serde + postcard).
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{Fence, FrameType};
+use crate::{Error, Result};
+
+/// Longest text in a message (reasons, nack messages, names).
+pub const MAX_TEXT: usize = 4096;
+/// Largest state blob in a message.
+pub const MAX_STATE: usize = 8 << 20;
+
+/// Why a receiver refused something.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NackCode {
+    /// It did not decode or broke a rule.
+    Malformed,
+    /// Its generation is older than the receiver's.
+    Stale,
+    /// It came out of order (epoch gap, step before its predecessor).
+    OutOfOrder,
+    /// The receiver failed to apply it.
+    Internal,
+}
+
+/// Every message of the replication protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Client → server: the first handshake message.
+    Hello {
+        /// Protocol version the client speaks.
+        version: u16,
+        /// Fresh client nonce.
+        nonce: [u8; 32],
+        /// The client runs without authentication and encryption.
+        plaintext: bool,
+    },
+    /// Server → client: version accepted, server nonce, and the server's proof of the key.
+    HelloReply {
+        /// The version both will speak.
+        version: u16,
+        /// Fresh server nonce.
+        nonce: [u8; 32],
+        /// HMAC proving the server holds the key.
+        proof: [u8; 32],
+    },
+    /// Client → server: the client's proof of the key.
+    Auth {
+        /// HMAC proving the client holds the key.
+        proof: [u8; 32],
+    },
+    /// A full copy of the VM follows.
+    FullSync {
+        /// Sender's generation and epoch.
+        fence: Fence,
+        /// Guest memory size.
+        mem_bytes: u64,
+        /// vCPU count.
+        vcpus: u32,
+    },
+    /// An epoch's dirty pages and state follow.
+    EpochBegin {
+        /// Sender's generation and the epoch's number.
+        fence: Fence,
+        /// Dirty pages in the epoch.
+        pages: u64,
+    },
+    /// One vCPU's saved state.
+    VcpuState {
+        /// Sender's generation and epoch.
+        fence: Fence,
+        /// The vCPU.
+        vcpu: u32,
+        /// Its saved state.
+        data: Vec<u8>,
+    },
+    /// One group's or module's saved state.
+    DeviceState {
+        /// Sender's generation and epoch.
+        fence: Fence,
+        /// Section name.
+        name: String,
+        /// Section version.
+        version: u32,
+        /// Saved state.
+        data: Vec<u8>,
+    },
+    /// The epoch is complete; commit it.
+    EpochEnd {
+        /// Sender's generation and epoch.
+        fence: Fence,
+        /// Page ranges sent in the epoch.
+        ranges: u64,
+        /// SHA-256 over the epoch's decoded pages, for the receiver to check.
+        digest: [u8; 32],
+    },
+    /// The receiver committed up to this epoch.
+    Ack {
+        /// Receiver's view.
+        fence: Fence,
+    },
+    /// The receiver refused something.
+    Nack {
+        /// What it refused.
+        fence: Fence,
+        /// Why, as a code.
+        code: NackCode,
+        /// Why, for people.
+        message: String,
+    },
+    /// Liveness when there is nothing else to send.
+    Heartbeat {
+        /// Sender's generation and epoch.
+        fence: Fence,
+    },
+    /// The sender leaves cleanly.
+    Goodbye,
+}
+
+impl Message {
+    /// The frame type this message travels in.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Message::Hello { .. } | Message::HelloReply { .. } | Message::Auth { .. } => {
+                FrameType::Handshake
+            }
+            Message::Heartbeat { .. } => FrameType::Heartbeat,
+            _ => FrameType::Control,
+        }
+    }
+
+    /// The fence of a state-changing message.
+    pub fn fence(&self) -> Option<Fence> {
+        match self {
+            Message::FullSync { fence, .. }
+            | Message::EpochBegin { fence, .. }
+            | Message::VcpuState { fence, .. }
+            | Message::DeviceState { fence, .. }
+            | Message::EpochEnd { fence, .. }
+            | Message::Ack { fence }
+            | Message::Nack { fence, .. }
+            | Message::Heartbeat { fence } => Some(*fence),
+            _ => None,
+        }
+    }
+
+    /// Encodes with postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("messages always encode")
+    }
+
+    /// Decodes and checks: the whole input must be one message, and texts and blobs stay
+    /// within their limits.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let (m, rest): (Message, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(|e| Error::Message(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(Error::Message(format!(
+                "{} stray bytes after the message",
+                rest.len()
+            )));
+        }
+        m.check()?;
+        Ok(m)
+    }
+
+    fn check(&self) -> Result<()> {
+        let text = |what: &str, s: &str| {
+            if s.len() > MAX_TEXT {
+                Err(Error::Message(format!(
+                    "{what} of {} bytes, limit {MAX_TEXT}",
+                    s.len()
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let blob = |d: &[u8]| {
+            if d.len() > MAX_STATE {
+                Err(Error::Message(format!(
+                    "state of {} bytes, limit {MAX_STATE}",
+                    d.len()
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Message::VcpuState { data, .. } => blob(data),
+            Message::DeviceState { name, data, .. } => {
+                if name.is_empty() || name.len() > 64 {
+                    return Err(Error::Message(format!(
+                        "state name of {} bytes",
+                        name.len()
+                    )));
+                }
+                blob(data)
+            }
+            Message::Nack { message, .. } => text("nack message", message),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Epoch, Generation};
+    use proptest::prelude::*;
+
+    fn fence() -> impl Strategy<Value = Fence> {
+        (any::<u64>(), any::<u64>()).prop_map(|(g, e)| Fence {
+            generation: Generation(g),
+            epoch: Epoch(e),
+        })
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (any::<u16>(), any::<[u8; 32]>(), any::<bool>()).prop_map(
+                |(version, nonce, plaintext)| Message::Hello {
+                    version,
+                    nonce,
+                    plaintext
+                }
+            ),
+            (any::<u16>(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(
+                |(version, nonce, proof)| Message::HelloReply {
+                    version,
+                    nonce,
+                    proof
+                }
+            ),
+            any::<[u8; 32]>().prop_map(|proof| Message::Auth { proof }),
+            (fence(), any::<u64>(), any::<u32>()).prop_map(|(fence, mem_bytes, vcpus)| {
+                Message::FullSync {
+                    fence,
+                    mem_bytes,
+                    vcpus,
+                }
+            }),
+            (fence(), any::<u64>()).prop_map(|(fence, pages)| Message::EpochBegin { fence, pages }),
+            (
+                fence(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(fence, vcpu, data)| Message::VcpuState {
+                    fence,
+                    vcpu,
+                    data
+                }),
+            (
+                fence(),
+                "[a-z/]{1,64}",
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(fence, name, version, data)| Message::DeviceState {
+                    fence,
+                    name,
+                    version,
+                    data
+                }),
+            (fence(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(fence, ranges, digest)| {
+                Message::EpochEnd {
+                    fence,
+                    ranges,
+                    digest,
+                }
+            }),
+            fence().prop_map(|fence| Message::Ack { fence }),
+            (fence(), ".{0,100}").prop_map(|(fence, message)| Message::Nack {
+                fence,
+                code: NackCode::Stale,
+                message
+            }),
+            fence().prop_map(|fence| Message::Heartbeat { fence }),
+            Just(Message::Goodbye),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(m in message()) {
+            prop_assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        }
+
+        #[test]
+        fn arbitrary_bytes_decode_or_error(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Message::decode(&b);
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_and_huge_texts_are_refused() {
+        let mut b = Message::Goodbye.encode();
+        b.push(0);
+        assert!(Message::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("stray"));
+        let big = Message::Nack {
+            fence: Fence::default(),
+            code: NackCode::Internal,
+            message: "x".repeat(MAX_TEXT + 1),
+        };
+        assert!(Message::decode(&big.encode())
+            .unwrap_err()
+            .to_string()
+            .contains("limit"));
+        // A length prefix that promises more than the input holds.
+        let lie = [6u8, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert!(Message::decode(&lie).is_err());
+    }
+}
