@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use monitor::{ModuleTable, Vm, VmConfig};
 
+mod fuzz;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Tandem's developer commands")]
 struct Cli {
@@ -24,6 +26,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run every cargo-fuzz target for N seconds (needs a nightly toolchain and cargo-fuzz;
+    /// says so and succeeds when they are missing). Seeds the corpora from real encoders.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Measure, print, and append the results to BENCHMARKS.md.
     Bench {
         /// Which benchmark (all when left out).
@@ -341,6 +353,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Cmd::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
         Cmd::Bench {
             which,
             stuns,
