@@ -106,6 +106,20 @@ fn snapshot_and_restore(tag: &str, args: &[&str], delay: Duration) -> (Dir, Stri
     run_args.extend_from_slice(args);
     let child = spawn(&run_args);
     wait_for(&sock);
+    // The snapshot must fall in the middle of the stream: after the first record.
+    let t = Instant::now();
+    loop {
+        let s = ctl(&sock, &["status"]);
+        let v: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap_or_default();
+        if v["records"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no output after 30 s: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(delay);
     let reply = ctl(&sock, &["snapshot", snap.to_str().unwrap(), "--stop"]);
     assert!(

@@ -77,6 +77,8 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// Write the checkpoint trace (JSON) here after every checkpoint or restore.
     pub trace: Option<PathBuf>,
+    /// Host scheduling policy of the vCPU threads.
+    pub vcpu_sched: monitor::VcpuSched,
 }
 
 /// How a run ended.
@@ -255,6 +257,7 @@ impl PowerOn {
             entry: c.entry,
             memory_file: self.memory_file.clone(),
             restoring: self.restoring(),
+            vcpu_sched: self.opts.vcpu_sched,
             ..VmConfig::new(c.mem_mib, c.vcpus)
         };
         let vm = Arc::new(Vm::new(

@@ -60,6 +60,19 @@ struct Common {
     /// Write the checkpoint trace (state, side, step) as JSON to FILE after each checkpoint.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// Host scheduling of vCPU threads: `idle` (default) gives guests every cycle nobody else
+    /// wants and lets tandem's control path preempt them at once; `normal` makes them
+    /// ordinary threads (use it on a busy host, where idle would starve the guest).
+    #[arg(long, value_name = "POLICY", default_value = "idle", value_parser = parse_sched)]
+    vcpu_sched: monitor::VcpuSched,
+}
+
+fn parse_sched(s: &str) -> Result<monitor::VcpuSched, String> {
+    match s {
+        "idle" => Ok(monitor::VcpuSched::Idle),
+        "normal" => Ok(monitor::VcpuSched::Normal),
+        _ => Err(format!("{s:?}: use idle or normal")),
+    }
 }
 
 impl Common {
@@ -74,6 +87,7 @@ impl Common {
             paused: self.paused,
             timeout: self.timeout_secs.map(Duration::from_secs),
             trace: self.trace.clone(),
+            vcpu_sched: self.vcpu_sched,
         }
     }
 }
