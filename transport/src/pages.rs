@@ -115,6 +115,23 @@ pub fn encode_range(gpa: u64, data: &[u8], prev: Option<&[u8]>) -> PageRange {
     best
 }
 
+/// Codes one range with the given codec (for benchmarks and tests; `encode_range` picks the
+/// best). XorZstd needs `prev`; Zero is only valid for all-zero pages.
+pub fn encode_range_with(gpa: u64, data: &[u8], prev: Option<&[u8]>, codec: Codec) -> PageRange {
+    let pages = (data.len() / PAGE) as u32;
+    let payload = match codec {
+        Codec::Zero => Vec::new(),
+        Codec::Raw => data.to_vec(),
+        Codec::Zstd => zstd::bulk::compress(data, LEVEL).expect("in-memory zstd"),
+        Codec::XorZstd => {
+            let prev = prev.expect("XorZstd needs the previous copy");
+            let x: Vec<u8> = data.iter().zip(prev).map(|(a, b)| a ^ b).collect();
+            zstd::bulk::compress(&x, LEVEL).expect("in-memory zstd")
+        }
+    };
+    PageRange { gpa, pages, codec, payload }
+}
+
 /// Codes many ranges on every core, splitting each into pieces of at most
 /// [`MAX_RANGE_PAGES`]. `prev(gpa, len)` gives the copy sent before, if any.
 pub fn encode_ranges(

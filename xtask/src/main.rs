@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use monitor::{ModuleTable, Vm, VmConfig};
 
 mod fuzz;
+mod transport_bench;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Tandem's developer commands")]
@@ -57,6 +58,8 @@ enum Bench {
     Guest,
     /// Snapshot save throughput and restore-to-running latency.
     Snapshot,
+    /// Page codecs and the sealed link over loopback TCP.
+    Transport,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -370,6 +373,9 @@ fn main() {
             }
             if all || which == Some(Bench::Snapshot) {
                 r = r.and_then(|_| bench_snapshot(&mut out));
+            }
+            if all || which == Some(Bench::Transport) {
+                r = r.and_then(|_| transport_bench::bench(&mut out));
             }
             r.and_then(|_| {
                 if !no_record {
