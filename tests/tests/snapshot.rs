@@ -10,6 +10,24 @@ use devices::DigestSink;
 use rand::{Rng, SeedableRng};
 use tandem_tests::{require_kvm, tandem, tandem_bin, total_digest, workload};
 
+/// A 2-vCPU `dirty` guest of about a second.
+const DIRTY_2X8M: &[&str] = &[
+    "--guest",
+    "dirty",
+    "--guest-arg",
+    "iters=8M",
+    "--guest-arg",
+    "pages=4",
+    "--guest-arg",
+    "ws_mib=4",
+    "--guest-arg",
+    "record_every=20k",
+    "--vcpus",
+    "2",
+    "--mem-mib",
+    "32",
+];
+
 struct Dir(PathBuf);
 
 impl Dir {
@@ -314,25 +332,13 @@ fn a_checkpoint_that_continues_leaves_the_run_exact() {
             ("record_every", "20k"),
         ],
     );
-    let child = spawn(&[
-        "run",
-        "--control",
-        sock.to_str().unwrap(),
-        "--guest",
-        "dirty",
-        "--guest-arg",
-        "iters=8M",
-        "--guest-arg",
-        "pages=4",
-        "--guest-arg",
-        "ws_mib=4",
-        "--guest-arg",
-        "record_every=20k",
-        "--vcpus",
-        "2",
-        "--mem-mib",
-        "32",
-    ]);
+    let child = spawn(
+        &["run", "--control", sock.to_str().unwrap()]
+            .iter()
+            .chain(DIRTY_2X8M)
+            .copied()
+            .collect::<Vec<_>>(),
+    );
     wait_for(&sock);
     for i in 0..5 {
         std::thread::sleep(Duration::from_millis(40));
@@ -564,27 +570,19 @@ fn compressed_snapshots_restore_exactly_and_refuse_damage() {
     require_kvm();
     let d = Dir::new("zstd");
     let (sock, snap, a) = (d.join("ctl"), d.join("snap"), d.join("a.txt"));
-    let child = spawn(&[
-        "run",
-        "--control",
-        sock.to_str().unwrap(),
-        "--output",
-        a.to_str().unwrap(),
-        "--guest",
-        "dirty",
-        "--guest-arg",
-        "iters=8M",
-        "--guest-arg",
-        "pages=4",
-        "--guest-arg",
-        "ws_mib=4",
-        "--guest-arg",
-        "record_every=20k",
-        "--vcpus",
-        "2",
-        "--mem-mib",
-        "32",
-    ]);
+    let child = spawn(
+        &[
+            "run",
+            "--control",
+            sock.to_str().unwrap(),
+            "--output",
+            a.to_str().unwrap(),
+        ]
+        .iter()
+        .chain(DIRTY_2X8M)
+        .copied()
+        .collect::<Vec<_>>(),
+    );
     wait_for(&sock);
     std::thread::sleep(Duration::from_millis(150));
     let r = ctl(

@@ -65,6 +65,12 @@ impl PageRange {
     }
 }
 
+/// zstd of `data XOR prev`.
+fn xor_zstd(data: &[u8], prev: &[u8]) -> std::io::Result<Vec<u8>> {
+    let x: Vec<u8> = data.iter().zip(prev).map(|(a, b)| a ^ b).collect();
+    zstd::bulk::compress(&x, LEVEL)
+}
+
 fn is_zero(b: &[u8]) -> bool {
     b.chunks_exact(8)
         .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
@@ -100,8 +106,7 @@ pub fn encode_range(gpa: u64, data: &[u8], prev: Option<&[u8]>) -> PageRange {
         }
     }
     if let Some(prev) = prev.filter(|p| p.len() == data.len()) {
-        let x: Vec<u8> = data.iter().zip(prev).map(|(a, b)| a ^ b).collect();
-        if let Ok(z) = zstd::bulk::compress(&x, LEVEL) {
+        if let Ok(z) = xor_zstd(data, prev) {
             if z.len() < best.payload.len() {
                 best = PageRange {
                     gpa,
@@ -124,12 +129,15 @@ pub fn encode_range_with(gpa: u64, data: &[u8], prev: Option<&[u8]>, codec: Code
         Codec::Raw => data.to_vec(),
         Codec::Zstd => zstd::bulk::compress(data, LEVEL).expect("in-memory zstd"),
         Codec::XorZstd => {
-            let prev = prev.expect("XorZstd needs the previous copy");
-            let x: Vec<u8> = data.iter().zip(prev).map(|(a, b)| a ^ b).collect();
-            zstd::bulk::compress(&x, LEVEL).expect("in-memory zstd")
+            xor_zstd(data, prev.expect("XorZstd needs the previous copy")).expect("in-memory zstd")
         }
     };
-    PageRange { gpa, pages, codec, payload }
+    PageRange {
+        gpa,
+        pages,
+        codec,
+        payload,
+    }
 }
 
 /// Codes many ranges on every core, splitting each into pieces of at most

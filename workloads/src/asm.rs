@@ -74,6 +74,16 @@ fn emit_sub(a: &mut CodeAssembler, label: &mut CodeLabel, batch: u64) -> Result<
     Ok(())
 }
 
+/// Reports guest version 1 and asks for a heartbeat every `hb_ms`.
+fn heartbeat_setup(a: &mut CodeAssembler, hb_ms: u64) -> Result<(), IcedError> {
+    a.mov(eax, 1u32)?;
+    a.mov(edx, GUEST_INFO_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.mov(eax, hb_ms as u32)?;
+    a.mov(edx, HEARTBEAT_CONFIG_PORT as u32)?;
+    a.out(dx, eax)
+}
+
 fn prologue(a: &mut CodeAssembler, record_every: u64) -> Result<(), IcedError> {
     a.mov(r12, rdx)?;
     a.mov(r13, qword_ptr(r12 + RING_HEAD as i32))?;
@@ -176,12 +186,7 @@ fn ticker(a: &mut CodeAssembler, p: &crate::TickerParams) -> Result<(), IcedErro
     gate(a, SETUP_VECTOR, setup, true)?;
     gate(a, SPURIOUS_VECTOR, spurious, false)?;
     if p.hb_ms > 0 {
-        a.mov(eax, 1u32)?;
-        a.mov(edx, GUEST_INFO_PORT as u32)?;
-        a.out(dx, eax)?;
-        a.mov(eax, p.hb_ms as u32)?;
-        a.mov(edx, HEARTBEAT_CONFIG_PORT as u32)?;
-        a.out(dx, eax)?;
+        heartbeat_setup(a, p.hb_ms)?;
     }
     // The LAPIC counts at 1 GHz in KVM (divide by 1): the period in ns is the count.
     a.mov(eax, (p.tick_us * 1000) as u32)?;
@@ -281,13 +286,8 @@ pub(crate) fn assemble(w: &Workload, load_addr: u64) -> Result<Vec<u8>, Error> {
                 prologue(a, p.record_every)?;
                 let hb = p.hb_ms > 0;
                 if hb {
-                    // Guest info, then the heartbeat interval; rbp counts down to the next ping.
-                    a.mov(eax, 1u32)?;
-                    a.mov(edx, GUEST_INFO_PORT as u32)?;
-                    a.out(dx, eax)?;
-                    a.mov(eax, p.hb_ms as u32)?;
-                    a.mov(edx, HEARTBEAT_CONFIG_PORT as u32)?;
-                    a.out(dx, eax)?;
+                    // rbp counts down to the next ping.
+                    heartbeat_setup(a, p.hb_ms)?;
                     a.mov(rbp, p.hb_every)?;
                 }
                 a.xor(ecx, ecx)?;

@@ -19,7 +19,16 @@ fn mix(name: &str) -> Vec<u8> {
     match name {
         "zero" => vec![0; SIZE],
         "text" => {
-            let words: &[&[u8]] = &[b"the ", b"epoch ", b"standby ", b"commits ", b"page ", b"vcpu ", b"kvm ", b"tandem\n"];
+            let words: &[&[u8]] = &[
+                b"the ",
+                b"epoch ",
+                b"standby ",
+                b"commits ",
+                b"page ",
+                b"vcpu ",
+                b"kvm ",
+                b"tandem\n",
+            ];
             let mut rng = rand::rngs::StdRng::seed_from_u64(1);
             let mut v = Vec::with_capacity(SIZE);
             while v.len() < SIZE {
@@ -50,13 +59,25 @@ fn mbs(bytes: usize, secs: f64) -> f64 {
 }
 
 fn codec_rows(out: &mut String) {
-    writeln!(out, "| mix | codec | encode MB/s | decode MB/s | wire / pages |\n|---|---|---|---|---|").unwrap();
+    writeln!(
+        out,
+        "| mix | codec | encode MB/s | decode MB/s | wire / pages |\n|---|---|---|---|---|"
+    )
+    .unwrap();
     for name in ["zero", "text", "random"] {
         let data = mix(name);
         let next = redirtied(&data);
-        let codecs: &[Codec] = if name == "zero" { &[Codec::Zero, Codec::Zstd] } else { &[Codec::Raw, Codec::Zstd, Codec::XorZstd] };
+        let codecs: &[Codec] = if name == "zero" {
+            &[Codec::Zero, Codec::Zstd]
+        } else {
+            &[Codec::Raw, Codec::Zstd, Codec::XorZstd]
+        };
         for &codec in codecs {
-            let src = if codec == Codec::XorZstd { &next } else { &data };
+            let src = if codec == Codec::XorZstd {
+                &next
+            } else {
+                &data
+            };
             let t = Instant::now();
             let ranges: Vec<PageRange> = src
                 .par_chunks(RANGE)
@@ -68,7 +89,9 @@ fn codec_rows(out: &mut String) {
             let wire: usize = ranges.iter().map(|r| r.payload.len()).sum();
             let t = Instant::now();
             let ok = ranges.par_iter().zip(data.par_chunks(RANGE)).all(|(r, p)| {
-                decode_range(r, SIZE as u64, Some(p)).map(|b| b.len() == RANGE).unwrap_or(false)
+                decode_range(r, SIZE as u64, Some(p))
+                    .map(|b| b.len() == RANGE)
+                    .unwrap_or(false)
             });
             let dec = t.elapsed().as_secs_f64();
             assert!(ok, "decode failed");
@@ -177,12 +200,20 @@ pub fn bench(out: &mut String) -> Result<(), String> {
     .unwrap();
     for name in ["zero", "text", "random"] {
         let data = mix(name);
-        let row = format!("| {name} | {:.0} | {:.0} |", link(&data, true), link(&data, false));
+        let row = format!(
+            "| {name} | {:.0} | {:.0} |",
+            link(&data, true),
+            link(&data, false)
+        );
         println!("{row}");
         writeln!(text, "{row}").unwrap();
     }
     let tcp = raw_tcp(512 * MIB);
-    writeln!(text, "\nRaw loopback TCP (512 MiB, one writer, one reader): {tcp:.0} MB/s.\n").unwrap();
+    writeln!(
+        text,
+        "\nRaw loopback TCP (512 MiB, one writer, one reader): {tcp:.0} MB/s.\n"
+    )
+    .unwrap();
     println!("raw loopback TCP: {tcp:.0} MB/s");
     let _ = PAGE;
     out.push_str(&text);
