@@ -72,6 +72,7 @@ pub enum Message {
         /// The vCPU.
         vcpu: u32,
         /// Its saved state.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// One group's or module's saved state.
@@ -83,6 +84,7 @@ pub enum Message {
         /// Section version.
         version: u32,
         /// Saved state.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The epoch is complete; commit it.

@@ -50,7 +50,8 @@ pub struct PageRange {
     pub pages: u32,
     /// Payload coding.
     pub codec: Codec,
-    /// The coded bytes.
+    /// The coded bytes (serialized as one byte string, not byte by byte).
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
