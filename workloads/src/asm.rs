@@ -179,7 +179,6 @@ fn ticker(a: &mut CodeAssembler, p: &crate::TickerParams) -> Result<(), IcedErro
     let mut setup = a.create_label();
     let mut spurious = a.create_label();
     let mut eoi = a.create_label();
-    let mut hang = a.create_label();
 
     prologue(a, p.record_every)?;
     gate(a, TIMER_VECTOR, timer, false)?;
@@ -218,15 +217,9 @@ fn ticker(a: &mut CodeAssembler, p: &crate::TickerParams) -> Result<(), IcedErro
         a.mov(edx, HEARTBEAT_CONFIG_PORT as u32)?;
         a.out(dx, eax)?;
     }
+    // The done record carries the final tick count.
     a.mov(rcx, qword_ptr(r9 + 8))?;
-    a.mov(r8d, kind::DONE)?;
-    a.call(emit)?;
-    doorbell(a)?;
-    a.mov(edx, DONE_PORT as u32)?;
-    a.out(dx, eax)?;
-    a.set_label(&mut hang)?;
-    a.pause()?;
-    a.jmp(hang)?;
+    epilogue(a, emit)?;
 
     // CPL0: the timer interrupt. Count, ping the heartbeat every 16 ticks, EOI.
     a.set_label(&mut timer)?;
