@@ -53,6 +53,17 @@ pub fn tandem(args: &[&str]) -> Output {
         .expect("run tandem")
 }
 
+/// Runs `tandem` with `args` and fails the test, showing stderr, unless it succeeds.
+pub fn tandem_ok(args: &[&str]) -> Output {
+    let out = tandem(args);
+    assert!(
+        out.status.success(),
+        "tandem {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The `total: ... digest X` value of a `tandem run` report.
 pub fn total_digest(stdout: &[u8]) -> String {
     let text = String::from_utf8_lossy(stdout);

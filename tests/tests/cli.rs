@@ -1,7 +1,7 @@
 //! `tandem run` as a user sees it.
 
 use devices::DigestSink;
-use tandem_tests::{require_kvm, tandem, total_digest, workload};
+use tandem_tests::{require_kvm, tandem, tandem_ok, total_digest, workload};
 
 #[test]
 fn same_arguments_give_the_same_digest_as_the_reference() {
@@ -96,7 +96,7 @@ fn a_user_image_runs_under_the_documented_abi() {
     let image = dir.join("dirty.bin");
     std::fs::write(&image, w.code(at).unwrap()).unwrap();
     let lines = dir.join("records.txt");
-    let out = tandem(&[
+    let out = tandem_ok(&[
         "run",
         "--image",
         image.to_str().unwrap(),
@@ -107,11 +107,6 @@ fn a_user_image_runs_under_the_documented_abi() {
         "--output",
         lines.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
         total_digest(&out.stdout),
         DigestSink::of(&w.reference_all(2)).total
