@@ -30,7 +30,7 @@ mod vm;
 
 pub use actions::{Monitor, MonitorAction, StepOutput, UserRpc};
 pub use layout::Layout;
-pub use module::{CptArgs, Module, ModuleTable};
+pub use module::{CptArgs, EpochMem, Module, ModuleTable, PageRun};
 pub use vcpu::{VcpuContext, VcpuSched, VcpuState, VcpuStats};
 pub use vm::{GuestMem, StunGuard, StunReport, Vm, VmConfig, VmShared};
 

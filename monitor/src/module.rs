@@ -78,6 +78,54 @@ pub struct CptArgs {
     pub snapshot: Option<Arc<checkpoint::Snapshot>>,
     /// Told (bytes done, bytes in all) as long work (memory save or load) goes on.
     pub progress: Option<Progress>,
+    /// Replication: on SAVE, MainMem copies the dirty pages (or all of memory) here instead of
+    /// writing a memory file, and resets the dirty log.
+    pub epoch: Option<EpochMem>,
+}
+
+/// Where MainMem puts an epoch's pages (see [`CptArgs::epoch`]).
+#[derive(Clone, Default)]
+pub struct EpochMem {
+    /// Copy every page (full sync), not only the dirty ones.
+    pub full: bool,
+    /// The copied runs of contiguous pages, in address order (filled by MainMem).
+    pub runs: Arc<Mutex<Vec<PageRun>>>,
+}
+
+/// Contiguous guest pages copied out of a stunned VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRun {
+    /// Guest-physical address of the first page.
+    pub gpa: u64,
+    /// The pages' bytes (a multiple of the page size).
+    pub data: Vec<u8>,
+}
+
+/// The longest run MainMem copies as one piece (2 MiB).
+pub const MAX_RUN_PAGES: u64 = 512;
+
+/// Turns a dirty bitmap (bit n = page n) into runs of at most [`MAX_RUN_PAGES`] pages:
+/// (first page, page count).
+pub fn dirty_runs(bitmap: &[u64], pages: u64) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut start: Option<u64> = None;
+    for p in 0..=pages {
+        let dirty =
+            p < pages && (bitmap.get((p / 64) as usize).copied().unwrap_or(0) >> (p % 64)) & 1 == 1;
+        match (dirty, start) {
+            (true, None) => start = Some(p),
+            (true, Some(s)) if p - s == MAX_RUN_PAGES => {
+                runs.push((s, p - s));
+                start = Some(p);
+            }
+            (false, Some(s)) => {
+                runs.push((s, p - s));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    runs
 }
 
 /// A progress callback: (bytes done, bytes in all). Called from several threads.
@@ -174,6 +222,31 @@ impl Module for MainMem {
                 .map_err(|e| std::io::Error::other(e.to_string()))
         };
         let size = vcpu0.shared.layout.mem_bytes;
+        if let Some(epoch) = &args.epoch {
+            // Replication: fetch and reset the dirty log, copy the pages out (on every core).
+            let pages = vcpu0.shared.layout.pages();
+            let bitmap = vcpu0.shared.take_dirty_bitmap()?;
+            let runs = if epoch.full {
+                dirty_runs(&vec![u64::MAX; pages.div_ceil(64) as usize], pages)
+            } else {
+                dirty_runs(&bitmap, pages)
+            };
+            use rayon::prelude::*;
+            let copied: std::result::Result<Vec<PageRun>, String> = runs
+                .par_iter()
+                .map(|&(first, n)| {
+                    let mut data = vec![0u8; (n * layout::PAGE_SIZE) as usize];
+                    mem.read_slice(&mut data, GuestAddress(first * layout::PAGE_SIZE))
+                        .map_err(|e| e.to_string())?;
+                    Ok(PageRun {
+                        gpa: first * layout::PAGE_SIZE,
+                        data,
+                    })
+                })
+                .collect();
+            *epoch.runs.lock().unwrap_or_else(|p| p.into_inner()) = copied.map_err(&err)?;
+            return Ok(None);
+        }
         let progress = |done: u64| {
             if let Some(p) = &args.progress {
                 p(done, size)

@@ -90,6 +90,45 @@ pub struct VmShared {
 }
 
 impl VmShared {
+    /// Fetches and resets the dirty-page bitmap: KVM's log (guest writes) OR vm-memory's bitmap
+    /// (host writes, e.g. devices). Bit `n` stands for guest page `n`.
+    pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
+        let pages = self.layout.pages() as usize;
+        let mut out = vec![0u64; pages.div_ceil(64)];
+        let mut page_base = 0usize;
+        for (slot, region) in self.mem.iter().enumerate() {
+            let kvm = self
+                .vm_fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
+            let host = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            let region_pages = (region.len() / PAGE_SIZE) as usize;
+            let word =
+                |w: usize| kvm.get(w).copied().unwrap_or(0) | host.get(w).copied().unwrap_or(0);
+            if page_base % 64 == 0 {
+                // Whole words at a time (the usual case: one region from 0).
+                for w in 0..region_pages.div_ceil(64) {
+                    let valid = (region_pages - w * 64).min(64);
+                    let mask = if valid == 64 {
+                        u64::MAX
+                    } else {
+                        (1u64 << valid) - 1
+                    };
+                    out[page_base / 64 + w] |= word(w) & mask;
+                }
+            } else {
+                for p in 0..region_pages {
+                    if word(p / 64) >> (p % 64) & 1 != 0 {
+                        let g = page_base + p;
+                        out[g / 64] |= 1 << (g % 64);
+                    }
+                }
+            }
+            page_base += region_pages;
+        }
+        Ok(out)
+    }
+
     /// The restored PIT and clock, while no vCPU has run since the restore.
     pub(crate) fn frozen_vm_time(
         &self,
@@ -601,29 +640,7 @@ impl Vm {
     /// Fetches and resets the dirty-page bitmap: KVM's log (guest writes) OR vm-memory's bitmap
     /// (host writes, e.g. devices). Bit `n` stands for guest page `n`.
     pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
-        let pages = self.shared.layout.pages() as usize;
-        let mut out = vec![0u64; pages.div_ceil(64)];
-        let mut page_base = 0usize;
-        for (slot, region) in self.shared.mem.iter().enumerate() {
-            let kvm = self
-                .shared
-                .vm_fd
-                .get_dirty_log(slot as u32, region.len() as usize)
-                .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
-            let host = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            let region_pages = (region.len() / PAGE_SIZE) as usize;
-            for p in 0..region_pages {
-                let (w, b) = (p / 64, p % 64);
-                let bit =
-                    (kvm.get(w).copied().unwrap_or(0) | host.get(w).copied().unwrap_or(0)) >> b & 1;
-                if bit != 0 {
-                    let g = page_base + p;
-                    out[g / 64] |= 1 << (g % 64);
-                }
-            }
-            page_base += region_pages;
-        }
-        Ok(out)
+        self.shared.take_dirty_bitmap()
     }
 }
 

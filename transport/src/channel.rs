@@ -53,6 +53,29 @@ impl<S> std::fmt::Debug for Channel<S> {
     }
 }
 
+impl Channel<std::net::TcpStream> {
+    /// Splits a TCP link into a sending and a receiving half (each on its own thread: one may
+    /// block in `recv` while the other sends). Each half keeps its direction's key and counter.
+    pub fn split(self) -> Result<(Channel<std::net::TcpStream>, Channel<std::net::TcpStream>)> {
+        let twin = self.stream.try_clone()?;
+        let tx = Channel {
+            stream: self.stream,
+            send_key: self.send_key,
+            recv_key: None,
+            send_seq: self.send_seq,
+            recv_seq: 0,
+        };
+        let rx = Channel {
+            stream: twin,
+            send_key: None,
+            recv_key: self.recv_key,
+            send_seq: 0,
+            recv_seq: self.recv_seq,
+        };
+        Ok((tx, rx))
+    }
+}
+
 impl<S: Read + Write> Channel<S> {
     /// An unsealed channel (handshake, or --insecure-plaintext).
     pub fn plain(stream: S) -> Self {

@@ -94,12 +94,19 @@ pub struct Sinks {
     pub digest: DigestSink,
     /// Text lines, if asked for.
     pub text: Option<TextSink<Box<dyn Write + Send>>>,
+    /// Replication: records held per vCPU until their epoch is acknowledged (the text lines are
+    /// written on release instead).
+    pub hold: Option<Vec<Vec<Record>>>,
 }
 
 impl OutputSink for Sinks {
     fn records(&mut self, vcpu: u32, records: &[Record]) -> std::io::Result<()> {
         self.digest.records(vcpu, records)?;
-        if let Some(t) = &mut self.text {
+        if let Some(h) = &mut self.hold {
+            if let Some(lane) = h.get_mut(vcpu as usize) {
+                lane.extend_from_slice(records);
+            }
+        } else if let Some(t) = &mut self.text {
             t.records(vcpu, records)?;
         }
         Ok(())

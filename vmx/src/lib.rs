@@ -5,6 +5,7 @@
 //! vCPU errors). [`run::run`] is `tandem run` as a library call.
 
 pub mod control;
+pub mod ft;
 pub mod groups;
 pub mod machine;
 pub mod progress;
@@ -42,6 +43,18 @@ pub enum Error {
     /// The run took longer than its time limit.
     #[error("the guest did not finish within {0:?} (raise --timeout-secs, or check the guest)")]
     Timeout(std::time::Duration),
+    /// A replication epoch was refused (malformed, truncated, out of order).
+    #[error("epoch refused: {0}")]
+    Epoch(String),
+    /// The replication link failed.
+    #[error("replication link: {0}")]
+    Link(#[from] transport::Error),
+    /// The output sink is unreachable or failed.
+    #[error("output sink: {0} (is `tandem sink` running at that address?)")]
+    Sink(String),
+    /// This VM lost its claim to be primary and stopped without releasing anything.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

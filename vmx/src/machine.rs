@@ -31,13 +31,16 @@ use checkpoint::group::{restore_groups, save_groups};
 use checkpoint::memfile::{self, mem_path, MemIndex};
 use checkpoint::{CptState, Group, Machine, SaveEnd, Section, Side, Snapshot, Trace};
 use crossbeam_channel::{never, select, unbounded, Receiver};
+use devices::Record;
 use devices::{DigestReport, DigestSink, OutputDevice, OutputSink, TextSink};
 use monitor::{
-    CptArgs, Layout, ModuleTable, Monitor, MonitorAction, StepOutput, UserRpc, Vm, VmConfig,
+    CptArgs, EpochMem, Layout, ModuleTable, Monitor, MonitorAction, PageRun, StepOutput, UserRpc,
+    Vm, VmConfig,
 };
 use serde_json::{json, Value};
 
 use crate::control::{self, ControlSocket, Envelope, Request};
+use crate::ft::Protector;
 use crate::groups::{ConfigGroup, MachineConfig, OutputGroup, Sinks, VmmDevGroup};
 use crate::run::{GuestSpec, HeartbeatReport, OutputTarget, RunReport, VcpuReport};
 use crate::{Error, Result};
@@ -54,6 +57,12 @@ pub enum Boot {
         vcpus: u32,
         /// RAM in MiB.
         mem_mib: u64,
+    },
+    /// An empty VM shaped like a primary's, to hold a replica of it (a standby): memory and
+    /// state arrive over the replication link and are loaded by [`Vmx::activate`].
+    Replica {
+        /// The primary's machine configuration.
+        config: MachineConfig,
     },
     /// From a snapshot state file (and its `.mem` beside it).
     Restore {
@@ -79,6 +88,31 @@ pub struct Options {
     pub trace: Option<PathBuf>,
     /// Host scheduling policy of the vCPU threads.
     pub vcpu_sched: monitor::VcpuSched,
+}
+
+/// Where the SAVE step puts memory.
+enum SaveTarget {
+    /// A snapshot: state file at `path`, memory in `path.mem` or compressed in the state file.
+    File { path: PathBuf, compress: bool },
+    /// A replication epoch: pages copied into memory.
+    Epoch(EpochMem),
+}
+
+/// One captured replication epoch (copies; the guest already runs on).
+#[derive(Debug)]
+pub struct Captured {
+    /// Its number.
+    pub epoch: u64,
+    /// Every page (a full sync), not only the dirty ones.
+    pub full: bool,
+    /// The pages.
+    pub runs: Vec<PageRun>,
+    /// vCPU, module and group state (with the group manifest).
+    pub sections: Vec<Section>,
+    /// Output drained during the epoch, per vCPU (held until the epoch is acknowledged).
+    pub records: Vec<Vec<Record>>,
+    /// How long the guest was stopped.
+    pub pause: Duration,
 }
 
 /// How a run ended.
@@ -173,7 +207,7 @@ pub struct PowerOn {
 
 impl PowerOn {
     fn restoring(&self) -> bool {
-        matches!(self.boot, Boot::Restore { .. })
+        matches!(self.boot, Boot::Restore { .. } | Boot::Replica { .. })
     }
 
     fn detect(&mut self) -> Result<()> {
@@ -215,6 +249,10 @@ impl PowerOn {
                     entry,
                     guest: name,
                 }
+            }
+            (Boot::Replica { config }, _) => {
+                Layout::new(config.mem_mib, config.vcpus)?;
+                config.clone()
             }
             _ => unreachable!("phase 1 reads the snapshot of a restore"),
         });
@@ -283,6 +321,7 @@ impl PowerOn {
             sinks: Sinks {
                 digest: DigestSink::new(c.vcpus),
                 text: text.map(TextSink::new),
+                hold: None,
             },
         };
         let (ctl_rx, ctl_guard) = match &self.opts.control {
@@ -351,7 +390,7 @@ impl PowerOn {
                 },
                 paused,
             )?;
-        } else if !paused {
+        } else if !paused && !matches!(self.boot, Boot::Replica { .. }) {
             vmx.unpause()?;
         }
         Ok(())
@@ -600,7 +639,13 @@ impl Vmx {
             self.vmmdev.dev.suspend_timer();
         }
         let first = self.trace.0.len();
-        let result = self.checkpoint_stunned(path, end, stunned_here, compress);
+        let target = SaveTarget::File {
+            path: path.to_path_buf(),
+            compress,
+        };
+        let result = self
+            .save_stunned(target, end, stunned_here)
+            .map(|snap| snap.to_bytes().len());
         if let Err(e) = &result {
             log::error!("checkpoint to {} failed: {e}", path.display());
             let _ = self.monitor.post(MonitorAction::CptAbort);
@@ -627,14 +672,14 @@ impl Vmx {
         )
     }
 
-    fn checkpoint_stunned(
+    /// The save steps on a stunned VM: SAVE_SYNC, QUIESCE, SAVE, then CONTINUE_SYNC or power
+    /// off. Returns the state saved (written to the state file for a file target).
+    fn save_stunned(
         &mut self,
-        path: &Path,
+        target: SaveTarget,
         end: SaveEnd,
         stunned_here: bool,
-        compress: bool,
-    ) -> Result<usize> {
-        let mem = mem_path(path);
+    ) -> Result<Snapshot> {
         // SAVE_SYNC
         self.machine.advance(CptState::SaveSync)?;
         self.monitor_step(CptState::SaveSync, CptArgs::default(), None)?;
@@ -645,16 +690,19 @@ impl Vmx {
         self.trace.push(CptState::Quiesce, Side::Vmx, "no-op");
         // SAVE
         self.machine.advance(CptState::Save)?;
-        let out = self.monitor_step(
-            CptState::Save,
-            CptArgs {
-                mem_path: (!compress).then(|| mem.clone()),
-                compress,
+        let args = match &target {
+            SaveTarget::File { path, compress } => CptArgs {
+                mem_path: (!compress).then(|| mem_path(path)),
+                compress: *compress,
                 progress: Some(crate::progress::reporter("saving memory")),
                 ..CptArgs::default()
             },
-            None,
-        )?;
+            SaveTarget::Epoch(mem) => CptArgs {
+                epoch: Some(mem.clone()),
+                ..CptArgs::default()
+            },
+        };
+        let out = self.monitor_step(CptState::Save, args, None)?;
         self.trace
             .push(CptState::Save, Side::Vmx, "stun callback: save");
         let mut snap = Snapshot::default();
@@ -667,14 +715,19 @@ impl Vmx {
             self.trace
                 .push(CptState::Save, Side::Vmx, format!("checkpoint group {g}"));
         }
-        let bytes = snap.to_bytes();
-        checkpoint::snapshot::write_atomic(path, &bytes)?;
-        if compress {
-            // A memory file left by an earlier snapshot at this path belongs to no snapshot now.
-            let _ = std::fs::remove_file(&mem);
+        if let SaveTarget::File { path, compress } = &target {
+            checkpoint::snapshot::write_atomic(path, &snap.to_bytes())?;
+            if *compress {
+                // A memory file left by an earlier snapshot at this path belongs to no snapshot
+                // now.
+                let _ = std::fs::remove_file(mem_path(path));
+            }
+            self.trace
+                .push(CptState::Save, Side::Vmx, "write state file");
+        } else {
+            self.trace
+                .push(CptState::Save, Side::Vmx, "hand epoch to the replicator");
         }
-        self.trace
-            .push(CptState::Save, Side::Vmx, "write state file");
         match end {
             SaveEnd::Continue => {
                 self.machine.advance(CptState::ContinueSync)?;
@@ -695,7 +748,7 @@ impl Vmx {
             }
         }
         self.machine.advance(CptState::None)?;
-        Ok(bytes.len())
+        Ok(snap)
     }
 
     fn restore(&mut self, snap: Arc<Snapshot>, args: CptArgs, stay_paused: bool) -> Result<()> {
@@ -732,6 +785,117 @@ impl Vmx {
         self.machine.advance(CptState::None)?;
         self.write_trace();
         Ok(())
+    }
+
+    /// Captures one replication epoch: stun (unless paused), the save steps of the checkpoint
+    /// engine with MainMem copying the dirty pages (every page if `full`) and resetting the
+    /// dirty log, then continue. The guest runs again before this returns; the pages and state
+    /// are copies.
+    pub fn capture_epoch(&mut self, epoch: u64, full: bool) -> Result<Captured> {
+        let t0 = Instant::now();
+        let stunned_here = !(self.started && self.paused);
+        if stunned_here {
+            self.monitor.stun()?;
+            self.vmmdev.dev.suspend_timer();
+        }
+        let mem = EpochMem {
+            full,
+            ..EpochMem::default()
+        };
+        let trace_len = self.trace.0.len();
+        let result = self.save_stunned(
+            SaveTarget::Epoch(mem.clone()),
+            SaveEnd::Continue,
+            stunned_here,
+        );
+        // Epochs come many times a second: keep the trace of the last one only.
+        if self.opts.trace.is_none() {
+            self.trace.0.truncate(trace_len);
+        }
+        let snap = match result {
+            Ok(snap) => snap,
+            Err(e) => {
+                log::error!("epoch {epoch} capture failed: {e}");
+                let _ = self.monitor.post(MonitorAction::CptAbort);
+                self.machine = Machine::default();
+                if stunned_here {
+                    let _ = self.monitor.unstun();
+                    self.vmmdev.dev.resume_timer(Instant::now());
+                }
+                return Err(e);
+            }
+        };
+        let pause = t0.elapsed();
+        let runs = std::mem::take(&mut *mem.runs.lock().unwrap_or_else(|p| p.into_inner()));
+        let records = self.take_held();
+        Ok(Captured {
+            epoch,
+            full,
+            runs,
+            sections: snap.iter().cloned().collect(),
+            records,
+            pause,
+        })
+    }
+
+    /// Holds drained output (replication: released only once its epoch is acknowledged)
+    /// instead of writing it to the text output at once.
+    pub fn hold_output(&mut self, on: bool) {
+        if on {
+            let n = self.vm.vcpu_count() as usize;
+            self.output
+                .sinks
+                .hold
+                .get_or_insert_with(|| vec![Vec::new(); n]);
+        } else if let Some(held) = self.output.sinks.hold.take() {
+            self.release_local(&held);
+        }
+    }
+
+    /// Takes the output held since the last call, per vCPU.
+    pub fn take_held(&mut self) -> Vec<Vec<Record>> {
+        let n = self.vm.vcpu_count() as usize;
+        match &mut self.output.sinks.hold {
+            Some(h) => std::mem::replace(h, vec![Vec::new(); n]),
+            None => vec![Vec::new(); n],
+        }
+    }
+
+    /// Writes released records to the local text output (if any).
+    pub fn release_local(&mut self, records: &[Vec<Record>]) {
+        if let Some(t) = &mut self.output.sinks.text {
+            for (v, r) in records.iter().enumerate() {
+                if let Err(e) = t.records(v as u32, r).and_then(|_| t.flush()) {
+                    log::warn!("cannot write output text: {e}");
+                }
+            }
+        }
+    }
+
+    /// Brings a replica to life: loads the committed state (memory is already in place) and
+    /// lets it run. This is the RESTORE path of the checkpoint engine.
+    pub fn activate(&mut self, state: Snapshot) -> Result<()> {
+        self.restore(Arc::new(state), CptArgs::default(), false)
+    }
+
+    /// Whether the guest is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Whether every vCPU has finished.
+    pub fn finished(&self) -> bool {
+        self.started && self.all_done()
+    }
+
+    /// Stops the guest (stun) until [`Vmx::resume`].
+    pub fn suspend(&mut self) -> Result<()> {
+        self.pause()
+    }
+
+    /// Lets a paused guest run (starts it the first time).
+    pub fn resume(&mut self) -> Result<()> {
+        self.unpause()
     }
 
     fn write_trace(&self) {
@@ -843,42 +1007,88 @@ impl Vmx {
 
     /// Serves user RPCs and control requests until every vCPU is done or a `snapshot` with
     /// `stop` powers the VM off.
-    pub fn run(mut self) -> Result<Outcome> {
+    pub fn run(self) -> Result<Outcome> {
+        self.run_with(None)
+    }
+
+    /// [`Vmx::run`] with a replication [`Protector`] (epochs, held output, failover state).
+    pub fn run_with(mut self, mut ft: Option<&mut Protector>) -> Result<Outcome> {
         let deadline = self.opts.timeout.map(|t| Instant::now() + t);
         loop {
             if self.all_done() && self.started {
+                if let Some(ft) = ft.as_deref_mut() {
+                    ft.finish(&mut self)?;
+                }
                 return Ok(Outcome::Finished(self.report()?));
             }
             self.check_heartbeat();
-            let wake = [deadline, self.vmmdev.dev.deadline()]
+            let ft_deadline = ft.as_ref().and_then(|f| f.deadline());
+            let wake = [deadline, self.vmmdev.dev.deadline(), ft_deadline]
                 .into_iter()
                 .flatten()
                 .min();
             let wait = wake.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
+            let ft_events = ft.as_ref().map_or_else(never, |f| f.events());
             select! {
                 recv(self.rpc_rx) -> rpc => {
                     let rpc = rpc.map_err(|_| monitor::Error::Stopped)?;
                     if let Some((s, _)) = self.handle_rpc(rpc)? {
                         log::warn!("stray checkpoint step answer {s:?}");
                     }
+                    if let Some(ft) = ft.as_deref_mut() {
+                        ft.after_output(&mut self)?;
+                    }
                 }
                 recv(self.ctl_rx) -> env => {
                     if let Ok((req, reply)) = env {
-                        let (answer, stopped) = self.handle_request(req);
+                        let is_status = matches!(req, Request::Status);
+                        let (mut answer, stopped) = self.handle_request(req);
+                        if let (true, Some(ft)) = (is_status, ft.as_ref()) {
+                            answer["ft"] = ft.status();
+                        }
                         let _ = reply.send(answer);
                         if let Some(path) = stopped {
                             return Ok(Outcome::Suspended { path, report: self.report()? });
                         }
                     }
                 }
+                recv(ft_events) -> ev => {
+                    if let (Ok(ev), Some(ft)) = (ev, ft.as_deref_mut()) {
+                        ft.event(ev, &mut self)?;
+                    }
+                }
                 default(wait) => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(Error::Timeout(self.opts.timeout.unwrap_or_default()));
                     }
+                    if ft_deadline.is_some_and(|d| Instant::now() >= d) {
+                        if let Some(ft) = ft.as_deref_mut() {
+                            ft.tick(&mut self)?;
+                        }
+                    }
                 }
             }
+        }
+    }
+
+    /// Answers pending control requests while the VM is not in its run loop (a standby):
+    /// `status` gets `extra` as its `ft` member; everything else is refused.
+    pub fn poll_control(&mut self, extra: &Value) {
+        while let Ok((req, reply)) = self.ctl_rx.try_recv() {
+            let answer = match req {
+                Request::Status => {
+                    let mut v = self.status();
+                    v["state"] = json!("standby");
+                    v["ft"] = extra.clone();
+                    v
+                }
+                _ => {
+                    json!({"ok": false, "error": "this is a standby: it runs no guest until it takes over"})
+                }
+            };
+            let _ = reply.send(answer);
         }
     }
 }

@@ -37,6 +37,97 @@ enum Command {
         /// The snapshot state file.
         file: PathBuf,
     },
+    /// Run a guest protected by a hot standby (`tandem standby`): every interval the dirty
+    /// pages and the vCPU and device state go to the standby, and the guest's output is
+    /// released to the sink only once the standby has committed the epoch that produced it.
+    Primary(PrimaryArgs),
+    /// Wait for a primary, keep a committed replica of it in memory, and take over when it
+    /// dies (connection lost, or 4 × interval without a frame).
+    Standby(StandbyArgs),
+    /// The outside world of a protected guest: receives released output records, refuses
+    /// stale generations, and reports gaps and duplicates.
+    Sink(SinkArgs),
+    /// Write a fresh random 32-byte replication key (hex) to FILE (mode 0600).
+    Keygen {
+        /// Where the key goes.
+        file: PathBuf,
+    },
+}
+
+/// How the replication link is secured.
+#[derive(clap::Args)]
+struct LinkArgs {
+    /// The shared replication key (`tandem keygen FILE`); both sides need the same one.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "insecure_plaintext"
+    )]
+    key_file: Option<PathBuf>,
+    /// Run the link without authentication or encryption (testing only; both sides must say so).
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Epoch interval in ms (the standby declares the primary dead after 4 × this of silence).
+    #[arg(long, default_value_t = 50, value_name = "MS", value_parser = clap::value_parser!(u64).range(5..=10_000))]
+    interval_ms: u64,
+    /// The output sink (`tandem sink`) to release guest output to.
+    #[arg(long, value_name = "ADDR")]
+    sink: Option<String>,
+}
+
+impl LinkArgs {
+    fn psk(&self) -> Result<Option<transport::Psk>, vmx::Error> {
+        match (&self.key_file, self.insecure_plaintext) {
+            (Some(_), true) => Err(vmx::Error::Usage(
+                "--key-file and --insecure-plaintext exclude each other".into(),
+            )),
+            (Some(f), false) => Ok(Some(transport::Psk::from_file(f)?)),
+            (None, _) => Ok(None),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct PrimaryArgs {
+    /// The standby's address (HOST:PORT). Without it the guest runs unprotected.
+    #[arg(long, value_name = "ADDR")]
+    peer: Option<String>,
+    /// Power on from this snapshot instead of booting --guest/--image.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "image"])]
+    restore: Option<PathBuf>,
+    #[command(flatten)]
+    link: LinkArgs,
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+struct StandbyArgs {
+    /// Where to listen for the primary (HOST:PORT; port 0 picks one). The address is printed
+    /// as the first line on stdout: `listening on ADDR`.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    #[command(flatten)]
+    link: LinkArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+struct SinkArgs {
+    /// Where to listen (HOST:PORT; port 0 picks one). Printed first on stdout:
+    /// `listening on ADDR`.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Accepted records go here, one line each: `generation vcpu seq kind value(hex) aux`.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// The sink's counters (received, accepted, gaps, duplicates, stale rejections), as JSON,
+    /// rewritten after every batch.
+    #[arg(long, value_name = "FILE")]
+    report: PathBuf,
 }
 
 /// Options shared by `run` and `restore`.
@@ -135,13 +226,17 @@ enum CtlCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// What the guest is.
+#[derive(clap::Args)]
+struct GuestArgs {
     /// Built-in workload guest: counter (pure compute) or dirty (writes memory).
-    #[arg(
-        long,
-        value_name = "NAME",
-        conflicts_with = "image",
-        required_unless_present = "image"
-    )]
+    #[arg(long, value_name = "NAME", conflicts_with = "image")]
     guest: Option<String>,
     /// A flat 64-bit binary to run instead of a built-in guest.
     #[arg(long, value_name = "FILE")]
@@ -163,8 +258,6 @@ struct RunArgs {
     /// k/M/G suffixes and _ separators.
     #[arg(long = "guest-arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
     guest_args: Vec<(String, String)>,
-    #[command(flatten)]
-    common: Common,
 }
 
 fn parse_addr(s: &str) -> Result<u64, String> {
@@ -181,7 +274,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-fn run(args: RunArgs) -> Result<(), vmx::Error> {
+fn fresh(args: &GuestArgs) -> Result<Boot, vmx::Error> {
     let guest = match (&args.guest, &args.image) {
         (Some(name), _) => GuestSpec::Workload(Workload::parse(name, &args.guest_args)?),
         (None, Some(path)) => {
@@ -202,15 +295,100 @@ fn run(args: RunArgs) -> Result<(), vmx::Error> {
             ))
         }
     };
-    let boot = Boot::Fresh {
+    Ok(Boot::Fresh {
         guest,
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
-    };
+    })
+}
+
+fn run(args: RunArgs) -> Result<(), vmx::Error> {
+    let boot = fresh(&args.guest)?;
     finish(
         vmx::power_on(boot, &args.common.options())?.run()?,
         args.common.json,
     )
+}
+
+fn primary(args: PrimaryArgs) -> Result<(), vmx::Error> {
+    let boot = match &args.restore {
+        Some(path) => Boot::Restore {
+            path: path.clone(),
+            verify: false,
+        },
+        None => fresh(&args.guest)?,
+    };
+    let cfg = vmx::ft::PrimaryConfig {
+        boot,
+        opts: args.common.options(),
+        peer: args.peer.clone(),
+        psk: args.link.psk()?,
+        interval: Duration::from_millis(args.link.interval_ms),
+        sink: args.link.sink.clone(),
+        connect_patience: Duration::from_secs(10),
+    };
+    let (outcome, ft) = vmx::ft::run_primary(cfg)?;
+    if args.common.json {
+        if let Outcome::Finished(report) = &outcome {
+            let v = serde_json::json!({"role": "primary", "report": report, "ft": ft});
+            println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
+            return Ok(());
+        }
+    } else {
+        println!("replication: {ft}");
+    }
+    finish(outcome, args.common.json)
+}
+
+fn standby(args: StandbyArgs) -> Result<(), vmx::Error> {
+    use std::io::Write;
+    let cfg = vmx::ft::standby::StandbyConfig {
+        psk: args.link.psk()?,
+        interval: Duration::from_millis(args.link.interval_ms),
+        sink: args.link.sink.clone(),
+        opts: args.common.options(),
+    };
+    let sb = vmx::ft::standby::Standby::bind(&args.listen, cfg)?;
+    println!("listening on {}", sb.addr());
+    let _ = std::io::stdout().flush();
+    match sb.run()? {
+        vmx::ft::standby::StandbyOutcome::PrimaryFinished { commits, stats } => {
+            let v = serde_json::json!({"role": "standby", "took_over": false, "commits": commits, "stats": stats});
+            println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
+            Ok(())
+        }
+        vmx::ft::standby::StandbyOutcome::TookOver {
+            failover,
+            outcome,
+            stats,
+            primary,
+        } => {
+            let report = match &outcome {
+                Outcome::Finished(r) => serde_json::to_value(r).expect("serialises"),
+                Outcome::Suspended { path, .. } => serde_json::json!({"suspended": path}),
+            };
+            let v = serde_json::json!({"role": "standby", "took_over": true, "failover": failover,
+                "replication": stats, "ft": primary, "report": report});
+            println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
+            Ok(())
+        }
+    }
+}
+
+fn sink(args: SinkArgs) -> Result<(), vmx::Error> {
+    use std::io::Write;
+    let s = vmx::ft::sink::Sink::bind(&args.listen, &args.out, &args.report)?;
+    println!("listening on {}", s.addr());
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn keygen(file: PathBuf) -> Result<(), vmx::Error> {
+    transport::Psk::generate().write_file(&file)?;
+    println!("wrote a new replication key to {}", file.display());
+    Ok(())
 }
 
 fn finish(outcome: Outcome, json: bool) -> Result<(), vmx::Error> {
@@ -294,6 +472,10 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore(args),
         Command::Ctl(args) => ctl(args),
         Command::Verify { file } => verify(file),
+        Command::Primary(args) => primary(args),
+        Command::Standby(args) => standby(args),
+        Command::Sink(args) => sink(args),
+        Command::Keygen { file } => keygen(file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,376 @@
+//! One epoch on the wire, and the standby's staging area.
+//!
+//! ```text
+//!  primary                                                standby
+//!   │ [FullSync{fence, mem_bytes, vcpus}]   (first epoch)  │
+//!   │ EpochBegin{fence, pages} ──────────────────────────▶ │ new staging area
+//!   │ Pages[ranges…] ×n  (zstd / zero / raw) ────────────▶ │ decode + bound-check into staging
+//!   │ DeviceState{"vcpu/0" …, "module/…", "group/…"} ────▶ │ staging sections
+//!   │ DeviceState{"records/<v>"} (held output) ──────────▶ │ staging records
+//!   │ EpochEnd{fence, ranges, digest} ───────────────────▶ │ verify count + digest + state
+//!   │                                                      │ COMMIT: pages → memory, state
+//!   │                                                      │ replaces state (all or nothing)
+//!   │ ◀─────────────────────────────── Ack{fence} / Nack{code, why}
+//! ```
+//!
+//! `digest` = SHA-256 over SHA-256(gpa ‖ bytes) of every range in order. Nothing in a staging
+//! area touches the committed image until every range decoded, every check passed and the
+//! digest matched; a malformed or truncated epoch is dropped whole (and NACKed).
+
+use std::collections::VecDeque;
+
+use checkpoint::{Section, Snapshot};
+use devices::Record;
+use monitor::GuestMem;
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use transport::pages::decode_ranges;
+use transport::{Fence, PageRange};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::{Error, Result};
+
+/// Most sections in one epoch.
+pub const MAX_SECTIONS: usize = 4096;
+/// Most state bytes in one epoch.
+pub const MAX_STATE_BYTES: usize = 256 << 20;
+/// Most records of one vCPU in one epoch.
+pub const MAX_RECORDS: usize = 4 << 20;
+/// Committed epochs whose output a standby keeps (the primary releases an epoch's output
+/// before it captures the next, so one would do; the rest is margin).
+pub const RETAINED_EPOCHS: usize = 4;
+/// Name prefix of held-output sections.
+pub const RECORDS_PREFIX: &str = "records/";
+
+/// The digest of an epoch's pages: SHA-256 over SHA-256(gpa ‖ bytes) of each range in order.
+pub fn pages_digest(ranges: &[(u64, &[u8])]) -> [u8; 32] {
+    let parts: Vec<[u8; 32]> = ranges
+        .par_iter()
+        .map(|(gpa, data)| {
+            let mut h = Sha256::new();
+            h.update(gpa.to_le_bytes());
+            h.update(data);
+            h.finalize().into()
+        })
+        .collect();
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// An epoch being received.
+#[derive(Debug)]
+pub struct Staging {
+    fence: Fence,
+    declared_pages: u64,
+    mem_size: u64,
+    ranges: Vec<(u64, Vec<u8>)>,
+    pages: u64,
+    sections: Snapshot,
+    state_bytes: usize,
+    records: Vec<Vec<Record>>,
+}
+
+/// A received and verified epoch, ready to commit.
+#[derive(Debug)]
+pub struct Staged {
+    /// The epoch.
+    pub fence: Fence,
+    /// Decoded pages.
+    pub ranges: Vec<(u64, Vec<u8>)>,
+    /// The state.
+    pub sections: Snapshot,
+    /// Held output per vCPU.
+    pub records: Vec<Vec<Record>>,
+}
+
+fn malformed(m: impl Into<String>) -> Error {
+    Error::Epoch(m.into())
+}
+
+impl Staging {
+    /// Starts staging an epoch that declares `pages` dirty pages, for a memory of `mem_size`.
+    pub fn begin(fence: Fence, pages: u64, mem_size: u64) -> Result<Self> {
+        if pages > mem_size / 4096 {
+            return Err(malformed(format!(
+                "epoch declares {pages} pages, memory has {}",
+                mem_size / 4096
+            )));
+        }
+        Ok(Staging {
+            fence,
+            declared_pages: pages,
+            mem_size,
+            ranges: Vec::new(),
+            pages: 0,
+            sections: Snapshot::default(),
+            state_bytes: 0,
+            records: Vec::new(),
+        })
+    }
+
+    /// The epoch.
+    pub fn fence(&self) -> Fence {
+        self.fence
+    }
+
+    /// Decodes a batch of ranges into the staging area (every check of
+    /// [`transport::pages::decode_range`]; more pages than declared is refused).
+    pub fn pages(&mut self, batch: &[PageRange]) -> Result<()> {
+        let n: u64 = batch.iter().map(|r| r.pages as u64).sum();
+        if self.pages + n > self.declared_pages {
+            return Err(malformed(format!(
+                "more pages than the {} declared",
+                self.declared_pages
+            )));
+        }
+        let decoded = decode_ranges(batch, self.mem_size, &|_, _| None)?;
+        self.pages += n;
+        self.ranges.extend(decoded);
+        Ok(())
+    }
+
+    /// Takes one state section (or a vCPU's held output, `records/<v>`).
+    pub fn section(&mut self, name: &str, version: u32, data: Vec<u8>) -> Result<()> {
+        self.state_bytes += data.len();
+        if self.state_bytes > MAX_STATE_BYTES || self.sections.names().len() >= MAX_SECTIONS {
+            return Err(malformed("more state than an epoch may carry"));
+        }
+        if let Some(v) = name.strip_prefix(RECORDS_PREFIX) {
+            let v: usize = v
+                .parse()
+                .map_err(|_| malformed(format!("bad records section {name:?}")))?;
+            if v >= 256 {
+                return Err(malformed(format!("records of vCPU {v}")));
+            }
+            let recs: Vec<Record> = postcard::from_bytes(&data)
+                .map_err(|e| malformed(format!("records of vCPU {v}: {e}")))?;
+            if self.records.len() <= v {
+                self.records.resize(v + 1, Vec::new());
+            }
+            if self.records[v].len() + recs.len() > MAX_RECORDS {
+                return Err(malformed(format!("too many records for vCPU {v}")));
+            }
+            self.records[v].extend(recs);
+            return Ok(());
+        }
+        self.sections
+            .push(Section {
+                name: name.to_string(),
+                version,
+                data,
+            })
+            .map_err(|e| malformed(e.to_string()))
+    }
+
+    /// Ends the epoch: the fence, range count and digest must match what arrived, and the
+    /// state must describe `vcpus` vCPUs.
+    pub fn end(self, fence: Fence, ranges: u64, digest: [u8; 32], vcpus: u32) -> Result<Staged> {
+        if fence != self.fence {
+            return Err(malformed(format!(
+                "epoch ends with {fence:?}, began with {:?}",
+                self.fence
+            )));
+        }
+        if ranges != self.ranges.len() as u64 || self.pages != self.declared_pages {
+            return Err(malformed(format!(
+                "truncated epoch: {} of {ranges} ranges, {} of {} pages arrived",
+                self.ranges.len(),
+                self.pages,
+                self.declared_pages
+            )));
+        }
+        let parts: Vec<(u64, &[u8])> = self
+            .ranges
+            .iter()
+            .map(|(g, d)| (*g, d.as_slice()))
+            .collect();
+        if pages_digest(&parts) != digest {
+            return Err(malformed(
+                "page digest mismatch: the epoch's pages are damaged",
+            ));
+        }
+        for v in 0..vcpus {
+            if self.sections.get(&format!("vcpu/{v}")).is_none() {
+                return Err(malformed(format!("no state for vCPU {v}")));
+            }
+        }
+        for needed in ["groups", "group/config"] {
+            if self.sections.get(needed).is_none() {
+                return Err(malformed(format!("no {needed} section")));
+            }
+        }
+        let mut records = self.records;
+        if records.len() > vcpus as usize {
+            return Err(malformed("records for a vCPU the VM does not have"));
+        }
+        records.resize(vcpus as usize, Vec::new());
+        Ok(Staged {
+            fence: self.fence,
+            ranges: self.ranges,
+            sections: self.sections,
+            records,
+        })
+    }
+}
+
+/// The standby's committed image: guest memory (in the VM, ready to run) and the state of the
+/// last committed epoch.
+pub struct Replica {
+    mem: GuestMem,
+    /// The last committed epoch.
+    pub fence: Fence,
+    /// Its state.
+    pub state: Snapshot,
+    /// Output of the last committed epochs, oldest first.
+    pub retained: VecDeque<(u64, Vec<Vec<Record>>)>,
+    /// Epochs committed.
+    pub commits: u64,
+}
+
+impl Replica {
+    /// A replica whose memory is `mem` (already holding the first epoch's pages or not).
+    pub fn new(mem: GuestMem) -> Self {
+        Replica {
+            mem,
+            fence: Fence::default(),
+            state: Snapshot::default(),
+            retained: VecDeque::new(),
+            commits: 0,
+        }
+    }
+
+    /// Applies a verified epoch: its pages and its state together. Every range was
+    /// bound-checked against this memory when it was decoded, so the writes cannot fail
+    /// half-way.
+    pub fn commit(&mut self, staged: Staged) -> Result<()> {
+        staged
+            .ranges
+            .par_iter()
+            .try_for_each(|(gpa, data)| self.mem.write_slice(data, GuestAddress(*gpa)))
+            .map_err(|e| Error::Epoch(format!("commit: {e}")))?;
+        self.fence = staged.fence;
+        self.state = staged.sections;
+        self.retained
+            .push_back((staged.fence.epoch.0, staged.records));
+        while self.retained.len() > RETAINED_EPOCHS {
+            self.retained.pop_front();
+        }
+        self.commits += 1;
+        Ok(())
+    }
+
+    /// The output of the retained epochs, per vCPU, oldest first.
+    pub fn inherited_output(&self, vcpus: u32) -> Vec<Vec<Record>> {
+        let mut out = vec![Vec::new(); vcpus as usize];
+        for (_, recs) in &self.retained {
+            for (v, r) in recs.iter().enumerate().take(vcpus as usize) {
+                out[v].extend_from_slice(r);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transport::pages::encode_range;
+    use transport::{Epoch, Generation};
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem() -> GuestMem {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn fence(e: u64) -> Fence {
+        Fence {
+            generation: Generation(1),
+            epoch: Epoch(e),
+        }
+    }
+
+    fn state(st: &mut Staging) {
+        st.section("vcpu/0", 1, vec![1, 2, 3]).unwrap();
+        st.section("groups", 1, vec![0]).unwrap();
+        st.section("group/config", 1, vec![7]).unwrap();
+    }
+
+    fn hash(m: &GuestMem) -> [u8; 32] {
+        let mut b = vec![0u8; 1 << 20];
+        m.read_slice(&mut b, GuestAddress(0)).unwrap();
+        Sha256::digest(&b).into()
+    }
+
+    #[test]
+    fn a_good_epoch_commits_and_a_bad_one_changes_nothing() {
+        let m = mem();
+        let mut rep = Replica::new(m.clone());
+        let page = vec![0xabu8; 8192];
+        let r = encode_range(0x2000, &page, None);
+        let digest = pages_digest(&[(0x2000, &page)]);
+        let mut st = Staging::begin(fence(1), 2, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r)).unwrap();
+        state(&mut st);
+        rep.commit(st.end(fence(1), 1, digest, 1).unwrap()).unwrap();
+        let before = hash(&m);
+        let state_before = rep.state.clone();
+
+        let other = vec![0xcdu8; 4096];
+        let r2 = encode_range(0x2000, &other, None);
+        // Wrong digest.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r2)).unwrap();
+        state(&mut st);
+        assert!(st
+            .end(fence(2), 1, [0; 32], 1)
+            .unwrap_err()
+            .to_string()
+            .contains("digest"));
+        // Truncated: one range promised more.
+        let mut st = Staging::begin(fence(2), 2, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r2)).unwrap();
+        state(&mut st);
+        let d2 = pages_digest(&[(0x2000, &other)]);
+        assert!(st
+            .end(fence(2), 2, d2, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        // A range outside memory.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        let far = encode_range(1 << 20, &other, None);
+        assert!(st.pages(&[far]).is_err());
+        // More pages than declared.
+        let mut st = Staging::begin(fence(2), 0, 1 << 20).unwrap();
+        assert!(st.pages(std::slice::from_ref(&r2)).is_err());
+        // Missing vCPU state.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r2)).unwrap();
+        assert!(st.end(fence(2), 1, d2, 1).is_err());
+        // Bad records section.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        assert!(st.section("records/x", 1, vec![]).is_err());
+        assert!(st.section("records/0", 1, vec![0xff; 9]).is_err());
+
+        assert_eq!(hash(&m), before, "a refused epoch changed memory");
+        assert_eq!(rep.state, state_before);
+        assert_eq!(rep.fence, fence(1));
+
+        // And the next good epoch still commits.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r2)).unwrap();
+        state(&mut st);
+        let rec = Record {
+            seq: 5,
+            ..Record::default()
+        };
+        st.section("records/0", 1, postcard::to_stdvec(&vec![rec]).unwrap())
+            .unwrap();
+        rep.commit(st.end(fence(2), 1, d2, 1).unwrap()).unwrap();
+        assert_ne!(hash(&m), before);
+        assert_eq!(rep.inherited_output(1), vec![vec![rec]]);
+    }
+}

@@ -1,0 +1,382 @@
+//! The primary's end of the replication link: a thread that sends each captured epoch and
+//! waits for its acknowledgement, and a reader thread for the standby's replies.
+//!
+//! Pipelining is one deep: the protector hands over epoch E+1 only after E was acknowledged
+//! (the guest runs on while E travels, Remus-style). With nothing to send, heartbeats flow
+//! every interval.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+use transport::message::NackCode;
+use transport::pages::encode_ranges;
+use transport::{Channel, Epoch, Fence, Generation, Message, PageRange, Received};
+
+use super::epoch::{pages_digest, RECORDS_PREFIX};
+use crate::machine::Captured;
+
+/// Faults a test can inject (environment variables; never set them in production).
+#[derive(Clone, Debug, Default)]
+pub struct TestHooks {
+    /// `TANDEM_TEST_SEND_DELAY_MS`: sleep this long between an epoch's pages and its state
+    /// (widens the window in which a kill lands in the middle of a transfer).
+    pub send_delay: Option<Duration>,
+    /// `TANDEM_TEST_BAD_EPOCH=E:digest|truncate|outside`: send epoch E damaged, once.
+    pub bad_epoch: Option<(u64, Fault)>,
+}
+
+/// A way to damage an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A wrong page digest.
+    Digest,
+    /// EpochEnd promises a range that never came.
+    Truncate,
+    /// A page range outside guest memory.
+    Outside,
+}
+
+impl TestHooks {
+    /// Reads the hooks from the environment.
+    pub fn from_env() -> Self {
+        let send_delay = std::env::var("TANDEM_TEST_SEND_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
+        let bad_epoch = std::env::var("TANDEM_TEST_BAD_EPOCH").ok().and_then(|v| {
+            let (e, f) = v.split_once(':')?;
+            let f = match f {
+                "digest" => Fault::Digest,
+                "truncate" => Fault::Truncate,
+                "outside" => Fault::Outside,
+                _ => return None,
+            };
+            Some((e.parse().ok()?, f))
+        });
+        if send_delay.is_some() || bad_epoch.is_some() {
+            log::warn!("test hooks active: delay {send_delay:?}, bad epoch {bad_epoch:?}");
+        }
+        TestHooks {
+            send_delay,
+            bad_epoch,
+        }
+    }
+}
+
+/// What one epoch cost on the wire.
+#[derive(Clone, Debug, Default)]
+pub struct SendStats {
+    /// Dirty bytes captured.
+    pub raw_bytes: u64,
+    /// Page payload bytes sent (after compression).
+    pub page_bytes: u64,
+    /// State bytes sent.
+    pub state_bytes: u64,
+    /// Held-output bytes sent.
+    pub record_bytes: u64,
+    /// Encoding + sending time.
+    pub send: Duration,
+    /// NACKs before the ACK.
+    pub nacks: u32,
+}
+
+/// What the link reports.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// The standby committed this epoch.
+    Acked {
+        /// The epoch.
+        epoch: u64,
+        /// Its cost.
+        stats: SendStats,
+    },
+    /// The standby is gone (or refused the same epoch too often).
+    Lost {
+        /// Why.
+        reason: String,
+    },
+}
+
+enum Job {
+    Epoch(Box<Captured>),
+    Goodbye,
+}
+
+/// The running link.
+pub struct Link {
+    jobs: Sender<Job>,
+    events: Receiver<LinkEvent>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Fixed facts of a link.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// The primary's generation.
+    pub generation: u64,
+    /// Epoch interval (heartbeats flow at this pace when nothing else does).
+    pub interval: Duration,
+    /// Guest memory size.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Test faults.
+    pub hooks: TestHooks,
+}
+
+impl Link {
+    /// Starts the threads over an authenticated channel.
+    pub fn start(chan: Channel<TcpStream>, cfg: LinkConfig) -> crate::Result<Link> {
+        let (tx, mut rx) = chan.split()?;
+        let (rep_tx, rep_rx) = unbounded();
+        std::thread::Builder::new()
+            .name("link-reader".into())
+            .spawn(move || loop {
+                let r = rx.recv().map_err(|e| e.to_string());
+                let end = r.is_err();
+                if rep_tx.send(r).is_err() || end {
+                    break;
+                }
+            })
+            .map_err(|e| crate::Error::Sink(format!("thread: {e}")))?;
+        let (jobs_tx, jobs_rx) = bounded(1);
+        let (ev_tx, ev_rx) = unbounded();
+        let thread = std::thread::Builder::new()
+            .name("link-sender".into())
+            .spawn(move || sender(tx, rep_rx, jobs_rx, ev_tx, cfg))
+            .map_err(|e| crate::Error::Sink(format!("thread: {e}")))?;
+        Ok(Link {
+            jobs: jobs_tx,
+            events: ev_rx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands an epoch over (the previous one must have been acknowledged).
+    pub fn send(&self, cap: Captured) -> bool {
+        self.jobs.send(Job::Epoch(Box::new(cap))).is_ok()
+    }
+
+    /// What the link reports.
+    pub fn events(&self) -> Receiver<LinkEvent> {
+        self.events.clone()
+    }
+
+    /// Says goodbye (the guest finished) and waits for the threads.
+    pub fn goodbye(mut self) {
+        let _ = self.jobs.send(Job::Goodbye);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+type Replies = Receiver<Result<Received, String>>;
+
+fn sender(
+    mut tx: Channel<TcpStream>,
+    replies: Replies,
+    jobs: Receiver<Job>,
+    events: Sender<LinkEvent>,
+    cfg: LinkConfig,
+) {
+    let fence = |e: u64| Fence {
+        generation: Generation(cfg.generation),
+        epoch: Epoch(e),
+    };
+    let mut last = 0u64;
+    let lost = |reason: String| {
+        let _ = events.send(LinkEvent::Lost { reason });
+    };
+    loop {
+        select! {
+            recv(jobs) -> job => match job {
+                Ok(Job::Epoch(cap)) => {
+                    last = cap.epoch;
+                    match send_epoch(&mut tx, &replies, &cap, &cfg) {
+                        Ok(stats) => {
+                            let _ = events.send(LinkEvent::Acked { epoch: cap.epoch, stats });
+                        }
+                        Err(reason) => {
+                            let _ = tx.get_ref().shutdown(std::net::Shutdown::Both);
+                            return lost(reason);
+                        }
+                    }
+                }
+                Ok(Job::Goodbye) => {
+                    let _ = tx.send(&Message::Goodbye);
+                    let _ = tx.end();
+                    return;
+                }
+                Err(_) => return,
+            },
+            recv(replies) -> r => {
+                let why = match r {
+                    Ok(Ok(m)) => format!("unexpected {m:?} from the standby"),
+                    Ok(Err(e)) => format!("connection to the standby lost: {e}"),
+                    Err(_) => "connection to the standby lost".into(),
+                };
+                let _ = tx.get_ref().shutdown(std::net::Shutdown::Both);
+                return lost(why);
+            },
+            default(cfg.interval) => {
+                if let Err(e) = tx.send(&Message::Heartbeat { fence: fence(last) }) {
+                    return lost(format!("heartbeat failed: {e}"));
+                }
+            }
+        }
+    }
+}
+
+fn send_epoch(
+    tx: &mut Channel<TcpStream>,
+    replies: &Replies,
+    cap: &Captured,
+    cfg: &LinkConfig,
+) -> Result<SendStats, String> {
+    let t0 = Instant::now();
+    let fence = Fence {
+        generation: Generation(cfg.generation),
+        epoch: Epoch(cap.epoch),
+    };
+    let parts: Vec<(u64, &[u8])> = cap
+        .runs
+        .iter()
+        .map(|r| (r.gpa, r.data.as_slice()))
+        .collect();
+    let ranges = encode_ranges(&parts, &|_, _| None);
+    let digest = pages_digest(&parts);
+    let pages: u64 = ranges.iter().map(|r| r.pages as u64).sum();
+    let mut stats = SendStats {
+        raw_bytes: parts.iter().map(|p| p.1.len() as u64).sum(),
+        ..SendStats::default()
+    };
+    let net = |e: transport::Error| format!("sending epoch {}: {e}", cap.epoch);
+    let progress = cap.full.then(|| crate::progress::reporter("full sync"));
+    for attempt in 0..4 {
+        let fault = cfg
+            .hooks
+            .bad_epoch
+            .filter(|(e, _)| attempt == 0 && *e == cap.epoch)
+            .map(|(_, f)| f);
+        if cap.full {
+            tx.send(&Message::FullSync {
+                fence,
+                mem_bytes: cfg.mem_bytes,
+                vcpus: cfg.vcpus,
+            })
+            .map_err(net)?;
+        }
+        tx.send(&Message::EpochBegin { fence, pages })
+            .map_err(net)?;
+        let mut batch: Vec<PageRange> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut sent_pages = 0u64;
+        let mut send_batch = |tx: &mut Channel<TcpStream>, batch: &mut Vec<PageRange>| {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            tx.send_pages(batch).map_err(net)?;
+            sent_pages += batch.iter().map(|r| r.pages as u64).sum::<u64>();
+            if let Some(p) = &progress {
+                p(sent_pages * 4096, pages * 4096);
+            }
+            batch.clear();
+            Ok::<_, String>(())
+        };
+        let mut sent_ranges = 0u64;
+        for r in &ranges {
+            batch_bytes += r.payload.len() + 32;
+            let mut r = r.clone();
+            if fault == Some(Fault::Outside) && sent_ranges == 0 {
+                r.gpa = cfg.mem_bytes;
+            }
+            batch.push(r);
+            sent_ranges += 1;
+            if batch_bytes >= 8 << 20 {
+                send_batch(tx, &mut batch)?;
+                batch_bytes = 0;
+            }
+        }
+        send_batch(tx, &mut batch)?;
+        stats.page_bytes += ranges.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+        if let Some(d) = cfg.hooks.send_delay {
+            std::thread::sleep(d);
+        }
+        for s in &cap.sections {
+            stats.state_bytes += s.data.len() as u64;
+            tx.send(&Message::DeviceState {
+                fence,
+                name: s.name.clone(),
+                version: s.version,
+                data: s.data.clone(),
+            })
+            .map_err(net)?;
+        }
+        for (v, recs) in cap.records.iter().enumerate() {
+            for chunk in recs.chunks(100_000) {
+                let data = postcard::to_stdvec(chunk).expect("records encode");
+                stats.record_bytes += data.len() as u64;
+                tx.send(&Message::DeviceState {
+                    fence,
+                    name: format!("{RECORDS_PREFIX}{v}"),
+                    version: 1,
+                    data,
+                })
+                .map_err(net)?;
+            }
+        }
+        let mut digest_sent = digest;
+        let mut ranges_sent = ranges.len() as u64;
+        match fault {
+            Some(Fault::Digest) => digest_sent[0] ^= 1,
+            Some(Fault::Truncate) => ranges_sent += 1,
+            _ => {}
+        }
+        if let Some(f) = fault {
+            log::warn!("test hook: epoch {} sent damaged ({f:?})", cap.epoch);
+        }
+        tx.send(&Message::EpochEnd {
+            fence,
+            ranges: ranges_sent,
+            digest: digest_sent,
+        })
+        .map_err(net)?;
+        stats.send = t0.elapsed();
+        let patience = if cap.full {
+            Duration::from_secs(60)
+        } else {
+            (cfg.interval * 20).max(Duration::from_secs(5))
+        };
+        match replies.recv_timeout(patience) {
+            Ok(Ok(Received::Message(Message::Ack { fence: f }))) if f == fence => return Ok(stats),
+            Ok(Ok(Received::Message(Message::Nack {
+                fence: f,
+                code,
+                message,
+            }))) => {
+                stats.nacks += 1;
+                log::warn!(
+                    "standby refused epoch {} ({code:?}: {message}); sending it again",
+                    f.epoch.0
+                );
+                if code == NackCode::Stale {
+                    return Err(format!("the standby says we are stale: {message}"));
+                }
+            }
+            Ok(Ok(other)) => return Err(format!("unexpected reply {other:?}")),
+            Ok(Err(e)) => return Err(format!("connection to the standby lost: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "no acknowledgement of epoch {} within {patience:?}",
+                    cap.epoch
+                ))
+            }
+        }
+    }
+    Err(format!(
+        "the standby refused epoch {} four times",
+        cap.epoch
+    ))
+}

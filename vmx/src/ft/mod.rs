@@ -1,0 +1,473 @@
+//! Fault tolerance: a primary replicated to a hot standby, with output commit.
+//!
+//! ```text
+//!            primary host                                   standby host
+//!  ┌──────────────────────────────┐   epochs (transport)  ┌──────────────────────────────┐
+//!  │ guest ─▶ output ring ─▶ hold │ ────────────────────▶ │ staging ─▶ commit ─▶ replica │
+//!  │  every interval: stun, dirty │ ◀──────── ack ─────── │  (VM memory, ready to run)   │
+//!  │  pages + state, unstun       │                       │                              │
+//!  │  on ack E: release E's output│                       │ primary dead (EOF, or 4 ×    │
+//!  └──────────────┬───────────────┘                       │ interval of silence):        │
+//!                 │ records (generation g)                │ generation g+1, activate,    │
+//!                 ▼                                       │ release retained output from │
+//!         ┌───────────────┐ ◀──────── records (g+1) ───── │ the sink's cursor, run on    │
+//!         │  output sink  │  refuses generations < newest └──────────────────────────────┘
+//!         └───────────────┘
+//! ```
+//!
+//! * [`Protector`] is the primary's side inside the vmx run loop: epoch timer, capture, held
+//!   output, release on acknowledgement, and the throttle.
+//! * Throttle (the standby falls behind): if epoch E is not acknowledged when E+1 is due, the
+//!   guest is stunned until the acknowledgement comes, then E+1 is captured at once and the
+//!   guest continues. Nothing is ever buffered beyond one epoch in flight plus the one being
+//!   filled, and the guest can never run more than one interval ahead of the standby.
+//! * [`standby`] runs the other side; [`sink`] is the outside world.
+
+pub mod epoch;
+pub mod link;
+pub mod sink;
+pub mod standby;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{never, Receiver};
+use devices::Record;
+use serde_json::{json, Value};
+
+use crate::machine::{power_on, Boot, Options, Outcome, Vmx};
+use crate::Result;
+use link::{Link, LinkEvent};
+use sink::SinkClient;
+
+/// Default epoch interval.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(50);
+/// Pauses kept for the percentiles.
+const PAUSE_WINDOW: usize = 8192;
+
+/// Milliseconds since the Unix epoch (timestamps other processes can compare).
+pub fn unix_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
+/// The p-th percentile (0..=100) of `v` (sorted copy; 0 when empty).
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+/// Counters of a protected VM (FTM's names where it has them).
+#[derive(Clone, Debug, Default)]
+pub struct FtStats {
+    /// Full syncs sent.
+    pub full_syncs: u64,
+    /// Epochs acknowledged.
+    pub epochs: u64,
+    /// Dirty bytes captured.
+    pub mem_bytes: u64,
+    /// Page bytes on the wire.
+    pub page_wire_bytes: u64,
+    /// State bytes sent.
+    pub state_bytes: u64,
+    /// Held-output bytes sent to the standby.
+    pub record_bytes: u64,
+    /// NACKs received.
+    pub nacks: u64,
+    /// Times the guest was stunned to wait for the standby.
+    pub throttles: u64,
+    /// Time the guest spent stunned waiting for the standby.
+    pub throttled: Duration,
+    /// Epoch pauses, ms (the last [`PAUSE_WINDOW`]).
+    pub pauses_ms: Vec<f64>,
+    /// Capture → acknowledgement of the last epoch.
+    pub lag: Duration,
+    /// Records released to the outside.
+    pub released: u64,
+}
+
+struct InFlight {
+    epoch: u64,
+    records: Vec<Vec<Record>>,
+    captured: Instant,
+}
+
+/// The primary's replication state inside the vmx run loop.
+pub struct Protector {
+    generation: u64,
+    interval: Duration,
+    link: Option<Link>,
+    events: Receiver<LinkEvent>,
+    sink: Option<SinkClient>,
+    next_epoch: u64,
+    last_ack: u64,
+    in_flight: Option<InFlight>,
+    next_tick: Option<Instant>,
+    throttled_since: Option<Instant>,
+    lost: Option<String>,
+    /// Counters.
+    pub stats: FtStats,
+    /// Extra facts for `status` (e.g. the failover that made this primary).
+    pub notes: Value,
+}
+
+impl Protector {
+    /// A primary of `generation` releasing to `sink` (or only to the local text output).
+    /// Without a link it runs unprotected.
+    pub fn new(generation: u64, interval: Duration, sink: Option<SinkClient>) -> Self {
+        Protector {
+            generation,
+            interval,
+            link: None,
+            events: never(),
+            sink,
+            next_epoch: 1,
+            last_ack: 0,
+            in_flight: None,
+            next_tick: None,
+            throttled_since: None,
+            lost: None,
+            stats: FtStats::default(),
+            notes: Value::Null,
+        }
+    }
+
+    /// Whether a standby protects the VM.
+    pub fn protected(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// The generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Starts protecting over `link`: captures a full sync now (the guest may be paused or
+    /// running) and hands it to the link. Output is held from here on.
+    pub fn protect(&mut self, vmx: &mut Vmx, link: Link) -> Result<()> {
+        vmx.hold_output(true);
+        let cap = vmx.capture_epoch(self.next_epoch, true)?;
+        log::info!(
+            "role: primary (generation {}), full sync of {} MiB to the standby",
+            self.generation,
+            cap.runs.iter().map(|r| r.data.len()).sum::<usize>() >> 20
+        );
+        self.events = link.events();
+        self.link = Some(link);
+        self.lost = None;
+        self.stats.full_syncs += 1;
+        self.dispatch(cap);
+        Ok(())
+    }
+
+    /// Releases output inherited from the previous primary (the records of the epochs this
+    /// standby committed last), skipping what the sink already has.
+    pub fn release_inherited(&mut self, vmx: &mut Vmx, records: Vec<Vec<Record>>) -> Result<()> {
+        let mut n = 0;
+        if let Some(s) = &mut self.sink {
+            for (v, r) in records.iter().enumerate() {
+                n += s.release_inherited(v as u32, r)?;
+            }
+            log::info!(
+                "released {n} inherited records the sink had not received (cursor {:?})",
+                s.cursor
+            );
+        } else {
+            vmx.release_local(&records);
+        }
+        self.stats.released += n as u64;
+        Ok(())
+    }
+
+    /// Link events for the run loop to select on.
+    pub fn events(&self) -> Receiver<LinkEvent> {
+        self.events.clone()
+    }
+
+    /// When [`Protector::tick`] wants to run next.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.link.as_ref().and(self.next_tick)
+    }
+
+    fn dispatch(&mut self, cap: crate::machine::Captured) {
+        let pause_ms = cap.pause.as_secs_f64() * 1e3;
+        if self.stats.pauses_ms.len() >= PAUSE_WINDOW {
+            self.stats.pauses_ms.remove(0);
+        }
+        if !cap.full {
+            self.stats.pauses_ms.push(pause_ms);
+        }
+        self.stats.mem_bytes += cap.runs.iter().map(|r| r.data.len() as u64).sum::<u64>();
+        self.in_flight = Some(InFlight {
+            epoch: cap.epoch,
+            records: cap.records.clone(),
+            captured: Instant::now(),
+        });
+        self.next_epoch = cap.epoch + 1;
+        self.next_tick = Some(Instant::now() + self.interval);
+        let ok = self.link.as_ref().is_some_and(|l| l.send(cap));
+        if !ok {
+            log::error!("the replication link is gone");
+        }
+    }
+
+    /// The epoch timer fired.
+    pub fn tick(&mut self, vmx: &mut Vmx) -> Result<()> {
+        if self.link.is_none() || vmx.finished() {
+            self.next_tick = None;
+            return Ok(());
+        }
+        if self.in_flight.is_some() {
+            // The standby is behind: stop the guest until it catches up.
+            if self.throttled_since.is_none() && !vmx.is_paused() {
+                vmx.suspend()?;
+                self.throttled_since = Some(Instant::now());
+                self.stats.throttles += 1;
+                log::debug!("standby behind: guest stunned until the ack");
+            }
+            self.next_tick = None;
+            return Ok(());
+        }
+        let cap = vmx.capture_epoch(self.next_epoch, false)?;
+        self.dispatch(cap);
+        Ok(())
+    }
+
+    fn release(&mut self, vmx: &mut Vmx, records: Vec<Vec<Record>>) -> Result<()> {
+        vmx.release_local(&records);
+        if let Some(s) = &mut self.sink {
+            for (v, r) in records.iter().enumerate() {
+                if !r.is_empty() {
+                    s.release(v as u32, r)?;
+                }
+            }
+        }
+        self.stats.released += records.iter().map(|r| r.len() as u64).sum::<u64>();
+        Ok(())
+    }
+
+    /// A link event arrived.
+    pub fn event(&mut self, ev: LinkEvent, vmx: &mut Vmx) -> Result<()> {
+        match ev {
+            LinkEvent::Acked { epoch, stats } => {
+                let Some(f) = self.in_flight.take_if(|f| f.epoch == epoch) else {
+                    log::warn!("acknowledgement of epoch {epoch}, which is not in flight");
+                    return Ok(());
+                };
+                self.last_ack = epoch;
+                self.stats.epochs += 1;
+                self.stats.lag = f.captured.elapsed();
+                self.stats.page_wire_bytes += stats.page_bytes;
+                self.stats.state_bytes += stats.state_bytes;
+                self.stats.record_bytes += stats.record_bytes;
+                self.stats.nacks += stats.nacks as u64;
+                self.release(vmx, f.records)?;
+                if let Some(since) = self.throttled_since.take() {
+                    // Capture while still stunned, then let the guest go.
+                    let cap = vmx.capture_epoch(self.next_epoch, false)?;
+                    self.dispatch(cap);
+                    vmx.resume()?;
+                    self.stats.throttled += since.elapsed();
+                }
+            }
+            LinkEvent::Lost { reason } => self.unprotect(vmx, reason)?,
+        }
+        Ok(())
+    }
+
+    fn unprotect(&mut self, vmx: &mut Vmx, reason: String) -> Result<()> {
+        log::error!(
+            "STANDBY LOST: {reason}. The VM runs UNPROTECTED from now on (generation {}); \
+             its output is released at once",
+            self.generation
+        );
+        self.link = None;
+        self.events = never();
+        self.lost = Some(reason);
+        self.next_tick = None;
+        if let Some(f) = self.in_flight.take() {
+            self.release(vmx, f.records)?;
+        }
+        let held = vmx.take_held();
+        self.release(vmx, held)?;
+        if let Some(since) = self.throttled_since.take() {
+            vmx.resume()?;
+            self.stats.throttled += since.elapsed();
+        }
+        Ok(())
+    }
+
+    /// Output was drained: an unprotected VM releases it at once.
+    pub fn after_output(&mut self, vmx: &mut Vmx) -> Result<()> {
+        if self.link.is_none() {
+            let held = vmx.take_held();
+            if held.iter().any(|h| !h.is_empty()) {
+                self.release(vmx, held)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest finished: the last epoch is captured, acknowledged and its output released;
+    /// then the standby is told goodbye.
+    pub fn finish(&mut self, vmx: &mut Vmx) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Wait for the epoch in flight, then send the last one and wait for it too.
+        let mut last_sent = false;
+        while self.link.is_some() {
+            if self.in_flight.is_none() {
+                if last_sent {
+                    break;
+                }
+                let cap = vmx.capture_epoch(self.next_epoch, false)?;
+                self.dispatch(cap);
+                last_sent = true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ev) => self.event(ev, vmx)?,
+                Err(_) => self.unprotect(vmx, "no acknowledgement of the last epoch".into())?,
+            }
+        }
+        if let Some(link) = self.link.take() {
+            link.goodbye();
+            log::info!("guest finished; the standby was told goodbye");
+        }
+        self.after_output(vmx)
+    }
+
+    /// For `status`.
+    pub fn status(&self) -> Value {
+        let p = &self.stats.pauses_ms;
+        json!({
+            "role": "primary",
+            "protected": self.protected(),
+            "unprotected_because": self.lost,
+            "generation": self.generation,
+            "epoch": self.next_epoch.saturating_sub(1),
+            "last_ack": self.last_ack,
+            "in_flight": self.in_flight.as_ref().map(|f| f.epoch),
+            "lag_ms": self.stats.lag.as_secs_f64() * 1e3,
+            "interval_ms": self.interval.as_secs_f64() * 1e3,
+            "pause_ms": {"p50": percentile(p, 50.0), "p99": percentile(p, 99.0),
+                         "max": p.iter().cloned().fold(0.0, f64::max), "count": p.len()},
+            "bytes_sent": {"pages": self.stats.page_wire_bytes, "state": self.stats.state_bytes,
+                           "records": self.stats.record_bytes},
+            "counters": {"full_syncs": self.stats.full_syncs, "epochs": self.stats.epochs,
+                         "mem_bytes": self.stats.mem_bytes, "state_bytes": self.stats.state_bytes,
+                         "nacks": self.stats.nacks, "throttles": self.stats.throttles,
+                         "throttled_ms": self.stats.throttled.as_secs_f64() * 1e3,
+                         "released_records": self.stats.released},
+            "notes": self.notes,
+        })
+    }
+}
+
+/// How a primary is set up.
+#[derive(Clone, Debug)]
+pub struct PrimaryConfig {
+    /// The VM.
+    pub boot: Boot,
+    /// Control socket, output, scheduling.
+    pub opts: Options,
+    /// The standby's address (None: run unprotected).
+    pub peer: Option<String>,
+    /// The shared key (None: --insecure-plaintext).
+    pub psk: Option<transport::Psk>,
+    /// Epoch interval.
+    pub interval: Duration,
+    /// The output sink.
+    pub sink: Option<String>,
+    /// How long to keep trying to reach the standby and the sink at start.
+    pub connect_patience: Duration,
+}
+
+/// Connects to a standby (retrying for `patience`) and authenticates.
+pub fn connect(
+    peer: &str,
+    psk: Option<&transport::Psk>,
+    patience: Duration,
+) -> Result<transport::Channel<std::net::TcpStream>> {
+    let start = Instant::now();
+    let stream = loop {
+        match std::net::TcpStream::connect(peer) {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() < patience => {
+                log::debug!("standby {peer}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(crate::Error::Link(transport::Error::Io(
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot reach the standby at {peer}: {e}"),
+                    ),
+                )))
+            }
+        }
+    };
+    stream.set_nodelay(true).map_err(transport::Error::Io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(transport::Error::Io)?;
+    let ch = transport::handshake::client(stream, psk)?;
+    ch.get_ref()
+        .set_read_timeout(None)
+        .map_err(transport::Error::Io)?;
+    Ok(ch)
+}
+
+/// Boots (or restores) a VM, protects it with the standby at `peer`, and runs it to the end.
+/// Returns how it ended and the final replication status.
+pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, Value)> {
+    let generation = 1;
+    let opts = Options {
+        paused: true,
+        ..cfg.opts.clone()
+    };
+    let mut vmx = power_on(cfg.boot, &opts)?;
+    let vcpus = vmx.vm().vcpu_count();
+    let mem_bytes = vmx.vm().layout().mem_bytes;
+    let sink = match &cfg.sink {
+        Some(a) => Some(SinkClient::connect(
+            a,
+            generation,
+            vcpus,
+            cfg.connect_patience,
+        )?),
+        None => None,
+    };
+    let mut ft = Protector::new(generation, cfg.interval, sink);
+    vmx.hold_output(true);
+    if let Some(peer) = &cfg.peer {
+        match connect(peer, cfg.psk.as_ref(), cfg.connect_patience) {
+            Ok(ch) => {
+                let link = Link::start(
+                    ch,
+                    link::LinkConfig {
+                        generation,
+                        interval: cfg.interval,
+                        mem_bytes,
+                        vcpus,
+                        hooks: link::TestHooks::from_env(),
+                    },
+                )?;
+                ft.protect(&mut vmx, link)?;
+            }
+            Err(e) => log::error!("{e}: running UNPROTECTED"),
+        }
+    } else {
+        log::warn!("no --peer: running UNPROTECTED (output is released at once)");
+    }
+    if !cfg.opts.paused {
+        vmx.resume()?;
+    }
+    let outcome = vmx.run_with(Some(&mut ft))?;
+    Ok((outcome, ft.status()))
+}
