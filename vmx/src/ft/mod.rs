@@ -25,6 +25,7 @@
 
 pub mod epoch;
 pub mod link;
+pub mod pair;
 pub mod sink;
 pub mod standby;
 

@@ -1,0 +1,288 @@
+//! The fault-tolerant pair, end to end: real `tandem sink`, `tandem standby` and
+//! `tandem primary` processes on loopback. Every check is on the sink's record stream (what
+//! the outside world saw) against the workload's reference model.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tandem_tests::{require_kvm, tandem_bin, workload};
+use vmx::ft::pair::{Pair, PairConfig};
+
+/// The pair tests take both cores; run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn config(dir: &std::path::Path, guest: &[&str], env: &[(&str, &str)]) -> PairConfig {
+    PairConfig {
+        bin: tandem_bin().clone(),
+        dir: dir.to_path_buf(),
+        guest: guest.iter().map(|s| s.to_string()).collect(),
+        interval_ms: 50,
+        primary_env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        log: "info".into(),
+    }
+}
+
+/// The guest as `(name, args)` and its vCPU count, from `--guest`-style arguments.
+fn reference(name: &str, args: &[(&str, &str)], vcpus: u32) -> Vec<Vec<devices::Record>> {
+    workload(name, args).reference_all(vcpus)
+}
+
+fn guest_args(name: &str, args: &[(&str, &str)], vcpus: u32) -> Vec<String> {
+    let mut v = vec![
+        "--guest".to_string(),
+        name.to_string(),
+        "--vcpus".into(),
+        vcpus.to_string(),
+    ];
+    for (k, val) in args {
+        v.push("--guest-arg".into());
+        v.push(format!("{k}={val}"));
+    }
+    v
+}
+
+/// Checks the sink's stream record by record against the reference; returns the
+/// generations seen.
+fn check_stream(pair: &Pair, want: &[Vec<devices::Record>], what: &str) -> Vec<u64> {
+    let report = pair.sink_report();
+    assert_eq!(
+        report.gaps, 0,
+        "{what}: gaps in the sink's stream: {report:?}"
+    );
+    assert_eq!(report.duplicates, 0, "{what}: duplicates: {report:?}");
+    let got = pair.sink_stream();
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: streams of {} vCPUs",
+        got.len()
+    );
+    let mut gens = Vec::new();
+    for (v, (g, w)) in got.iter().zip(want).enumerate() {
+        let recs: Vec<_> = g.iter().map(|(_, r)| *r).collect();
+        assert_eq!(
+            recs.len(),
+            w.len(),
+            "{what}: vCPU {v} has {} records, the uninterrupted run {}",
+            recs.len(),
+            w.len()
+        );
+        if let Some(i) = recs.iter().zip(w).position(|(a, b)| a != b) {
+            panic!(
+                "{what}: vCPU {v} record {i} differs: {:?} vs {:?}",
+                recs[i], w[i]
+            );
+        }
+        let mut last = 0;
+        for (gen, _) in g {
+            assert!(*gen >= last, "{what}: generation went back on vCPU {v}");
+            last = *gen;
+            if !gens.contains(gen) {
+                gens.push(*gen);
+            }
+        }
+    }
+    gens
+}
+
+fn dump(pair: &Pair) -> String {
+    format!(
+        "--- primary log ---\n{}\n--- standby log ---\n{}\n--- sink log ---\n{}",
+        pair.log("primary"),
+        pair.log("standby"),
+        pair.log("sink")
+    )
+}
+
+#[test]
+fn twenty_sigkills_of_the_primary_keep_the_stream_exact() {
+    require_kvm();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let guests: [(&str, &[(&str, &str)]); 2] = [
+        ("counter", &[("iters", "700M")]),
+        ("dirty", &[("iters", "3M")]),
+    ];
+    let mut rng = rand::thread_rng();
+    let mut mid_transfer = 0;
+    let mut failover_ms = Vec::new();
+    for i in 0..20 {
+        let (name, args) = guests[i % 2];
+        let vcpus = 2;
+        let dir = tempfile_dir(&format!("kill{i}"));
+        // Every other kill runs with a delay inside each epoch's transfer, so that the kill
+        // often lands in the middle of one.
+        let delayed = i % 4 >= 2;
+        let env: &[(&str, &str)] = if delayed {
+            &[("TANDEM_TEST_SEND_DELAY_MS", "25")]
+        } else {
+            &[]
+        };
+        let mut cfg = config(&dir, &[], env);
+        cfg.guest = guest_args(name, args, vcpus);
+        let mut pair = Pair::start_standby(cfg).expect("sink and standby");
+        pair.start_primary().expect("primary");
+        // Wait for protection, then kill at a random moment of the run.
+        let t0 = Instant::now();
+        while pair
+            .status("primary")
+            .and_then(|s| s["ft"]["last_ack"].as_u64())
+            .unwrap_or(0)
+            < 1
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "never protected\n{}",
+                dump(&pair)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(20..500)));
+        assert!(
+            pair.primary_running(),
+            "the primary finished before the kill; lengthen the guest"
+        );
+        let killed = pair.kill_primary();
+        let st = pair
+            .wait_standby(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("standby did not finish\n{}", dump(&pair)));
+        assert!(st.success(), "standby failed: {st}\n{}", dump(&pair));
+        let res = pair.result("standby").expect("standby result");
+        assert_eq!(res["took_over"], true, "{res}\n{}", dump(&pair));
+        let resumed = res["failover"]["resumed_unix_ms"].as_f64().unwrap();
+        failover_ms.push(resumed - killed);
+        if res["replication"]["counters"]["partial_epochs_discarded"].as_u64() > Some(0) {
+            mid_transfer += 1;
+        }
+        let gens = check_stream(
+            &pair,
+            &reference(name, args, vcpus),
+            &format!("kill {i} ({name})"),
+        );
+        assert!(gens.contains(&2), "kill {i}: the standby released nothing");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    eprintln!(
+        "20 kills: {mid_transfer} in the middle of an epoch transfer; failover ms: {failover_ms:.1?}"
+    );
+    assert!(
+        mid_transfer >= 1,
+        "no kill landed in the middle of a transfer"
+    );
+}
+
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("tandem-ft-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn sigkill_of_the_standby_leaves_the_primary_running_unprotected() {
+    require_kvm();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile_dir("standby-kill");
+    let args: &[(&str, &str)] = &[("iters", "4M")];
+    let mut cfg = config(&dir, &[], &[]);
+    cfg.guest = guest_args("dirty", args, 2);
+    let mut pair = Pair::start_standby(cfg).expect("sink and standby");
+    pair.start_primary().expect("primary");
+    let t0 = Instant::now();
+    while pair
+        .status("primary")
+        .and_then(|s| s["ft"]["last_ack"].as_u64())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never protected\n{}",
+            dump(&pair)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pair.kill_standby();
+    let at_kill = pair.sink_report().accepted;
+    // The primary notices, says so in status, and keeps releasing output.
+    let t1 = Instant::now();
+    loop {
+        let s = pair.status("primary");
+        if s.as_ref().is_some_and(|s| s["ft"]["protected"] == false) {
+            assert!(s.unwrap()["ft"]["unprotected_because"].is_string());
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(10) && pair.primary_running(),
+            "the primary never reported itself unprotected\n{}",
+            dump(&pair)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = pair
+        .wait_primary(Duration::from_secs(60))
+        .expect("primary ends");
+    assert!(st.success(), "primary failed\n{}", dump(&pair));
+    let res = pair.result("primary").expect("primary result");
+    assert_eq!(res["ft"]["protected"], false);
+    assert!(pair.log("primary").contains("STANDBY LOST"));
+    assert!(
+        pair.sink_report().accepted > at_kill,
+        "no output after the standby died"
+    );
+    let gens = check_stream(&pair, &reference("dirty", args, 2), "standby killed");
+    assert_eq!(gens, vec![1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn damaged_epochs_are_refused_and_replication_recovers() {
+    require_kvm();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let args: &[(&str, &str)] = &[("iters", "3M")];
+    let want = reference("dirty", args, 2);
+    for fault in ["digest", "truncate", "outside"] {
+        for kill in [false, true] {
+            let dir = tempfile_dir(&format!("bad-{fault}-{kill}"));
+            let hook = format!("3:{fault}");
+            let mut cfg = config(&dir, &[], &[("TANDEM_TEST_BAD_EPOCH", &hook)]);
+            cfg.guest = guest_args("dirty", args, 2);
+            let mut pair = Pair::start_standby(cfg).expect("sink and standby");
+            pair.start_primary().expect("primary");
+            if kill {
+                // Kill after the refused epoch was resent and more were committed: the
+                // standby must take over from an intact image.
+                let t0 = Instant::now();
+                while pair
+                    .status("primary")
+                    .and_then(|s| s["ft"]["last_ack"].as_u64())
+                    .unwrap_or(0)
+                    < 5
+                {
+                    assert!(t0.elapsed() < Duration::from_secs(30), "{}", dump(&pair));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                pair.kill_primary();
+            }
+            let st = pair
+                .wait_standby(Duration::from_secs(60))
+                .expect("standby ends");
+            assert!(st.success(), "{fault}: standby failed\n{}", dump(&pair));
+            let res = pair.result("standby").expect("standby result");
+            let counters = &res[if kill { "replication" } else { "stats" }]["counters"];
+            assert_eq!(counters["nacks"], 1, "{fault}: {res}\n{}", dump(&pair));
+            assert!(counters["commits"].as_u64().unwrap() >= 4, "{fault}: {res}");
+            assert_eq!(res["took_over"], kill);
+            if !kill {
+                pair.wait_primary(Duration::from_secs(30));
+                let p = pair.result("primary").expect("primary result");
+                assert_eq!(p["ft"]["counters"]["nacks"], 1, "{p}");
+            }
+            check_stream(&pair, &want, &format!("bad epoch ({fault}, kill {kill})"));
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
