@@ -121,6 +121,27 @@ pub fn encode_range(gpa: u64, data: &[u8], prev: Option<&[u8]>) -> PageRange {
     best
 }
 
+/// Codes one range without trying compression: zero if it is all zeros, raw otherwise (for
+/// senders that know their pages do not compress).
+pub fn encode_range_uncompressed(gpa: u64, data: &[u8]) -> PageRange {
+    assert!(data.len() % PAGE == 0 && !data.is_empty(), "whole pages");
+    let pages = (data.len() / PAGE) as u32;
+    if is_zero(data) {
+        return PageRange {
+            gpa,
+            pages,
+            codec: Codec::Zero,
+            payload: Vec::new(),
+        };
+    }
+    PageRange {
+        gpa,
+        pages,
+        codec: Codec::Raw,
+        payload: data.to_vec(),
+    }
+}
+
 /// Codes one range with the given codec (for benchmarks and tests; `encode_range` picks the
 /// best). XorZstd needs `prev`; Zero is only valid for all-zero pages.
 pub fn encode_range_with(gpa: u64, data: &[u8], prev: Option<&[u8]>, codec: Codec) -> PageRange {

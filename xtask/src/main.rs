@@ -2,7 +2,9 @@
 //!
 //! * `cargo xtask bench stun`  — stun/unstun latency for 1, 2 and 4 vCPUs
 //! * `cargo xtask bench guest` — `counter` in a 1-vCPU guest against the same loop on the host
+//! * `cargo xtask bench ft`    — the fault-tolerant pair: slowdown, pauses, failover
 //! * `cargo xtask bench`       — all of them
+//! * `cargo xtask run-pair`    — a protected pair with a live status line and a verdict
 //!
 //! Every bench prints its table and appends it, with the command, to BENCHMARKS.md.
 
@@ -16,6 +18,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use monitor::{ModuleTable, Vm, VmConfig};
 
 mod fuzz;
+mod pair;
 mod transport_bench;
 
 #[derive(Parser)]
@@ -38,6 +41,9 @@ enum Cmd {
         target: Option<String>,
     },
     /// Measure, print, and append the results to BENCHMARKS.md.
+    /// Run a protected pair on this machine: an output sink, a standby and a primary on
+    /// loopback with a fresh key, a live status line, and a summary with the sink's verdict.
+    RunPair(pair::RunPairArgs),
     Bench {
         /// Which benchmark (all when left out).
         which: Option<Bench>,
@@ -60,6 +66,8 @@ enum Bench {
     Snapshot,
     /// Page codecs and the sealed link over loopback TCP.
     Transport,
+    /// The fault-tolerant pair: guest slowdown, epoch pauses, failover time.
+    Ft,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -357,6 +365,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
+        Cmd::RunPair(args) => pair::run_pair(args),
         Cmd::Bench {
             which,
             stuns,
@@ -376,6 +385,9 @@ fn main() {
             }
             if all || which == Some(Bench::Transport) {
                 r = r.and_then(|_| transport_bench::bench(&mut out));
+            }
+            if all || which == Some(Bench::Ft) {
+                r = r.and_then(|_| pair::bench(&mut out));
             }
             r.and_then(|_| {
                 if !no_record {

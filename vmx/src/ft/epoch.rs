@@ -42,22 +42,30 @@ pub const RETAINED_EPOCHS: usize = 4;
 /// Name prefix of held-output sections.
 pub const RECORDS_PREFIX: &str = "records/";
 
+/// SHA-256(gpa ‖ bytes) of one range.
+pub fn range_hash(gpa: u64, data: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(gpa.to_le_bytes());
+    h.update(data);
+    h.finalize().into()
+}
+
+/// Combines the ranges' hashes, in order, into the epoch digest.
+pub fn combine_hashes(hashes: impl IntoIterator<Item = [u8; 32]>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in hashes {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
 /// The digest of an epoch's pages: SHA-256 over SHA-256(gpa ‖ bytes) of each range in order.
 pub fn pages_digest(ranges: &[(u64, &[u8])]) -> [u8; 32] {
     let parts: Vec<[u8; 32]> = ranges
         .par_iter()
-        .map(|(gpa, data)| {
-            let mut h = Sha256::new();
-            h.update(gpa.to_le_bytes());
-            h.update(data);
-            h.finalize().into()
-        })
+        .map(|(gpa, data)| range_hash(*gpa, data))
         .collect();
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p);
-    }
-    h.finalize().into()
+    combine_hashes(parts)
 }
 
 /// An epoch being received.

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use transport::message::NackCode;
-use transport::pages::encode_ranges;
 use transport::{Channel, Epoch, Fence, Generation, Message, PageRange, Received};
 
-use super::epoch::{pages_digest, RECORDS_PREFIX};
+use rayon::prelude::*;
+use transport::pages::{encode_range, encode_range_uncompressed};
+
+use super::epoch::{combine_hashes, range_hash, RECORDS_PREFIX};
 use crate::machine::Captured;
 
 /// Faults a test can inject (environment variables; never set them in production).
@@ -186,6 +188,7 @@ fn sender(
         epoch: Epoch(e),
     };
     let mut last = 0u64;
+    let mut codec = CodecChoice::default();
     let lost = |reason: String| {
         let _ = events.send(LinkEvent::Lost { reason });
     };
@@ -194,7 +197,7 @@ fn sender(
             recv(jobs) -> job => match job {
                 Ok(Job::Epoch(cap)) => {
                     last = cap.epoch;
-                    match send_epoch(&mut tx, &replies, &cap, &cfg) {
+                    match send_epoch(&mut tx, &replies, &cap, &cfg, &mut codec) {
                         Ok(stats) => {
                             let _ = events.send(LinkEvent::Acked { epoch: cap.epoch, stats });
                         }
@@ -229,11 +232,35 @@ fn sender(
     }
 }
 
+/// Whether to try zstd: after an epoch whose pages compressed to more than 90 %, the next
+/// [`RAW_STREAK`] epochs go raw, then zstd is tried again.
+#[derive(Default)]
+struct CodecChoice {
+    raw_until: u64,
+}
+
+const RAW_STREAK: u64 = 8;
+
+impl CodecChoice {
+    fn compress(&self, epoch: u64) -> bool {
+        epoch >= self.raw_until
+    }
+    fn learn(&mut self, epoch: u64, compressed: bool, raw: u64, wire: u64) {
+        if compressed && raw >= 1 << 20 && wire * 10 > raw * 9 {
+            log::debug!(
+                "pages do not compress ({wire} of {raw} bytes): raw for {RAW_STREAK} epochs"
+            );
+            self.raw_until = epoch + RAW_STREAK;
+        }
+    }
+}
+
 fn send_epoch(
     tx: &mut Channel<TcpStream>,
     replies: &Replies,
     cap: &Captured,
     cfg: &LinkConfig,
+    codec: &mut CodecChoice,
 ) -> Result<SendStats, String> {
     let t0 = Instant::now();
     let fence = Fence {
@@ -245,8 +272,23 @@ fn send_epoch(
         .iter()
         .map(|r| (r.gpa, r.data.as_slice()))
         .collect();
-    let ranges = encode_ranges(&parts, &|_, _| None);
-    let digest = pages_digest(&parts);
+    // One pass on every core: code each range and hash it. Pages that did not compress last
+    // time are sent raw for a while (zstd on random data costs time and saves nothing).
+    let compress = cap.full || codec.compress(cap.epoch);
+    let coded: Vec<(PageRange, [u8; 32])> = parts
+        .par_iter()
+        .map(|(gpa, data)| {
+            let r = if compress {
+                encode_range(*gpa, data, None)
+            } else {
+                encode_range_uncompressed(*gpa, data)
+            };
+            (r, range_hash(*gpa, data))
+        })
+        .collect();
+    let digest = combine_hashes(coded.iter().map(|c| c.1));
+    let ranges: Vec<PageRange> = coded.into_iter().map(|c| c.0).collect();
+    let t_enc = t0.elapsed();
     let pages: u64 = ranges.iter().map(|r| r.pages as u64).sum();
     let mut stats = SendStats {
         raw_bytes: parts.iter().map(|p| p.1.len() as u64).sum(),
@@ -300,7 +342,11 @@ fn send_epoch(
             }
         }
         send_batch(tx, &mut batch)?;
-        stats.page_bytes += ranges.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+        let wire: u64 = ranges.iter().map(|r| r.payload.len() as u64).sum();
+        stats.page_bytes += wire;
+        if attempt == 0 && !cap.full {
+            codec.learn(cap.epoch, compress, stats.raw_bytes, wire);
+        }
         if let Some(d) = cfg.hooks.send_delay {
             std::thread::sleep(d);
         }
@@ -344,13 +390,25 @@ fn send_epoch(
         })
         .map_err(net)?;
         stats.send = t0.elapsed();
+        let t_sent = t0.elapsed();
         let patience = if cap.full {
             Duration::from_secs(60)
         } else {
             (cfg.interval * 20).max(Duration::from_secs(5))
         };
         match replies.recv_timeout(patience) {
-            Ok(Ok(Received::Message(Message::Ack { fence: f }))) if f == fence => return Ok(stats),
+            Ok(Ok(Received::Message(Message::Ack { fence: f }))) if f == fence => {
+                log::debug!(
+                    "epoch {}: {} KiB dirty → {} KiB; encode+hash {:?}, send {:?}, ack {:?}",
+                    cap.epoch,
+                    stats.raw_bytes >> 10,
+                    stats.page_bytes >> 10,
+                    t_enc,
+                    t_sent - t_enc,
+                    t0.elapsed() - t_sent
+                );
+                return Ok(stats);
+            }
             Ok(Ok(Received::Message(Message::Nack {
                 fence: f,
                 code,
