@@ -89,6 +89,25 @@ fn check_stream(pair: &Pair, want: &[Vec<devices::Record>], what: &str) -> Vec<u
     gens
 }
 
+/// Waits until the standby acknowledged `acks` epochs and the sink has some output.
+fn wait_protected_with_output(pair: &Pair, acks: u64) {
+    let t0 = Instant::now();
+    while pair
+        .status("primary")
+        .and_then(|s| s["ft"]["last_ack"].as_u64())
+        .unwrap_or(0)
+        < acks
+        || pair.sink_report().accepted == 0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never protected\n{}",
+            dump(pair)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn dump(pair: &Pair) -> String {
     format!(
         "--- primary log ---\n{}\n--- standby log ---\n{}\n--- sink log ---\n{}",
@@ -191,20 +210,7 @@ fn sigkill_of_the_standby_leaves_the_primary_running_unprotected() {
     cfg.guest = guest_args("dirty", args, 2);
     let mut pair = Pair::start_standby(cfg).expect("sink and standby");
     pair.start_primary().expect("primary");
-    let t0 = Instant::now();
-    while pair
-        .status("primary")
-        .and_then(|s| s["ft"]["last_ack"].as_u64())
-        .unwrap_or(0)
-        < 3
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "never protected\n{}",
-            dump(&pair)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_protected_with_output(&pair, 3);
     pair.kill_standby();
     let at_kill = pair.sink_report().accepted;
     // The primary notices, says so in status, and keeps releasing output.
@@ -234,7 +240,10 @@ fn sigkill_of_the_standby_leaves_the_primary_running_unprotected() {
         "no output after the standby died"
     );
     let gens = check_stream(&pair, &reference("dirty", args, 2), "standby killed");
-    assert_eq!(gens, vec![1]);
+    // Protected output went out as generation 1; after losing its standby the primary won
+    // generation 2 at the arbiter and went on as that.
+    assert_eq!(gens, vec![1, 2]);
+    assert!(pair.log("primary").contains("won generation 2"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -285,4 +294,58 @@ fn damaged_epochs_are_refused_and_replication_recovers() {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
+}
+
+#[test]
+fn a_stopped_primary_is_replaced_and_fences_itself_when_it_wakes() {
+    require_kvm();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile_dir("sigstop");
+    let args: &[(&str, &str)] = &[("iters", "6M")];
+    let mut cfg = config(&dir, &[], &[]);
+    cfg.guest = guest_args("dirty", args, 2);
+    let mut pair = Pair::start_standby(cfg).expect("sink and standby");
+    pair.start_primary().expect("primary");
+    wait_protected_with_output(&pair, 3);
+    pair.signal_primary("STOP");
+    // The standby takes over after 4 × interval of silence, as generation 2.
+    let t1 = Instant::now();
+    loop {
+        let g = pair
+            .status("standby")
+            .and_then(|s| s["ft"]["generation"].as_u64());
+        if g == Some(2) {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(10),
+            "no takeover\n{}",
+            dump(&pair)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = t1.elapsed();
+    let accepted_then = pair.sink_report().accepted;
+    pair.signal_primary("CONT");
+    let st = pair
+        .wait_primary(Duration::from_secs(30))
+        .expect("old primary exits");
+    assert_eq!(
+        st.code(),
+        Some(3),
+        "the old primary did not fence itself\n{}",
+        dump(&pair)
+    );
+    assert!(pair.log("primary").contains("FENCED"), "{}", dump(&pair));
+    let st = pair
+        .wait_standby(Duration::from_secs(60))
+        .expect("standby ends");
+    assert!(st.success(), "{}", dump(&pair));
+    let res = pair.result("standby").unwrap();
+    assert_eq!(res["took_over"], true);
+    assert!(pair.sink_report().accepted > accepted_then);
+    let gens = check_stream(&pair, &reference("dirty", args, 2), "SIGSTOP");
+    assert_eq!(gens, vec![1, 2], "the sink heard generation {gens:?}");
+    eprintln!("SIGSTOP: the standby ran as generation 2 {took:?} after the stop");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -67,11 +67,13 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit code for this error: 2 for usage errors, 1 otherwise.
+    /// The process exit code for this error: 2 for usage errors, 3 for a fenced primary, 1
+    /// otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => 2,
             Error::Monitor(monitor::Error::Config(_)) => 2,
+            Error::Fenced(_) => 3,
             _ => 1,
         }
     }

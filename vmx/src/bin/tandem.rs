@@ -73,9 +73,24 @@ struct LinkArgs {
     /// The output sink (`tandem sink`) to release guest output to.
     #[arg(long, value_name = "ADDR")]
     sink: Option<String>,
+    /// A directory both hosts share where role changes are arbitrated (file arbiter): a
+    /// standby resumes, and a primary that lost its standby goes on, only after winning the
+    /// next generation there; the loser fences itself. Without it nothing prevents two
+    /// primaries after a network partition.
+    #[arg(long, value_name = "DIR")]
+    arbiter: Option<PathBuf>,
 }
 
 impl LinkArgs {
+    fn arbiter(&self) -> Result<Option<std::sync::Arc<dyn vmx::ft::arbiter::Arbiter>>, vmx::Error> {
+        match &self.arbiter {
+            Some(d) => Ok(Some(std::sync::Arc::new(
+                vmx::ft::arbiter::FileArbiter::new(d)?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
     fn psk(&self) -> Result<Option<transport::Psk>, vmx::Error> {
         match (&self.key_file, self.insecure_plaintext) {
             (Some(_), true) => Err(vmx::Error::Usage(
@@ -325,6 +340,7 @@ fn primary(args: PrimaryArgs) -> Result<(), vmx::Error> {
         psk: args.link.psk()?,
         interval: Duration::from_millis(args.link.interval_ms),
         sink: args.link.sink.clone(),
+        arbiter: args.link.arbiter()?,
         connect_patience: Duration::from_secs(10),
     };
     let (outcome, ft) = vmx::ft::run_primary(cfg)?;
@@ -347,6 +363,7 @@ fn standby(args: StandbyArgs) -> Result<(), vmx::Error> {
         interval: Duration::from_millis(args.link.interval_ms),
         sink: args.link.sink.clone(),
         opts: args.common.options(),
+        arbiter: args.link.arbiter()?,
     };
     let sb = vmx::ft::standby::Standby::bind(&args.listen, cfg)?;
     println!("listening on {}", sb.addr());
@@ -357,13 +374,18 @@ fn standby(args: StandbyArgs) -> Result<(), vmx::Error> {
             println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
             Ok(())
         }
+        vmx::ft::standby::StandbyOutcome::StoodDown { reason, stats } => {
+            let v = serde_json::json!({"role": "standby", "took_over": false, "stood_down": reason, "stats": stats});
+            println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
+            Ok(())
+        }
         vmx::ft::standby::StandbyOutcome::TookOver {
             failover,
             outcome,
             stats,
             primary,
         } => {
-            let report = match &outcome {
+            let report = match outcome.as_ref() {
                 Outcome::Finished(r) => serde_json::to_value(r).expect("serialises"),
                 Outcome::Suspended { path, .. } => serde_json::json!({"suspended": path}),
             };

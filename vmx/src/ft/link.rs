@@ -327,15 +327,13 @@ fn send_epoch(
             batch.clear();
             Ok::<_, String>(())
         };
-        let mut sent_ranges = 0u64;
-        for r in &ranges {
+        for (sent_ranges, r) in ranges.iter().enumerate() {
             batch_bytes += r.payload.len() + 32;
             let mut r = r.clone();
             if fault == Some(Fault::Outside) && sent_ranges == 0 {
                 r.gpa = cfg.mem_bytes;
             }
             batch.push(r);
-            sent_ranges += 1;
             if batch_bytes >= 8 << 20 {
                 send_batch(tx, &mut batch)?;
                 batch_bytes = 0;

@@ -23,12 +23,14 @@
 //!   filled, and the guest can never run more than one interval ahead of the standby.
 //! * [`standby`] runs the other side; [`sink`] is the outside world.
 
+pub mod arbiter;
 pub mod epoch;
 pub mod link;
 pub mod pair;
 pub mod sink;
 pub mod standby;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{never, Receiver};
@@ -37,6 +39,7 @@ use serde_json::{json, Value};
 
 use crate::machine::{power_on, Boot, Options, Outcome, Vmx};
 use crate::Result;
+use arbiter::Arbiter;
 use link::{Link, LinkEvent};
 use sink::SinkClient;
 
@@ -71,8 +74,10 @@ pub struct FtStats {
     pub full_syncs: u64,
     /// Epochs acknowledged.
     pub epochs: u64,
-    /// Dirty bytes captured.
+    /// Dirty bytes captured by epochs (full syncs not counted).
     pub mem_bytes: u64,
+    /// Bytes captured by full syncs.
+    pub full_sync_bytes: u64,
     /// Page bytes on the wire.
     pub page_wire_bytes: u64,
     /// State bytes sent.
@@ -112,6 +117,8 @@ pub struct Protector {
     next_tick: Option<Instant>,
     throttled_since: Option<Instant>,
     lost: Option<String>,
+    arbiter: Option<Arc<dyn Arbiter>>,
+    sink_addr: Option<String>,
     /// Counters.
     pub stats: FtStats,
     /// Extra facts for `status` (e.g. the failover that made this primary).
@@ -134,9 +141,19 @@ impl Protector {
             next_tick: None,
             throttled_since: None,
             lost: None,
+            arbiter: None,
+            sink_addr: None,
             stats: FtStats::default(),
             notes: Value::Null,
         }
+    }
+
+    /// Arbitrates role changes with `arbiter`; `sink_addr` is where to reconnect as a new
+    /// generation.
+    pub fn with_arbiter(mut self, arbiter: Arc<dyn Arbiter>, sink_addr: Option<String>) -> Self {
+        self.arbiter = Some(arbiter);
+        self.sink_addr = sink_addr;
+        self
     }
 
     /// Whether a standby protects the VM.
@@ -204,7 +221,12 @@ impl Protector {
         if !cap.full {
             self.stats.pauses_ms.push(pause_ms);
         }
-        self.stats.mem_bytes += cap.runs.iter().map(|r| r.data.len() as u64).sum::<u64>();
+        let bytes = cap.runs.iter().map(|r| r.data.len() as u64).sum::<u64>();
+        if cap.full {
+            self.stats.full_sync_bytes += bytes;
+        } else {
+            self.stats.mem_bytes += bytes;
+        }
         self.in_flight = Some(InFlight {
             epoch: cap.epoch,
             records: cap.records.clone(),
@@ -283,6 +305,37 @@ impl Protector {
     }
 
     fn unprotect(&mut self, vmx: &mut Vmx, reason: String) -> Result<()> {
+        if let Some(arb) = self.arbiter.clone() {
+            // The standby may be taking over right now: race it for the next generation
+            // before anything more leaves this VM.
+            let next = self.generation + 1;
+            let who = format!("primary pid {}", std::process::id());
+            let won = arb.claim(next, &who)?;
+            if !won {
+                return Err(self.fence(
+                    vmx,
+                    &format!(
+                        "lost its standby ({reason}) and then the claim of generation {next} at \
+                     the {}: another VM is primary",
+                        arb.describe()
+                    ),
+                ));
+            }
+            log::warn!(
+                "won generation {next} at the {} after losing the standby",
+                arb.describe()
+            );
+            self.generation = next;
+            if let (Some(addr), Some(_)) = (&self.sink_addr, &self.sink) {
+                let vcpus = vmx.vm().vcpu_count();
+                self.sink = Some(SinkClient::connect(
+                    addr,
+                    next,
+                    vcpus,
+                    Duration::from_secs(5),
+                )?);
+            }
+        }
         log::error!(
             "STANDBY LOST: {reason}. The VM runs UNPROTECTED from now on (generation {}); \
              its output is released at once",
@@ -304,15 +357,45 @@ impl Protector {
         Ok(())
     }
 
-    /// Output was drained: an unprotected VM releases it at once.
+    /// Output was drained: an unprotected VM releases it at once (after the arbiter, if any,
+    /// confirms this VM is still the newest generation).
     pub fn after_output(&mut self, vmx: &mut Vmx) -> Result<()> {
         if self.link.is_none() {
             let held = vmx.take_held();
             if held.iter().any(|h| !h.is_empty()) {
+                if let Some(arb) = self.arbiter.clone() {
+                    if !arb.still(self.generation)? {
+                        return Err(self.fence(
+                            vmx,
+                            &format!(
+                                "the {} says generation {} is no longer the newest",
+                                arb.describe(),
+                                self.generation
+                            ),
+                        ));
+                    }
+                }
                 self.release(vmx, held)?;
             }
         }
         Ok(())
+    }
+
+    /// Stops the guest and releases nothing: another VM is primary.
+    fn fence(&mut self, vmx: &mut Vmx, why: &str) -> crate::Error {
+        let _ = vmx.suspend();
+        self.link = None;
+        self.in_flight = None;
+        let dropped: usize = vmx.take_held().iter().map(|h| h.len()).sum();
+        log::error!(
+            "FENCED: this VM (generation {}) {why}. The guest is stopped and {dropped} held \
+             records are dropped unreleased.",
+            self.generation
+        );
+        crate::Error::Fenced(format!(
+            "generation {} {why}; this VM stopped without releasing its held output",
+            self.generation
+        ))
     }
 
     /// The guest finished: the last epoch is captured, acknowledged and its output released;
@@ -361,7 +444,8 @@ impl Protector {
             "bytes_sent": {"pages": self.stats.page_wire_bytes, "state": self.stats.state_bytes,
                            "records": self.stats.record_bytes},
             "counters": {"full_syncs": self.stats.full_syncs, "epochs": self.stats.epochs,
-                         "mem_bytes": self.stats.mem_bytes, "state_bytes": self.stats.state_bytes,
+                         "mem_bytes": self.stats.mem_bytes, "full_sync_bytes": self.stats.full_sync_bytes,
+                         "state_bytes": self.stats.state_bytes,
                          "nacks": self.stats.nacks, "throttles": self.stats.throttles,
                          "throttled_ms": self.stats.throttled.as_secs_f64() * 1e3,
                          "released_records": self.stats.released},
@@ -385,6 +469,8 @@ pub struct PrimaryConfig {
     pub interval: Duration,
     /// The output sink.
     pub sink: Option<String>,
+    /// Where role changes are decided (None: nothing prevents split brain).
+    pub arbiter: Option<Arc<dyn Arbiter>>,
     /// How long to keep trying to reach the standby and the sink at start.
     pub connect_patience: Duration,
 }
@@ -427,7 +513,23 @@ pub fn connect(
 /// Boots (or restores) a VM, protects it with the standby at `peer`, and runs it to the end.
 /// Returns how it ended and the final replication status.
 pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, Value)> {
-    let generation = 1;
+    let generation = match &cfg.arbiter {
+        Some(arb) => {
+            let g = arb.current()? + 1;
+            if !arb.claim(g, &format!("primary pid {}", std::process::id()))? {
+                return Err(crate::Error::Fenced(format!(
+                    "another VM claimed generation {g} at the {} first",
+                    arb.describe()
+                )));
+            }
+            log::info!("claimed generation {g} at the {}", arb.describe());
+            g
+        }
+        None => {
+            log::warn!("no --arbiter: nothing prevents two primaries after a partition");
+            1
+        }
+    };
     let opts = Options {
         paused: true,
         ..cfg.opts.clone()
@@ -445,6 +547,9 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, Value)> {
         None => None,
     };
     let mut ft = Protector::new(generation, cfg.interval, sink);
+    if let Some(arb) = &cfg.arbiter {
+        ft = ft.with_arbiter(arb.clone(), cfg.sink.clone());
+    }
     vmx.hold_output(true);
     if let Some(peer) = &cfg.peer {
         match connect(peer, cfg.psk.as_ref(), cfg.connect_patience) {

@@ -129,6 +129,8 @@ impl Pair {
                 self.cfg.interval_ms.to_string(),
                 "--sink".into(),
                 self.sink_addr.clone(),
+                "--arbiter".into(),
+                s(self.file("arbiter")),
                 "--control".into(),
                 s(self.file("standby.sock")),
             ],
@@ -151,6 +153,8 @@ impl Pair {
             self.cfg.interval_ms.to_string(),
             "--sink".into(),
             self.sink_addr.clone(),
+            "--arbiter".into(),
+            s(self.file("arbiter")),
             "--control".into(),
             s(self.file("primary.sock")),
             "--json".into(),
@@ -177,6 +181,15 @@ impl Pair {
             let _ = p.wait();
         }
         at
+    }
+
+    /// Sends `sig` (e.g. "STOP", "CONT") to the primary.
+    pub fn signal_primary(&self, sig: &str) {
+        if let Some(p) = &self.primary {
+            let _ = Command::new("kill")
+                .args([format!("-{sig}"), p.id().to_string()])
+                .status();
+        }
     }
 
     /// SIGKILLs the standby.

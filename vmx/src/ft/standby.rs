@@ -37,6 +37,9 @@ pub struct StandbyConfig {
     pub sink: Option<String>,
     /// Control socket, output, scheduling of the VM.
     pub opts: Options,
+    /// Where role changes are decided: the standby resumes only after winning the next
+    /// generation there (None: it resumes on detection alone).
+    pub arbiter: Option<std::sync::Arc<dyn super::arbiter::Arbiter>>,
 }
 
 /// What a failover took.
@@ -68,12 +71,20 @@ pub enum StandbyOutcome {
         /// The stats.
         stats: Value,
     },
+    /// The primary was declared dead but won the next generation first: it is alive, and
+    /// this standby stood down without running anything.
+    StoodDown {
+        /// Why.
+        reason: String,
+        /// Replication stats.
+        stats: Value,
+    },
     /// The primary died; this standby took over and ran the guest.
     TookOver {
         /// The failover.
         failover: FailoverReport,
         /// How the run ended.
-        outcome: Outcome,
+        outcome: Box<Outcome>,
         /// Replication stats before the takeover.
         stats: Value,
         /// The protector's final status.
@@ -416,6 +427,19 @@ impl Standby {
                     )));
                 };
                 let generation = replica.fence.generation.0 + 1;
+                if let Some(arb) = &self.cfg.arbiter {
+                    let who = format!("standby pid {}", std::process::id());
+                    if !arb.claim(generation, &who)? {
+                        let why = format!(
+                            "{reason}, but generation {generation} was claimed first at the {}: \
+                             the primary is alive; standing down",
+                            arb.describe()
+                        );
+                        log::warn!("{why}");
+                        return Ok(StandbyOutcome::StoodDown { reason: why, stats });
+                    }
+                    log::info!("won generation {generation} at the {}", arb.describe());
+                }
                 log::warn!(
                     "FAILOVER: {reason}. Taking over as primary, generation {generation}, from \
                      committed epoch {}",
@@ -432,6 +456,9 @@ impl Standby {
                     None => None,
                 };
                 let mut ft = Protector::new(generation, self.cfg.interval, sink);
+                if let Some(arb) = &self.cfg.arbiter {
+                    ft = ft.with_arbiter(arb.clone(), self.cfg.sink.clone());
+                }
                 vmx.hold_output(true);
                 let inherited = replica.inherited_output(vcpus);
                 let before = ft.stats.released;
@@ -455,7 +482,7 @@ impl Standby {
                 let outcome = vmx.run_with(Some(&mut ft))?;
                 Ok(StandbyOutcome::TookOver {
                     failover,
-                    outcome,
+                    outcome: Box::new(outcome),
                     stats,
                     primary: ft.status(),
                 })
