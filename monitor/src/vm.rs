@@ -509,23 +509,36 @@ impl Vm {
 
     /// Saves every vCPU's state (VM stunned or not started): sections `vcpu/<n>`.
     pub fn save_vcpus(&self) -> Result<Vec<Section>> {
-        (0..self.vcpu_count())
-            .map(|id| {
-                let snap = self.call_on(id, move |ctx| {
-                    let done = ctx.stats.done.load(Ordering::Acquire);
-                    let mut s = capture_vcpu(&ctx.fd, &ctx.shared.msrs, done)?;
+        // Every vCPU captures its own state on its own thread, all at once.
+        let mut waits = Vec::new();
+        for id in 0..self.vcpu_count() {
+            let (tx, rx) = bounded(1);
+            let call: VcpuCall = Box::new(move |ctx| {
+                let done = ctx.stats.done.load(Ordering::Acquire);
+                let r = capture_vcpu(&ctx.fd, &ctx.shared.msrs, done).map(|mut s| {
                     if !ctx.shared.ran.load(Ordering::Acquire) {
                         let r = ctx
                             .shared
                             .restored
                             .lock()
                             .unwrap_or_else(|p| p.into_inner());
-                        if let Some(Some((tsc, tmcct))) = r.vcpus.get(id as usize) {
+                        if let Some(Some((tsc, tmcct))) = r.vcpus.get(ctx.id as usize) {
                             s.freeze_time(*tsc, *tmcct);
                         }
                     }
-                    Ok::<_, Error>(s)
-                })??;
+                    s
+                });
+                let _ = tx.send(r);
+            });
+            self.post(id as usize, CrossCall::Call(call))?;
+            waits.push(rx);
+        }
+        waits
+            .into_iter()
+            .enumerate()
+            .map(|(id, rx)| {
+                let id = id as u32;
+                let snap = rx.recv().map_err(|_| Error::Stopped)??;
                 Section::encode(&format!("vcpu/{id}"), VCPU_STATE_VERSION, &snap).map_err(|e| {
                     Error::Vcpu {
                         vcpu: id,

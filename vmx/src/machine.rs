@@ -113,6 +113,8 @@ pub struct Captured {
     pub records: Vec<Vec<Record>>,
     /// How long the guest was stopped.
     pub pause: Duration,
+    /// Of that, the monitor's SAVE step (dirty log, page copies, vCPU and module state).
+    pub save_step: Duration,
 }
 
 /// How a run ended.
@@ -350,6 +352,7 @@ impl PowerOn {
             start: Instant::now(),
             opts: self.opts.clone(),
             checkpoints: 0,
+            last_save_step: Duration::ZERO,
         });
         Ok(())
     }
@@ -485,6 +488,7 @@ pub struct Vmx {
     start: Instant,
     opts: Options,
     checkpoints: u64,
+    last_save_step: Duration,
 }
 
 impl Vmx {
@@ -702,7 +706,9 @@ impl Vmx {
                 ..CptArgs::default()
             },
         };
+        let t_save = Instant::now();
         let out = self.monitor_step(CptState::Save, args, None)?;
+        self.last_save_step = t_save.elapsed();
         self.trace
             .push(CptState::Save, Side::Vmx, "stun callback: save");
         let mut snap = Snapshot::default();
@@ -835,6 +841,7 @@ impl Vmx {
             sections: snap.iter().cloned().collect(),
             records,
             pause,
+            save_step: self.last_save_step,
         })
     }
 

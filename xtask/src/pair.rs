@@ -337,8 +337,8 @@ pub fn bench(out: &mut String) -> Result<(), String> {
          iterations per second of guest run time (start to done, including the wait for the \
          full sync's acknowledgement); FT off is `tandem run`. Dirtied MB/s and pages/epoch \
          count epochs only (not the full sync).\n\n\
-         | ws_mib | FT | guest it/s | slowdown | dirtied MB/s | pages/epoch | pause p50 ms | pause p99 ms | throttles |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         | ws_mib | FT | guest it/s | slowdown | dirtied MB/s | pages/epoch | pause p50 ms | pause p99 ms | SAVE step p50 ms | throttles |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for ws in [1u64, 2, 4] {
         let iters = 40_000_000u64;
@@ -357,7 +357,7 @@ pub fn bench(out: &mut String) -> Result<(), String> {
         let rep: Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
         let base_ms = rep["vcpus"][0]["run_ms"].as_f64().unwrap_or(1.0);
         let base = iters as f64 / (base_ms / 1e3);
-        let row = format!("| {ws} | off | {base:.3e} | – | – | – | – | – | – |\n");
+        let row = format!("| {ws} | off | {base:.3e} | – | – | – | – | – | – | – |\n");
         print!("{row}");
         text.push_str(&row);
         for interval in [50u64, 25] {
@@ -386,13 +386,14 @@ pub fn bench(out: &mut String) -> Result<(), String> {
             let mem = ft["counters"]["mem_bytes"].as_f64().unwrap_or(0.0);
             let tput = iters as f64 / (wall_ms / 1e3);
             let row = format!(
-                "| {ws} | {} Hz | {tput:.3e} | {:.1} % | {:.1} | {:.0} | {:.3} | {:.3} | {} |\n",
+                "| {ws} | {} Hz | {tput:.3e} | {:.1} % | {:.1} | {:.0} | {:.3} | {:.3} | {:.3} | {} |\n",
                 1000 / interval,
                 (1.0 - tput / base) * 100.0,
                 mem / (wall_ms / 1e3) / 1e6,
                 mem / 4096.0 / epochs,
                 ft["pause_ms"]["p50"].as_f64().unwrap_or(0.0),
                 ft["pause_ms"]["p99"].as_f64().unwrap_or(0.0),
+                ft["pause_ms"]["save_step_p50"].as_f64().unwrap_or(0.0),
                 ft["counters"]["throttles"],
             );
             print!("{row}");

@@ -92,6 +92,8 @@ pub struct FtStats {
     pub throttled: Duration,
     /// Epoch pauses, ms (the last [`PAUSE_WINDOW`]).
     pub pauses_ms: Vec<f64>,
+    /// Of each pause, the monitor's SAVE step (dirty log, page copies, vCPU state), ms.
+    pub save_steps_ms: Vec<f64>,
     /// Capture → acknowledgement of the last epoch.
     pub lag: Duration,
     /// Records released to the outside.
@@ -220,6 +222,12 @@ impl Protector {
         }
         if !cap.full {
             self.stats.pauses_ms.push(pause_ms);
+            if self.stats.save_steps_ms.len() >= PAUSE_WINDOW {
+                self.stats.save_steps_ms.remove(0);
+            }
+            self.stats
+                .save_steps_ms
+                .push(cap.save_step.as_secs_f64() * 1e3);
         }
         let bytes = cap.runs.iter().map(|r| r.data.len() as u64).sum::<u64>();
         if cap.full {
@@ -440,7 +448,8 @@ impl Protector {
             "lag_ms": self.stats.lag.as_secs_f64() * 1e3,
             "interval_ms": self.interval.as_secs_f64() * 1e3,
             "pause_ms": {"p50": percentile(p, 50.0), "p99": percentile(p, 99.0),
-                         "max": p.iter().cloned().fold(0.0, f64::max), "count": p.len()},
+                         "max": p.iter().cloned().fold(0.0, f64::max), "count": p.len(),
+                         "save_step_p50": percentile(&self.stats.save_steps_ms, 50.0)},
             "bytes_sent": {"pages": self.stats.page_wire_bytes, "state": self.stats.state_bytes,
                            "records": self.stats.record_bytes},
             "counters": {"full_syncs": self.stats.full_syncs, "epochs": self.stats.epochs,
