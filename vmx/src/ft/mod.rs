@@ -90,7 +90,7 @@ pub struct FtStats {
     pub throttles: u64,
     /// Time the guest spent stunned waiting for the standby.
     pub throttled: Duration,
-    /// Epoch pauses, ms (the last [`PAUSE_WINDOW`]).
+    /// Epoch pauses, ms (the last 8,192).
     pub pauses_ms: Vec<f64>,
     /// Of each pause, the monitor's SAVE step (dirty log, page copies, vCPU state), ms.
     pub save_steps_ms: Vec<f64>,
