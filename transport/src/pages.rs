@@ -82,20 +82,10 @@ fn is_zero(b: &[u8]) -> bool {
 pub fn encode_range(gpa: u64, data: &[u8], prev: Option<&[u8]>) -> PageRange {
     assert!(data.len() % PAGE == 0 && !data.is_empty(), "whole pages");
     let pages = (data.len() / PAGE) as u32;
-    if is_zero(data) {
-        return PageRange {
-            gpa,
-            pages,
-            codec: Codec::Zero,
-            payload: Vec::new(),
-        };
+    let mut best = encode_range_uncompressed(gpa, data);
+    if best.codec == Codec::Zero {
+        return best;
     }
-    let mut best = PageRange {
-        gpa,
-        pages,
-        codec: Codec::Raw,
-        payload: data.to_vec(),
-    };
     if let Ok(z) = zstd::bulk::compress(data, LEVEL) {
         if z.len() < best.payload.len() {
             best = PageRange {
