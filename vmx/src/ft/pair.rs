@@ -113,40 +113,10 @@ impl Pair {
         Ok(pair)
     }
 
-    /// Starts a (new) standby.
-    pub fn new_standby(&mut self) -> std::io::Result<()> {
+    /// The arguments primary and standby share: key, interval, sink, arbiter, control socket.
+    fn role_args(&self, role: &str) -> Vec<String> {
         let s = |p: PathBuf| p.display().to_string();
-        let mut sb = Self::spawn(
-            &self.cfg,
-            "standby",
-            &[
-                "standby".into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--key-file".into(),
-                s(self.file("key")),
-                "--interval-ms".into(),
-                self.cfg.interval_ms.to_string(),
-                "--sink".into(),
-                self.sink_addr.clone(),
-                "--arbiter".into(),
-                s(self.file("arbiter")),
-                "--control".into(),
-                s(self.file("standby.sock")),
-            ],
-        )?;
-        self.standby_addr = first_line(&self.file("standby.out"), &mut sb, "the standby")?;
-        self.standby = Some(sb);
-        Ok(())
-    }
-
-    /// Starts the primary (it connects to the standby and begins with a full sync).
-    pub fn start_primary(&mut self) -> std::io::Result<()> {
-        let s = |p: PathBuf| p.display().to_string();
-        let mut args: Vec<String> = vec![
-            "primary".into(),
-            "--peer".into(),
-            self.standby_addr.clone(),
+        vec![
             "--key-file".into(),
             s(self.file("key")),
             "--interval-ms".into(),
@@ -156,9 +126,26 @@ impl Pair {
             "--arbiter".into(),
             s(self.file("arbiter")),
             "--control".into(),
-            s(self.file("primary.sock")),
-            "--json".into(),
-        ];
+            s(self.file(&format!("{role}.sock"))),
+        ]
+    }
+
+    /// Starts a (new) standby.
+    pub fn new_standby(&mut self) -> std::io::Result<()> {
+        let mut args: Vec<String> = vec!["standby".into(), "--listen".into(), "127.0.0.1:0".into()];
+        args.extend(self.role_args("standby"));
+        let mut sb = Self::spawn(&self.cfg, "standby", &args)?;
+        self.standby_addr = first_line(&self.file("standby.out"), &mut sb, "the standby")?;
+        self.standby = Some(sb);
+        Ok(())
+    }
+
+    /// Starts the primary (it connects to the standby and begins with a full sync).
+    pub fn start_primary(&mut self) -> std::io::Result<()> {
+        let mut args: Vec<String> =
+            vec!["primary".into(), "--peer".into(), self.standby_addr.clone()];
+        args.extend(self.role_args("primary"));
+        args.push("--json".into());
         args.extend(self.cfg.guest.iter().cloned());
         let mut cmd = Command::new(&self.cfg.bin);
         cmd.args(&args)
