@@ -350,3 +350,73 @@ fn a_stopped_primary_is_replaced_and_fences_itself_when_it_wakes() {
     eprintln!("SIGSTOP: the standby ran as generation 2 {took:?} after the stop");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Kills the standby, starts a new one where the primary redials, and times the pre-copy
+/// re-protection; then kills the primary, so the new standby must take over from what the
+/// pre-copy and the epochs after it built.
+#[test]
+fn a_new_standby_reprotects_a_running_primary_and_can_take_over() {
+    require_kvm();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile_dir("rejoin-redial");
+    let args: &[(&str, &str)] = &[("iters", "12M")];
+    let mut cfg = config(&dir, &[], &[]);
+    cfg.guest = guest_args("dirty", args, 2);
+    cfg.guest.extend(["--mem-mib".into(), "256".into()]);
+    let mut pair = Pair::start_standby(cfg).expect("sink and standby");
+    pair.start_primary().expect("primary");
+    wait_protected_with_output(&pair, 3);
+    pair.kill_standby();
+    let t1 = Instant::now();
+    while pair
+        .status("primary")
+        .is_none_or(|s| s["ft"]["protected"] == true)
+    {
+        assert!(t1.elapsed() < Duration::from_secs(10), "{}", dump(&pair));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A fresh standby on the old address: the primary dials it within 0.5 s and syncs it.
+    let started = Instant::now();
+    pair.restart_standby().expect("new standby");
+    let st = pair
+        .wait_protected(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("never protected again\n{}", dump(&pair)));
+    let took = started.elapsed();
+    let sync = &st["ft"]["last_sync"];
+    eprintln!(
+        "re-protected {took:?} after the new standby started; primary says {} ms from join; \
+         rounds {}",
+        sync["joined_to_protected_ms"], sync["precopy"]["rounds"]
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "re-protection of a 256 MiB guest took {took:?}\n{}",
+        dump(&pair)
+    );
+    assert!(sync["precopy"]["rounds"].as_array().unwrap().len() >= 2);
+    assert_eq!(st["ft"]["reprotections"], 1);
+    // Let a few epochs commit on the new standby, then kill the primary.
+    let acked = st["ft"]["last_ack"].as_u64().unwrap();
+    let t2 = Instant::now();
+    while pair
+        .status("primary")
+        .and_then(|s| s["ft"]["last_ack"].as_u64())
+        .unwrap_or(0)
+        < acked + 3
+    {
+        assert!(t2.elapsed() < Duration::from_secs(10), "{}", dump(&pair));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(pair.primary_running(), "guest too short for the test");
+    pair.kill_primary();
+    let st = pair
+        .wait_standby(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("new standby did not finish\n{}", dump(&pair)));
+    assert!(st.success(), "{}", dump(&pair));
+    let res = pair.result("standby").expect("standby result");
+    assert_eq!(res["took_over"], true, "{res}");
+    let gens = check_stream(&pair, &reference("dirty", args, 2), "rejoin + kill");
+    // 1: protected by the first standby; 2: won after losing it; 3: the new standby.
+    assert_eq!(gens, vec![1, 2, 3]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

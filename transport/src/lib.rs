@@ -36,7 +36,7 @@ pub mod pages;
 pub use channel::{Channel, Received};
 pub use frame::{Epoch, Fence, FrameError, FrameHeader, FrameType, Generation, HEADER_LEN, MAGIC};
 pub use handshake::Psk;
-pub use message::Message;
+pub use message::{Intent, Message};
 pub use pages::{Codec, PageRange};
 
 /// Protocol version this build speaks.

@@ -117,6 +117,42 @@ pub enum Message {
     },
     /// The sender leaves cleanly.
     Goodbye,
+    /// Client → server, first after the handshake: what the client comes for. A server answers
+    /// a purpose it does not serve with a `Nack` and closes.
+    Intent {
+        /// What the client wants.
+        intent: Intent,
+    },
+    /// One pre-copy round of a full sync begins: `pages` pages follow (read while the guest
+    /// runs; later rounds resend what it dirtied meanwhile).
+    PreCopy {
+        /// Sender's generation and the epoch the sync completes with.
+        fence: Fence,
+        /// Round number (0 = every page).
+        round: u32,
+        /// Pages in the round.
+        pages: u64,
+    },
+    /// The pre-copy round is complete.
+    PreCopyEnd {
+        /// As in its `PreCopy`.
+        fence: Fence,
+        /// As in its `PreCopy`.
+        round: u32,
+        /// Page ranges sent in the round.
+        ranges: u64,
+        /// SHA-256 over the round's decoded pages (as in `EpochEnd`).
+        digest: [u8; 32],
+    },
+}
+
+/// What a client of a replication listener comes for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Intent {
+    /// A primary asks this standby to protect it.
+    Protect,
+    /// A standby offers to protect this (unprotected) primary: it wants a full sync.
+    Join,
 }
 
 impl Message {
@@ -139,6 +175,8 @@ impl Message {
             | Message::VcpuState { fence, .. }
             | Message::DeviceState { fence, .. }
             | Message::EpochEnd { fence, .. }
+            | Message::PreCopy { fence, .. }
+            | Message::PreCopyEnd { fence, .. }
             | Message::Ack { fence }
             | Message::Nack { fence, .. }
             | Message::Heartbeat { fence } => Some(*fence),
@@ -279,6 +317,24 @@ mod tests {
             }),
             fence().prop_map(|fence| Message::Heartbeat { fence }),
             Just(Message::Goodbye),
+            Just(Message::Intent {
+                intent: Intent::Join
+            }),
+            (fence(), any::<u32>(), any::<u64>()).prop_map(|(fence, round, pages)| {
+                Message::PreCopy {
+                    fence,
+                    round,
+                    pages,
+                }
+            }),
+            (fence(), any::<u32>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
+                |(fence, round, ranges, digest)| Message::PreCopyEnd {
+                    fence,
+                    round,
+                    ranges,
+                    digest,
+                }
+            ),
         ]
     }
 

@@ -1038,6 +1038,7 @@ impl Vmx {
                 d.saturating_duration_since(Instant::now())
             });
             let ft_events = ft.as_ref().map_or_else(never, |f| f.events());
+            let ft_aux = ft.as_ref().map_or_else(never, |f| f.aux());
             select! {
                 recv(self.rpc_rx) -> rpc => {
                     let rpc = rpc.map_err(|_| monitor::Error::Stopped)?;
@@ -1064,6 +1065,11 @@ impl Vmx {
                 recv(ft_events) -> ev => {
                     if let (Ok(ev), Some(ft)) = (ev, ft.as_deref_mut()) {
                         ft.event(ev, &mut self)?;
+                    }
+                }
+                recv(ft_aux) -> a => {
+                    if let (Ok(a), Some(ft)) = (a, ft.as_deref_mut()) {
+                        ft.on_aux(a, &mut self)?;
                     }
                 }
                 default(wait) => {

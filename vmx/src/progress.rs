@@ -9,7 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use monitor::module::Progress;
 
 /// A progress callback for `what` (e.g. "saving memory").
-pub fn reporter(what: &'static str) -> Progress {
+pub fn reporter(what: impl Into<String>) -> Progress {
+    let what: String = what.into();
     if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(

@@ -104,9 +104,16 @@ impl LinkArgs {
 
 #[derive(clap::Args)]
 struct PrimaryArgs {
-    /// The standby's address (HOST:PORT). Without it the guest runs unprotected.
+    /// The standby's address (HOST:PORT). Without it (and without --listen) the guest runs
+    /// unprotected. Whenever the VM is unprotected (standby lost, or not up yet) the primary
+    /// dials this address again every 0.5 s and re-protects the VM with whatever standby
+    /// answers there (full sync by pre-copy while the guest runs).
     #[arg(long, value_name = "ADDR")]
     peer: Option<String>,
+    /// Also accept standbys that join this primary (`tandem standby --join ADDR`) here
+    /// (HOST:PORT). A joiner is synced whenever the VM is unprotected.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
     /// Power on from this snapshot instead of booting --guest/--image.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "image"])]
     restore: Option<PathBuf>,
@@ -121,9 +128,15 @@ struct PrimaryArgs {
 #[derive(clap::Args)]
 struct StandbyArgs {
     /// Where to listen for the primary (HOST:PORT; port 0 picks one). The address is printed
-    /// as the first line on stdout: `listening on ADDR`.
+    /// as the first line on stdout: `listening on ADDR`. With --join, this is where the
+    /// standby, once it has taken over, accepts standbys that join it.
+    #[arg(long, value_name = "ADDR", required_unless_present = "join")]
+    listen: Option<String>,
+    /// Join the running primary at ADDR (its --listen, or the address a former standby that
+    /// took over listened on) instead of waiting for a primary: it syncs this standby by
+    /// pre-copy while its guest runs, then protects itself with it.
     #[arg(long, value_name = "ADDR")]
-    listen: String,
+    join: Option<String>,
     #[command(flatten)]
     link: LinkArgs,
     #[command(flatten)]
@@ -337,6 +350,7 @@ fn primary(args: PrimaryArgs) -> Result<(), vmx::Error> {
         boot,
         opts: args.common.options(),
         peer: args.peer.clone(),
+        listen: args.listen.clone(),
         psk: args.link.psk()?,
         interval: Duration::from_millis(args.link.interval_ms),
         sink: args.link.sink.clone(),
@@ -365,8 +379,17 @@ fn standby(args: StandbyArgs) -> Result<(), vmx::Error> {
         opts: args.common.options(),
         arbiter: args.link.arbiter()?,
     };
-    let sb = vmx::ft::standby::Standby::bind(&args.listen, cfg)?;
-    println!("listening on {}", sb.addr());
+    let sb = match (&args.join, &args.listen) {
+        (Some(primary), listen) => {
+            vmx::ft::standby::Standby::join(primary, listen.as_deref(), cfg)?
+        }
+        (None, Some(listen)) => vmx::ft::standby::Standby::bind(listen, cfg)?,
+        (None, None) => unreachable!("clap requires --listen or --join"),
+    };
+    match sb.addr() {
+        Some(a) => println!("listening on {a}"),
+        None => println!("joining {}", args.join.as_deref().unwrap_or_default()),
+    }
     let _ = std::io::stdout().flush();
     match sb.run()? {
         vmx::ft::standby::StandbyOutcome::PrimaryFinished { commits, stats } => {

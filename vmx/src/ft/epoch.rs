@@ -176,6 +176,25 @@ impl Staging {
     /// Ends the epoch: the fence, range count and digest must match what arrived, and the
     /// state must describe `vcpus` vCPUs.
     pub fn end(self, fence: Fence, ranges: u64, digest: [u8; 32], vcpus: u32) -> Result<Staged> {
+        self.check_pages(fence, ranges, digest)?;
+        self.check_state(vcpus)
+    }
+
+    /// Ends a pre-copy round (pages only): fence, range count and digest must match.
+    pub fn end_pages(
+        self,
+        fence: Fence,
+        ranges: u64,
+        digest: [u8; 32],
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.check_pages(fence, ranges, digest)?;
+        if !self.sections.names().is_empty() || !self.records.is_empty() {
+            return Err(malformed("state inside a pre-copy round"));
+        }
+        Ok(self.ranges)
+    }
+
+    fn check_pages(&self, fence: Fence, ranges: u64, digest: [u8; 32]) -> Result<()> {
         if fence != self.fence {
             return Err(malformed(format!(
                 "epoch ends with {fence:?}, began with {:?}",
@@ -200,6 +219,10 @@ impl Staging {
                 "page digest mismatch: the epoch's pages are damaged",
             ));
         }
+        Ok(())
+    }
+
+    fn check_state(self, vcpus: u32) -> Result<Staged> {
         for v in 0..vcpus {
             if self.sections.get(&format!("vcpu/{v}")).is_none() {
                 return Err(malformed(format!("no state for vCPU {v}")));
@@ -221,6 +244,66 @@ impl Staging {
             sections: self.sections,
             records,
         })
+    }
+}
+
+/// A full sync being assembled from pre-copy rounds: memory only, nothing committed. The
+/// epoch that completes the sync writes it into the replica together with its own pages.
+pub struct Base {
+    mem: Vec<u8>,
+    touched: Vec<u64>,
+    /// Rounds applied.
+    pub rounds: u32,
+    /// Pages received over all rounds.
+    pub pages: u64,
+}
+
+impl Base {
+    /// An empty image of `mem_size` bytes (zero pages cost nothing until written).
+    pub fn new(mem_size: u64) -> Self {
+        let pages = mem_size / 4096;
+        Base {
+            mem: vec![0; mem_size as usize],
+            touched: vec![0; pages.div_ceil(64) as usize],
+            rounds: 0,
+            pages: 0,
+        }
+    }
+
+    /// Writes a verified round's pages (bounds were checked when they were decoded).
+    pub fn apply(&mut self, ranges: Vec<(u64, Vec<u8>)>) -> Result<()> {
+        for (gpa, data) in ranges {
+            let end = gpa as usize + data.len();
+            if end > self.mem.len() || gpa % 4096 != 0 || data.len() % 4096 != 0 {
+                return Err(malformed(format!(
+                    "pre-copy range at {gpa:#x} outside memory"
+                )));
+            }
+            for (i, page) in data.chunks(4096).enumerate() {
+                let p = gpa as usize / 4096 + i;
+                let touched = self.touched[p / 64] >> (p % 64) & 1 == 1;
+                // Untouched pages are zero already: skip zero pages there (keeps them free).
+                if touched || page.iter().any(|b| *b != 0) {
+                    self.mem[p * 4096..(p + 1) * 4096].copy_from_slice(page);
+                    self.touched[p / 64] |= 1 << (p % 64);
+                }
+                self.pages += 1;
+            }
+        }
+        self.rounds += 1;
+        Ok(())
+    }
+
+    /// Copies every written page into `mem`.
+    pub fn write_into(&self, mem: &GuestMem) -> Result<()> {
+        let runs = monitor::module::dirty_runs(&self.touched, (self.mem.len() / 4096) as u64);
+        runs.par_iter()
+            .try_for_each(|&(first, n)| {
+                let a = (first * 4096) as usize;
+                let b = a + (n * 4096) as usize;
+                mem.write_slice(&self.mem[a..b], GuestAddress(first * 4096))
+            })
+            .map_err(|e| Error::Epoch(format!("writing the pre-copied image: {e}")))
     }
 }
 

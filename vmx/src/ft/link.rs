@@ -188,6 +188,8 @@ fn sender(
         epoch: Epoch(e),
     };
     let mut last = 0u64;
+    // The first epoch of a link completes a sync: the standby may build its VM first.
+    let mut first_epoch = true;
     let mut codec = CodecChoice::default();
     let lost = |reason: String| {
         let _ = events.send(LinkEvent::Lost { reason });
@@ -197,7 +199,8 @@ fn sender(
             recv(jobs) -> job => match job {
                 Ok(Job::Epoch(cap)) => {
                     last = cap.epoch;
-                    match send_epoch(&mut tx, &replies, &cap, &cfg, &mut codec) {
+                    let first = std::mem::replace(&mut first_epoch, false);
+                    match send_epoch(&mut tx, &replies, &cap, &cfg, &mut codec, first) {
                         Ok(stats) => {
                             let _ = events.send(LinkEvent::Acked { epoch: cap.epoch, stats });
                         }
@@ -261,6 +264,7 @@ fn send_epoch(
     cap: &Captured,
     cfg: &LinkConfig,
     codec: &mut CodecChoice,
+    first: bool,
 ) -> Result<SendStats, String> {
     let t0 = Instant::now();
     let fence = Fence {
@@ -275,17 +279,7 @@ fn send_epoch(
     // One pass on every core: code each range and hash it. Pages that did not compress last
     // time are sent raw for a while (zstd on random data costs time and saves nothing).
     let compress = cap.full || codec.compress(cap.epoch);
-    let coded: Vec<(PageRange, [u8; 32])> = parts
-        .par_iter()
-        .map(|(gpa, data)| {
-            let r = if compress {
-                encode_range(*gpa, data, None)
-            } else {
-                encode_range_uncompressed(*gpa, data)
-            };
-            (r, range_hash(*gpa, data))
-        })
-        .collect();
+    let coded = encode_parts(&parts, compress);
     let digest = combine_hashes(coded.iter().map(|c| c.1));
     let ranges: Vec<PageRange> = coded.into_iter().map(|c| c.0).collect();
     let t_enc = t0.elapsed();
@@ -312,34 +306,21 @@ fn send_epoch(
         }
         tx.send(&Message::EpochBegin { fence, pages })
             .map_err(net)?;
-        let mut batch: Vec<PageRange> = Vec::new();
-        let mut batch_bytes = 0usize;
         let mut sent_pages = 0u64;
-        let mut send_batch = |tx: &mut Channel<TcpStream>, batch: &mut Vec<PageRange>| {
-            if batch.is_empty() {
-                return Ok(());
+        let to_send = ranges.iter().enumerate().map(|(i, r)| {
+            let mut r = r.clone();
+            if fault == Some(Fault::Outside) && i == 0 {
+                r.gpa = cfg.mem_bytes;
             }
-            tx.send_pages(batch).map_err(net)?;
-            sent_pages += batch.iter().map(|r| r.pages as u64).sum::<u64>();
+            r
+        });
+        send_ranges(tx, to_send, |n| {
+            sent_pages += n;
             if let Some(p) = &progress {
                 p(sent_pages * 4096, pages * 4096);
             }
-            batch.clear();
-            Ok::<_, String>(())
-        };
-        for (sent_ranges, r) in ranges.iter().enumerate() {
-            batch_bytes += r.payload.len() + 32;
-            let mut r = r.clone();
-            if fault == Some(Fault::Outside) && sent_ranges == 0 {
-                r.gpa = cfg.mem_bytes;
-            }
-            batch.push(r);
-            if batch_bytes >= 8 << 20 {
-                send_batch(tx, &mut batch)?;
-                batch_bytes = 0;
-            }
-        }
-        send_batch(tx, &mut batch)?;
+        })
+        .map_err(net)?;
         let wire: u64 = ranges.iter().map(|r| r.payload.len() as u64).sum();
         stats.page_bytes += wire;
         if attempt == 0 && !cap.full {
@@ -389,7 +370,7 @@ fn send_epoch(
         .map_err(net)?;
         stats.send = t0.elapsed();
         let t_sent = t0.elapsed();
-        let patience = if cap.full {
+        let patience = if cap.full || first {
             Duration::from_secs(60)
         } else {
             (cfg.interval * 20).max(Duration::from_secs(5))
@@ -435,4 +416,48 @@ fn send_epoch(
         "the standby refused epoch {} four times",
         cap.epoch
     ))
+}
+
+/// Codes each part (zstd, or raw when `compress` is off; zero pages always as zero ranges)
+/// and hashes it, in one pass on every core.
+pub(crate) fn encode_parts(parts: &[(u64, &[u8])], compress: bool) -> Vec<(PageRange, [u8; 32])> {
+    parts
+        .par_iter()
+        .map(|(gpa, data)| {
+            let r = if compress {
+                encode_range(*gpa, data, None)
+            } else {
+                encode_range_uncompressed(*gpa, data)
+            };
+            (r, range_hash(*gpa, data))
+        })
+        .collect()
+}
+
+/// Sends ranges in `Pages` frames of about 8 MiB each; `sent(pages)` after every frame.
+pub(crate) fn send_ranges(
+    tx: &mut Channel<TcpStream>,
+    ranges: impl IntoIterator<Item = PageRange>,
+    mut sent: impl FnMut(u64),
+) -> transport::Result<()> {
+    let mut batch: Vec<PageRange> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut flush = |tx: &mut Channel<TcpStream>, batch: &mut Vec<PageRange>| {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        tx.send_pages(batch)?;
+        sent(batch.iter().map(|r| r.pages as u64).sum());
+        batch.clear();
+        Ok(())
+    };
+    for r in ranges {
+        batch_bytes += r.payload.len() + 32;
+        batch.push(r);
+        if batch_bytes >= 8 << 20 {
+            flush(tx, &mut batch)?;
+            batch_bytes = 0;
+        }
+    }
+    flush(tx, &mut batch)
 }

@@ -27,15 +27,21 @@ pub mod arbiter;
 pub mod epoch;
 pub mod link;
 pub mod pair;
+pub mod precopy;
 pub mod sink;
 pub mod standby;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{never, Receiver};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crossbeam_channel::{never, unbounded, Receiver, Sender};
 use devices::Record;
 use serde_json::{json, Value};
+use transport::{Channel, Epoch, Fence, Generation, Intent, Message, Psk, Received};
 
 use crate::machine::{power_on, Boot, Options, Outcome, Vmx};
 use crate::Result;
@@ -98,6 +104,33 @@ pub struct FtStats {
     pub lag: Duration,
     /// Records released to the outside.
     pub released: u64,
+    /// Times a joined standby completed its full sync.
+    pub reprotections: u64,
+}
+
+/// Joins and syncs of new standbys, for the run loop (see [`Protector::on_aux`]).
+pub enum Aux {
+    /// A standby is ready for a full sync over `chan`.
+    Joined {
+        /// The authenticated channel.
+        chan: Box<Channel<TcpStream>>,
+        /// Who.
+        peer: String,
+    },
+    /// The pre-copy to `peer` ended.
+    PreCopied {
+        /// The channel back and what it did, or why it failed.
+        result: std::result::Result<(Box<Channel<TcpStream>>, precopy::PreCopyReport), String>,
+        /// Who.
+        peer: String,
+    },
+}
+
+struct Resync {
+    peer: String,
+    started: Instant,
+    epoch: u64,
+    report: Option<precopy::PreCopyReport>,
 }
 
 struct InFlight {
@@ -121,6 +154,16 @@ pub struct Protector {
     lost: Option<String>,
     arbiter: Option<Arc<dyn Arbiter>>,
     sink_addr: Option<String>,
+    aux_tx: Sender<Aux>,
+    aux_rx: Receiver<Aux>,
+    /// A standby joined and its full sync is under way.
+    syncing: Option<Resync>,
+    /// The sync whose completing epoch is in flight.
+    completing: Option<Resync>,
+    sync_status: Arc<Mutex<Value>>,
+    last_sync: Value,
+    /// Set while a redial thread should look for a standby.
+    want_standby: Arc<AtomicBool>,
     /// Counters.
     pub stats: FtStats,
     /// Extra facts for `status` (e.g. the failover that made this primary).
@@ -131,6 +174,7 @@ impl Protector {
     /// A primary of `generation` releasing to `sink` (or only to the local text output).
     /// Without a link it runs unprotected.
     pub fn new(generation: u64, interval: Duration, sink: Option<SinkClient>) -> Self {
+        let (aux_tx, aux_rx) = unbounded();
         Protector {
             generation,
             interval,
@@ -145,6 +189,13 @@ impl Protector {
             lost: None,
             arbiter: None,
             sink_addr: None,
+            aux_tx,
+            aux_rx,
+            syncing: None,
+            completing: None,
+            sync_status: Arc::new(Mutex::new(Value::Null)),
+            last_sync: Value::Null,
+            want_standby: Arc::new(AtomicBool::new(true)),
             stats: FtStats::default(),
             notes: Value::Null,
         }
@@ -181,9 +232,215 @@ impl Protector {
         self.events = link.events();
         self.link = Some(link);
         self.lost = None;
+        self.want_standby.store(false, Ordering::Relaxed);
         self.stats.full_syncs += 1;
         self.dispatch(cap);
         Ok(())
+    }
+
+    /// Joins and syncs of new standbys, for the run loop to select on.
+    pub fn aux(&self) -> Receiver<Aux> {
+        self.aux_rx.clone()
+    }
+
+    /// Accepts standbys that join (`tandem standby --join`) on `listener`, from now on. A
+    /// joiner is synced only while this VM is unprotected; otherwise it is told why not.
+    pub fn accept_joins(&mut self, listener: TcpListener, psk: Option<Psk>) {
+        let tx = self.aux_tx.clone();
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        log::info!("accepting standbys that join at {addr}");
+        let r = std::thread::Builder::new()
+            .name("join-listener".into())
+            .spawn(move || loop {
+                match accept(&listener, psk.as_ref(), Intent::Join) {
+                    Ok((chan, peer)) => {
+                        if tx
+                            .send(Aux::Joined {
+                                chan: Box::new(chan),
+                                peer,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        log::error!("join listener at {addr}: {e}; no more joins accepted");
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = r {
+            log::error!("cannot start the join listener: {e}");
+        }
+    }
+
+    /// While unprotected, dials the standby address `peer` every
+    /// [`precopy::REDIAL_EVERY`] until a standby there answers, then syncs it.
+    pub fn redial(&mut self, peer: String, psk: Option<Psk>) {
+        let tx = self.aux_tx.clone();
+        let want = self.want_standby.clone();
+        let r = std::thread::Builder::new()
+            .name("redial".into())
+            .spawn(move || {
+                let mut failures = 0u64;
+                loop {
+                    std::thread::sleep(precopy::REDIAL_EVERY);
+                    if !want.load(Ordering::Relaxed) {
+                        failures = 0;
+                        continue;
+                    }
+                    match connect(&peer, psk.as_ref(), Duration::ZERO) {
+                        Ok(chan) => {
+                            want.store(false, Ordering::Relaxed);
+                            let chan = Box::new(chan);
+                            let peer = peer.clone();
+                            if tx.send(Aux::Joined { chan, peer }).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            if failures == 0 {
+                                log::info!("no standby at {peer} yet ({e}); retrying");
+                            }
+                            failures += 1;
+                        }
+                    }
+                }
+            });
+        if let Err(e) = r {
+            log::error!("cannot start redialling the standby: {e}");
+        }
+    }
+
+    /// A join or sync event arrived (see [`Protector::aux`]).
+    pub fn on_aux(&mut self, a: Aux, vmx: &mut Vmx) -> Result<()> {
+        match a {
+            Aux::Joined { mut chan, peer } => {
+                let busy = if self.link.is_some() || self.completing.is_some() {
+                    Some("this VM is already protected")
+                } else if self.syncing.is_some() {
+                    Some("another standby is being synced")
+                } else if vmx.finished() {
+                    Some("the guest has finished")
+                } else {
+                    None
+                };
+                if let Some(why) = busy {
+                    log::warn!("refused standby {peer}: {why}");
+                    let _ = chan.send(&Message::Nack {
+                        fence: self.fence_at(self.next_epoch),
+                        code: transport::message::NackCode::OutOfOrder,
+                        message: why.into(),
+                    });
+                    return Ok(());
+                }
+                self.want_standby.store(false, Ordering::Relaxed);
+                let fence = self.fence_at(self.next_epoch);
+                let shared = vmx.vm().shared().clone();
+                log::warn!(
+                    "RE-PROTECTION: standby {peer} joined; full sync of {} MiB by pre-copy while                      the guest runs (generation {}, completing with epoch {})",
+                    shared.layout.mem_bytes >> 20,
+                    self.generation,
+                    self.next_epoch
+                );
+                self.syncing = Some(Resync {
+                    peer: peer.clone(),
+                    started: Instant::now(),
+                    epoch: self.next_epoch,
+                    report: None,
+                });
+                let tx = self.aux_tx.clone();
+                let who = peer.clone();
+                let started = precopy::spawn(
+                    shared,
+                    *chan,
+                    fence,
+                    vmx.vm().vcpu_count(),
+                    self.sync_status.clone(),
+                    move |r| {
+                        let result = r.map(|(c, rep)| (Box::new(c), rep));
+                        let _ = tx.send(Aux::PreCopied { result, peer: who });
+                    },
+                );
+                if let Err(e) = started {
+                    log::error!("cannot start the pre-copy to {peer}: {e}");
+                    self.syncing = None;
+                    self.want_standby.store(true, Ordering::Relaxed);
+                }
+            }
+            Aux::PreCopied { result, peer } => {
+                let Some(mut rs) = self.syncing.take() else {
+                    return Ok(());
+                };
+                self.set_sync_status(Value::Null);
+                let (chan, report) = match result {
+                    Ok(x) => x,
+                    Err(e) => {
+                        log::error!("re-protection by {peer} failed: {e}; still UNPROTECTED");
+                        self.want_standby.store(true, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                };
+                if vmx.finished() {
+                    return Ok(());
+                }
+                // Output drained so far belongs to the unprotected past: release it; from the
+                // completing epoch on, output waits for the standby again.
+                self.after_output(vmx)?;
+                let link = match Link::start(
+                    *chan,
+                    link::LinkConfig {
+                        generation: self.generation,
+                        interval: self.interval,
+                        mem_bytes: vmx.vm().layout().mem_bytes,
+                        vcpus: vmx.vm().vcpu_count(),
+                        hooks: link::TestHooks::from_env(),
+                    },
+                ) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        log::error!("re-protection by {peer} failed: {e}; still UNPROTECTED");
+                        self.want_standby.store(true, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                };
+                let cap = vmx.capture_epoch(self.next_epoch, false)?;
+                log::info!(
+                    "pre-copy done in {} rounds ({:.0} ms); completing epoch {}: {} pages dirtied                      during the last round, stunned {:.2} ms",
+                    report.rounds.len(),
+                    report.ms,
+                    cap.epoch,
+                    cap.runs.iter().map(|r| r.data.len()).sum::<usize>() / 4096,
+                    cap.pause.as_secs_f64() * 1e3
+                );
+                self.events = link.events();
+                self.link = Some(link);
+                self.lost = None;
+                self.stats.full_syncs += 1;
+                rs.report = Some(report);
+                rs.epoch = cap.epoch;
+                self.completing = Some(rs);
+                self.dispatch(cap);
+            }
+        }
+        Ok(())
+    }
+
+    fn fence_at(&self, epoch: u64) -> Fence {
+        Fence {
+            generation: Generation(self.generation),
+            epoch: Epoch(epoch),
+        }
+    }
+
+    fn set_sync_status(&self, v: Value) {
+        if let Ok(mut s) = self.sync_status.lock() {
+            *s = v;
+        }
     }
 
     /// Releases output inherited from the previous primary (the records of the epochs this
@@ -299,6 +556,21 @@ impl Protector {
                 self.stats.record_bytes += stats.record_bytes;
                 self.stats.nacks += stats.nacks as u64;
                 self.release(vmx, f.records)?;
+                if let Some(rs) = self.completing.take_if(|r| r.epoch == epoch) {
+                    let ms = rs.started.elapsed().as_secs_f64() * 1e3;
+                    log::warn!(
+                        "PROTECTED again: standby {} committed the full sync (epoch {epoch})                          {ms:.0} ms after it joined",
+                        rs.peer
+                    );
+                    self.stats.reprotections += 1;
+                    self.last_sync = json!({
+                        "peer": rs.peer,
+                        "joined_to_protected_ms": ms,
+                        "completing_epoch": epoch,
+                        "precopy": rs.report,
+                        "protected_unix_ms": unix_ms(),
+                    });
+                }
                 if let Some(since) = self.throttled_since.take() {
                     // Capture while still stunned, then let the guest go.
                     let cap = vmx.capture_epoch(self.next_epoch, false)?;
@@ -352,6 +624,8 @@ impl Protector {
         self.link = None;
         self.events = never();
         self.lost = Some(reason);
+        self.completing = None;
+        self.want_standby.store(true, Ordering::Relaxed);
         self.next_tick = None;
         if let Some(f) = self.in_flight.take() {
             self.release(vmx, f.records)?;
@@ -434,6 +708,25 @@ impl Protector {
         self.after_output(vmx)
     }
 
+    fn sync_phase(&self) -> Value {
+        if let Some(rs) = &self.syncing {
+            let mut v = self
+                .sync_status
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            if v.is_null() {
+                v = json!({"phase": "pre-copy starting"});
+            }
+            v["peer"] = json!(rs.peer);
+            return v;
+        }
+        if let Some(rs) = &self.completing {
+            return json!({"phase": "completing epoch", "peer": rs.peer, "epoch": rs.epoch});
+        }
+        Value::Null
+    }
+
     /// For `status`.
     pub fn status(&self) -> Value {
         let p = &self.stats.pauses_ms;
@@ -459,6 +752,9 @@ impl Protector {
                          "throttled_ms": self.stats.throttled.as_secs_f64() * 1e3,
                          "released_records": self.stats.released},
             "notes": self.notes,
+            "sync": self.sync_phase(),
+            "last_sync": self.last_sync,
+            "reprotections": self.stats.reprotections,
         })
     }
 }
@@ -472,6 +768,8 @@ pub struct PrimaryConfig {
     pub opts: Options,
     /// The standby's address (None: run unprotected).
     pub peer: Option<String>,
+    /// Where to accept standbys that join (None: none do; `peer` is still redialled).
+    pub listen: Option<String>,
     /// The shared key (None: --insecure-plaintext).
     pub psk: Option<transport::Psk>,
     /// Epoch interval.
@@ -512,11 +810,98 @@ pub fn connect(
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(transport::Error::Io)?;
-    let ch = transport::handshake::client(stream, psk)?;
+    let mut ch = transport::handshake::client(stream, psk)?;
+    ch.send(&Message::Intent {
+        intent: Intent::Protect,
+    })?;
     ch.get_ref()
         .set_read_timeout(None)
         .map_err(transport::Error::Io)?;
     Ok(ch)
+}
+
+/// Joins the unprotected primary at `primary` as its standby (retrying for `patience`).
+pub fn join(
+    primary: &str,
+    psk: Option<&transport::Psk>,
+    patience: Duration,
+) -> Result<transport::Channel<std::net::TcpStream>> {
+    let start = Instant::now();
+    let stream = loop {
+        match std::net::TcpStream::connect(primary) {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() < patience => {
+                log::debug!("primary {primary}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(crate::Error::Link(transport::Error::Io(
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot reach the primary at {primary}: {e}"),
+                    ),
+                )))
+            }
+        }
+    };
+    stream.set_nodelay(true).map_err(transport::Error::Io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(transport::Error::Io)?;
+    let mut ch = transport::handshake::client(stream, psk)?;
+    ch.send(&Message::Intent {
+        intent: Intent::Join,
+    })?;
+    ch.get_ref()
+        .set_read_timeout(None)
+        .map_err(transport::Error::Io)?;
+    Ok(ch)
+}
+
+/// Accepts the next client of `listener` that authenticates and says `want` (others are told
+/// why not and dropped). Returns the channel and the client's address.
+pub fn accept(
+    listener: &TcpListener,
+    psk: Option<&Psk>,
+    want: Intent,
+) -> std::io::Result<(Channel<TcpStream>, String)> {
+    loop {
+        let (conn, peer) = listener.accept()?;
+        let _ = conn.set_nodelay(true);
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut ch = match transport::handshake::server(conn, psk) {
+            Ok(ch) => ch,
+            Err(e) => {
+                log::warn!("refused a connection from {peer}: {e}");
+                continue;
+            }
+        };
+        match ch.recv() {
+            Ok(Received::Message(Message::Intent { intent })) if intent == want => {
+                let _ = ch.get_ref().set_read_timeout(None);
+                return Ok((ch, peer.to_string()));
+            }
+            Ok(other) => {
+                let why = match want {
+                    Intent::Join => {
+                        "this VM is a primary: it takes standbys that join \
+                         (tandem standby --join), not another primary"
+                    }
+                    Intent::Protect => {
+                        "this is a standby waiting for its primary: a standby joins a primary \
+                         (tandem standby --join PRIMARY), not another standby"
+                    }
+                };
+                log::warn!("refused {peer}: it sent {other:?}; {why}");
+                let _ = ch.send(&Message::Nack {
+                    fence: Fence::default(),
+                    code: transport::message::NackCode::OutOfOrder,
+                    message: why.into(),
+                });
+            }
+            Err(e) => log::warn!("refused {peer}: {e}"),
+        }
+    }
 }
 
 /// Boots (or restores) a VM, protects it with the standby at `peer`, and runs it to the end.
@@ -577,8 +962,18 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, Value)> {
             }
             Err(e) => log::error!("{e}: running UNPROTECTED"),
         }
-    } else {
+    } else if cfg.listen.is_none() {
         log::warn!("no --peer: running UNPROTECTED (output is released at once)");
+    }
+    if let Some(peer) = &cfg.peer {
+        ft.redial(peer.clone(), cfg.psk.clone());
+    }
+    if let Some(addr) = &cfg.listen {
+        let l = TcpListener::bind(addr).map_err(|source| crate::Error::Io {
+            path: addr.clone(),
+            source,
+        })?;
+        ft.accept_joins(l, cfg.psk.clone());
     }
     if !cfg.opts.paused {
         vmx.resume()?;

@@ -39,6 +39,10 @@ pub struct Pair {
     pub sink_addr: String,
     /// The standby's address.
     pub standby_addr: String,
+    /// The node (process) in each role: its files are `<name>.out`, `.log`, `.sock`.
+    primary_name: String,
+    standby_name: String,
+    nodes: u32,
 }
 
 fn first_line(path: &Path, child: &mut Child, what: &str) -> std::io::Result<String> {
@@ -108,6 +112,9 @@ impl Pair {
             primary: None,
             sink_addr,
             standby_addr: String::new(),
+            primary_name: "primary".into(),
+            standby_name: "standby".into(),
+            nodes: 1,
         };
         pair.new_standby()?;
         Ok(pair)
@@ -130,21 +137,94 @@ impl Pair {
         ]
     }
 
-    /// Starts a (new) standby.
-    pub fn new_standby(&mut self) -> std::io::Result<()> {
-        let mut args: Vec<String> = vec!["standby".into(), "--listen".into(), "127.0.0.1:0".into()];
-        args.extend(self.role_args("standby"));
-        let mut sb = Self::spawn(&self.cfg, "standby", &args)?;
-        self.standby_addr = first_line(&self.file("standby.out"), &mut sb, "the standby")?;
+    /// The node now in role `which` ("primary" or "standby"; anything else is a node name).
+    pub fn node(&self, which: &str) -> String {
+        match which {
+            "primary" => self.primary_name.clone(),
+            "standby" => self.standby_name.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    fn spawn_standby(&mut self, name: &str, args: Vec<String>) -> std::io::Result<()> {
+        let mut args = args;
+        args.extend(self.role_args(name));
+        let mut sb = Self::spawn(&self.cfg, name, &args)?;
+        self.standby_addr = first_line(&self.file(&format!("{name}.out")), &mut sb, name)?;
         self.standby = Some(sb);
+        self.standby_name = name.to_string();
         Ok(())
+    }
+
+    fn next_name(&mut self) -> String {
+        self.nodes += 1;
+        format!("standby{}", self.nodes)
+    }
+
+    /// Starts a (new) standby that waits for the primary on a fresh port.
+    pub fn new_standby(&mut self) -> std::io::Result<()> {
+        let name = if self.nodes == 1 && self.standby.is_none() {
+            "standby".to_string()
+        } else {
+            self.next_name()
+        };
+        let args = vec!["standby".into(), "--listen".into(), "127.0.0.1:0".into()];
+        self.spawn_standby(&name, args)
+    }
+
+    /// Starts a new standby on the address of the (dead) standby, where the primary redials.
+    pub fn restart_standby(&mut self) -> std::io::Result<()> {
+        let name = self.next_name();
+        let args = vec![
+            "standby".into(),
+            "--listen".into(),
+            self.standby_addr.clone(),
+        ];
+        self.spawn_standby(&name, args)
+    }
+
+    /// After a takeover: the standby that took over becomes the primary, and a fresh standby
+    /// joins it (`--join` its address; it listens on a new port for its own joiners later).
+    /// Returns when the new standby runs (not yet when it protects).
+    pub fn rejoin(&mut self) -> std::io::Result<()> {
+        if let Some(mut old) = self.primary.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        self.primary = self.standby.take();
+        self.primary_name = self.standby_name.clone();
+        let survivor = self.standby_addr.clone();
+        let name = self.next_name();
+        let args = vec![
+            "standby".into(),
+            "--join".into(),
+            survivor,
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        self.spawn_standby(&name, args)
+    }
+
+    /// Waits until the primary's `status` says it is protected (no sync under way).
+    pub fn wait_protected(&self, timeout: Duration) -> Option<Value> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(st) = self.status("primary") {
+                if st["ft"]["protected"] == true && st["ft"]["sync"].is_null() {
+                    return Some(st);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Starts the primary (it connects to the standby and begins with a full sync).
     pub fn start_primary(&mut self) -> std::io::Result<()> {
         let mut args: Vec<String> =
             vec!["primary".into(), "--peer".into(), self.standby_addr.clone()];
-        args.extend(self.role_args("primary"));
+        let name = self.primary_name.clone();
+        args.extend(self.role_args(&name));
         args.push("--json".into());
         args.extend(self.cfg.guest.iter().cloned());
         let mut cmd = Command::new(&self.cfg.bin);
@@ -220,20 +300,20 @@ impl Pair {
 
     /// The JSON a process printed at its end (`primary` or `standby`).
     pub fn result(&self, which: &str) -> Option<Value> {
-        let t = std::fs::read_to_string(self.file(&format!("{which}.out"))).ok()?;
+        let t = std::fs::read_to_string(self.file(&format!("{}.out", self.node(which)))).ok()?;
         let start = t.find('{')?;
         serde_json::from_str(&t[start..]).ok()
     }
 
     /// A process's log (`primary`, `standby`, `sink`).
     pub fn log(&self, which: &str) -> String {
-        std::fs::read_to_string(self.file(&format!("{which}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.file(&format!("{}.log", self.node(which)))).unwrap_or_default()
     }
 
     /// `status` from a process's control socket (`primary` or `standby`).
     pub fn status(&self, which: &str) -> Option<Value> {
         crate::control::request(
-            &self.file(&format!("{which}.sock")),
+            &self.file(&format!("{}.sock", self.node(which))),
             &crate::control::Request::Status,
             Duration::from_millis(500),
         )

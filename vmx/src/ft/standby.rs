@@ -17,9 +17,9 @@ use crossbeam_channel::{unbounded, Receiver};
 use serde::Serialize;
 use serde_json::{json, Value};
 use transport::message::NackCode;
-use transport::{Channel, Fence, Message, Psk, Received};
+use transport::{Channel, Fence, Intent, Message, Psk, Received};
 
-use super::epoch::{Replica, Staging};
+use super::epoch::{Base, Replica, Staging};
 use super::sink::SinkClient;
 use super::{unix_ms, Protector};
 use crate::groups::MachineConfig;
@@ -97,13 +97,16 @@ struct Counters {
     commits: u64,
     nacks: u64,
     partial_epochs_discarded: u64,
+    precopy_rounds: u64,
+    precopy_pages: u64,
     bytes_received: u64,
     frames: u64,
 }
 
-/// A standby listening for its primary.
+/// A standby: listening for its primary, or joining a running one.
 pub struct Standby {
-    listener: TcpListener,
+    listener: Option<TcpListener>,
+    join: Option<String>,
     cfg: StandbyConfig,
 }
 
@@ -119,36 +122,56 @@ impl Standby {
             path: addr.to_string(),
             source,
         })?;
-        Ok(Standby { listener, cfg })
+        Ok(Standby {
+            listener: Some(listener),
+            join: None,
+            cfg,
+        })
     }
 
-    /// The address it listens on.
-    pub fn addr(&self) -> std::net::SocketAddr {
-        self.listener.local_addr().expect("bound")
-    }
-
-    fn accept(&self) -> Result<Channel<TcpStream>> {
-        loop {
-            let (conn, peer) = self.listener.accept().map_err(|source| Error::Io {
-                path: "accept".into(),
+    /// Joins the running (unprotected) primary at `primary`; after a takeover, accepts
+    /// joining standbys on `listen` if given.
+    pub fn join(primary: &str, listen: Option<&str>, cfg: StandbyConfig) -> Result<Standby> {
+        let listener = match listen {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Io {
+                path: addr.to_string(),
                 source,
-            })?;
-            let _ = conn.set_nodelay(true);
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-            match transport::handshake::server(conn, self.cfg.psk.as_ref()) {
-                Ok(ch) => {
-                    let _ = ch.get_ref().set_read_timeout(None);
-                    log::info!("role: standby, protecting the primary at {peer}");
-                    return Ok(ch);
-                }
-                Err(e) => log::warn!("refused a connection from {peer}: {e}"),
-            }
+            })?),
+            None => None,
+        };
+        Ok(Standby {
+            listener,
+            join: Some(primary.to_string()),
+            cfg,
+        })
+    }
+
+    /// The address it listens on (for its primary, or for standbys after a takeover).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    fn connect(&self) -> Result<Channel<TcpStream>> {
+        if let Some(primary) = &self.join {
+            let ch = super::join(primary, self.cfg.psk.as_ref(), Duration::from_secs(30))?;
+            log::info!("role: standby, joined the primary at {primary}; waiting for its full sync");
+            return Ok(ch);
         }
+        let listener = self.listener.as_ref().expect("a standby listens or joins");
+        let (ch, peer) =
+            super::accept(listener, self.cfg.psk.as_ref(), Intent::Protect).map_err(|source| {
+                Error::Io {
+                    path: "accept".into(),
+                    source,
+                }
+            })?;
+        log::info!("role: standby, protecting the primary at {peer}");
+        Ok(ch)
     }
 
     /// Waits for a primary, replicates it, and takes over if it dies.
-    pub fn run(self) -> Result<StandbyOutcome> {
-        let chan = self.accept()?;
+    pub fn run(mut self) -> Result<StandbyOutcome> {
+        let chan = self.connect()?;
         let (mut tx, mut rx) = chan.split()?;
         let (frames_tx, frames): (_, Receiver<std::result::Result<(Received, usize), String>>) =
             unbounded();
@@ -176,12 +199,27 @@ impl Standby {
         let mut shape: Option<(u64, u32)> = None;
         let mut generation: Option<u64> = None;
         let mut staging: Option<Staging> = None;
+        // A full sync by pre-copy: the image so far and the round being received.
+        let mut base: Option<Base> = None;
+        let mut round: Option<(u32, Staging)> = None;
         let mut poisoned: Option<(Fence, String)> = None;
         let mut bad_full: Option<String> = None;
         let mut last_frame = Instant::now();
         let status = |c: &Counters, r: &Option<Replica>, g: Option<u64>| {
+            let phase = if r.is_some() {
+                "protecting".to_string()
+            } else if c.precopy_rounds > 0 {
+                format!(
+                    "full sync: {} pre-copy rounds received ({} MiB)",
+                    c.precopy_rounds,
+                    (c.precopy_pages * 4096) >> 20
+                )
+            } else {
+                "waiting for the full sync".to_string()
+            };
             json!({
                 "role": "standby",
+                "phase": phase,
                 "generation": g,
                 "committed_epoch": r.as_ref().map(|r| r.fence.epoch.0),
                 "counters": c,
@@ -239,14 +277,21 @@ impl Standby {
                     if poisoned.is_some() {
                         continue;
                     }
-                    match &mut staging {
-                        Some(st) => {
+                    match (&mut staging, &mut round) {
+                        (Some(st), _) => {
                             if let Err(e) = st.pages(&batch) {
                                 poisoned = Some((st.fence(), e.to_string()));
                                 staging = None;
                             }
                         }
-                        None => log::warn!("pages outside an epoch: ignored"),
+                        (None, Some((_, st))) => {
+                            if let Err(e) = st.pages(&batch) {
+                                bad_full = Some(format!("pre-copy: {e}"));
+                                base = None;
+                                round = None;
+                            }
+                        }
+                        (None, None) => log::warn!("pages outside an epoch: ignored"),
                     }
                     continue;
                 }
@@ -287,6 +332,60 @@ impl Standby {
                     bad_full = None;
                     shape = Some((mem_bytes, vcpus));
                     generation = Some(fence.generation.0);
+                    base = Some(Base::new(mem_bytes));
+                    round = None;
+                }
+                Message::PreCopy {
+                    fence,
+                    round: r,
+                    pages,
+                } => {
+                    let (Some((mem_bytes, _)), Some(b), None) = (shape, &base, &bad_full) else {
+                        bad_full.get_or_insert_with(|| "pre-copy without a full sync".into());
+                        continue;
+                    };
+                    if r != b.rounds {
+                        bad_full = Some(format!("pre-copy round {r}, expected {}", b.rounds));
+                        continue;
+                    }
+                    match Staging::begin(fence, pages, mem_bytes) {
+                        Ok(st) => round = Some((r, st)),
+                        Err(e) => bad_full = Some(format!("pre-copy: {e}")),
+                    }
+                }
+                Message::PreCopyEnd {
+                    fence,
+                    round: r,
+                    ranges,
+                    digest,
+                } => {
+                    let Some((expect, st)) = round.take() else {
+                        bad_full.get_or_insert_with(|| "a pre-copy end without its round".into());
+                        continue;
+                    };
+                    let applied = if expect != r {
+                        Err(Error::Epoch(format!(
+                            "pre-copy round {r} ends round {expect}"
+                        )))
+                    } else {
+                        st.end_pages(fence, ranges, digest).and_then(|pages| {
+                            let n = pages.iter().map(|p| p.1.len() as u64 / 4096).sum::<u64>();
+                            base.as_mut().map_or(Ok(()), |b| b.apply(pages))?;
+                            Ok(n)
+                        })
+                    };
+                    match applied {
+                        Ok(n) => {
+                            c.precopy_rounds += 1;
+                            c.precopy_pages += n;
+                            log::info!("pre-copy round {r}: {n} pages received and verified");
+                        }
+                        Err(e) => {
+                            log::warn!("pre-copy round {r} refused: {e}");
+                            bad_full = Some(format!("pre-copy: {e}"));
+                            base = None;
+                        }
+                    }
                 }
                 Message::EpochBegin { fence, pages } => {
                     poisoned = None;
@@ -377,6 +476,18 @@ impl Standby {
                                 continue;
                             }
                         }
+                    }
+                    if let (Some(b), Some(v)) = (base.take(), &vmx) {
+                        // The pre-copied image goes in with the epoch that completes it.
+                        if let Err(e) = b.write_into(v.vm().memory()) {
+                            nack(&mut tx, fence, NackCode::Internal, e.to_string());
+                            return Err(e);
+                        }
+                        log::info!(
+                            "pre-copied image of {} rounds, {} pages, written into the replica",
+                            b.rounds,
+                            b.pages
+                        );
                     }
                     let r = replica.as_mut().expect("built with the VM");
                     if let Err(e) = r.commit(staged) {
@@ -479,6 +590,9 @@ impl Standby {
                     failover.activation_ms
                 );
                 ft.notes = json!({"failover": &failover});
+                if let Some(l) = self.listener.take() {
+                    ft.accept_joins(l, self.cfg.psk.clone());
+                }
                 let outcome = vmx.run_with(Some(&mut ft))?;
                 Ok(StandbyOutcome::TookOver {
                     failover,
