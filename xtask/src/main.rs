@@ -40,10 +40,20 @@ enum Cmd {
         #[arg(long)]
         target: Option<String>,
     },
-    /// Measure, print, and append the results to BENCHMARKS.md.
     /// Run a protected pair on this machine: an output sink, a standby and a primary on
     /// loopback with a fresh key, a live status line, and a summary with the sink's verdict.
     RunPair(pair::RunPairArgs),
+    /// SIGKILL the primary at random moments, again and again, with a fresh standby joining
+    /// the survivor after every kill; every cycle must end protected and every stream exact.
+    Soak {
+        /// Kill + rejoin cycles.
+        #[arg(long, default_value_t = 50)]
+        cycles: u32,
+        /// Guest iterations per pair (a new pair starts when a guest finishes).
+        #[arg(long, default_value = "30M")]
+        iters: String,
+    },
+    /// Measure, print, and append the results to BENCHMARKS.md.
     Bench {
         /// Which benchmark (all when left out).
         which: Option<Bench>,
@@ -366,6 +376,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
         Cmd::RunPair(args) => pair::run_pair(args),
+        Cmd::Soak { cycles, iters } => pair::soak(cycles, &iters),
         Cmd::Bench {
             which,
             stuns,

@@ -34,6 +34,10 @@ pub struct RunPairArgs {
     /// Keep the working directory (keys, logs, the sink's records).
     #[arg(long)]
     pub keep: bool,
+    /// After the failover, start a fresh standby that joins the survivor
+    /// (`tandem standby --join`), and show it being re-protected by pre-copy.
+    #[arg(long, requires = "kill_primary_after_ms")]
+    pub rejoin: bool,
 }
 
 fn root() -> PathBuf {
@@ -105,8 +109,16 @@ fn status_line(t: f64, s: &Value, sink_records: u64, last: &mut (f64, u64)) -> S
         0.0
     };
     *last = (t, sink_records);
+    let sync = match ft["sync"]["phase"].as_str() {
+        Some(p) => format!(
+            " | SYNC {p} {}/{} pages",
+            ft["sync"]["sent_pages"], ft["sync"]["round_pages"]
+        ),
+        None if ft["protected"] == false => " | UNPROTECTED".to_string(),
+        None => String::new(),
+    };
     format!(
-        "t={t:5.1}s {} gen {} epoch {} ack {} | pause p50 {:.2} ms p99 {:.2} ms | lag {:.1} ms | sent {} | sink {} records ({:.0}/s)",
+        "t={t:5.1}s {} gen {} epoch {} ack {}{sync} | pause p50 {:.2} ms p99 {:.2} ms | lag {:.1} ms | sent {} | sink {} records ({:.0}/s)",
         ft["role"].as_str().unwrap_or("?"),
         ft["generation"],
         ft["epoch"],
@@ -136,6 +148,10 @@ pub struct PairRun {
     pub exact: Option<bool>,
     /// The directory.
     pub dir: PathBuf,
+    /// With --rejoin: new standby started → the survivor protected again, ms.
+    pub reprotect_ms: Option<f64>,
+    /// With --rejoin: the survivor's account of the sync, and the new standby's final JSON.
+    pub rejoin: Value,
 }
 
 /// Runs one pair; `live` prints the status line.
@@ -176,6 +192,8 @@ pub fn run_pair_once(
     let mut last_primary = Value::Null;
     let mut last = (0.0, 0u64);
     let mut next_print = 0.0;
+    let mut rejoin_started: Option<Instant> = None;
+    let mut reprotect_ms = None;
     loop {
         let t = t0.elapsed().as_secs_f64();
         if let (Some(k), None) = (a.kill_primary_after_ms, killed_at) {
@@ -191,13 +209,42 @@ pub fn run_pair_once(
                 }
             }
         }
-        let who = if killed_at.is_some_and(|k| !k.is_nan()) {
+        let killed = killed_at.is_some_and(|k| !k.is_nan());
+        if a.rejoin && killed && rejoin_started.is_none() {
+            pair.wait_takeover(Duration::from_secs(30))
+                .ok_or_else(|| format!("the standby did not take over ({})", dir.display()))?;
+            let t = Instant::now();
+            pair.rejoin()
+                .map_err(|e| format!("starting a new standby: {e}"))?;
+            rejoin_started = Some(t);
+            if live {
+                println!(
+                    "
+the standby took over; started a fresh standby that joins it (it will \
+                     listen on {} for the next one)",
+                    pair.standby_addr
+                );
+            }
+        }
+        if let (Some(t), None) = (rejoin_started, reprotect_ms) {
+            if pair.wait_protected(Duration::ZERO).is_some() {
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                reprotect_ms = Some(ms);
+                if live {
+                    println!(
+                        "
+PROTECTED again {ms:.0} ms after the new standby started"
+                    );
+                }
+            }
+        }
+        let who = if killed && rejoin_started.is_none() {
             "standby"
         } else {
             "primary"
         };
         if let Some(s) = pair.status(who) {
-            if who == "primary" {
+            if who == "primary" && rejoin_started.is_none() {
                 last_primary = s.clone();
             }
             if live && t >= next_print && s["ft"].is_object() {
@@ -228,8 +275,21 @@ pub fn run_pair_once(
     if live {
         println!();
     }
-    let standby = pair.result("standby").unwrap_or(Value::Null);
-    let result = pair.result("primary");
+    // After a rejoin the survivor (the standby that took over) is in the primary role.
+    let (standby, result, rejoin) = if rejoin_started.is_some() {
+        let survivor = pair.result("primary").unwrap_or(Value::Null);
+        let rejoin = serde_json::json!({
+            "sync": survivor["ft"]["last_sync"],
+            "new_standby": pair.result("standby"),
+        });
+        (survivor, None, rejoin)
+    } else {
+        (
+            pair.result("standby").unwrap_or(Value::Null),
+            pair.result("primary"),
+            Value::Null,
+        )
+    };
     let primary_report = result.as_ref().map_or(Value::Null, |p| p["report"].clone());
     let primary = result
         .map(|p| p["ft"].clone())
@@ -256,6 +316,8 @@ pub fn run_pair_once(
         sink: pair.sink_report(),
         exact,
         dir,
+        reprotect_ms,
+        rejoin,
     })
 }
 
@@ -304,6 +366,36 @@ pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
             r.standby["commits"]
         );
     }
+    if a.rejoin {
+        let sync = &r.rejoin["sync"];
+        match r.reprotect_ms {
+            Some(ms) => {
+                let rounds: Vec<String> = sync["precopy"]["rounds"]
+                    .as_array()
+                    .map(|v| {
+                        v.iter()
+                            .map(|r| {
+                                format!(
+                                    "{} pages in {:.0} ms",
+                                    r["pages"],
+                                    r["ms"].as_f64().unwrap_or(0.0)
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "re-protection: new standby started → protected {ms:.0} ms (join → the \
+                     standby's commit {:.0} ms); pre-copy rounds: {}; the new standby committed \
+                     {} epochs and saw the guest finish",
+                    sync["joined_to_protected_ms"].as_f64().unwrap_or(f64::NAN),
+                    rounds.join(", "),
+                    r.rejoin["new_standby"]["commits"]
+                );
+            }
+            None => println!("re-protection: NOT reached before the guest finished"),
+        }
+    }
     let s = &r.sink;
     println!(
         "sink: {} records received, {} accepted, {} gaps, {} duplicates, {} stale-generation rejections; by generation {:?}",
@@ -319,6 +411,9 @@ pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
         println!("kept {}", r.dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&r.dir);
+    }
+    if a.rejoin && r.reprotect_ms.is_none() {
+        return Err("the survivor was not protected again".into());
     }
     if exact && s.gaps == 0 && s.duplicates == 0 {
         Ok(())
@@ -369,6 +464,7 @@ pub fn bench(out: &mut String) -> Result<(), String> {
                 mem_mib: 256,
                 guest_args: args.clone(),
                 keep: false,
+                rejoin: false,
             };
             let r = run_pair_once(&bin, &a, false)?;
             let _ = std::fs::remove_dir_all(&r.dir);
@@ -412,6 +508,7 @@ pub fn bench(out: &mut String) -> Result<(), String> {
             mem_mib: 256,
             guest_args: vec!["iters=12M".into()],
             keep: false,
+            rejoin: false,
         };
         let r = run_pair_once(&bin, &a, false)?;
         let _ = std::fs::remove_dir_all(&r.dir);
@@ -442,5 +539,51 @@ pub fn bench(out: &mut String) -> Result<(), String> {
     print!("{row}");
     text.push_str(&row);
     writeln!(out, "{text}").unwrap();
+    Ok(())
+}
+
+/// `cargo xtask soak`: many SIGKILLs of the primary at random moments, each followed by a
+/// fresh standby joining the survivor.
+pub fn soak(cycles: u32, iters: &str) -> Result<(), String> {
+    let bin = build_tandem()?;
+    let kvs = kv(&[format!("iters={iters}")])?;
+    let w = workloads::Workload::parse("dirty", &kvs).map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("tandem-soak-{}", std::process::id()));
+    let cfg = PairConfig {
+        bin,
+        dir: dir.clone(),
+        guest: guest_cli("dirty", 2, 256, &kvs),
+        interval_ms: 50,
+        primary_env: vec![],
+        log: "info".into(),
+    };
+    println!(
+        "soak: {cycles} cycles of SIGKILL (random moment) → takeover → a fresh standby joins; \
+         `dirty` guest, 2 vCPUs, 256 MiB, iters={iters}; logs in {}",
+        dir.display()
+    );
+    let t0 = Instant::now();
+    let rep = vmx::ft::pair::soak(&cfg, &w.reference_all(2), cycles, |i, c| {
+        println!(
+            "cycle {i:3}: generation {:3}, kill → running {:6.1} ms, new standby → protected {:6.0} ms (join → commit {:5.0} ms)",
+            c.generation, c.failover_ms, c.reprotect_ms, c.join_to_protected_ms
+        );
+    })?;
+    let fo: Vec<f64> = rep.cycles.iter().map(|c| c.failover_ms).collect();
+    let rp: Vec<f64> = rep.cycles.iter().map(|c| c.reprotect_ms).collect();
+    println!(
+        "soak: {} cycles over {} pairs in {:.0} s, every cycle ended protected; every pair's \
+         stream exact ({} records); failover p50 {:.1} ms max {:.1} ms; re-protection p50 {:.0} \
+         ms max {:.0} ms",
+        rep.cycles.len(),
+        rep.pairs,
+        t0.elapsed().as_secs_f64(),
+        rep.records,
+        percentile(&fo, 50.0),
+        fo.iter().cloned().fold(0.0, f64::max),
+        percentile(&rp, 50.0),
+        rp.iter().cloned().fold(0.0, f64::max),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -29,6 +29,19 @@ pub struct PairConfig {
     pub log: String,
 }
 
+/// What one kill + rejoin cycle took.
+#[derive(Clone, Debug)]
+pub struct Cycle {
+    /// Kill → the standby's guest running.
+    pub failover_ms: f64,
+    /// New standby started → the survivor protected again (process start included).
+    pub reprotect_ms: f64,
+    /// The survivor's count: join → the standby's commit of the full sync.
+    pub join_to_protected_ms: f64,
+    /// The survivor's generation.
+    pub generation: u64,
+}
+
 /// The three processes.
 pub struct Pair {
     cfg: PairConfig,
@@ -208,15 +221,17 @@ impl Pair {
     /// Waits until the primary's `status` says it is protected (no sync under way).
     pub fn wait_protected(&self, timeout: Duration) -> Option<Value> {
         let start = Instant::now();
-        while start.elapsed() < timeout {
+        loop {
             if let Some(st) = self.status("primary") {
                 if st["ft"]["protected"] == true && st["ft"]["sync"].is_null() {
                     return Some(st);
                 }
             }
+            if start.elapsed() >= timeout {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        None
     }
 
     /// Starts the primary (it connects to the standby and begins with a full sync).
@@ -238,6 +253,47 @@ impl Pair {
         }
         self.primary = Some(cmd.spawn()?);
         Ok(())
+    }
+
+    /// Waits until the standby has taken over (its `status` says it is the primary).
+    pub fn wait_takeover(&self, timeout: Duration) -> Option<Value> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(st) = self.status("standby") {
+                if st["ft"]["role"] == "primary" {
+                    return Some(st);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    /// One cycle of the soak: SIGKILL the (protected) primary, wait for the standby's
+    /// takeover, start a fresh standby that joins the survivor, and wait until it protects.
+    pub fn kill_and_rejoin(&mut self, timeout: Duration) -> Result<Cycle, String> {
+        let killed = self.kill_primary();
+        let st = self
+            .wait_takeover(timeout)
+            .ok_or("the standby did not take over")?;
+        let resumed = st["ft"]["notes"]["failover"]["resumed_unix_ms"]
+            .as_f64()
+            .ok_or("no failover report in the survivor's status")?;
+        let generation = st["ft"]["generation"].as_u64().unwrap_or(0);
+        let started = Instant::now();
+        self.rejoin()
+            .map_err(|e| format!("starting a new standby: {e}"))?;
+        let st = self
+            .wait_protected(timeout)
+            .ok_or("the new standby never protected the survivor")?;
+        Ok(Cycle {
+            failover_ms: resumed - killed,
+            reprotect_ms: started.elapsed().as_secs_f64() * 1e3,
+            join_to_protected_ms: st["ft"]["last_sync"]["joined_to_protected_ms"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            generation,
+        })
     }
 
     /// SIGKILLs the primary; returns when (Unix ms).
@@ -356,4 +412,127 @@ impl Drop for Pair {
             let _ = c.wait();
         }
     }
+}
+
+/// What a soak did.
+#[derive(Clone, Debug, Default)]
+pub struct SoakReport {
+    /// Every kill + rejoin cycle, in order.
+    pub cycles: Vec<Cycle>,
+    /// Pairs started (a new one whenever the guest finished).
+    pub pairs: u32,
+    /// Records the sink accepted over all pairs, each stream checked exact.
+    pub records: u64,
+    /// Generations the last pair reached.
+    pub generations: u64,
+}
+
+/// Checks a pair's sink stream against `want`: same records per vCPU, no gap, no duplicate,
+/// and generations never going back. Returns the number of records.
+pub fn check_exact(pair: &Pair, want: &[Vec<Record>]) -> Result<u64, String> {
+    let report = pair.sink_report();
+    if report.gaps != 0 || report.duplicates != 0 {
+        return Err(format!("the sink saw gaps or duplicates: {report:?}"));
+    }
+    let got = pair.sink_stream();
+    if got.len() != want.len() {
+        return Err(format!(
+            "streams of {} vCPUs, want {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    for (v, (g, w)) in got.iter().zip(want).enumerate() {
+        if g.len() != w.len() {
+            return Err(format!(
+                "vCPU {v}: {} records, the uninterrupted run {}",
+                g.len(),
+                w.len()
+            ));
+        }
+        if let Some(i) = g.iter().zip(w).position(|((_, a), b)| a != b) {
+            return Err(format!("vCPU {v}: record {i} differs"));
+        }
+        if g.windows(2).any(|p| p[1].0 < p[0].0) {
+            return Err(format!("vCPU {v}: the generation went back"));
+        }
+    }
+    Ok(got.iter().map(|g| g.len() as u64).sum())
+}
+
+/// SIGKILLs the primary at random moments (after it is protected) `cycles` times; after every
+/// kill the standby takes over and a fresh standby joins it. Each cycle must end protected.
+/// When the guest finishes, its pair's sink stream must equal `want`, and a new pair (in a
+/// subdirectory of `cfg.dir`) carries on until all cycles are done. `progress` hears of each
+/// cycle.
+pub fn soak(
+    cfg: &PairConfig,
+    want: &[Vec<Record>],
+    cycles: u32,
+    mut progress: impl FnMut(u32, &Cycle),
+) -> Result<SoakReport, String> {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    let mut rep = SoakReport::default();
+    let patience = Duration::from_secs(30);
+    while (rep.cycles.len() as u32) < cycles {
+        rep.pairs += 1;
+        let mut c = cfg.clone();
+        c.dir = cfg.dir.join(format!("pair{}", rep.pairs));
+        let mut pair = Pair::start_standby(c).map_err(|e| format!("starting a pair: {e}"))?;
+        pair.start_primary()
+            .map_err(|e| format!("starting the primary: {e}"))?;
+        pair.wait_protected(patience)
+            .ok_or("the first primary was never protected")?;
+        let mut in_pair = 0;
+        while (rep.cycles.len() as u32) < cycles {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(50..700)));
+            if !pair.primary_running() {
+                break;
+            }
+            // Kill only a protected primary (each cycle starts where the last one ended).
+            if pair.wait_protected(patience).is_none() {
+                if !pair.primary_running() {
+                    break;
+                }
+                return Err(format!(
+                    "cycle {}: the primary is not protected",
+                    rep.cycles.len() + 1
+                ));
+            }
+            match pair.kill_and_rejoin(patience) {
+                Ok(cy) => {
+                    progress(rep.cycles.len() as u32 + 1, &cy);
+                    rep.generations = cy.generation;
+                    rep.cycles.push(cy);
+                    in_pair += 1;
+                }
+                // The guest may have finished just before the kill: then nobody takes over.
+                Err(_)
+                    if pair
+                        .result("standby")
+                        .is_some_and(|r| r["took_over"] == false) =>
+                {
+                    break
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cycle {} (pair {}): {e}\n--- primary ---\n{}\n--- standby ---\n{}",
+                        rep.cycles.len() + 1,
+                        rep.pairs,
+                        pair.log("primary"),
+                        pair.log("standby")
+                    ))
+                }
+            }
+        }
+        pair.wait_primary(Duration::from_secs(600))
+            .ok_or("the guest did not finish")?;
+        pair.wait_standby(Duration::from_secs(60))
+            .ok_or("the last standby did not finish")?;
+        rep.records += check_exact(&pair, want)
+            .map_err(|e| format!("pair {} after {in_pair} cycles: {e}", rep.pairs))?;
+        let _ = std::fs::remove_dir_all(cfg.dir.join(format!("pair{}", rep.pairs)));
+    }
+    Ok(rep)
 }
