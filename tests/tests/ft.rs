@@ -23,6 +23,7 @@ fn config(dir: &std::path::Path, guest: &[&str], env: &[(&str, &str)]) -> PairCo
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         log: "info".into(),
+        hosts: Default::default(),
     }
 }
 

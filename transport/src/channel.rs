@@ -53,6 +53,20 @@ impl<S> std::fmt::Debug for Channel<S> {
     }
 }
 
+impl<S> Channel<S> {
+    /// The same channel (keys and counters) over a wrapped stream, e.g. one that notes when
+    /// bytes arrive.
+    pub fn map_stream<T>(self, f: impl FnOnce(S) -> T) -> Channel<T> {
+        Channel {
+            stream: f(self.stream),
+            send_key: self.send_key,
+            recv_key: self.recv_key,
+            send_seq: self.send_seq,
+            recv_seq: self.recv_seq,
+        }
+    }
+}
+
 impl Channel<std::net::TcpStream> {
     /// Splits a TCP link into a sending and a receiving half (each on its own thread: one may
     /// block in `recv` while the other sends). Each half keeps its direction's key and counter.

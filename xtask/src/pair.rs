@@ -174,6 +174,7 @@ pub fn run_pair_once(
         interval_ms: a.interval_ms,
         primary_env: vec![],
         log: "info".into(),
+        hosts: Default::default(),
     };
     let mut pair = Pair::start_standby(cfg).map_err(|e| format!("starting the pair: {e}"))?;
     if live {
@@ -556,6 +557,7 @@ pub fn soak(cycles: u32, iters: &str) -> Result<(), String> {
         interval_ms: 50,
         primary_env: vec![],
         log: "info".into(),
+        hosts: Default::default(),
     };
     println!(
         "soak: {cycles} cycles of SIGKILL (random moment) → takeover → a fresh standby joins; \

@@ -375,7 +375,19 @@ fn send_epoch(
         } else {
             (cfg.interval * 20).max(Duration::from_secs(5))
         };
-        match replies.recv_timeout(patience) {
+        // Heartbeats go on while the acknowledgement travels: a slow link must not look like
+        // a dead primary to the standby.
+        let waiting = Instant::now();
+        let reply = loop {
+            let left = patience.saturating_sub(waiting.elapsed());
+            match replies.recv_timeout(left.min(cfg.interval)) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                    tx.send(&Message::Heartbeat { fence }).map_err(net)?;
+                }
+                r => break r,
+            }
+        };
+        match reply {
             Ok(Ok(Received::Message(Message::Ack { fence: f }))) if f == fence => {
                 log::debug!(
                     "epoch {}: {} KiB dirty → {} KiB; encode+hash {:?}, send {:?}, ack {:?}",

@@ -26,6 +26,7 @@
 pub mod arbiter;
 pub mod epoch;
 pub mod link;
+pub mod netlab;
 pub mod pair;
 pub mod precopy;
 pub mod sink;

@@ -27,6 +27,33 @@ pub struct PairConfig {
     pub primary_env: Vec<(String, String)>,
     /// RUST_LOG of the processes.
     pub log: String,
+    /// Where the processes run: command prefixes for the primary and for standbys (e.g.
+    /// `ip netns exec hostA`), and the addresses the sink and standbys listen on.
+    pub hosts: Hosts,
+}
+
+/// Where a pair's processes run (all on loopback by default).
+#[derive(Clone, Debug)]
+pub struct Hosts {
+    /// Command prefix of the primary.
+    pub primary_prefix: Vec<String>,
+    /// Command prefix of every standby.
+    pub standby_prefix: Vec<String>,
+    /// The sink's listen address (the sink runs here, without a prefix).
+    pub sink_listen: String,
+    /// A standby's listen address.
+    pub standby_listen: String,
+}
+
+impl Default for Hosts {
+    fn default() -> Self {
+        Hosts {
+            primary_prefix: Vec::new(),
+            standby_prefix: Vec::new(),
+            sink_listen: "127.0.0.1:0".into(),
+            standby_listen: "127.0.0.1:0".into(),
+        }
+    }
 }
 
 /// What one kill + rejoin cycle took.
@@ -84,10 +111,26 @@ impl Pair {
         self.cfg.dir.join(name)
     }
 
-    fn spawn(cfg: &PairConfig, name: &str, args: &[String]) -> std::io::Result<Child> {
+    fn command(cfg: &PairConfig, prefix: &[String]) -> Command {
+        match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&cfg.bin);
+                c
+            }
+            None => Command::new(&cfg.bin),
+        }
+    }
+
+    fn spawn(
+        cfg: &PairConfig,
+        prefix: &[String],
+        name: &str,
+        args: &[String],
+    ) -> std::io::Result<Child> {
         let out = std::fs::File::create(cfg.dir.join(format!("{name}.out")))?;
         let err = std::fs::File::create(cfg.dir.join(format!("{name}.log")))?;
-        Command::new(&cfg.bin)
+        Self::command(cfg, prefix)
             .args(args)
             .env("RUST_LOG", &cfg.log)
             .stdin(Stdio::null())
@@ -106,11 +149,12 @@ impl Pair {
         let s = |p: PathBuf| p.display().to_string();
         let mut sink = Self::spawn(
             &cfg,
+            &[],
             "sink",
             &[
                 "sink".into(),
                 "--listen".into(),
-                "127.0.0.1:0".into(),
+                cfg.hosts.sink_listen.clone(),
                 "--out".into(),
                 s(cfg.dir.join("sink.txt")),
                 "--report".into(),
@@ -162,7 +206,7 @@ impl Pair {
     fn spawn_standby(&mut self, name: &str, args: Vec<String>) -> std::io::Result<()> {
         let mut args = args;
         args.extend(self.role_args(name));
-        let mut sb = Self::spawn(&self.cfg, name, &args)?;
+        let mut sb = Self::spawn(&self.cfg, &self.cfg.hosts.standby_prefix, name, &args)?;
         self.standby_addr = first_line(&self.file(&format!("{name}.out")), &mut sb, name)?;
         self.standby = Some(sb);
         self.standby_name = name.to_string();
@@ -181,7 +225,11 @@ impl Pair {
         } else {
             self.next_name()
         };
-        let args = vec!["standby".into(), "--listen".into(), "127.0.0.1:0".into()];
+        let args = vec![
+            "standby".into(),
+            "--listen".into(),
+            self.cfg.hosts.standby_listen.clone(),
+        ];
         self.spawn_standby(&name, args)
     }
 
@@ -213,7 +261,7 @@ impl Pair {
             "--join".into(),
             survivor,
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            self.cfg.hosts.standby_listen.clone(),
         ];
         self.spawn_standby(&name, args)
     }
@@ -223,7 +271,11 @@ impl Pair {
         let start = Instant::now();
         loop {
             if let Some(st) = self.status("primary") {
-                if st["ft"]["protected"] == true && st["ft"]["sync"].is_null() {
+                // Protected: a link, no sync under way, and a first acknowledgement.
+                if st["ft"]["protected"] == true
+                    && st["ft"]["sync"].is_null()
+                    && st["ft"]["last_ack"].as_u64() > Some(0)
+                {
                     return Some(st);
                 }
             }
@@ -236,13 +288,18 @@ impl Pair {
 
     /// Starts the primary (it connects to the standby and begins with a full sync).
     pub fn start_primary(&mut self) -> std::io::Result<()> {
-        let mut args: Vec<String> =
-            vec!["primary".into(), "--peer".into(), self.standby_addr.clone()];
+        let peer = self.standby_addr.clone();
+        self.start_primary_via(&peer)
+    }
+
+    /// Starts the primary with `peer` as the standby's address (e.g. a relay in front of it).
+    pub fn start_primary_via(&mut self, peer: &str) -> std::io::Result<()> {
+        let mut args: Vec<String> = vec!["primary".into(), "--peer".into(), peer.to_string()];
         let name = self.primary_name.clone();
         args.extend(self.role_args(&name));
         args.push("--json".into());
         args.extend(self.cfg.guest.iter().cloned());
-        let mut cmd = Command::new(&self.cfg.bin);
+        let mut cmd = Self::command(&self.cfg, &self.cfg.hosts.primary_prefix);
         cmd.args(&args)
             .env("RUST_LOG", &self.cfg.log)
             .stdin(Stdio::null())
@@ -258,15 +315,17 @@ impl Pair {
     /// Waits until the standby has taken over (its `status` says it is the primary).
     pub fn wait_takeover(&self, timeout: Duration) -> Option<Value> {
         let start = Instant::now();
-        while start.elapsed() < timeout {
+        loop {
             if let Some(st) = self.status("standby") {
                 if st["ft"]["role"] == "primary" {
                     return Some(st);
                 }
             }
+            if start.elapsed() >= timeout {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
-        None
     }
 
     /// One cycle of the soak: SIGKILL the (protected) primary, wait for the standby's

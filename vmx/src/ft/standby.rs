@@ -11,6 +11,8 @@
 //! ```
 
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver};
@@ -103,6 +105,33 @@ struct Counters {
     frames: u64,
 }
 
+/// The standby's receiving stream: notes when bytes arrive (ms since `t0`).
+struct Watched {
+    inner: TcpStream,
+    last: Arc<AtomicU64>,
+    t0: Instant,
+}
+
+impl std::io::Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.last
+                .store(self.t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A standby: listening for its primary, or joining a running one.
 pub struct Standby {
     listener: Option<TcpListener>,
@@ -172,7 +201,17 @@ impl Standby {
     /// Waits for a primary, replicates it, and takes over if it dies.
     pub fn run(mut self) -> Result<StandbyOutcome> {
         let chan = self.connect()?;
-        let (mut tx, mut rx) = chan.split()?;
+        let (mut tx, rx) = chan.split()?;
+        // Liveness counts bytes, not whole frames: on a slow link one large frame of pages
+        // can take longer than the silence limit to arrive.
+        let t0 = Instant::now();
+        let last_bytes = Arc::new(AtomicU64::new(0));
+        let watch = last_bytes.clone();
+        let mut rx = rx.map_stream(|inner| Watched {
+            inner,
+            last: watch,
+            t0,
+        });
         let (frames_tx, frames): (_, Receiver<std::result::Result<(Received, usize), String>>) =
             unbounded();
         std::thread::Builder::new()
@@ -226,7 +265,8 @@ impl Standby {
             })
         };
         let next = loop {
-            let waited = last_frame.elapsed();
+            let bytes_at = t0 + Duration::from_millis(last_bytes.load(Ordering::Relaxed));
+            let waited = last_frame.elapsed().min(bytes_at.elapsed());
             // Before the first commit the primary may take a while to copy its memory.
             let limit = if replica.is_some() {
                 dead_after
@@ -235,7 +275,7 @@ impl Standby {
             };
             if waited >= limit {
                 break Next::Failover(format!(
-                    "no frame from the primary for {} ms (4 × interval)",
+                    "nothing from the primary for {} ms (4 × interval)",
                     waited.as_millis()
                 ));
             }
