@@ -78,6 +78,10 @@ enum Bench {
     Transport,
     /// The fault-tolerant pair: guest slowdown, epoch pauses, failover time.
     Ft,
+    /// Re-protection of a running 256 MiB and 1 GiB guest by a new standby.
+    Reprotect,
+    /// Network faults and partitions between two netns hosts (needs root and nftables).
+    Faults,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -399,6 +403,12 @@ fn main() {
             }
             if all || which == Some(Bench::Ft) {
                 r = r.and_then(|_| pair::bench(&mut out));
+            }
+            if all || which == Some(Bench::Reprotect) {
+                r = r.and_then(|_| pair::bench_reprotect(&mut out));
+            }
+            if all || which == Some(Bench::Faults) {
+                r = r.and_then(|_| pair::bench_faults(&mut out));
             }
             r.and_then(|_| {
                 if !no_record {

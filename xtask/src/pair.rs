@@ -589,3 +589,185 @@ pub fn soak(cycles: u32, iters: &str) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// `cargo xtask bench reprotect`: how long a new standby takes to protect a running primary.
+pub fn bench_reprotect(out: &mut String) -> Result<(), String> {
+    let bin = build_tandem()?;
+    let mut text = String::from(
+        "### Re-protection (`cargo xtask bench reprotect`)\n\n\
+         `dirty` guest, 2 vCPUs, 50 ms epochs, the guest running throughout. *Redial*: the \
+         standby is SIGKILLed, the primary runs unprotected, a new standby starts on the same \
+         address and the primary dials it. *Join*: the primary is SIGKILLed, the standby takes \
+         over, and a new standby joins the survivor (`--join`). Wall = new standby process \
+         started → primary's status protected (its full sync committed); join → commit is \
+         the primary's own count. Pre-copy rounds are pages per round.\n\n\
+         | guest RAM | path | wall ms (median of 3) | join → commit ms | pre-copy rounds (last run) | completing epoch pages |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for mem in [256u64, 1024] {
+        let kvs = kv(&["iters=400M".into(), "ws_mib=2".into()])?;
+        let dir = std::env::temp_dir().join(format!("tandem-reprotect-{}", std::process::id()));
+        let cfg = PairConfig {
+            bin: bin.clone(),
+            dir: dir.clone(),
+            guest: guest_cli("dirty", 2, mem, &kvs),
+            interval_ms: 50,
+            primary_env: vec![],
+            log: "info".into(),
+            hosts: Default::default(),
+        };
+        let patience = Duration::from_secs(60);
+        let mut pair = Pair::start_standby(cfg).map_err(|e| e.to_string())?;
+        pair.start_primary().map_err(|e| e.to_string())?;
+        pair.wait_protected(patience)
+            .ok_or("the primary was never protected")?;
+        let row = |path: &str, walls: &mut Vec<f64>, joins: &[f64], st: &Value| {
+            let rounds: Vec<String> = st["ft"]["last_sync"]["precopy"]["rounds"]
+                .as_array()
+                .map(|v| v.iter().map(|r| r["pages"].to_string()).collect())
+                .unwrap_or_default();
+            format!(
+                "| {mem} MiB | {path} | {:.0} | {:.0} | {} | {} |\n",
+                percentile(walls, 50.0),
+                percentile(joins, 50.0),
+                rounds.join(" → "),
+                st["ft"]["last_sync"]["completing_pages"]
+            )
+        };
+        let (mut walls, mut joins) = (Vec::new(), Vec::new());
+        let mut last = Value::Null;
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(500));
+            pair.kill_standby();
+            let t = Instant::now();
+            while pair
+                .status("primary")
+                .is_none_or(|s| s["ft"]["protected"] == true)
+            {
+                if t.elapsed() > patience {
+                    return Err("the primary never noticed the lost standby".into());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let t = Instant::now();
+            pair.restart_standby().map_err(|e| e.to_string())?;
+            last = pair
+                .wait_protected(patience)
+                .ok_or("never protected again")?;
+            walls.push(t.elapsed().as_secs_f64() * 1e3);
+            joins.push(
+                last["ft"]["last_sync"]["joined_to_protected_ms"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+            );
+        }
+        let r = row("redial", &mut walls, &joins, &last);
+        print!("{r}");
+        text.push_str(&r);
+        let (mut walls, mut joins) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(500));
+            let c = pair.kill_and_rejoin(patience)?;
+            walls.push(c.reprotect_ms);
+            joins.push(c.join_to_protected_ms);
+            last = pair.status("primary").unwrap_or(Value::Null);
+        }
+        let r = row("join", &mut walls, &joins, &last);
+        print!("{r}");
+        text.push_str(&r);
+        drop(pair);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    writeln!(out, "{text}").unwrap();
+    Ok(())
+}
+
+/// `cargo xtask bench faults`: the pair through network faults between two netns hosts.
+pub fn bench_faults(out: &mut String) -> Result<(), String> {
+    use vmx::ft::netlab::{run_fault, Fault, NetLab};
+    let bin = build_tandem()?;
+    let lab = match NetLab::new("tndbench", 64) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("bench faults skipped: {e}");
+            return Ok(());
+        }
+    };
+    let mut text = String::from(
+        "### Network faults and partitions (`cargo xtask bench faults`)\n\n\
+         Primary and standby on two network namespaces joined by a bridge; the sink in the \
+         root namespace and the arbiter directory reachable from both. Loss and partitions \
+         are nftables drops between the two hosts (both directions); the delay is a relay \
+         that holds every byte 100 ms each way (this kernel has no `sch_netem`). `dirty` \
+         guest, 2 vCPUs. *Commits* = epochs the standby committed while the fault lasted. \
+         *Old primary* = its exit code (0 finished, 3 FENCED). *Finished the guest* counts \
+         processes that ran the guest to its end as primary.\n\n\
+         | fault | interval | commits during | takeover after | old primary | finished the guest | sink generations | stream | stale refusals |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    let cases: [(Option<Fault>, Option<u64>, u64, u64, &str); 8] = [
+        (Some(Fault::Partition), None, 100, 50, "6M"),
+        (Some(Fault::Partition), None, 1000, 50, "6M"),
+        (Some(Fault::Partition), None, 3000, 50, "8M"),
+        (Some(Fault::Partition), None, 3000, 1000, "8M"),
+        (Some(Fault::Loss(0.10)), None, 4000, 50, "20M"),
+        (Some(Fault::Loss(0.10)), None, 4000, 500, "20M"),
+        (None, Some(100), 3000, 50, "4M"),
+        (None, Some(100), 3000, 200, "4M"),
+    ];
+    for (fault, delay, ms, interval, iters) in cases {
+        let kvs = kv(&[format!("iters={iters}")])?;
+        let w = workloads::Workload::parse("dirty", &kvs).map_err(|e| e.to_string())?;
+        let dir = std::env::temp_dir().join(format!("tandem-faults-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = PairConfig {
+            bin: bin.clone(),
+            dir: dir.clone(),
+            guest: guest_cli("dirty", 2, 128, &kvs),
+            interval_ms: interval,
+            primary_env: vec![],
+            log: "info".into(),
+            hosts: Default::default(),
+        };
+        let r = run_fault(
+            &lab,
+            &cfg,
+            &w.reference_all(2),
+            fault,
+            delay.map(Duration::from_millis),
+            Duration::from_millis(ms),
+        )?;
+        let row = format!(
+            "| {} | {} ms | {} | {} | {} | {} | {:?} | {} | {} |\n",
+            r.fault,
+            r.interval_ms,
+            r.acks_during_fault,
+            match r.takeover_after_ms {
+                None => "none".to_string(),
+                Some(t) if t.is_nan() => "after the fault ended".to_string(),
+                Some(t) => format!("{t:.0} ms"),
+            },
+            match r.primary_exit {
+                Some(0) => "finished".to_string(),
+                Some(3) => "FENCED (3)".to_string(),
+                other => format!("{other:?}"),
+            },
+            r.finished_primaries,
+            r.generations,
+            match &r.exact {
+                Ok(n) => format!("exact ({n} records)"),
+                Err(e) => format!("NOT exact: {e}"),
+            },
+            r.stale_rejections
+        );
+        print!("{row}");
+        text.push_str(&row);
+        let _ = std::fs::remove_dir_all(&dir);
+        if r.exact.is_err() || r.finished_primaries != 1 {
+            writeln!(out, "{text}").unwrap();
+            return Err(format!("{}: the outcome is wrong: {r:?}", r.fault));
+        }
+    }
+    writeln!(out, "{text}").unwrap();
+    Ok(())
+}

@@ -22,6 +22,11 @@
 //!   guest continues. Nothing is ever buffered beyond one epoch in flight plus the one being
 //!   filled, and the guest can never run more than one interval ahead of the standby.
 //! * [`standby`] runs the other side; [`sink`] is the outside world.
+//! * Re-protection: an unprotected primary takes a new standby (one that joins through
+//!   [`Protector::accept_joins`], or one found by [`Protector::redial`]) and syncs it by
+//!   [`precopy`] while the guest runs; the first epoch after the rounds completes the sync.
+//! * [`arbiter`] decides role changes (no split brain); [`pair`] and [`netlab`] run whole pairs
+//!   of processes for tests, `cargo xtask run-pair`, `soak` and the benchmarks.
 
 pub mod arbiter;
 pub mod epoch;
@@ -132,6 +137,7 @@ struct Resync {
     started: Instant,
     epoch: u64,
     report: Option<precopy::PreCopyReport>,
+    completing_pages: u64,
 }
 
 struct InFlight {
@@ -353,6 +359,7 @@ impl Protector {
                     started: Instant::now(),
                     epoch: self.next_epoch,
                     report: None,
+                    completing_pages: 0,
                 });
                 let tx = self.aux_tx.clone();
                 let who = peer.clone();
@@ -424,6 +431,8 @@ impl Protector {
                 self.stats.full_syncs += 1;
                 rs.report = Some(report);
                 rs.epoch = cap.epoch;
+                rs.completing_pages =
+                    cap.runs.iter().map(|r| r.data.len() as u64).sum::<u64>() / 4096;
                 self.completing = Some(rs);
                 self.dispatch(cap);
             }
@@ -568,6 +577,7 @@ impl Protector {
                         "peer": rs.peer,
                         "joined_to_protected_ms": ms,
                         "completing_epoch": epoch,
+                        "completing_pages": rs.completing_pages,
                         "precopy": rs.report,
                         "protected_unix_ms": unix_ms(),
                     });
