@@ -705,7 +705,9 @@ pub fn bench_faults(out: &mut String) -> Result<(), String> {
          | fault | interval | commits during | takeover after | old primary | finished the guest | sink generations | stream | stale refusals |\n\
          |---|---|---|---|---|---|---|---|---|\n",
     );
-    let cases: [(Option<Fault>, Option<u64>, u64, u64, &str); 8] = [
+    // (fault, delay ms, fault duration ms, interval ms, guest iterations)
+    type Case = (Option<Fault>, Option<u64>, u64, u64, &'static str);
+    let cases: [Case; 8] = [
         (Some(Fault::Partition), None, 100, 50, "6M"),
         (Some(Fault::Partition), None, 1000, 50, "6M"),
         (Some(Fault::Partition), None, 3000, 50, "8M"),
