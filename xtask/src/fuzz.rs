@@ -73,6 +73,20 @@ fn messages() -> Vec<Message> {
         },
         Message::Heartbeat { fence },
         Message::Goodbye,
+        Message::Intent {
+            intent: transport::Intent::Join,
+        },
+        Message::PreCopy {
+            fence,
+            round: 1,
+            pages: 1045,
+        },
+        Message::PreCopyEnd {
+            fence,
+            round: 1,
+            ranges: 3,
+            digest: [9; 32],
+        },
     ]
 }
 

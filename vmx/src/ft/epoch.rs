@@ -464,4 +464,48 @@ mod tests {
         assert_ne!(hash(&m), before);
         assert_eq!(rep.inherited_output(1), vec![vec![rec]]);
     }
+
+    #[test]
+    fn pre_copy_rounds_verify_and_count_only_through_write_into() {
+        let m = mem();
+        let mut base = Base::new(1 << 20);
+        // Round 0: a data page and a zero page.
+        let data = vec![0x5au8; 4096];
+        let zero = vec![0u8; 4096];
+        let ranges = [
+            encode_range(0x1000, &data, None),
+            encode_range(0x3000, &zero, None),
+        ];
+        let digest = pages_digest(&[(0x1000, &data), (0x3000, &zero)]);
+        let mut st = Staging::begin(fence(1), 2, 1 << 20).unwrap();
+        st.pages(&ranges).unwrap();
+        base.apply(st.end_pages(fence(1), 2, digest).unwrap())
+            .unwrap();
+        // A damaged round is refused whole.
+        let mut st = Staging::begin(fence(1), 1, 1 << 20).unwrap();
+        st.pages(&ranges[..1]).unwrap();
+        assert!(st.end_pages(fence(1), 1, [0; 32]).is_err());
+        // A round with state in it is refused.
+        let mut st = Staging::begin(fence(1), 0, 1 << 20).unwrap();
+        st.section("vcpu/0", 1, vec![1]).unwrap();
+        assert!(st.end_pages(fence(1), 0, pages_digest(&[])).is_err());
+        // Round 1 rewrites the data page with zeros: a touched page takes zeros too.
+        let mut st = Staging::begin(fence(1), 1, 1 << 20).unwrap();
+        st.pages(&[encode_range(0x1000, &zero, None)]).unwrap();
+        base.apply(
+            st.end_pages(fence(1), 1, pages_digest(&[(0x1000, &zero)]))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!((base.rounds, base.pages), (2, 3));
+        // Nothing reached memory until write_into.
+        let mut b = vec![0u8; 4096];
+        m.write_slice(&[0x11u8; 4096], GuestAddress(0x1000))
+            .unwrap();
+        base.write_into(&m).unwrap();
+        m.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, zero);
+        // Out-of-range pages cannot get in.
+        assert!(base.apply(vec![(1 << 20, vec![0u8; 4096])]).is_err());
+    }
 }
