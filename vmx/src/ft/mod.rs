@@ -793,42 +793,13 @@ pub struct PrimaryConfig {
     pub connect_patience: Duration,
 }
 
-/// Connects to a standby (retrying for `patience`) and authenticates.
+/// Connects to a standby (retrying for `patience`), authenticates, and asks to be protected.
 pub fn connect(
     peer: &str,
     psk: Option<&transport::Psk>,
     patience: Duration,
 ) -> Result<transport::Channel<std::net::TcpStream>> {
-    let start = Instant::now();
-    let stream = loop {
-        match std::net::TcpStream::connect(peer) {
-            Ok(s) => break s,
-            Err(e) if start.elapsed() < patience => {
-                log::debug!("standby {peer}: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => {
-                return Err(crate::Error::Link(transport::Error::Io(
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("cannot reach the standby at {peer}: {e}"),
-                    ),
-                )))
-            }
-        }
-    };
-    stream.set_nodelay(true).map_err(transport::Error::Io)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(transport::Error::Io)?;
-    let mut ch = transport::handshake::client(stream, psk)?;
-    ch.send(&Message::Intent {
-        intent: Intent::Protect,
-    })?;
-    ch.get_ref()
-        .set_read_timeout(None)
-        .map_err(transport::Error::Io)?;
-    Ok(ch)
+    dial(peer, "standby", psk, patience, Intent::Protect)
 }
 
 /// Joins the unprotected primary at `primary` as its standby (retrying for `patience`).
@@ -837,19 +808,30 @@ pub fn join(
     psk: Option<&transport::Psk>,
     patience: Duration,
 ) -> Result<transport::Channel<std::net::TcpStream>> {
+    dial(primary, "primary", psk, patience, Intent::Join)
+}
+
+/// Connects to `addr` (the `what`), retrying for `patience`, authenticates, and says `intent`.
+fn dial(
+    addr: &str,
+    what: &str,
+    psk: Option<&transport::Psk>,
+    patience: Duration,
+    intent: Intent,
+) -> Result<transport::Channel<std::net::TcpStream>> {
     let start = Instant::now();
     let stream = loop {
-        match std::net::TcpStream::connect(primary) {
+        match std::net::TcpStream::connect(addr) {
             Ok(s) => break s,
             Err(e) if start.elapsed() < patience => {
-                log::debug!("primary {primary}: {e}; retrying");
+                log::debug!("{what} {addr}: {e}; retrying");
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => {
                 return Err(crate::Error::Link(transport::Error::Io(
                     std::io::Error::new(
                         e.kind(),
-                        format!("cannot reach the primary at {primary}: {e}"),
+                        format!("cannot reach the {what} at {addr}: {e}"),
                     ),
                 )))
             }
@@ -860,9 +842,7 @@ pub fn join(
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(transport::Error::Io)?;
     let mut ch = transport::handshake::client(stream, psk)?;
-    ch.send(&Message::Intent {
-        intent: Intent::Join,
-    })?;
+    ch.send(&Message::Intent { intent })?;
     ch.get_ref()
         .set_read_timeout(None)
         .map_err(transport::Error::Io)?;
