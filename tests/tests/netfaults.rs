@@ -55,16 +55,28 @@ fn exact(r: &FaultRun) {
     assert_eq!(r.finished_primaries, 1, "{r:?}");
 }
 
+/// Loss and delay: no takeover, the primary finished, the standby kept committing, and the
+/// stream is exact.
+fn replication_went_on(r: &FaultRun) {
+    eprintln!("{r:?}");
+    exact(r);
+    assert_eq!(r.takeover_after_ms, None, "a false takeover: {r:?}");
+    assert_eq!(r.primary_exit, Some(0));
+    assert!(r.acks_during_fault >= 3, "replication stalled: {r:?}");
+}
+
 #[test]
 fn packet_loss_slows_replication_but_it_goes_on() {
     require_kvm();
     let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lab) = lab("tndl", 61) else { return };
     // 10 % loss: a lost retransmission waits for TCP's retransmission timer (200 ms, then
-    // 400, 800, …), and stalls of 0.6–1.4 s happen within seconds. The silence rule
-    // (4 × interval) must outlast them, so this link gets a 500 ms interval. (At 50 ms the
-    // standby takes over during such a stall: safe, one primary, but protection is lost;
-    // `cargo xtask bench faults` records it.)
+    // 400, 800, 1600, …), and stalls of 0.6–1.4 s happen within seconds, sometimes 3 s. The
+    // silence rule (4 × interval) must outlast them: this link is set up as the README
+    // advises for lossy links, a 500 ms interval and rto_min 20 ms on the route to the peer.
+    // (At 50 ms and the default timer the standby takes over during such a stall: safe, one
+    // primary, but protection is lost; `cargo xtask bench faults` records it.)
+    lab.set_rto_min(20).unwrap_or_else(|e| panic!("{e}"));
     let (cfg, want) = base("loss", 500, "20M");
     let r = run_fault(
         &lab,
@@ -75,11 +87,7 @@ fn packet_loss_slows_replication_but_it_goes_on() {
         Duration::from_secs(4),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("{r:?}");
-    exact(&r);
-    assert_eq!(r.takeover_after_ms, None, "a false takeover: {r:?}");
-    assert_eq!(r.primary_exit, Some(0));
-    assert!(r.acks_during_fault >= 3, "replication stalled: {r:?}");
+    replication_went_on(&r);
     assert_eq!(r.generations, vec![1]);
 }
 
@@ -98,11 +106,7 @@ fn added_delay_slows_replication_but_it_goes_on() {
         Duration::from_secs(3),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("{r:?}");
-    exact(&r);
-    assert_eq!(r.takeover_after_ms, None, "a false takeover: {r:?}");
-    assert_eq!(r.primary_exit, Some(0));
-    assert!(r.acks_during_fault >= 3, "replication stalled: {r:?}");
+    replication_went_on(&r);
     // Every acknowledgement crossed the delay twice.
     assert!(
         r.lag_ms >= 200.0,

@@ -51,6 +51,11 @@ fn run(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Runs one nftables command in namespace `ns`.
+fn nft(ns: &str, command: &str) -> Result<(), String> {
+    run(&["ip", "netns", "exec", ns, "nft", command])
+}
+
 /// A network fault between the two hosts.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Fault {
@@ -120,17 +125,11 @@ impl NetLab {
             ])?;
             run(&["ip", "-n", ns, "link", "set", &ns_end, "up"])?;
             run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-            run(&[
-                "ip", "netns", "exec", ns, "nft", "add", "table", "inet", "tandem",
-            ])?;
-            run(&[
-                "ip",
-                "netns",
-                "exec",
+            nft(ns, "add table inet tandem")?;
+            nft(
                 ns,
-                "nft",
                 "add chain inet tandem out { type filter hook output priority 0; }",
-            ])?;
+            )?;
         }
         Ok(())
     }
@@ -160,13 +159,28 @@ impl NetLab {
                 }
                 Fault::Partition => format!("ip daddr {other} drop"),
             };
+            nft(ns, &format!("add rule inet tandem out {rule}"))?;
+        }
+        Ok(())
+    }
+
+    /// Sets TCP's minimum retransmission timeout on the route between the hosts (the
+    /// kernel's default is 200 ms). A lossy replication link needs it: each lost
+    /// retransmission doubles the wait, and those stalls must stay shorter than the standby's
+    /// silence rule.
+    pub fn set_rto_min(&self, ms: u32) -> Result<(), String> {
+        for (ns, other) in [(&self.a, &self.b_ip), (&self.b, &self.a_ip)] {
             run(&[
                 "ip",
-                "netns",
-                "exec",
+                "-n",
                 ns,
-                "nft",
-                &format!("add rule inet tandem out {rule}"),
+                "route",
+                "replace",
+                &format!("{other}/32"),
+                "dev",
+                &format!("{ns}n"),
+                "rto_min",
+                &format!("{ms}ms"),
             ])?;
         }
         Ok(())
@@ -175,14 +189,7 @@ impl NetLab {
     /// Ends every fault.
     pub fn clear(&self) -> Result<(), String> {
         for ns in [&self.a, &self.b] {
-            run(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "flush chain inet tandem out",
-            ])?;
+            nft(ns, "flush chain inet tandem out")?;
         }
         Ok(())
     }
