@@ -1,6 +1,4 @@
-//! The output device.
-//!
-//! One ring per vCPU in guest memory (see `monitor::layout` for where):
+//! The output device: drains the per-vCPU output rings (layout in `guest_abi::ring`):
 //!
 //! ```text
 //!  ring + 0x00  head   u64   records ever produced   (written by the guest)
@@ -28,69 +26,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::{Error, Result};
 
-/// Offset of the head counter.
-pub const RING_HEAD: u64 = 0x00;
-/// Offset of the tail counter.
-pub const RING_TAIL: u64 = 0x08;
-/// Offset of slot 0.
-pub const RING_RECORDS: u64 = 0x40;
-/// Number of slots (a power of two).
-pub const RING_SLOTS: u64 = 1024;
-/// Size of one record.
-pub const RECORD_SIZE: u64 = 32;
-/// Bytes one ring occupies.
-pub const RING_BYTES: u64 = RING_RECORDS + RING_SLOTS * RECORD_SIZE;
-
-/// Record kinds our workload guests use.
-pub mod kind {
-    /// A progress record: `value` is the running checksum, `aux` the iteration count.
-    pub const PROGRESS: u32 = 1;
-    /// The last record of a vCPU: `value` is the final checksum, `aux` the iteration count
-    /// (the tick count for `ticker`).
-    pub const DONE: u32 = 2;
-    /// A `ticker` progress record: `value` is the running checksum, `aux` the timer ticks the
-    /// vCPU had taken (timing-dependent, unlike everything else in the stream).
-    pub const TICK: u32 = 3;
-}
-
-/// One output record.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Record {
-    /// The vCPU the guest says wrote it.
-    pub vcpu: u32,
-    /// Record kind (see [`kind`]).
-    pub kind: u32,
-    /// Sequence number within the vCPU's stream.
-    pub seq: u64,
-    /// Payload: the running checksum for our guests.
-    pub value: u64,
-    /// Payload: the iteration count for our guests.
-    pub aux: u64,
-}
-
-impl Record {
-    /// The record's 32 wire bytes.
-    pub fn to_bytes(&self) -> [u8; RECORD_SIZE as usize] {
-        let mut b = [0u8; RECORD_SIZE as usize];
-        b[0..4].copy_from_slice(&self.vcpu.to_le_bytes());
-        b[4..8].copy_from_slice(&self.kind.to_le_bytes());
-        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
-        b[16..24].copy_from_slice(&self.value.to_le_bytes());
-        b[24..32].copy_from_slice(&self.aux.to_le_bytes());
-        b
-    }
-    /// Parses 32 bytes.
-    pub fn from_bytes(b: &[u8; RECORD_SIZE as usize]) -> Self {
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        Record {
-            vcpu: u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")),
-            kind: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
-            seq: u64_at(8),
-            value: u64_at(16),
-            aux: u64_at(24),
-        }
-    }
-}
+pub use guest_abi::ring::{
+    kind, Record, RECORD_SIZE, RING_BYTES, RING_HEAD, RING_RECORDS, RING_SLOTS, RING_TAIL,
+};
 
 /// Where drained records go.
 pub trait OutputSink: Send {

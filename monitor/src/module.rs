@@ -211,7 +211,8 @@ impl Module for MainMem {
             // The page tables and GDT come back with the rest of memory.
             return Ok(());
         }
-        write_tables(&vm.mem, &vm.layout)
+        write_tables(&vm.mem, &vm.layout)?;
+        write_boot_info(vm)
     }
 
     fn checkpoint(&self, vcpu0: &mut VcpuContext, args: &CptArgs) -> Result<Option<Vec<u8>>> {
@@ -318,6 +319,34 @@ impl Module for MainMem {
         }
         Ok(())
     }
+}
+
+/// Writes the boot-info page (`guest_abi::boot`): vCPUs, RAM, TSC frequency, devices, arguments.
+pub fn write_boot_info(vm: &VmShared) -> Result<()> {
+    use guest_abi::boot::{BootInfo, MAX_ARGS};
+    let mut info = BootInfo::new(vm.layout.vcpus, vm.layout.mem_bytes, vm.tsc_khz);
+    if vm.boot_args.len() > MAX_ARGS {
+        return Err(Error::Config(format!(
+            "the guest arguments take {} bytes: at most {MAX_ARGS} fit the boot-info page",
+            vm.boot_args.len()
+        )));
+    }
+    if vm.mmio_devices.len() > info.devices.len() {
+        return Err(Error::Config(format!(
+            "{} devices: at most {} fit",
+            vm.mmio_devices.len(),
+            info.devices.len()
+        )));
+    }
+    info.args = &vm.boot_args;
+    info.device_count = vm.mmio_devices.len();
+    info.devices[..vm.mmio_devices.len()].copy_from_slice(&vm.mmio_devices);
+    let mut page = vec![0u8; layout::BOOT_INFO_SIZE as usize];
+    info.write(&mut page)
+        .map_err(|e| Error::Config(format!("boot info: {e:?}")))?;
+    vm.mem
+        .write_slice(&page, GuestAddress(layout::BOOT_INFO_ADDR))
+        .map_err(|e| Error::Memory(e.to_string()))
 }
 
 /// Writes the GDT and the identity-mapped page tables into guest memory.

@@ -42,6 +42,10 @@ pub struct VmConfig {
     pub memory_file: Option<PathBuf>,
     /// The VM is being restored: MainMem does not write page tables (they are in memory).
     pub restoring: bool,
+    /// Guest arguments for the boot-info page (`key=value` words, `--guest-arg`).
+    pub boot_args: String,
+    /// The virtio-mmio devices the boot-info page lists.
+    pub mmio_devices: Vec<guest_abi::boot::MmioDevice>,
 }
 
 impl VmConfig {
@@ -55,6 +59,8 @@ impl VmConfig {
             vcpu_sched: VcpuSched::default(),
             memory_file: None,
             restoring: false,
+            boot_args: String::new(),
+            mmio_devices: Vec::new(),
         }
     }
 }
@@ -85,6 +91,12 @@ pub struct VmShared {
     pub pvm: AtomicBool,
     /// The CPUID KVM supports, given to every vCPU (fetched once: the ioctl is slow).
     pub cpuid: kvm_bindings::CpuId,
+    /// The guest's TSC frequency in kHz (from the boot vCPU; 0 when KVM cannot say).
+    pub tsc_khz: u64,
+    /// Guest arguments written into the boot-info page.
+    pub boot_args: String,
+    /// Devices written into the boot-info page.
+    pub mmio_devices: Vec<guest_abi::boot::MmioDevice>,
     pub(crate) restored: Mutex<Restored>,
     pub(crate) ran: AtomicBool,
 }
@@ -259,7 +271,21 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let fds = (0..config.vcpus)
+            .map(|id| {
+                vm_fd
+                    .create_vcpu(u64::from(id))
+                    .map_err(Error::kvm("KVM_CREATE_VCPU"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tsc_khz = fds[0].get_tsc_khz().map(u64::from).unwrap_or_else(|e| {
+            log::debug!("KVM cannot tell the TSC frequency ({e}); the boot info says 0");
+            0
+        });
         let shared = Arc::new(VmShared {
+            tsc_khz,
+            boot_args: config.boot_args.clone(),
+            mmio_devices: config.mmio_devices.clone(),
             kvm,
             vm_fd,
             mem,
@@ -279,11 +305,7 @@ impl Vm {
             .map_err(Error::kvm("KVM_GET_VCPU_MMAP_SIZE"))?;
         let epoch = Instant::now();
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for id in 0..config.vcpus {
-            let fd = shared
-                .vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        for (id, fd) in (0..config.vcpus).zip(fds) {
             let kick = KvmRunMap::new(&fd, run_size)?;
             let (tx, rx) = unbounded();
             let stats = Arc::new(VcpuStats::default());
