@@ -29,23 +29,19 @@ pub trait Group: Send {
     /// Loads state of `version` (any version this build still reads) (RESTORE).
     fn restore(&mut self, version: u32, data: &[u8]) -> Result<(), Error>;
     /// Brings the group to a consistent point (SAVE_SYNC, CONTINUE_SYNC, RESTORE_SYNC).
-    fn sync(&mut self) -> Result<(), Error> {
-        Ok(())
+    /// Returns what it did, for the trace (`None`: nothing to do, and nothing is traced).
+    fn sync(&mut self) -> Result<Option<String>, Error> {
+        Ok(None)
     }
-    /// A sync that may be deferred until the guest needs the device.
-    fn sync_lazy(&mut self) -> Result<(), Error> {
-        Ok(())
+    /// Stops whatever changes guest memory or device state outside a vCPU exit (QUIESCE;
+    /// the vCPUs are stunned already), so that SAVE sees one consistent point. The group's
+    /// next `sync` (CONTINUE_SYNC, RESTORE_SYNC) or `error` lets it go on again; after a
+    /// power-off nothing does. Returns what it stopped, for the trace (`None`: nothing).
+    fn quiesce(&mut self) -> Result<Option<String>, Error> {
+        Ok(None)
     }
-    /// The checkpoint failed; undo anything half-done.
+    /// The checkpoint failed; undo anything half-done (including a quiesce).
     fn error(&mut self, _error: &Error) {}
-    /// Whether the group has state worth saving this time.
-    fn save_needed(&self) -> bool {
-        true
-    }
-    /// The VM is moving to another host (`peer` names it).
-    fn migrate_to(&mut self, _peer: &str) -> Result<(), Error> {
-        Ok(())
-    }
     /// An optional group absent from the checkpoint: reset to a fresh state.
     fn missing(&mut self) -> Result<(), Error> {
         Ok(())
@@ -65,10 +61,32 @@ pub struct ManifestEntry {
 
 /// The section name of group `name`.
 pub fn section_name(name: &str) -> String {
-    format!("group/{name}")
+    crate::SectionId::Group(name).name()
 }
 
-/// Saves every group whose `save_needed` is true into `snap`, with the manifest.
+/// Syncs every group; returns, per group that did something, its name and what it did.
+pub fn sync_groups(groups: &mut [&mut dyn Group]) -> Result<Vec<(String, String)>, Error> {
+    let mut done = Vec::new();
+    for g in groups.iter_mut() {
+        if let Some(what) = g.sync()? {
+            done.push((g.name().to_string(), what));
+        }
+    }
+    Ok(done)
+}
+
+/// Quiesces every group; returns, per group that stopped something, its name and what.
+pub fn quiesce_groups(groups: &mut [&mut dyn Group]) -> Result<Vec<(String, String)>, Error> {
+    let mut done = Vec::new();
+    for g in groups.iter_mut() {
+        if let Some(what) = g.quiesce()? {
+            done.push((g.name().to_string(), what));
+        }
+    }
+    Ok(done)
+}
+
+/// Saves every group into `snap`, with the manifest.
 pub fn save_groups(
     groups: &mut [&mut dyn Group],
     snap: &mut Snapshot,
@@ -76,9 +94,6 @@ pub fn save_groups(
     let mut manifest = Vec::new();
     let mut saved = Vec::new();
     for g in groups.iter_mut() {
-        if !g.save_needed() {
-            continue;
-        }
         let data = g.checkpoint()?;
         snap.push(Section {
             name: section_name(g.name()),
@@ -175,6 +190,14 @@ mod tests {
             self.state = 0;
             Ok(())
         }
+        fn sync(&mut self) -> Result<Option<String>, Error> {
+            // "optional" groups of this test sync nothing; the others bump their state.
+            if self.optional {
+                return Ok(None);
+            }
+            self.state += 1;
+            Ok(Some(format!("state {}", self.state)))
+        }
     }
 
     fn g(name: &'static str, optional: bool, state: u32) -> G {
@@ -209,5 +232,23 @@ mod tests {
             serial.state, 0,
             "an optional group missing from the checkpoint is reset"
         );
+    }
+
+    #[test]
+    fn only_groups_whose_sync_did_something_are_reported() {
+        let mut a = G {
+            name: "a",
+            optional: false,
+            state: 0,
+        };
+        let mut b = G {
+            name: "b",
+            optional: true,
+            state: 0,
+        };
+        let done = sync_groups(&mut [&mut a, &mut b]).unwrap();
+        // Every reported step had an effect, and no step without one is reported.
+        assert_eq!(done, vec![("a".to_string(), "state 1".to_string())]);
+        assert_eq!((a.state, b.state), (1, 0));
     }
 }

@@ -11,12 +11,15 @@
 //! transition is an error, never a silent jump. At every save step the monitor acts first and
 //! then vmx; at every restore step vmx acts first and then the monitor ([`CptState::order`]).
 //! A [`Trace`] records (state, side, step) so tests can check that order.
+#![forbid(unsafe_code)]
 
 pub mod group;
 pub mod memfile;
+pub mod persist;
 pub mod snapshot;
 
 pub use group::Group;
+pub use persist::{Persist, SectionId};
 pub use snapshot::{Section, Snapshot};
 
 use serde::{Deserialize, Serialize};

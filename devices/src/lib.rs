@@ -4,8 +4,11 @@
 //!   and rings a doorbell; the host drains the ring into an [`OutputSink`]. This stream is the
 //!   VM's "externally visible output".
 //! * [`vmmdev`]: the guest-host device: guest info and the guest heartbeat (flatline detection).
+//! * [`disk_copy`]: reflink-or-sparse copies of disk images (snapshots of virtio-blk disks).
 
+pub mod disk_copy;
 pub mod output;
+pub mod virtio;
 pub mod vmmdev;
 
 pub use output::{

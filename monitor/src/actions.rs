@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use checkpoint::{CptState, Machine, Section, Snapshot};
+use checkpoint::{CptState, Machine, Snapshot};
 use crossbeam_channel::{bounded, unbounded, Sender};
 
 use crate::module::CptArgs;
@@ -66,52 +66,7 @@ pub enum MonitorAction {
     Shutdown,
 }
 
-/// What the monitor did in one checkpoint step.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct StepOutput {
-    /// Sections saved (SAVE).
-    pub sections: Vec<Section>,
-    /// What was done, in order (for the checkpoint trace).
-    pub steps: Vec<String>,
-}
-
-/// Events from the monitor to vmx.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UserRpc {
-    /// The monitor finished its half of a checkpoint step.
-    StepDone {
-        /// The state the step entered.
-        state: CptState,
-        /// What it did, or why it failed.
-        result: std::result::Result<StepOutput, String>,
-    },
-    /// The guest rang vCPU `vcpu`'s output doorbell: drain its ring.
-    OutputDoorbell {
-        /// Which vCPU's ring.
-        vcpu: u32,
-    },
-    /// vCPU `vcpu` finished its work.
-    VcpuDone {
-        /// The vCPU.
-        vcpu: u32,
-    },
-    /// vCPU `vcpu` failed and will not run again.
-    VcpuError {
-        /// The vCPU.
-        vcpu: u32,
-        /// What happened.
-        error: String,
-    },
-    /// A port write for a vmx device (anything but the doorbell and done ports).
-    PortWrite {
-        /// The vCPU.
-        vcpu: u32,
-        /// The port.
-        port: u16,
-        /// The value written (zero-extended).
-        data: u32,
-    },
-}
+pub use crate::rpc::{StepOutput, UserRpc};
 
 /// A running monitor: owns the [`Vm`] on its own thread and serves [`MonitorAction`]s.
 pub struct Monitor {
@@ -126,10 +81,14 @@ struct Cpt {
     restricted: bool,
 }
 
+/// Runs every module's sync; traces only the modules that did something.
 fn sync_steps(vm: &Vm, steps: &mut Vec<String>) -> Result<()> {
     let modules = vm.modules().clone();
-    vm.call_on(0, move |ctx| modules.run(|m| m.sync(ctx)))??;
-    steps.extend(vm.modules().names().iter().map(|n| format!("sync {n}")));
+    let done = vm.call_on(0, move |ctx| modules.run(|m| m.sync(ctx)))??;
+    steps.extend(
+        done.into_iter()
+            .filter_map(|(n, what)| what.map(|w| format!("sync {n}: {w}"))),
+    );
     Ok(())
 }
 
@@ -165,18 +124,21 @@ fn cpt_step(
         CptState::SaveSync => sync_steps(vm, &mut out.steps)?,
         CptState::Quiesce => {
             cpt.restricted = true;
-            out.steps = vec!["drain actions".into(), "restrict actions".into()];
+            out.steps = vec!["restrict actions".into()];
         }
         CptState::Save => {
             out.sections = vm.save_vcpus()?;
             out.steps.push("save vCPU state".into());
-            out.sections.extend(vm.checkpoint_modules(args)?);
-            out.steps.extend(
-                vm.modules()
-                    .names()
-                    .iter()
-                    .map(|n| format!("checkpoint {n}")),
-            );
+            let modules = vm.checkpoint_modules(args)?;
+            // Only the modules that saved state (MainMem copying an epoch's pages hands them
+            // over in `args.epoch` instead, and is traced by vmx with the epoch).
+            out.steps.extend(modules.iter().filter_map(|s| {
+                match checkpoint::SectionId::parse(&s.name) {
+                    checkpoint::SectionId::Module(m) => Some(format!("checkpoint {m}")),
+                    _ => None,
+                }
+            }));
+            out.sections.extend(modules);
         }
         CptState::ContinueSync => {
             cpt.restricted = false;
@@ -189,9 +151,9 @@ fn cpt_step(
                 snapshot: Some(snap.clone()),
                 ..args.clone()
             };
-            vm.restore_modules(&snap, &args)?;
+            let restored = vm.restore_modules(&snap, &args)?;
             out.steps
-                .extend(vm.modules().names().iter().map(|n| format!("restore {n}")));
+                .extend(restored.iter().map(|n| format!("restore {n}")));
             vm.restore_vcpus(&snap)?;
             out.steps.push("restore vCPU state".into());
         }
@@ -245,10 +207,7 @@ fn serve(vm: Arc<Vm>, rx: crossbeam_channel::Receiver<MonitorAction>, rpc: Sende
                 if let Err(e) = &r {
                     log::error!("checkpoint step {state:?} failed: {e}");
                 }
-                let _ = rpc.send(UserRpc::StepDone {
-                    state,
-                    result: r.map_err(|e| e.to_string()),
-                });
+                let _ = rpc.send(UserRpc::StepDone { state, result: r });
             }
             MonitorAction::CptAbort => {
                 cpt = Cpt {

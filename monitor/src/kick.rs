@@ -34,7 +34,7 @@ pub(crate) fn install_kick_handler() -> Result<()> {
     let mut result = Ok(());
     ONCE.call_once(|| {
         if let Err(e) = register_signal_handler(kick_signal(), on_kick) {
-            result = Err(Error::Config(format!(
+            result = Err(Error::Host(format!(
                 "cannot install the vCPU kick signal handler: {e}"
             )));
         }
@@ -61,7 +61,7 @@ unsafe impl Sync for KvmRunMap {}
 impl KvmRunMap {
     pub(crate) fn new(fd: &VcpuFd, size: usize) -> Result<Self> {
         if size < std::mem::size_of::<kvm_run>() {
-            return Err(Error::Config(format!(
+            return Err(Error::Host(format!(
                 "KVM's vCPU mmap size {size} is too small"
             )));
         }
@@ -78,7 +78,7 @@ impl KvmRunMap {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Error::Config(format!(
+            return Err(Error::Host(format!(
                 "cannot map the vCPU run area: {}",
                 std::io::Error::last_os_error()
             )));

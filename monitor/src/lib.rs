@@ -21,18 +21,26 @@
 //! * [`Monitor`] runs a [`Vm`] behind typed queues: [`MonitorAction`] in, [`UserRpc`] out.
 
 pub mod actions;
+pub mod dirty;
+pub mod image;
 mod kick;
 pub mod layout;
+pub mod mmio;
 pub mod module;
+pub mod rpc;
+mod shared;
 pub mod state;
 mod vcpu;
 mod vm;
 
 pub use actions::{Monitor, MonitorAction, StepOutput, UserRpc};
+pub use dirty::{DirtyLog, DirtyPages};
 pub use layout::Layout;
+pub use mmio::MmioBus;
 pub use module::{CptArgs, EpochMem, Module, ModuleTable, PageRun};
+pub use shared::{GuestMem, VmShared};
 pub use vcpu::{VcpuContext, VcpuSched, VcpuState, VcpuStats};
-pub use vm::{GuestMem, StunGuard, StunReport, Vm, VmConfig, VmShared};
+pub use vm::{StunGuard, StunReport, Vm, VmConfig};
 
 use std::time::Duration;
 
@@ -54,6 +62,13 @@ pub enum Error {
     /// The configuration cannot be run (the message says what to change).
     #[error("{0}")]
     Config(String),
+    /// A snapshot's content does not fit this VM or host (not a usage error: the snapshot is
+    /// what it is).
+    #[error("the snapshot does not fit: {0}")]
+    Snapshot(String),
+    /// A host resource (signal handler, mapping) could not be set up.
+    #[error("host setup failed: {0}")]
+    Host(String),
     /// Guest memory could not be set up or accessed.
     #[error("guest memory: {0}")]
     Memory(String),

@@ -23,8 +23,8 @@ use kvm_bindings::{kvm_regs, kvm_segment, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{self, Layout};
+use crate::shared::VmShared;
 use crate::vcpu::VcpuContext;
-use crate::vm::VmShared;
 use crate::{Error, Result};
 
 /// One monitor module.
@@ -39,9 +39,10 @@ pub trait Module: Send + Sync {
     fn init_per_thread(&self, _vcpu: &mut VcpuContext) -> Result<()> {
         Ok(())
     }
-    /// Checkpoint sync, called on the boot vCPU while the VM is stunned.
-    fn sync(&self, _vcpu0: &mut VcpuContext) -> Result<()> {
-        Ok(())
+    /// Checkpoint sync, called on the boot vCPU while the VM is stunned. Returns what it did,
+    /// for the trace (`None`: nothing, and nothing is traced).
+    fn sync(&self, _vcpu0: &mut VcpuContext) -> Result<Option<String>> {
+        Ok(None)
     }
     /// Version of the state `checkpoint` writes.
     fn version(&self) -> u32 {
@@ -92,41 +93,7 @@ pub struct EpochMem {
     pub runs: Arc<Mutex<Vec<PageRun>>>,
 }
 
-/// Contiguous guest pages copied out of a stunned VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PageRun {
-    /// Guest-physical address of the first page.
-    pub gpa: u64,
-    /// The pages' bytes (a multiple of the page size).
-    pub data: Vec<u8>,
-}
-
-/// The longest run MainMem copies as one piece (2 MiB).
-pub const MAX_RUN_PAGES: u64 = 512;
-
-/// Turns a dirty bitmap (bit n = page n) into runs of at most [`MAX_RUN_PAGES`] pages:
-/// (first page, page count).
-pub fn dirty_runs(bitmap: &[u64], pages: u64) -> Vec<(u64, u64)> {
-    let mut runs = Vec::new();
-    let mut start: Option<u64> = None;
-    for p in 0..=pages {
-        let dirty =
-            p < pages && (bitmap.get((p / 64) as usize).copied().unwrap_or(0) >> (p % 64)) & 1 == 1;
-        match (dirty, start) {
-            (true, None) => start = Some(p),
-            (true, Some(s)) if p - s == MAX_RUN_PAGES => {
-                runs.push((s, p - s));
-                start = Some(p);
-            }
-            (false, Some(s)) => {
-                runs.push((s, p - s));
-                start = None;
-            }
-            _ => {}
-        }
-    }
-    runs
-}
+pub use crate::dirty::{dirty_runs, PageRun, MAX_RUN_PAGES};
 
 /// A progress callback: (bytes done, bytes in all). Called from several threads.
 pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
@@ -225,27 +192,15 @@ impl Module for MainMem {
         let size = vcpu0.shared.layout.mem_bytes;
         if let Some(epoch) = &args.epoch {
             // Replication: fetch and reset the dirty log, copy the pages out (on every core).
-            let pages = vcpu0.shared.layout.pages();
-            let bitmap = vcpu0.shared.take_dirty_bitmap()?;
+            let log = crate::dirty::DirtyLog::new(vcpu0.shared.clone());
+            let taken = log.take()?;
             let runs = if epoch.full {
-                dirty_runs(&vec![u64::MAX; pages.div_ceil(64) as usize], pages)
+                crate::dirty::DirtyPages::all(log.pages()).runs()
             } else {
-                dirty_runs(&bitmap, pages)
+                taken.runs()
             };
-            use rayon::prelude::*;
-            let copied: std::result::Result<Vec<PageRun>, String> = runs
-                .par_iter()
-                .map(|&(first, n)| {
-                    let mut data = vec![0u8; (n * layout::PAGE_SIZE) as usize];
-                    mem.read_slice(&mut data, GuestAddress(first * layout::PAGE_SIZE))
-                        .map_err(|e| e.to_string())?;
-                    Ok(PageRun {
-                        gpa: first * layout::PAGE_SIZE,
-                        data,
-                    })
-                })
-                .collect();
-            *epoch.runs.lock().unwrap_or_else(|p| p.into_inner()) = copied.map_err(&err)?;
+            let copied = log.copy_runs(&runs).map_err(|e| err(e.to_string()));
+            *epoch.runs.lock().unwrap_or_else(|p| p.into_inner()) = copied?;
             return Ok(None);
         }
         let progress = |done: u64| {
@@ -562,18 +517,13 @@ impl Module for Irqchip {
         _args: &CptArgs,
     ) -> Result<()> {
         let err = module_err("Irqchip");
-        if version != crate::state::IRQCHIP_STATE_VERSION {
-            return Err(err(format!(
-                "state version {version} is not one this build reads (1)"
-            )));
-        }
+        let s = <crate::state::IrqchipPersist as checkpoint::Persist>::decode(version, data)
+            .map_err(|e| err(e.to_string()))?;
         if !vcpu0.shared.irqchip {
             return Err(err(
                 "the snapshot has an in-kernel irqchip but this host's KVM has none".into(),
             ));
         }
-        let s: crate::state::IrqchipSnapshot =
-            postcard::from_bytes(data).map_err(|e| err(format!("bad irqchip state: {e}")))?;
         s.apply(&vcpu0.shared.vm_fd)?;
         vcpu0.shared.remember_vm_time(s.pit, s.clock);
         Ok(())

@@ -24,11 +24,28 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
+use checkpoint::Persist;
 
 /// Version of [`VcpuSnapshot`]'s layout.
-pub const VCPU_STATE_VERSION: u32 = 1;
+pub const VCPU_STATE_VERSION: u32 = <VcpuPersist as Persist>::VERSION;
 /// Version of [`IrqchipSnapshot`]'s layout.
-pub const IRQCHIP_STATE_VERSION: u32 = 1;
+pub const IRQCHIP_STATE_VERSION: u32 = <IrqchipPersist as Persist>::VERSION;
+
+/// The saved state of one vCPU (section `vcpu/<n>`).
+pub struct VcpuPersist;
+impl Persist for VcpuPersist {
+    const NAME: &'static str = "vCPU state";
+    const VERSION: u32 = 1;
+    type State = VcpuSnapshot;
+}
+
+/// The saved state of the in-kernel irqchip, PIT and clock (section `module/Irqchip`).
+pub struct IrqchipPersist;
+impl Persist for IrqchipPersist {
+    const NAME: &'static str = "monitor module Irqchip";
+    const VERSION: u32 = 1;
+    type State = IrqchipSnapshot;
+}
 
 const MSR_IA32_TSC: u32 = 0x10;
 /// An MSR that this machine's KVM-PVM answers with the signature "PVM" (0x4d5650); a plain
@@ -206,10 +223,10 @@ impl VcpuSnapshot {
         fd.set_lapic(&self.lapic)
             .map_err(Error::kvm("KVM_SET_LAPIC"))?;
         let msrs = Msrs::from_entries(&self.msrs)
-            .map_err(|e| Error::Config(format!("too many MSRs in the snapshot: {e:?}")))?;
+            .map_err(|e| Error::Snapshot(format!("too many MSRs in the snapshot: {e:?}")))?;
         let n = fd.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
         if n != self.msrs.len() {
-            return Err(Error::Config(format!(
+            return Err(Error::Snapshot(format!(
                 "this host's KVM refused MSR {:#x} of the snapshot (set {n} of {}): \
                  the snapshot comes from an incompatible host",
                 self.msrs[n].index,
@@ -251,7 +268,7 @@ impl IrqchipSnapshot {
                 .enumerate()
                 .any(|(i, c)| c.chip_id != i as u32)
         {
-            return Err(Error::Config(
+            return Err(Error::Snapshot(
                 "the irqchip state must hold PIC master, PIC slave, IOAPIC".into(),
             ));
         }

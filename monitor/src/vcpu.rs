@@ -8,7 +8,7 @@
 //!        Call   → run the closure on this thread (module init_per_thread, state access)
 //!        Start  → state = Running
 //!        Exit   → leave the thread
-//!    KVM_RUN → handle the exit (doorbell / done ports, EINTR = kicked)
+//!    KVM_RUN → handle the exit (doorbell / done ports, MMIO → the bus, EINTR = kicked)
 //! ```
 
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -18,9 +18,9 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::actions::UserRpc;
 use crate::layout::{DONE_PORT, DOORBELL_PORT};
-use crate::vm::VmShared;
+use crate::rpc::UserRpc;
+use crate::shared::VmShared;
 
 /// A closure run on a vCPU thread.
 pub type VcpuCall = Box<dyn FnOnce(&mut VcpuContext) + Send>;
@@ -75,6 +75,8 @@ pub struct VcpuStats {
     pub exits: AtomicU64,
     /// Port I/O exits.
     pub io_exits: AtomicU64,
+    /// MMIO exits (device registers; see [`crate::mmio`]).
+    pub mmio_exits: AtomicU64,
     /// Doorbell rings.
     pub doorbells: AtomicU64,
     /// Returns caused by a kick (EINTR).
@@ -278,12 +280,29 @@ impl VcpuContext {
             Ok(VcpuExit::Shutdown) => Err(String::new()),
             Ok(VcpuExit::Hlt) => Err("the guest halted without an interrupt source".to_string()),
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                data.fill(0xff);
-                log::debug!("vCPU {}: MMIO read of unbacked {addr:#x}", self.id);
+                // The bus fills `data` now; KVM hands it to the guest at the next KVM_RUN.
+                self.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self
+                    .shared
+                    .mmio_bus
+                    .get()
+                    .is_some_and(|b| b.read(addr, data))
+                {
+                    data.fill(0xff);
+                    log::debug!("vCPU {}: MMIO read of unbacked {addr:#x}", self.id);
+                }
                 Ok(None)
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                log::debug!("vCPU {}: MMIO write to unbacked {addr:#x}", self.id);
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                if !self
+                    .shared
+                    .mmio_bus
+                    .get()
+                    .is_some_and(|b| b.write(addr, data))
+                {
+                    log::debug!("vCPU {}: MMIO write to unbacked {addr:#x}", self.id);
+                }
                 Ok(None)
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => Err(format!(

@@ -2,27 +2,28 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::Kvm;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::Killable;
 
-use crate::actions::UserRpc;
 use crate::kick::{install_kick_handler, kick_signal, KvmRunMap};
-use crate::layout::{Layout, MAX_IMAGE_SIZE, PAGE_SIZE};
+use crate::layout::Layout;
 use crate::module::{CptArgs, ModuleTable};
-use crate::state::{capture_vcpu, msr_list, Restored, VcpuSnapshot, VCPU_STATE_VERSION};
+use crate::rpc::UserRpc;
+use crate::shared::{GuestMem, VmShared};
+use crate::state::{
+    capture_vcpu, msr_list, Restored, VcpuPersist, VcpuSnapshot, VCPU_STATE_VERSION,
+};
 use crate::vcpu::{vcpu_loop, CrossCall, VcpuCall, VcpuContext, VcpuSched, VcpuState, VcpuStats};
 use crate::{Error, Result};
+use checkpoint::{Persist, SectionId};
 use checkpoint::{Section, Snapshot};
-
-/// Guest memory with a dirty bitmap that also records writes made by the host (devices).
-pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -62,100 +63,6 @@ impl VmConfig {
             boot_args: String::new(),
             mmio_devices: Vec::new(),
         }
-    }
-}
-
-/// The parts of a VM every thread may read. Field order matters: the VM fd is dropped before
-/// the memory that is registered with it.
-pub struct VmShared {
-    /// The KVM system fd.
-    pub kvm: Kvm,
-    /// The VM fd.
-    pub vm_fd: VmFd,
-    /// Guest RAM.
-    pub mem: GuestMem,
-    /// Where things are.
-    pub layout: Layout,
-    /// Entry point of every vCPU.
-    pub entry: u64,
-    /// Whether the in-kernel irqchip (LAPIC, IOAPIC, PIC) and PIT exist.
-    pub irqchip: bool,
-    /// The VM is being restored from a snapshot.
-    pub restoring: bool,
-    /// The MSRs saved for each vCPU, in restore order.
-    pub msrs: Vec<u32>,
-    /// This host's KVM is KVM-PVM (it lists the PVM MSRs). PVM runs guest CPL3 natively but
-    /// delivers interrupts and exceptions only to PVM-aware guests (through
-    /// `MSR_PVM_EVENT_ENTRY`), never through a guest's IDT. Set by the CPU module, which asks
-    /// the boot vCPU for PVM's signature MSR.
-    pub pvm: AtomicBool,
-    /// The CPUID KVM supports, given to every vCPU (fetched once: the ioctl is slow).
-    pub cpuid: kvm_bindings::CpuId,
-    /// The guest's TSC frequency in kHz (from the boot vCPU; 0 when KVM cannot say).
-    pub tsc_khz: u64,
-    /// Guest arguments written into the boot-info page.
-    pub boot_args: String,
-    /// Devices written into the boot-info page.
-    pub mmio_devices: Vec<guest_abi::boot::MmioDevice>,
-    pub(crate) restored: Mutex<Restored>,
-    pub(crate) ran: AtomicBool,
-}
-
-impl VmShared {
-    /// Fetches and resets the dirty-page bitmap: KVM's log (guest writes) OR vm-memory's bitmap
-    /// (host writes, e.g. devices). Bit `n` stands for guest page `n`.
-    pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
-        let pages = self.layout.pages() as usize;
-        let mut out = vec![0u64; pages.div_ceil(64)];
-        let mut page_base = 0usize;
-        for (slot, region) in self.mem.iter().enumerate() {
-            let kvm = self
-                .vm_fd
-                .get_dirty_log(slot as u32, region.len() as usize)
-                .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
-            let host = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            let region_pages = (region.len() / PAGE_SIZE) as usize;
-            let word =
-                |w: usize| kvm.get(w).copied().unwrap_or(0) | host.get(w).copied().unwrap_or(0);
-            if page_base % 64 == 0 {
-                // Whole words at a time (the usual case: one region from 0).
-                for w in 0..region_pages.div_ceil(64) {
-                    let valid = (region_pages - w * 64).min(64);
-                    let mask = if valid == 64 {
-                        u64::MAX
-                    } else {
-                        (1u64 << valid) - 1
-                    };
-                    out[page_base / 64 + w] |= word(w) & mask;
-                }
-            } else {
-                for p in 0..region_pages {
-                    if word(p / 64) >> (p % 64) & 1 != 0 {
-                        let g = page_base + p;
-                        out[g / 64] |= 1 << (g % 64);
-                    }
-                }
-            }
-            page_base += region_pages;
-        }
-        Ok(out)
-    }
-
-    /// The restored PIT and clock, while no vCPU has run since the restore.
-    pub(crate) fn frozen_vm_time(
-        &self,
-    ) -> Option<(kvm_bindings::kvm_pit_state2, kvm_bindings::kvm_clock_data)> {
-        if self.ran.load(Ordering::Acquire) {
-            return None;
-        }
-        self.restored.lock().unwrap_or_else(|p| p.into_inner()).vm
-    }
-    pub(crate) fn remember_vm_time(
-        &self,
-        pit: kvm_bindings::kvm_pit_state2,
-        clock: kvm_bindings::kvm_clock_data,
-    ) {
-        self.restored.lock().unwrap_or_else(|p| p.into_inner()).vm = Some((pit, clock));
     }
 }
 
@@ -298,6 +205,7 @@ impl Vm {
             cpuid,
             restored: Mutex::new(Restored::default()),
             ran: AtomicBool::new(false),
+            mmio_bus: OnceLock::new(),
         });
         let run_size = shared
             .kvm
@@ -389,29 +297,36 @@ impl Vm {
 
     /// Copies a guest image to `addr`, checking that it fits the image area.
     pub fn load_image(&self, addr: u64, image: &[u8]) -> Result<()> {
-        let end = addr.checked_add(image.len() as u64).ok_or_else(|| {
-            Error::Config(format!(
-                "image at {addr:#x} of {} bytes overflows",
-                image.len()
-            ))
-        })?;
-        if image.is_empty() || image.len() as u64 > MAX_IMAGE_SIZE {
+        crate::image::load_flat(&self.shared.mem, addr, image)
+    }
+
+    /// Loads a guest image, ELF64 or flat (see [`crate::image::load`]); returns its entry.
+    pub fn load_guest(&self, bytes: &[u8], load_addr: u64, entry: Option<u64>) -> Result<u64> {
+        crate::image::load(&self.shared.mem, bytes, load_addr, entry)
+    }
+
+    /// Installs the MMIO bus: from now on every MMIO exit goes to `bus` on the vCPU thread
+    /// that took it (see [`crate::mmio`]). Once per VM, before the vCPUs start.
+    pub fn set_mmio_bus(&self, bus: Arc<dyn crate::MmioBus>) -> Result<()> {
+        self.shared.mmio_bus.set(bus).map_err(|_| Error::BadState {
+            action: "install an MMIO bus",
+            why: "this VM has one already".into(),
+        })
+    }
+
+    /// Makes `evt` an irqfd: a write to it raises `gsi` on the in-kernel IOAPIC without a
+    /// vCPU exit (virtio-mmio device `i` uses GSI `MMIO_GSI_BASE + i`, 5..=20; see
+    /// [`crate::mmio`]). Needs the in-kernel irqchip.
+    pub fn register_irqfd(&self, evt: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()> {
+        if !self.shared.irqchip {
             return Err(Error::Config(format!(
-                "the image is {} bytes: it must hold 1 to {MAX_IMAGE_SIZE} bytes",
-                image.len()
-            )));
-        }
-        if addr < crate::layout::LOAD_ADDR || end > crate::layout::STACK_BASE {
-            return Err(Error::Config(format!(
-                "image {addr:#x}..{end:#x} does not fit the image area {:#x}..{:#x}",
-                crate::layout::LOAD_ADDR,
-                crate::layout::STACK_BASE
+                "GSI {gsi}: this VM has no in-kernel irqchip, so devices cannot raise interrupts"
             )));
         }
         self.shared
-            .mem
-            .write_slice(image, GuestAddress(addr))
-            .map_err(|e| Error::Memory(e.to_string()))
+            .vm_fd
+            .register_irqfd(evt, gsi)
+            .map_err(Error::kvm("KVM_IRQFD"))
     }
 
     /// Lets every vCPU run the guest.
@@ -561,12 +476,12 @@ impl Vm {
             .map(|(id, rx)| {
                 let id = id as u32;
                 let snap = rx.recv().map_err(|_| Error::Stopped)??;
-                Section::encode(&format!("vcpu/{id}"), VCPU_STATE_VERSION, &snap).map_err(|e| {
-                    Error::Vcpu {
+                Section::encode(&SectionId::Vcpu(id).name(), VCPU_STATE_VERSION, &snap).map_err(
+                    |e| Error::Vcpu {
                         vcpu: id,
                         msg: e.to_string(),
-                    }
-                })
+                    },
+                )
             })
             .collect()
     }
@@ -574,29 +489,21 @@ impl Vm {
     /// Loads every vCPU's state from `snap` (before any vCPU runs).
     pub fn restore_vcpus(&self, snap: &Snapshot) -> Result<()> {
         let n = self.vcpu_count();
-        if snap.get(&format!("vcpu/{n}")).is_some() {
-            return Err(Error::Config(format!(
+        if snap.get(&SectionId::Vcpu(n).name()).is_some() {
+            return Err(Error::Snapshot(format!(
                 "the snapshot has more than {n} vCPUs"
             )));
         }
         for id in 0..n {
-            let name = format!("vcpu/{id}");
-            let sec = snap
-                .get(&name)
-                .ok_or_else(|| Error::Config(format!("the snapshot has no state for vCPU {id}")))?;
-            if sec.version != VCPU_STATE_VERSION {
-                return Err(Error::Vcpu {
-                    vcpu: id,
-                    msg: format!(
-                        "state version {} is not one this build reads (1)",
-                        sec.version
-                    ),
-                });
-            }
-            let state: VcpuSnapshot = sec.decode().map_err(|e| Error::Vcpu {
-                vcpu: id,
-                msg: e.to_string(),
+            let name = SectionId::Vcpu(id).name();
+            let sec = snap.get(&name).ok_or_else(|| {
+                Error::Snapshot(format!("the snapshot has no state for vCPU {id}"))
             })?;
+            let state: VcpuSnapshot =
+                VcpuPersist::decode(sec.version, &sec.data).map_err(|e| Error::Vcpu {
+                    vcpu: id,
+                    msg: e.to_string(),
+                })?;
             self.call_on(id, move |ctx| {
                 state.apply(&ctx.fd)?;
                 if state.done {
@@ -627,7 +534,7 @@ impl Vm {
             .into_iter()
             .filter_map(|(name, (version, data))| {
                 data.map(|data| Section {
-                    name: format!("module/{name}"),
+                    name: SectionId::Module(name).name(),
                     version,
                     data,
                 })
@@ -639,43 +546,54 @@ impl Vm {
 
     /// Runs every module's `restore` on the boot vCPU, in table order. A module with saved
     /// state that this VM lacks, or the reverse, is an error that names it.
-    pub fn restore_modules(&self, snap: &Snapshot, args: &CptArgs) -> Result<()> {
+    pub fn restore_modules(&self, snap: &Snapshot, args: &CptArgs) -> Result<Vec<&'static str>> {
         let names = self.modules.names();
         for s in snap
             .names()
             .iter()
-            .filter_map(|n| n.strip_prefix("module/"))
+            .filter_map(|n| match SectionId::parse(n) {
+                SectionId::Module(m) => Some(m),
+                _ => None,
+            })
         {
             if !names.contains(&s) {
-                return Err(Error::Config(format!(
+                return Err(Error::Snapshot(format!(
                     "the snapshot has state for monitor module {s:?}, which this build lacks"
                 )));
             }
         }
         let sections: Vec<Option<Section>> = names
             .iter()
-            .map(|n| snap.get(&format!("module/{n}")).cloned())
+            .map(|n| snap.get(&SectionId::Module(n).name()).cloned())
             .collect();
         let modules = self.modules.clone();
         let args = args.clone();
-        self.call_on(0, move |ctx| {
+        let restored = self.call_on(0, move |ctx| {
             let mut i = 0;
             modules.run(|m| {
                 let s = &sections[i];
                 i += 1;
                 match s {
-                    Some(s) => m.restore(ctx, s.version, &s.data, &args),
-                    None => Ok(()),
+                    Some(s) => m.restore(ctx, s.version, &s.data, &args).map(|()| true),
+                    None => Ok(false),
                 }
             })
         })??;
-        Ok(())
+        Ok(restored
+            .into_iter()
+            .filter_map(|(name, did)| did.then_some(name))
+            .collect())
     }
 
     /// Fetches and resets the dirty-page bitmap: KVM's log (guest writes) OR vm-memory's bitmap
     /// (host writes, e.g. devices). Bit `n` stands for guest page `n`.
     pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
-        self.shared.take_dirty_bitmap()
+        self.dirty_log().take().map(|d| d.bitmap().to_vec())
+    }
+
+    /// The dirty log and the page copier (the one way userland reads dirty pages).
+    pub fn dirty_log(&self) -> crate::DirtyLog {
+        crate::DirtyLog::new(self.shared.clone())
     }
 }
 

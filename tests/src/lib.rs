@@ -34,7 +34,16 @@ pub fn tandem_bin() -> &'static PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "vmx", "--bin", "tandem"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "tandem",
+            "--bin",
+            "tandem",
+            "--features",
+            "fault-injection",
+        ]);
         if release {
             cmd.arg("--release");
         }

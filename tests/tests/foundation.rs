@@ -285,13 +285,16 @@ fn the_monitor_refuses_checkpoint_steps_out_of_order() {
     monitor.stun().unwrap();
     // SAVE straight from NONE skips SAVE_SYNC and QUIESCE.
     let e = step(CptState::Save).unwrap_err();
+    // The refusal crosses the monitor queue with its kind.
+    assert!(matches!(e, monitor::Error::BadState { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(
         e.contains("illegal checkpoint transition None → Save"),
         "{e}"
     );
     // The right order works, and RESTORE in the middle of a save is refused.
     step(CptState::SaveSync).unwrap();
-    let e = step(CptState::Restore).unwrap_err();
+    let e = step(CptState::Restore).unwrap_err().to_string();
     assert!(e.contains("SaveSync → Restore"), "{e}");
     step(CptState::Quiesce).unwrap();
     // While quiesced, actions other than checkpoint steps are refused.

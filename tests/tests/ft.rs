@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tandem_tests::{require_kvm, tandem_bin, workload};
-use vmx::ft::pair::{Pair, PairConfig};
+use testkit::pair::{Pair, PairConfig};
 
 /// The pair tests take both cores; run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -433,7 +433,7 @@ fn kills_with_rejoin_between_them_end_protected_with_an_exact_stream() {
     let args: &[(&str, &str)] = &[("iters", "10M")];
     let mut cfg = config(&dir, &[], &[]);
     cfg.guest = guest_args("dirty", args, 2);
-    let rep = vmx::ft::pair::soak(&cfg, &reference("dirty", args, 2), 5, |i, c| {
+    let rep = testkit::pair::soak(&cfg, &reference("dirty", args, 2), 5, |i, c| {
         eprintln!("cycle {i}: {c:?}")
     })
     .unwrap_or_else(|e| panic!("{e}"));

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tandem_tests::{require_kvm, tandem_bin, workload};
-use vmx::ft::netlab::{run_fault, Fault, FaultRun, NetLab};
-use vmx::ft::pair::PairConfig;
+use testkit::netlab::{run_fault, Fault, FaultRun, NetLab};
+use testkit::pair::PairConfig;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

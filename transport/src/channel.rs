@@ -178,6 +178,28 @@ impl<S: Read + Write> Channel<S> {
         self.write_frame(FrameType::Pages, &encode_batch(ranges))
     }
 
+    /// Sends an opaque payload (at most the control-frame limit) in a sealed control frame, for
+    /// protocols that use the handshake and sealing but not [`Message`] (the output sink).
+    pub fn send_blob(&mut self, payload: &[u8]) -> Result<()> {
+        self.write_frame(FrameType::Control, payload)
+    }
+
+    /// Receives a payload sent with [`Channel::send_blob`]. Any other frame type is an error
+    /// (a cancel carries its reason).
+    pub fn recv_blob(&mut self) -> Result<Vec<u8>> {
+        let (header, body) = self.read_frame()?;
+        match header.kind {
+            FrameType::Control => Ok(body),
+            FrameType::Cancel => Err(Error::Message(format!(
+                "the peer cancelled: {}",
+                String::from_utf8_lossy(&body[..body.len().min(MAX_TEXT)])
+            ))),
+            other => Err(Error::Message(format!(
+                "a {other:?} frame where an opaque payload was expected"
+            ))),
+        }
+    }
+
     /// Ends the stream cleanly.
     pub fn end(&mut self) -> Result<()> {
         self.write_frame(FrameType::EndOfStream, &[])

@@ -62,13 +62,35 @@ impl Psk {
         Ok(Psk(k))
     }
 
-    /// Reads a key file.
+    /// Reads a key file, refusing one that group or others may read or write (as ssh does).
     pub fn from_file(path: &Path) -> Result<Self> {
+        Psk::from_file_with(path, false)
+    }
+
+    /// Reads a key file; with `allow_open`, a key file that group or others may access is
+    /// used with a warning instead of refused.
+    pub fn from_file_with(path: &Path, allow_open: bool) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let key_err = |msg: String| Error::Key {
             path: path.display().to_string(),
             msg,
         };
         let meta = std::fs::metadata(path).map_err(|e| key_err(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(key_err("is not a regular file".into()));
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            let why = format!(
+                "has mode {mode:03o}: group or others may read it. Run `chmod 600 {}` (or pass \
+                 --allow-open-key-file to use it anyway)",
+                path.display()
+            );
+            if !allow_open {
+                return Err(key_err(why));
+            }
+            log::warn!("key file {} {why}", path.display());
+        }
         if meta.len() > 1024 {
             return Err(key_err("is too large to be a key file".into()));
         }
@@ -257,4 +279,40 @@ pub fn server<S: Read + Write>(stream: S, psk: Option<&Psk>) -> Result<Channel<S
         psk.session_key(&nonce_c, &nonce_s, b"c2s v1"),
     );
     Ok(ch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn key_files_open_to_others_or_malformed_are_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        let k = Psk::generate();
+        k.write_file(&key).unwrap();
+        assert_eq!(Psk::from_file(&key).unwrap().to_hex(), k.to_hex());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Psk::from_file(&key).unwrap_err().to_string();
+        assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+        // With the flag it is used (and warned about).
+        assert_eq!(
+            Psk::from_file_with(&key, true).unwrap().to_hex(),
+            k.to_hex()
+        );
+        for bad in ["abcd\n", "zz", &"0".repeat(63), &"g".repeat(64)] {
+            let f = dir.path().join("bad");
+            let _ = std::fs::remove_file(&f);
+            std::fs::write(&f, bad).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let e = Psk::from_file(&f).unwrap_err().to_string();
+            assert!(
+                e.contains("64 hex digits") && e.contains("tandem keygen"),
+                "{e}"
+            );
+        }
+        let e = Psk::from_file(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
 }

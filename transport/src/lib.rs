@@ -26,6 +26,7 @@
 //!   ([`pages::decode_range`] checks alignment, bounds against the receiver's memory, codec,
 //!   and the decompressed size before decompressing).
 //! * Every state-changing message carries a [`Fence`] (generation, epoch).
+#![forbid(unsafe_code)]
 
 pub mod channel;
 pub mod frame;

@@ -78,13 +78,28 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// Codes one range of whole pages, picking the smallest of zero, raw, zstd and (with the copy
-/// sent before) XOR-then-zstd.
+/// sent before) XOR-then-zstd. With a copy, the delta is tried first, and plain zstd only when
+/// the delta did not shrink the range below half (a page re-dirtied by a few bytes is the
+/// common case, and one compression is half the work of two).
 pub fn encode_range(gpa: u64, data: &[u8], prev: Option<&[u8]>) -> PageRange {
     assert!(data.len() % PAGE == 0 && !data.is_empty(), "whole pages");
     let pages = (data.len() / PAGE) as u32;
     let mut best = encode_range_uncompressed(gpa, data);
     if best.codec == Codec::Zero {
         return best;
+    }
+    let prev = prev.filter(|p| p.len() == data.len());
+    if let Some(prev) = prev {
+        if let Ok(z) = xor_zstd(data, prev) {
+            if z.len() * 2 < data.len() {
+                return PageRange {
+                    gpa,
+                    pages,
+                    codec: Codec::XorZstd,
+                    payload: z,
+                };
+            }
+        }
     }
     if let Ok(z) = zstd::bulk::compress(data, LEVEL) {
         if z.len() < best.payload.len() {

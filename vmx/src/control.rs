@@ -126,22 +126,51 @@ fn serve_conn(stream: UnixStream, tx: Sender<Envelope>) {
     }
 }
 
-/// Listens on `path`; requests arrive on the returned channel. A stale socket file (nobody
-/// listening) is replaced; a live one is an error.
+/// Listens on `path`; requests arrive on the returned channel.
+///
+/// Who may connect: the socket is mode 0600 whatever the umask, so only its owner (and root).
+/// It is bound under a temporary name, made 0600, anything that connected meanwhile is
+/// dropped, and only then renamed into place. A stale socket at `path` (nobody listening) is
+/// replaced; a live one, or anything that is not a socket, is an error and left alone.
 pub fn listen(path: &Path) -> Result<(Receiver<Envelope>, ControlSocket)> {
-    if path.exists() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::Usage(format!(
+                "{} exists and is not a socket: refusing to replace it (choose another \
+                 --control path)",
+                path.display()
+            )));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(Error::Usage(format!(
                 "{} is in use by another tandem",
                 path.display()
             )));
         }
-        let _ = std::fs::remove_file(path);
+        std::fs::remove_file(path).map_err(io)?;
     }
-    let listener = UnixListener::bind(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io)?;
+    let ready = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| {
+            // Drop whoever connected before the mode was set.
+            listener.set_nonblocking(true)?;
+            while listener.accept().is_ok() {}
+            listener.set_nonblocking(false)
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = ready {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::Builder::new()
         .name("control".into())
@@ -207,6 +236,31 @@ mod tests {
         ] {
             assert!(parse(bad).unwrap_err().contains("commands:"));
         }
+    }
+
+    #[test]
+    fn the_socket_is_private_and_nothing_else_is_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl");
+        let (_rx, guard) = listen(&sock).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the control socket must be owner-only");
+        // A live socket is not taken over.
+        let e = listen(&sock).err().expect("refused").to_string();
+        assert!(e.contains("in use"), "{e}");
+        drop(guard);
+        // A regular file at the path is left alone, with a reason.
+        let file = dir.path().join("precious");
+        std::fs::write(&file, b"data").unwrap();
+        let e = listen(&file).err().expect("refused").to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+        // A stale socket (nobody listening) is replaced.
+        let stale = dir.path().join("stale");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let (_rx2, _g2) = listen(&stale).unwrap();
+        assert!(UnixStream::connect(&stale).is_ok());
     }
 
     #[test]

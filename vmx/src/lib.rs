@@ -3,16 +3,23 @@
 //! vmx owns the devices and drives the [`monitor`] through its typed queues: it sends
 //! `MonitorAction`s and handles the `UserRpc`s that come back (output doorbells, vCPU done,
 //! vCPU errors). [`run::run`] is `tandem run` as a library call.
+#![forbid(unsafe_code)]
 
 pub mod control;
-pub mod ft;
 pub mod groups;
 pub mod machine;
 pub mod progress;
+pub mod replication;
 pub mod run;
+mod runloop;
+pub mod spec;
+pub mod virtio;
 
 pub use machine::{power_on, Boot, Options, Outcome, Vmx, POWER_ON};
-pub use run::{GuestSpec, OutputTarget, RunConfig, RunReport};
+pub use monitor::VcpuSched;
+pub use replication::{Replication, Unreplicated};
+pub use run::RunConfig;
+pub use spec::{GuestSpec, OutputTarget, RunReport};
 
 /// Everything that can go wrong in vmx.
 #[derive(Debug, thiserror::Error)]
@@ -43,18 +50,9 @@ pub enum Error {
     /// The run took longer than its time limit.
     #[error("the guest did not finish within {0:?} (raise --timeout-secs, or check the guest)")]
     Timeout(std::time::Duration),
-    /// A replication epoch was refused (malformed, truncated, out of order).
-    #[error("epoch refused: {0}")]
-    Epoch(String),
-    /// The replication link failed.
-    #[error("replication link: {0}")]
-    Link(#[from] transport::Error),
-    /// The output sink is unreachable or failed.
-    #[error("output sink: {0} (is `tandem sink` running at that address?)")]
-    Sink(String),
-    /// This VM lost its claim to be primary and stopped without releasing anything.
-    #[error("fenced: {0}")]
-    Fenced(String),
+    /// The replication layer failed (its own error, kept whole).
+    #[error(transparent)]
+    Replication(Box<dyn std::error::Error + Send + Sync>),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -67,13 +65,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit code for this error: 2 for usage errors, 3 for a fenced primary, 1
-    /// otherwise.
+    /// The process exit code for this error: 2 for usage errors, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => 2,
             Error::Monitor(monitor::Error::Config(_)) => 2,
-            Error::Fenced(_) => 3,
             _ => 1,
         }
     }

@@ -27,10 +27,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use checkpoint::group::{restore_groups, save_groups};
+use checkpoint::group::{quiesce_groups, restore_groups, save_groups, sync_groups};
 use checkpoint::memfile::{self, mem_path, MemIndex};
-use checkpoint::{CptState, Group, Machine, SaveEnd, Section, Side, Snapshot, Trace};
-use crossbeam_channel::{never, select, unbounded, Receiver};
+use checkpoint::{CptState, Group, Machine, Persist, SaveEnd, Section, Side, Snapshot, Trace};
+use crossbeam_channel::{never, unbounded, Receiver};
 use devices::Record;
 use devices::{DigestReport, DigestSink, OutputDevice, OutputSink, TextSink};
 use monitor::{
@@ -40,9 +40,9 @@ use monitor::{
 use serde_json::{json, Value};
 
 use crate::control::{self, ControlSocket, Envelope, Request};
-use crate::ft::Protector;
-use crate::groups::{ConfigGroup, MachineConfig, OutputGroup, Sinks, VmmDevGroup};
-use crate::run::{GuestSpec, HeartbeatReport, OutputTarget, RunReport, VcpuReport};
+use crate::groups::{ConfigGroup, ConfigPersist, MachineConfig, OutputGroup, Sinks, VmmDevGroup};
+use crate::spec::{GuestSpec, HeartbeatReport, OutputTarget, RunReport, VcpuReport};
+use crate::virtio::{self, VirtioGroup};
 use crate::{Error, Result};
 use devices::vmmdev::{HeartbeatEvent, VmmDev};
 
@@ -57,6 +57,10 @@ pub enum Boot {
         vcpus: u32,
         /// RAM in MiB.
         mem_mib: u64,
+        /// virtio-blk devices (`--disk`), device windows 0.. in this order.
+        disks: Vec<devices::virtio::BlockConfig>,
+        /// virtio-net devices (`--net`), windows after the disks.
+        nets: Vec<devices::virtio::NetConfig>,
     },
     /// An empty VM shaped like a primary's, to hold a replica of it (a standby): memory and
     /// state arrive over the replication link and are loaded by [`Vmx::activate`].
@@ -177,7 +181,7 @@ pub const POWER_ON: &[Phase] = &[
     Phase {
         id: "4",
         name: "devices and groups",
-        modules: &["config", "output", "vmmdev"],
+        modules: &["config", "output", "vmmdev", "virtio"],
         run: PowerOn::devices,
     },
     Phase {
@@ -200,7 +204,9 @@ pub struct PowerOn {
     opts: Options,
     snapshot: Option<Arc<Snapshot>>,
     config: Option<MachineConfig>,
-    code: Option<(Vec<u8>, u64)>,
+    code: Option<(Vec<u8>, u64, u64)>,
+    /// Guest arguments for the boot-info page (fresh boot of an image).
+    boot_args: String,
     memory_file: Option<PathBuf>,
     vmx: Option<Vmx>,
     /// Phases run, in order.
@@ -228,7 +234,7 @@ impl PowerOn {
                 let sec = snap
                     .get(&checkpoint::group::section_name("config"))
                     .ok_or_else(|| checkpoint::Error::Corrupt("no machine configuration".into()))?;
-                let c: MachineConfig = sec.decode()?;
+                let c = ConfigPersist::decode(sec.version, &sec.data)?;
                 Layout::new(c.mem_mib, c.vcpus).map_err(|e| {
                     checkpoint::Error::Corrupt(format!("machine configuration: {e}"))
                 })?;
@@ -239,17 +245,32 @@ impl PowerOn {
                     guest,
                     vcpus,
                     mem_mib,
+                    disks,
+                    nets,
                 },
                 _,
             ) => {
                 let layout = Layout::new(*mem_mib, *vcpus)?;
                 let (code, load, entry, name) = guest_code(guest, &layout)?;
-                self.code = Some((code, load));
+                self.code = Some((code, load, entry));
+                if let GuestSpec::Image { args, .. } = guest {
+                    self.boot_args = args.clone();
+                }
+                // Image paths are recorded absolute: a restore may run elsewhere.
+                let disks = disks
+                    .iter()
+                    .map(|d| devices::virtio::BlockConfig {
+                        path: std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone()),
+                        readonly: d.readonly,
+                    })
+                    .collect();
                 MachineConfig {
                     vcpus: *vcpus,
                     mem_mib: *mem_mib,
                     entry,
                     guest: name,
+                    disks,
+                    nets: nets.clone(),
                 }
             }
             (Boot::Replica { config }, _) => {
@@ -293,11 +314,14 @@ impl PowerOn {
     fn monitor(&mut self) -> Result<()> {
         let c = self.config.clone().expect("phase 1.5");
         let (rpc_tx, rpc_rx) = unbounded();
+        let specs = virtio::device_specs(&c.disks, &c.nets)?;
         let vm_cfg = VmConfig {
+            mmio_devices: virtio::boot_devices(&specs),
             entry: c.entry,
             memory_file: self.memory_file.clone(),
             restoring: self.restoring(),
             vcpu_sched: self.opts.vcpu_sched,
+            boot_args: self.boot_args.clone(),
             ..VmConfig::new(c.mem_mib, c.vcpus)
         };
         let vm = Arc::new(Vm::new(
@@ -333,6 +357,7 @@ impl PowerOn {
             }
             None => (never(), None),
         };
+        let output_mem = vm.memory().clone();
         self.vmx = Some(Vmx {
             vm,
             monitor,
@@ -342,6 +367,7 @@ impl PowerOn {
             config: ConfigGroup(c.clone()),
             output,
             vmmdev: VmmDevGroup::default(),
+            virtio: VirtioGroup::empty(output_mem),
             heartbeat_events: Vec::new(),
             unclaimed_ports: Vec::new(),
             machine: Machine::default(),
@@ -360,18 +386,32 @@ impl PowerOn {
     fn devices(&mut self) -> Result<()> {
         // The output device and the config group were built with the VM in phase 3, because
         // they need its memory; here they are checked against each other.
-        let v = self.vmx.as_ref().expect("phase 3");
+        let restoring = self.restoring();
+        let c = self.config.clone().expect("phase 1.5");
+        let specs = virtio::device_specs(&c.disks, &c.nets)?;
+        let v = self.vmx.as_mut().expect("phase 3");
         debug_assert_eq!(v.output.dev.drained().len() as u32, v.vm.vcpu_count());
+        // virtio: a restore first puts the captured disks back where the configuration says,
+        // then RESTORE rebuilds the transports from their saved state.
+        if let (Boot::Restore { path, .. }, Some(snap)) = (&self.boot, &self.snapshot) {
+            if let Some(sec) = snap.get(&checkpoint::group::section_name("virtio")) {
+                for line in virtio::restore_disks(path, sec, &specs)? {
+                    log::info!("{line}");
+                    v.trace.push(CptState::Restore, Side::Vmx, line);
+                }
+            }
+        }
+        v.virtio = VirtioGroup::build(&v.vm, &specs, restoring)?;
         Ok(())
     }
 
     fn image(&mut self) -> Result<()> {
-        if let Some((code, load)) = &self.code {
+        if let Some((code, load, entry)) = &self.code {
             self.vmx
                 .as_ref()
                 .expect("phase 3")
                 .vm
-                .load_image(*load, code)?;
+                .load_guest(code, *load, Some(*entry))?;
         }
         Ok(())
     }
@@ -402,7 +442,7 @@ impl PowerOn {
 
 fn memory_index(snap: &Snapshot) -> Result<MemIndex> {
     let index: MemIndex = snap
-        .get("module/MainMem")
+        .get(&checkpoint::SectionId::Module("MainMem").name())
         .ok_or_else(|| checkpoint::Error::Corrupt("no memory index (module/MainMem)".into()))?
         .decode()?;
     index.check()?;
@@ -420,23 +460,16 @@ fn guest_code(guest: &GuestSpec, layout: &Layout) -> Result<(Vec<u8>, u64, u64, 
             path,
             load_addr,
             entry,
+            ..
         } => {
             let code = std::fs::read(path).map_err(|source| Error::Io {
                 path: path.display().to_string(),
                 source,
             })?;
-            let end = load_addr.saturating_add(code.len() as u64);
-            if !(*load_addr..end).contains(entry) {
-                return Err(Error::Usage(format!(
-                    "--entry {entry:#x} is outside the image ({load_addr:#x}..{end:#x})"
-                )));
-            }
-            Ok((
-                code,
-                *load_addr,
-                *entry,
-                format!("image {}", path.display()),
-            ))
+            // Every header field and segment is checked here, before the VM exists.
+            let entry = monitor::image::entry_point(&code, *load_addr, *entry)
+                .map_err(|e| Error::Usage(format!("--image {}: {e}", path.display())))?;
+            Ok((code, *load_addr, entry, format!("image {}", path.display())))
         }
     }
 }
@@ -449,6 +482,7 @@ pub fn power_on(boot: Boot, opts: &Options) -> Result<Vmx> {
         snapshot: None,
         config: None,
         code: None,
+        boot_args: String::new(),
         memory_file: None,
         vmx: None,
         phases_run: Vec::new(),
@@ -470,25 +504,26 @@ pub fn power_on(boot: Boot, opts: &Options) -> Result<Vmx> {
 
 /// A powered-on VM and everything vmx keeps for it.
 pub struct Vmx {
-    vm: Arc<Vm>,
-    monitor: Monitor,
-    rpc_rx: Receiver<UserRpc>,
-    ctl_rx: Receiver<Envelope>,
-    _ctl_guard: Option<ControlSocket>,
-    config: ConfigGroup,
-    output: OutputGroup,
-    vmmdev: VmmDevGroup,
-    heartbeat_events: Vec<(f64, HeartbeatEvent)>,
-    unclaimed_ports: Vec<u16>,
-    machine: Machine,
-    trace: Trace,
-    paused: bool,
-    started: bool,
-    done: Vec<bool>,
-    start: Instant,
-    opts: Options,
-    checkpoints: u64,
-    last_save_step: Duration,
+    pub(crate) vm: Arc<Vm>,
+    pub(crate) monitor: Monitor,
+    pub(crate) rpc_rx: Receiver<UserRpc>,
+    pub(crate) ctl_rx: Receiver<Envelope>,
+    pub(crate) _ctl_guard: Option<ControlSocket>,
+    pub(crate) config: ConfigGroup,
+    pub(crate) output: OutputGroup,
+    pub(crate) vmmdev: VmmDevGroup,
+    pub(crate) virtio: VirtioGroup,
+    pub(crate) heartbeat_events: Vec<(f64, HeartbeatEvent)>,
+    pub(crate) unclaimed_ports: Vec<u16>,
+    pub(crate) machine: Machine,
+    pub(crate) trace: Trace,
+    pub(crate) paused: bool,
+    pub(crate) started: bool,
+    pub(crate) done: Vec<bool>,
+    pub(crate) start: Instant,
+    pub(crate) opts: Options,
+    pub(crate) checkpoints: u64,
+    pub(crate) last_save_step: Duration,
 }
 
 impl Vmx {
@@ -502,8 +537,14 @@ impl Vmx {
         &self.trace
     }
 
-    fn groups(&mut self) -> [&mut dyn Group; 3] {
-        [&mut self.config, &mut self.output, &mut self.vmmdev]
+    /// The checkpoint groups; `virtio` only when the VM has devices (so a VM without any
+    /// saves and traces exactly what it did before devices existed).
+    fn groups(&mut self) -> Vec<&mut dyn Group> {
+        let mut g: Vec<&mut dyn Group> = vec![&mut self.config, &mut self.output, &mut self.vmmdev];
+        if !self.virtio.slots().is_empty() {
+            g.push(&mut self.virtio);
+        }
+        g
     }
 
     fn heartbeat_event(&mut self, e: HeartbeatEvent) {
@@ -523,7 +564,7 @@ impl Vmx {
             .push((self.start.elapsed().as_secs_f64() * 1e3, e));
     }
 
-    fn check_heartbeat(&mut self) {
+    pub(crate) fn check_heartbeat(&mut self) {
         if let Some(e) = self.vmmdev.dev.check(Instant::now()) {
             self.heartbeat_event(e);
         }
@@ -552,10 +593,10 @@ impl Vmx {
     }
 
     /// Handles one user RPC; a finished checkpoint step is handed back.
-    fn handle_rpc(
+    pub(crate) fn handle_rpc(
         &mut self,
         rpc: UserRpc,
-    ) -> Result<Option<(CptState, std::result::Result<StepOutput, String>)>> {
+    ) -> Result<Option<(CptState, monitor::Result<StepOutput>)>> {
         match rpc {
             UserRpc::OutputDoorbell { vcpu } => {
                 self.output.drain(vcpu)?;
@@ -610,7 +651,7 @@ impl Vmx {
                         "the monitor answered {s:?} while vmx waited for {state:?}"
                     )));
                 }
-                let out = r.map_err(Error::Step)?;
+                let out = r?;
                 for step in &out.steps {
                     self.trace.push(state, Side::Monitor, step.clone());
                 }
@@ -620,13 +661,10 @@ impl Vmx {
     }
 
     fn groups_sync(&mut self, state: CptState) -> Result<()> {
-        let mut names = Vec::new();
-        for g in self.groups() {
-            g.sync()?;
-            names.push(g.name());
-        }
-        for n in names {
-            self.trace.push(state, Side::Vmx, format!("sync group {n}"));
+        let done = sync_groups(&mut self.groups())?;
+        for (n, what) in done {
+            self.trace
+                .push(state, Side::Vmx, format!("sync group {n}: {what}"));
         }
         Ok(())
     }
@@ -634,36 +672,26 @@ impl Vmx {
     /// Saves a snapshot to `path` (state) and `path.mem` (memory), then continues or stops.
     pub fn checkpoint(&mut self, path: &Path, end: SaveEnd, compress: bool) -> Result<Value> {
         let t0 = Instant::now();
-        // The monitor holds a stun already only when a started VM was paused; otherwise
-        // (running, or powered on paused and never started) the checkpoint stuns it here.
-        let stunned_here = !(self.started && self.paused);
-        if stunned_here {
-            self.monitor.stun()?;
-            // A stunned guest cannot ping: the checkpoint is not guest silence.
-            self.vmmdev.dev.suspend_timer();
-        }
         let first = self.trace.0.len();
         let target = SaveTarget::File {
             path: path.to_path_buf(),
             compress,
         };
-        let result = self
-            .save_stunned(target, end, stunned_here)
-            .map(|snap| snap.to_bytes().len());
-        if let Err(e) = &result {
-            log::error!("checkpoint to {} failed: {e}", path.display());
-            let _ = self.monitor.post(MonitorAction::CptAbort);
-            let err = checkpoint::Error::component("checkpoint", e);
-            for g in self.groups() {
-                g.error(&err);
+        let mut session = SaveSession::begin(self)?;
+        let result = session.save(target, end);
+        let bytes = match result {
+            Ok(snap) => {
+                session.commit();
+                snap.to_bytes().len()
             }
-            self.machine = Machine::default();
-            if stunned_here {
-                let _ = self.monitor.unstun();
+            Err(e) => {
+                log::error!("checkpoint to {} failed: {e}", path.display());
+                drop(session);
+                self.write_trace();
+                return Err(e);
             }
-        }
+        };
         self.write_trace();
-        let bytes = result?;
         self.checkpoints += 1;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         log::info!(
@@ -688,10 +716,16 @@ impl Vmx {
         self.machine.advance(CptState::SaveSync)?;
         self.monitor_step(CptState::SaveSync, CptArgs::default(), None)?;
         self.groups_sync(CptState::SaveSync)?;
-        // QUIESCE
+        // QUIESCE: the monitor, then every group stops what runs outside vCPU exits.
         self.machine.advance(CptState::Quiesce)?;
         self.monitor_step(CptState::Quiesce, CptArgs::default(), None)?;
-        self.trace.push(CptState::Quiesce, Side::Vmx, "no-op");
+        for (n, what) in quiesce_groups(&mut self.groups())? {
+            self.trace.push(
+                CptState::Quiesce,
+                Side::Vmx,
+                format!("quiesce group {n}: {what}"),
+            );
+        }
         // SAVE
         self.machine.advance(CptState::Save)?;
         let args = match &target {
@@ -709,11 +743,16 @@ impl Vmx {
         let t_save = Instant::now();
         let out = self.monitor_step(CptState::Save, args, None)?;
         self.last_save_step = t_save.elapsed();
-        self.trace
-            .push(CptState::Save, Side::Vmx, "stun callback: save");
         let mut snap = Snapshot::default();
         for s in out.sections {
             snap.push(s)?;
+        }
+        if let SaveTarget::File { path, .. } = &target {
+            // Disk contents at this point, beside the state file (before it exists).
+            for line in self.virtio.capture_disks(path)? {
+                log::info!("{line}");
+                self.trace.push(CptState::Save, Side::Vmx, line);
+            }
         }
         let mut groups = self.groups();
         let saved = save_groups(&mut groups, &mut snap)?;
@@ -730,9 +769,19 @@ impl Vmx {
             }
             self.trace
                 .push(CptState::Save, Side::Vmx, "write state file");
-        } else {
-            self.trace
-                .push(CptState::Save, Side::Vmx, "hand epoch to the replicator");
+        } else if let SaveTarget::Epoch(mem) = &target {
+            let pages: usize = mem
+                .runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|r| r.data.len() / 4096)
+                .sum();
+            self.trace.push(
+                CptState::Save,
+                Side::Vmx,
+                format!("hand {pages} dirty pages and the state to the replicator"),
+            );
         }
         match end {
             SaveEnd::Continue => {
@@ -742,11 +791,8 @@ impl Vmx {
                 if stunned_here {
                     self.monitor.unstun()?;
                     self.vmmdev.dev.resume_timer(Instant::now());
+                    self.trace.push(CptState::ContinueSync, Side::Vmx, "unstun");
                 }
-                self.trace
-                    .push(CptState::ContinueSync, Side::Vmx, "unpause");
-                self.trace
-                    .push(CptState::ContinueSync, Side::Vmx, "unstun callback");
             }
             SaveEnd::PowerOff => {
                 self.trace.push(CptState::Save, Side::Vmx, "power off");
@@ -777,16 +823,8 @@ impl Vmx {
         self.groups_sync(CptState::RestoreSync)?;
         if !stay_paused {
             self.unpause()?;
+            self.trace.push(CptState::RestoreSync, Side::Vmx, "unpause");
         }
-        self.trace.push(
-            CptState::RestoreSync,
-            Side::Vmx,
-            if stay_paused {
-                "stay paused"
-            } else {
-                "unpause"
-            },
-        );
         self.monitor_step(CptState::RestoreSync, CptArgs::default(), None)?;
         self.machine.advance(CptState::None)?;
         self.write_trace();
@@ -799,38 +837,25 @@ impl Vmx {
     /// are copies.
     pub fn capture_epoch(&mut self, epoch: u64, full: bool) -> Result<Captured> {
         let t0 = Instant::now();
-        let stunned_here = !(self.started && self.paused);
-        if stunned_here {
-            self.monitor.stun()?;
-            self.vmmdev.dev.suspend_timer();
-        }
         let mem = EpochMem {
             full,
             ..EpochMem::default()
         };
         let trace_len = self.trace.0.len();
-        let result = self.save_stunned(
-            SaveTarget::Epoch(mem.clone()),
-            SaveEnd::Continue,
-            stunned_here,
-        );
+        let mut session = SaveSession::begin(self)?;
+        let result = session.save(SaveTarget::Epoch(mem.clone()), SaveEnd::Continue);
+        match &result {
+            Ok(_) => session.commit(),
+            Err(e) => {
+                log::error!("epoch {epoch} capture failed: {e}");
+                drop(session);
+            }
+        }
         // Epochs come many times a second: keep the trace of the last one only.
         if self.opts.trace.is_none() {
             self.trace.0.truncate(trace_len);
         }
-        let snap = match result {
-            Ok(snap) => snap,
-            Err(e) => {
-                log::error!("epoch {epoch} capture failed: {e}");
-                let _ = self.monitor.post(MonitorAction::CptAbort);
-                self.machine = Machine::default();
-                if stunned_here {
-                    let _ = self.monitor.unstun();
-                    self.vmmdev.dev.resume_timer(Instant::now());
-                }
-                return Err(e);
-            }
-        };
+        let snap = result?;
         let pause = t0.elapsed();
         let runs = std::mem::take(&mut *mem.runs.lock().unwrap_or_else(|p| p.into_inner()));
         let records = self.take_held();
@@ -936,7 +961,7 @@ impl Vmx {
         })
     }
 
-    fn handle_request(&mut self, req: Request) -> (Value, Option<PathBuf>) {
+    pub(crate) fn handle_request(&mut self, req: Request) -> (Value, Option<PathBuf>) {
         let err = |e: Error| json!({"ok": false, "error": e.to_string()});
         match req {
             Request::Status => (self.status(), None),
@@ -976,11 +1001,11 @@ impl Vmx {
         }
     }
 
-    fn all_done(&self) -> bool {
+    pub(crate) fn all_done(&self) -> bool {
         self.done.iter().all(|d| *d)
     }
 
-    fn report(&mut self) -> Result<RunReport> {
+    pub(crate) fn report(&mut self) -> Result<RunReport> {
         self.output.sinks.flush().map_err(devices::Error::Sink)?;
         let vcpus = (0..self.vm.vcpu_count())
             .map(|i| {
@@ -1012,80 +1037,6 @@ impl Vmx {
         self.output.sinks.digest.report()
     }
 
-    /// Serves user RPCs and control requests until every vCPU is done or a `snapshot` with
-    /// `stop` powers the VM off.
-    pub fn run(self) -> Result<Outcome> {
-        self.run_with(None)
-    }
-
-    /// [`Vmx::run`] with a replication [`Protector`] (epochs, held output, failover state).
-    pub fn run_with(mut self, mut ft: Option<&mut Protector>) -> Result<Outcome> {
-        let deadline = self.opts.timeout.map(|t| Instant::now() + t);
-        loop {
-            if self.all_done() && self.started {
-                if let Some(ft) = ft.as_deref_mut() {
-                    ft.finish(&mut self)?;
-                }
-                return Ok(Outcome::Finished(self.report()?));
-            }
-            self.check_heartbeat();
-            let ft_deadline = ft.as_ref().and_then(|f| f.deadline());
-            let wake = [deadline, self.vmmdev.dev.deadline(), ft_deadline]
-                .into_iter()
-                .flatten()
-                .min();
-            let wait = wake.map_or(Duration::from_secs(3600), |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-            let ft_events = ft.as_ref().map_or_else(never, |f| f.events());
-            let ft_aux = ft.as_ref().map_or_else(never, |f| f.aux());
-            select! {
-                recv(self.rpc_rx) -> rpc => {
-                    let rpc = rpc.map_err(|_| monitor::Error::Stopped)?;
-                    if let Some((s, _)) = self.handle_rpc(rpc)? {
-                        log::warn!("stray checkpoint step answer {s:?}");
-                    }
-                    if let Some(ft) = ft.as_deref_mut() {
-                        ft.after_output(&mut self)?;
-                    }
-                }
-                recv(self.ctl_rx) -> env => {
-                    if let Ok((req, reply)) = env {
-                        let is_status = matches!(req, Request::Status);
-                        let (mut answer, stopped) = self.handle_request(req);
-                        if let (true, Some(ft)) = (is_status, ft.as_ref()) {
-                            answer["ft"] = ft.status();
-                        }
-                        let _ = reply.send(answer);
-                        if let Some(path) = stopped {
-                            return Ok(Outcome::Suspended { path, report: self.report()? });
-                        }
-                    }
-                }
-                recv(ft_events) -> ev => {
-                    if let (Ok(ev), Some(ft)) = (ev, ft.as_deref_mut()) {
-                        ft.event(ev, &mut self)?;
-                    }
-                }
-                recv(ft_aux) -> a => {
-                    if let (Ok(a), Some(ft)) = (a, ft.as_deref_mut()) {
-                        ft.on_aux(a, &mut self)?;
-                    }
-                }
-                default(wait) => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(Error::Timeout(self.opts.timeout.unwrap_or_default()));
-                    }
-                    if ft_deadline.is_some_and(|d| Instant::now() >= d) {
-                        if let Some(ft) = ft.as_deref_mut() {
-                            ft.tick(&mut self)?;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// Answers pending control requests while the VM is not in its run loop (a standby):
     /// `status` gets `extra` as its `ft` member; everything else is refused.
     pub fn poll_control(&mut self, extra: &Value) {
@@ -1102,6 +1053,68 @@ impl Vmx {
                 }
             };
             let _ = reply.send(answer);
+        }
+    }
+}
+
+/// One save in progress, snapshot or epoch (crosvm style: its `Drop` is the one abort path).
+///
+/// ```text
+///  begin: stun (unless already paused), heartbeat timer off
+///    save(): SAVE_SYNC → QUIESCE → SAVE → CONTINUE_SYNC | power-off
+///  commit(): the save is done, nothing to undo
+///  drop without commit: monitor told CptAbort, every group's `error` callback, the state
+///    machine back to NONE, and (if this session stunned the VM) unstun + heartbeat timer on
+/// ```
+struct SaveSession<'a> {
+    vmx: &'a mut Vmx,
+    stunned_here: bool,
+    committed: bool,
+}
+
+impl<'a> SaveSession<'a> {
+    fn begin(vmx: &'a mut Vmx) -> Result<Self> {
+        // The monitor holds a stun already only when a started VM was paused; otherwise
+        // (running, or powered on paused and never started) the save stuns it here.
+        let stunned_here = !(vmx.started && vmx.paused);
+        if stunned_here {
+            vmx.monitor.stun()?;
+            // A stunned guest cannot ping: the save is not guest silence.
+            vmx.vmmdev.dev.suspend_timer();
+        }
+        Ok(SaveSession {
+            vmx,
+            stunned_here,
+            committed: false,
+        })
+    }
+
+    fn save(&mut self, target: SaveTarget, end: SaveEnd) -> Result<Snapshot> {
+        self.vmx.save_stunned(target, end, self.stunned_here)
+    }
+
+    fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for SaveSession<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        let vmx = &mut *self.vmx;
+        let _ = vmx.monitor.post(MonitorAction::CptAbort);
+        let err = checkpoint::Error::component("checkpoint", "the save was aborted");
+        for g in vmx.groups() {
+            g.error(&err);
+        }
+        vmx.machine = Machine::default();
+        if self.stunned_here {
+            if let Err(e) = vmx.monitor.unstun() {
+                log::error!("cannot unstun after an aborted save: {e}");
+            }
+            vmx.vmmdev.dev.resume_timer(Instant::now());
         }
     }
 }

@@ -15,7 +15,7 @@
 //!
 //! `emit` takes kind in `r8d`, value `rbx`, aux `rcx`; it clobbers `rax` and `rdx`.
 
-use devices::output::{kind, RECORD_SIZE, RING_HEAD, RING_RECORDS, RING_SLOTS, RING_TAIL};
+use guest_abi::ring::{kind, RECORD_SIZE, RING_HEAD, RING_RECORDS, RING_SLOTS, RING_TAIL};
 use iced_x86::code_asm::*;
 use monitor::layout::{
     DONE_PORT, DOORBELL_PORT, GUEST_INFO_PORT, HEARTBEAT_CONFIG_PORT, HEARTBEAT_PING_PORT,

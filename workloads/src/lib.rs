@@ -1,7 +1,7 @@
 //! # workloads — deterministic guests for tests and benchmarks
 //!
 //! Each workload is x86-64 machine code generated here (iced-x86 `code_asm`, no external
-//! toolchain) that runs at CPL3 under the entry ABI of `monitor::layout`, plus a Rust
+//! toolchain) that runs at CPL3 under the entry ABI of `guest_abi::layout`, plus a Rust
 //! *reference model* that computes, independently of KVM, the exact record stream the guest
 //! must produce. Every vCPU runs its own instance on its own data area; the stream of vCPU `v`
 //! depends only on `v` and the parameters, so the same arguments give the same digest on every
@@ -15,11 +15,12 @@
 //! Both write their iteration count to the vCPU's progress slot every iteration and append a
 //! record (`kind 1`, value = checksum, aux = iteration) every `record_every` iterations, ring
 //! the doorbell every `batch` records, and finish with a `kind 2` record and the done port.
+#![forbid(unsafe_code)]
 
 mod asm;
 
-use devices::output::{kind, RING_SLOTS};
-use devices::Record;
+use guest_abi::ring::{kind, RING_SLOTS};
+use guest_abi::Record;
 use monitor::Layout;
 
 /// Multiplier of the checksum.

@@ -11,12 +11,13 @@ use transport::pages::{encode_batch, encode_range, PageRange};
 use transport::Message;
 
 /// The targets, in the order they run.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "frame_header",
     "control_message",
     "page_ranges",
     "handshake",
     "snapshot_reader",
+    "standby_machine",
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -198,6 +199,14 @@ pub fn seed(dir: &Path) -> std::io::Result<()> {
     .map_err(std::io::Error::other)?;
     put("snapshot_reader", "compressed", &snap.to_bytes())?;
     let _: MemIndex = index;
+    // Whole sessions of the standby's protocol, built with the real encoders.
+    for (name, ops) in ft::standby::harness::seeds() {
+        put(
+            "standby_machine",
+            name,
+            &ft::standby::harness::encode_script(&ops),
+        )?;
+    }
     Ok(())
 }
 

@@ -5,8 +5,10 @@
 //! * `cargo xtask bench ft`    — the fault-tolerant pair: slowdown, pauses, failover
 //! * `cargo xtask bench`       — all of them
 //! * `cargo xtask run-pair`    — a protected pair with a live status line and a verdict
+//! * `cargo xtask modgraph`    — every crate's module import graph; fails on a cycle
 //!
 //! Every bench prints its table and appends it, with the command, to BENCHMARKS.md.
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -18,6 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use monitor::{ModuleTable, Vm, VmConfig};
 
 mod fuzz;
+mod modgraph;
 mod pair;
 mod transport_bench;
 
@@ -53,6 +56,9 @@ enum Cmd {
         #[arg(long, default_value = "30M")]
         iters: String,
     },
+    /// Print every crate's module import graph; fail when a crate's modules import each other
+    /// in a cycle.
+    Modgraph,
     /// Measure, print, and append the results to BENCHMARKS.md.
     Bench {
         /// Which benchmark (all when left out).
@@ -249,6 +255,8 @@ fn snapshot_once(dir: &std::path::Path, mem_mib: u64) -> Result<(f64, u64, f64),
         guest: vmx::GuestSpec::Workload(w),
         vcpus: 1,
         mem_mib,
+        disks: Vec::new(),
+        nets: Vec::new(),
     };
     let vmx = vmx::power_on(boot, &opts).map_err(|e| e.to_string())?;
     let snap2 = snap.clone();
@@ -381,6 +389,7 @@ fn main() {
         Cmd::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
         Cmd::RunPair(args) => pair::run_pair(args),
         Cmd::Soak { cycles, iters } => pair::soak(cycles, &iters),
+        Cmd::Modgraph => modgraph::run(&pair::root()),
         Cmd::Bench {
             which,
             stuns,

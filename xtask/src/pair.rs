@@ -6,9 +6,12 @@ use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use ft::{percentile, unix_ms};
 use serde_json::Value;
-use vmx::ft::pair::{Pair, PairConfig};
-use vmx::ft::{percentile, unix_ms};
+use testkit::pair::{Pair, PairConfig};
+
+/// The `dirty` guest's length when `run-pair` kills the primary and no `iters=` is given.
+const KILL_DEFAULT_ITERS: &str = "iters=20M";
 
 /// Options of `run-pair`.
 #[derive(clap::Args, Clone, Debug)]
@@ -40,7 +43,7 @@ pub struct RunPairArgs {
     pub rejoin: bool,
 }
 
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(PathBuf::from)
@@ -57,7 +60,7 @@ pub fn build_tandem() -> Result<PathBuf, String> {
             "--release",
             "--quiet",
             "-p",
-            "vmx",
+            "tandem",
             "--bin",
             "tandem",
         ])
@@ -143,7 +146,7 @@ pub struct PairRun {
     /// Kill → the standby's guest running, ms.
     pub failover_ms: Option<f64>,
     /// The sink's verdict.
-    pub sink: vmx::ft::sink::SinkReport,
+    pub sink: sink::SinkReport,
     /// The sink's stream equals the reference model's.
     pub exact: Option<bool>,
     /// The directory.
@@ -160,7 +163,19 @@ pub fn run_pair_once(
     a: &RunPairArgs,
     live: bool,
 ) -> Result<PairRun, String> {
-    let kvs = kv(&a.guest_args)?;
+    let mut guest_args = a.guest_args.clone();
+    let sized = guest_args
+        .iter()
+        .any(|g| g.starts_with("iters=") || g.starts_with("n="));
+    if a.kill_primary_after_ms.is_some() && a.guest == "dirty" && !sized {
+        // The default `dirty` run ends in about a second; a failover needs a guest that is
+        // still running when the primary dies.
+        guest_args.push(KILL_DEFAULT_ITERS.into());
+        if live {
+            println!("guest: dirty with {KILL_DEFAULT_ITERS} (long enough to outlive the kill; set iters= to change)");
+        }
+    }
+    let kvs = kv(&guest_args)?;
     let w = workloads::Workload::parse(&a.guest, &kvs).map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!(
         "tandem-pair-{}-{}",
@@ -565,7 +580,7 @@ pub fn soak(cycles: u32, iters: &str) -> Result<(), String> {
         dir.display()
     );
     let t0 = Instant::now();
-    let rep = vmx::ft::pair::soak(&cfg, &w.reference_all(2), cycles, |i, c| {
+    let rep = testkit::pair::soak(&cfg, &w.reference_all(2), cycles, |i, c| {
         println!(
             "cycle {i:3}: generation {:3}, kill → running {:6.1} ms, new standby → protected {:6.0} ms (join → commit {:5.0} ms)",
             c.generation, c.failover_ms, c.reprotect_ms, c.join_to_protected_ms
@@ -684,7 +699,7 @@ pub fn bench_reprotect(out: &mut String) -> Result<(), String> {
 
 /// `cargo xtask bench faults`: the pair through network faults between two netns hosts.
 pub fn bench_faults(out: &mut String) -> Result<(), String> {
-    use vmx::ft::netlab::{run_fault, Fault, NetLab};
+    use testkit::netlab::{run_fault, Fault, NetLab};
     let bin = build_tandem()?;
     let lab = match NetLab::new("tndbench", 64) {
         Ok(l) => l,

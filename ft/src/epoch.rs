@@ -1,0 +1,657 @@
+//! One epoch on the wire, and the standby's staging area.
+//!
+//! ```text
+//!  primary                                                standby
+//!   │ [FullSync{fence, mem_bytes, vcpus}]   (first epoch)  │
+//!   │ EpochBegin{fence, pages} ──────────────────────────▶ │ new staging area
+//!   │ Pages[ranges…] ×n  (zstd / zero / raw) ────────────▶ │ decode + bound-check into staging
+//!   │ DeviceState{"vcpu/0" …, "module/…", "group/…"} ────▶ │ staging sections
+//!   │ DeviceState{"records/<v>"} (held output) ──────────▶ │ staging records
+//!   │ EpochEnd{fence, ranges, digest} ───────────────────▶ │ verify count + digest + state
+//!   │                                                      │ COMMIT: pages → memory, state
+//!   │                                                      │ replaces state (all or nothing)
+//!   │ ◀─────────────────────────────── Ack{fence} / Nack{code, why}
+//! ```
+//!
+//! `digest` = SHA-256 over SHA-256(gpa ‖ bytes) of every range in order. Nothing in a staging
+//! area touches the committed image until every range decoded, every check passed and the
+//! digest matched; a malformed or truncated epoch is dropped whole (and NACKed).
+
+use std::collections::VecDeque;
+
+use checkpoint::{Section, Snapshot};
+use guest_abi::Record;
+use monitor::GuestMem;
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use transport::pages::decode_ranges;
+use transport::{Fence, PageRange};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::{Error, Result};
+
+/// Most sections in one epoch.
+pub const MAX_SECTIONS: usize = 4096;
+/// Most state bytes in one epoch.
+pub const MAX_STATE_BYTES: usize = 256 << 20;
+/// Most records of one vCPU in one epoch.
+pub const MAX_RECORDS: usize = 4 << 20;
+/// Committed epochs whose output a standby keeps (the primary releases an epoch's output
+/// before it captures the next, so one would do; the rest is margin).
+pub const RETAINED_EPOCHS: usize = 4;
+/// Name prefix of held-output sections.
+pub const RECORDS_PREFIX: &str = "records/";
+
+/// SHA-256(gpa ‖ bytes) of one range.
+pub fn range_hash(gpa: u64, data: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(gpa.to_le_bytes());
+    h.update(data);
+    h.finalize().into()
+}
+
+/// Combines the ranges' hashes, in order, into the epoch digest.
+pub fn combine_hashes(hashes: impl IntoIterator<Item = [u8; 32]>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in hashes {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// The digest of an epoch's pages: SHA-256 over SHA-256(gpa ‖ bytes) of each range in order.
+pub fn pages_digest(ranges: &[(u64, &[u8])]) -> [u8; 32] {
+    let parts: Vec<[u8; 32]> = ranges
+        .par_iter()
+        .map(|(gpa, data)| range_hash(*gpa, data))
+        .collect();
+    combine_hashes(parts)
+}
+
+/// An epoch being received.
+#[derive(Debug)]
+pub struct Staging {
+    fence: Fence,
+    declared_pages: u64,
+    mem_size: u64,
+    ranges: Vec<(u64, Vec<u8>)>,
+    pages: u64,
+    sections: Snapshot,
+    state_bytes: usize,
+    records: Vec<Vec<Record>>,
+}
+
+/// A received and verified epoch, ready to commit.
+#[derive(Debug)]
+pub struct Staged {
+    /// The epoch.
+    pub fence: Fence,
+    /// Decoded pages.
+    pub ranges: Vec<(u64, Vec<u8>)>,
+    /// The state.
+    pub sections: Snapshot,
+    /// Held output per vCPU.
+    pub records: Vec<Vec<Record>>,
+}
+
+fn malformed(m: impl Into<String>) -> Error {
+    Error::Epoch(m.into())
+}
+
+impl Staging {
+    /// Starts staging an epoch that declares `pages` dirty pages, for a memory of `mem_size`.
+    pub fn begin(fence: Fence, pages: u64, mem_size: u64) -> Result<Self> {
+        if pages > mem_size / 4096 {
+            return Err(malformed(format!(
+                "epoch declares {pages} pages, memory has {}",
+                mem_size / 4096
+            )));
+        }
+        Ok(Staging {
+            fence,
+            declared_pages: pages,
+            mem_size,
+            ranges: Vec::new(),
+            pages: 0,
+            sections: Snapshot::default(),
+            state_bytes: 0,
+            records: Vec::new(),
+        })
+    }
+
+    /// The epoch.
+    pub fn fence(&self) -> Fence {
+        self.fence
+    }
+
+    /// Decodes a batch of ranges into the staging area (every check of
+    /// [`transport::pages::decode_range`]; more pages than declared is refused).
+    pub fn pages(&mut self, batch: &[PageRange]) -> Result<()> {
+        self.pages_with(batch, &|_, _| None)
+    }
+
+    /// [`Staging::pages`] with `base(gpa, len)`: the committed copy of the pages an XOR
+    /// range is a delta of (`None` where there is none: such a range is refused, and nothing
+    /// of the batch is staged).
+    pub fn pages_with(
+        &mut self,
+        batch: &[PageRange],
+        base: &(dyn Fn(u64, usize) -> Option<Vec<u8>> + Sync),
+    ) -> Result<()> {
+        let n: u64 = batch.iter().map(|r| r.pages as u64).sum();
+        if self.pages + n > self.declared_pages {
+            return Err(malformed(format!(
+                "more pages than the {} declared",
+                self.declared_pages
+            )));
+        }
+        let decoded = decode_ranges(batch, self.mem_size, base)?;
+        self.pages += n;
+        self.ranges.extend(decoded);
+        Ok(())
+    }
+
+    /// Takes one state section (or a vCPU's held output, `records/<v>`).
+    pub fn section(&mut self, name: &str, version: u32, data: Vec<u8>) -> Result<()> {
+        self.state_bytes += data.len();
+        if self.state_bytes > MAX_STATE_BYTES || self.sections.names().len() >= MAX_SECTIONS {
+            return Err(malformed("more state than an epoch may carry"));
+        }
+        if let Some(v) = name.strip_prefix(RECORDS_PREFIX) {
+            let v: usize = v
+                .parse()
+                .map_err(|_| malformed(format!("bad records section {name:?}")))?;
+            if v >= 256 {
+                return Err(malformed(format!("records of vCPU {v}")));
+            }
+            let recs: Vec<Record> = postcard::from_bytes(&data)
+                .map_err(|e| malformed(format!("records of vCPU {v}: {e}")))?;
+            if self.records.len() <= v {
+                self.records.resize(v + 1, Vec::new());
+            }
+            if self.records[v].len() + recs.len() > MAX_RECORDS {
+                return Err(malformed(format!("too many records for vCPU {v}")));
+            }
+            self.records[v].extend(recs);
+            return Ok(());
+        }
+        self.sections
+            .push(Section {
+                name: name.to_string(),
+                version,
+                data,
+            })
+            .map_err(|e| malformed(e.to_string()))
+    }
+
+    /// Ends the epoch: the fence, range count and digest must match what arrived, and the
+    /// state must describe `vcpus` vCPUs.
+    pub fn end(self, fence: Fence, ranges: u64, digest: [u8; 32], vcpus: u32) -> Result<Staged> {
+        self.check_pages(fence, ranges, digest)?;
+        self.check_state(vcpus)
+    }
+
+    /// Ends a pre-copy round (pages only): fence, range count and digest must match.
+    pub fn end_pages(
+        self,
+        fence: Fence,
+        ranges: u64,
+        digest: [u8; 32],
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.check_pages(fence, ranges, digest)?;
+        if !self.sections.names().is_empty() || !self.records.is_empty() {
+            return Err(malformed("state inside a pre-copy round"));
+        }
+        Ok(self.ranges)
+    }
+
+    /// What arrived so far: the range count and the digest of the pages (what an end that
+    /// matches them must carry).
+    pub fn received(&self) -> (u64, [u8; 32]) {
+        let parts: Vec<(u64, &[u8])> = self
+            .ranges
+            .iter()
+            .map(|(g, d)| (*g, d.as_slice()))
+            .collect();
+        (self.ranges.len() as u64, pages_digest(&parts))
+    }
+
+    fn check_pages(&self, fence: Fence, ranges: u64, digest: [u8; 32]) -> Result<()> {
+        if fence != self.fence {
+            return Err(malformed(format!(
+                "epoch ends with {fence:?}, began with {:?}",
+                self.fence
+            )));
+        }
+        if ranges != self.ranges.len() as u64 || self.pages != self.declared_pages {
+            return Err(malformed(format!(
+                "truncated epoch: {} of {ranges} ranges, {} of {} pages arrived",
+                self.ranges.len(),
+                self.pages,
+                self.declared_pages
+            )));
+        }
+        let parts: Vec<(u64, &[u8])> = self
+            .ranges
+            .iter()
+            .map(|(g, d)| (*g, d.as_slice()))
+            .collect();
+        if pages_digest(&parts) != digest {
+            return Err(malformed(
+                "page digest mismatch: the epoch's pages are damaged",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_state(self, vcpus: u32) -> Result<Staged> {
+        for v in 0..vcpus {
+            if self.sections.get(&format!("vcpu/{v}")).is_none() {
+                return Err(malformed(format!("no state for vCPU {v}")));
+            }
+        }
+        for needed in ["groups", "group/config"] {
+            if self.sections.get(needed).is_none() {
+                return Err(malformed(format!("no {needed} section")));
+            }
+        }
+        let mut records = self.records;
+        if records.len() > vcpus as usize {
+            return Err(malformed("records for a vCPU the VM does not have"));
+        }
+        records.resize(vcpus as usize, Vec::new());
+        Ok(Staged {
+            fence: self.fence,
+            ranges: self.ranges,
+            sections: self.sections,
+            records,
+        })
+    }
+}
+
+/// Bytes of a [`Base`] allocated at a time (only chunks that hold a written page exist).
+const BASE_CHUNK: usize = 2 << 20;
+
+/// A full sync being assembled from pre-copy rounds: memory only, nothing committed. The
+/// epoch that completes the sync writes it into the replica together with its own pages.
+///
+/// The image is allocated in chunks of 2 MiB as pages arrive, so a `FullSync` announcing a
+/// large memory costs a bitmap, not the memory, until the pages come.
+pub struct Base {
+    size: u64,
+    chunks: Vec<Option<Box<[u8]>>>,
+    touched: Vec<u64>,
+    /// Rounds applied.
+    pub rounds: u32,
+    /// Pages received over all rounds.
+    pub pages: u64,
+}
+
+impl std::fmt::Debug for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Base")
+            .field("size", &self.size)
+            .field("rounds", &self.rounds)
+            .field("pages", &self.pages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Base {
+    /// An empty image of `mem_size` bytes (zero pages cost nothing until written).
+    pub fn new(mem_size: u64) -> Self {
+        let pages = mem_size / 4096;
+        let chunks = (mem_size as usize).div_ceil(BASE_CHUNK);
+        Base {
+            size: mem_size,
+            chunks: std::iter::repeat_with(|| None).take(chunks).collect(),
+            touched: vec![0; pages.div_ceil(64) as usize],
+            rounds: 0,
+            pages: 0,
+        }
+    }
+
+    /// Writes a verified round's pages (bounds were checked when they were decoded).
+    pub fn apply(&mut self, ranges: Vec<(u64, Vec<u8>)>) -> Result<()> {
+        for (gpa, data) in ranges {
+            let end = gpa.checked_add(data.len() as u64);
+            if end.is_none_or(|e| e > self.size) || gpa % 4096 != 0 || data.len() % 4096 != 0 {
+                return Err(malformed(format!(
+                    "pre-copy range at {gpa:#x} outside memory"
+                )));
+            }
+            for (i, page) in data.chunks(4096).enumerate() {
+                let p = gpa as usize / 4096 + i;
+                let touched = self.touched[p / 64] >> (p % 64) & 1 == 1;
+                // Untouched pages are zero already: skip zero pages there (keeps them free).
+                if touched || page.iter().any(|b| *b != 0) {
+                    let at = p * 4096;
+                    let chunk = self.chunks[at / BASE_CHUNK]
+                        .get_or_insert_with(|| vec![0u8; BASE_CHUNK].into_boxed_slice());
+                    chunk[at % BASE_CHUNK..at % BASE_CHUNK + 4096].copy_from_slice(page);
+                    self.touched[p / 64] |= 1 << (p % 64);
+                }
+                self.pages += 1;
+            }
+        }
+        self.rounds += 1;
+        Ok(())
+    }
+
+    /// Copies every written page into `mem`.
+    pub fn write_into(&self, mem: &GuestMem) -> Result<()> {
+        let runs = monitor::module::dirty_runs(&self.touched, self.size / 4096);
+        runs.par_iter()
+            .try_for_each(|&(first, n)| {
+                // A run may cross chunks: write it chunk by chunk (a touched page's chunk
+                // exists).
+                let mut at = (first * 4096) as usize;
+                let end = at + (n * 4096) as usize;
+                while at < end {
+                    let upto = end.min((at / BASE_CHUNK + 1) * BASE_CHUNK);
+                    let chunk = self.chunks[at / BASE_CHUNK]
+                        .as_deref()
+                        .expect("a touched page has its chunk");
+                    mem.write_slice(
+                        &chunk[at % BASE_CHUNK..at % BASE_CHUNK + (upto - at)],
+                        GuestAddress(at as u64),
+                    )?;
+                    at = upto;
+                }
+                Ok(())
+            })
+            .map_err(|e: vm_memory::GuestMemoryError| {
+                Error::Epoch(format!("writing the pre-copied image: {e}"))
+            })
+    }
+}
+
+/// The standby's committed image: guest memory (in the VM, ready to run) and the state of the
+/// last committed epoch.
+pub struct Replica {
+    mem: GuestMem,
+    /// The last committed epoch.
+    pub fence: Fence,
+    /// Its state.
+    pub state: Snapshot,
+    /// Output of the last committed epochs, oldest first.
+    pub retained: VecDeque<(u64, Vec<Vec<Record>>)>,
+    /// Epochs committed.
+    pub commits: u64,
+}
+
+impl Replica {
+    /// Reads the committed image: the base of the primary's XOR deltas.
+    pub fn xor_base(&self) -> crate::standby::machine::XorBase {
+        let mem = self.mem.clone();
+        crate::standby::machine::XorBase(std::sync::Arc::new(move |gpa, len| {
+            let mut buf = vec![0u8; len];
+            mem.read_slice(&mut buf, GuestAddress(gpa)).ok()?;
+            Some(buf)
+        }))
+    }
+
+    /// A replica whose memory is `mem` (already holding the first epoch's pages or not).
+    pub fn new(mem: GuestMem) -> Self {
+        Replica {
+            mem,
+            fence: Fence::default(),
+            state: Snapshot::default(),
+            retained: VecDeque::new(),
+            commits: 0,
+        }
+    }
+
+    /// The replica's memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Applies a verified epoch: its pages and its state together. Every range was
+    /// bound-checked against this memory when it was decoded, so the writes cannot fail
+    /// half-way.
+    pub fn commit(&mut self, staged: Staged) -> Result<()> {
+        staged
+            .ranges
+            .par_iter()
+            .try_for_each(|(gpa, data)| self.mem.write_slice(data, GuestAddress(*gpa)))
+            .map_err(|e| Error::Epoch(format!("commit: {e}")))?;
+        self.fence = staged.fence;
+        self.state = staged.sections;
+        self.retained
+            .push_back((staged.fence.epoch.0, staged.records));
+        while self.retained.len() > RETAINED_EPOCHS {
+            self.retained.pop_front();
+        }
+        self.commits += 1;
+        Ok(())
+    }
+
+    /// Commits the epoch that completes a full sync: the pre-copied image (if any) goes in
+    /// first, then the epoch itself (see [`Replica::commit`]).
+    pub fn complete(&mut self, base: Option<Base>, staged: Staged) -> Result<()> {
+        if let Some(b) = base {
+            b.write_into(&self.mem)?;
+            log::info!(
+                "pre-copied image of {} rounds, {} pages, written into the replica",
+                b.rounds,
+                b.pages
+            );
+        }
+        self.commit(staged)
+    }
+
+    /// The output of the retained epochs, per vCPU, oldest first.
+    pub fn inherited_output(&self, vcpus: u32) -> Vec<Vec<Record>> {
+        let mut out = vec![Vec::new(); vcpus as usize];
+        for (_, recs) in &self.retained {
+            for (v, r) in recs.iter().enumerate().take(vcpus as usize) {
+                out[v].extend_from_slice(r);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transport::pages::encode_range;
+    use transport::{Epoch, Generation};
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem() -> GuestMem {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn fence(e: u64) -> Fence {
+        Fence {
+            generation: Generation(1),
+            epoch: Epoch(e),
+        }
+    }
+
+    fn state(st: &mut Staging) {
+        st.section("vcpu/0", 1, vec![1, 2, 3]).unwrap();
+        st.section("groups", 1, vec![0]).unwrap();
+        st.section("group/config", 1, vec![7]).unwrap();
+    }
+
+    fn hash(m: &GuestMem) -> [u8; 32] {
+        let mut b = vec![0u8; 1 << 20];
+        m.read_slice(&mut b, GuestAddress(0)).unwrap();
+        Sha256::digest(&b).into()
+    }
+
+    #[test]
+    fn xor_deltas_decode_against_the_committed_image_and_a_missing_base_is_refused() {
+        let m = mem();
+        let mut replica = Replica::new(m.clone());
+        // The committed copy of page 3, and the guest's next version of it: a few bytes moved.
+        let old: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        m.write_slice(&old, GuestAddress(3 * 4096)).unwrap();
+        let mut new = old.clone();
+        new[100..108].copy_from_slice(b"changed!");
+        let r = encode_range(3 * 4096, &new, Some(&old));
+        assert_eq!(
+            r.codec,
+            transport::pages::Codec::XorZstd,
+            "the delta is the smallest"
+        );
+        // Without a base: refused, nothing staged.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        let e = st
+            .pages_with(std::slice::from_ref(&r), &|_, _| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without a previous copy"), "{e}");
+        assert_eq!(st.pages, 0);
+        // A base outside memory reads as none: refused the same way.
+        let base = replica.xor_base();
+        assert!((base.0)(2 << 20, 4096).is_none());
+        // With the committed image as base: the new page, exactly.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        st.pages_with(std::slice::from_ref(&r), &*base.0).unwrap();
+        state(&mut st);
+        let digest = pages_digest(&[(3 * 4096, &new)]);
+        let staged = st.end(fence(2), 1, digest, 1).unwrap();
+        replica.commit(staged).unwrap();
+        let mut back = vec![0u8; 4096];
+        m.read_slice(&mut back, GuestAddress(3 * 4096)).unwrap();
+        assert_eq!(back, new);
+    }
+
+    #[test]
+    fn a_good_epoch_commits_and_a_bad_one_changes_nothing() {
+        let m = mem();
+        let mut rep = Replica::new(m.clone());
+        let page = vec![0xabu8; 8192];
+        let r = encode_range(0x2000, &page, None);
+        let digest = pages_digest(&[(0x2000, &page)]);
+        let mut st = Staging::begin(fence(1), 2, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r)).unwrap();
+        state(&mut st);
+        rep.commit(st.end(fence(1), 1, digest, 1).unwrap()).unwrap();
+        let before = hash(&m);
+        let state_before = rep.state.clone();
+
+        let other = vec![0xcdu8; 4096];
+        let r2 = encode_range(0x2000, &other, None);
+        // Wrong digest.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r2)).unwrap();
+        state(&mut st);
+        assert!(st
+            .end(fence(2), 1, [0; 32], 1)
+            .unwrap_err()
+            .to_string()
+            .contains("digest"));
+        // Truncated: one range promised more.
+        let mut st = Staging::begin(fence(2), 2, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r2)).unwrap();
+        state(&mut st);
+        let d2 = pages_digest(&[(0x2000, &other)]);
+        assert!(st
+            .end(fence(2), 2, d2, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        // A range outside memory.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        let far = encode_range(1 << 20, &other, None);
+        assert!(st.pages(&[far]).is_err());
+        // More pages than declared.
+        let mut st = Staging::begin(fence(2), 0, 1 << 20).unwrap();
+        assert!(st.pages(std::slice::from_ref(&r2)).is_err());
+        // Missing vCPU state.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r2)).unwrap();
+        assert!(st.end(fence(2), 1, d2, 1).is_err());
+        // Bad records section.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        assert!(st.section("records/x", 1, vec![]).is_err());
+        assert!(st.section("records/0", 1, vec![0xff; 9]).is_err());
+
+        assert_eq!(hash(&m), before, "a refused epoch changed memory");
+        assert_eq!(rep.state, state_before);
+        assert_eq!(rep.fence, fence(1));
+
+        // And the next good epoch still commits.
+        let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
+        st.pages(std::slice::from_ref(&r2)).unwrap();
+        state(&mut st);
+        let rec = Record {
+            seq: 5,
+            ..Record::default()
+        };
+        st.section("records/0", 1, postcard::to_stdvec(&vec![rec]).unwrap())
+            .unwrap();
+        rep.commit(st.end(fence(2), 1, d2, 1).unwrap()).unwrap();
+        assert_ne!(hash(&m), before);
+        assert_eq!(rep.inherited_output(1), vec![vec![rec]]);
+    }
+
+    #[test]
+    fn pre_copy_rounds_verify_and_count_only_through_write_into() {
+        let m = mem();
+        let mut base = Base::new(1 << 20);
+        // Round 0: a data page and a zero page.
+        let data = vec![0x5au8; 4096];
+        let zero = vec![0u8; 4096];
+        let ranges = [
+            encode_range(0x1000, &data, None),
+            encode_range(0x3000, &zero, None),
+        ];
+        let digest = pages_digest(&[(0x1000, &data), (0x3000, &zero)]);
+        let mut st = Staging::begin(fence(1), 2, 1 << 20).unwrap();
+        st.pages(&ranges).unwrap();
+        base.apply(st.end_pages(fence(1), 2, digest).unwrap())
+            .unwrap();
+        // A damaged round is refused whole.
+        let mut st = Staging::begin(fence(1), 1, 1 << 20).unwrap();
+        st.pages(&ranges[..1]).unwrap();
+        assert!(st.end_pages(fence(1), 1, [0; 32]).is_err());
+        // A round with state in it is refused.
+        let mut st = Staging::begin(fence(1), 0, 1 << 20).unwrap();
+        st.section("vcpu/0", 1, vec![1]).unwrap();
+        assert!(st.end_pages(fence(1), 0, pages_digest(&[])).is_err());
+        // Round 1 rewrites the data page with zeros: a touched page takes zeros too.
+        let mut st = Staging::begin(fence(1), 1, 1 << 20).unwrap();
+        st.pages(&[encode_range(0x1000, &zero, None)]).unwrap();
+        base.apply(
+            st.end_pages(fence(1), 1, pages_digest(&[(0x1000, &zero)]))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!((base.rounds, base.pages), (2, 3));
+        // Nothing reached memory until write_into.
+        let mut b = vec![0u8; 4096];
+        m.write_slice(&[0x11u8; 4096], GuestAddress(0x1000))
+            .unwrap();
+        base.write_into(&m).unwrap();
+        m.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, zero);
+        // Out-of-range pages cannot get in.
+        assert!(base.apply(vec![(1 << 20, vec![0u8; 4096])]).is_err());
+    }
+
+    #[test]
+    fn a_base_is_allocated_as_pages_come_and_writes_runs_across_chunks() {
+        // A huge announced memory costs no memory until pages arrive.
+        let huge = Base::new(1 << 40);
+        assert!(huge.chunks.iter().all(Option::is_none));
+        let m: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mut base = Base::new(4 << 20);
+        let at = (2 << 20) - 8192;
+        let data: Vec<u8> = (0..16384).map(|i| (i / 4096 + 1) as u8).collect();
+        base.apply(vec![(at, data.clone())]).unwrap();
+        assert_eq!(base.chunks.iter().filter(|c| c.is_some()).count(), 2);
+        base.write_into(&m).unwrap();
+        let mut b = vec![0u8; 16384];
+        m.read_slice(&mut b, GuestAddress(at)).unwrap();
+        assert_eq!(b, data);
+        assert!(base
+            .apply(vec![(u64::MAX - 4095, vec![1u8; 4096])])
+            .is_err());
+    }
+}

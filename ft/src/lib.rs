@@ -1,0 +1,366 @@
+//! Fault tolerance: a primary replicated to a hot standby, with output commit.
+//!
+//! ```text
+//!            primary host                                   standby host
+//!  ┌──────────────────────────────┐   epochs (transport)  ┌──────────────────────────────┐
+//!  │ guest ─▶ output ring ─▶ hold │ ────────────────────▶ │ staging ─▶ commit ─▶ replica │
+//!  │  every interval: stun, dirty │ ◀──────── ack ─────── │  (VM memory, ready to run)   │
+//!  │  pages + state, unstun       │                       │                              │
+//!  │  on ack E: release E's output│                       │ primary dead (EOF, or 4 ×    │
+//!  └──────────────┬───────────────┘                       │ interval of silence):        │
+//!                 │ records (generation g)                │ generation g+1, activate,    │
+//!                 ▼                                       │ release retained output from │
+//!         ┌───────────────┐ ◀──────── records (g+1) ───── │ the sink's cursor, run on    │
+//!         │  output sink  │  refuses generations < newest └──────────────────────────────┘
+//!         └───────────────┘
+//! ```
+//!
+//! * [`Protector`] is the primary's side inside the vmx run loop: epoch timer, capture, held
+//!   output, release on acknowledgement, and the throttle.
+//! * Throttle (the standby falls behind): if epoch E is not acknowledged when E+1 is due, the
+//!   guest is stunned until the acknowledgement comes, then E+1 is captured at once and the
+//!   guest continues. Nothing is ever buffered beyond one epoch in flight plus the one being
+//!   filled, and the guest can never run more than one interval ahead of the standby.
+//! * [`standby`] runs the other side; the `sink` crate is the outside world.
+//! * Re-protection: an unprotected primary takes a new standby (one that joins through
+//!   [`Protector::accept_joins`], or one found by [`Protector::redial`]) and syncs it by
+//!   [`precopy`] while the guest runs; the first epoch after the rounds completes the sync.
+//! * [`arbiter`] decides role changes (no split brain). The `testkit` crate runs whole pairs of
+//!   processes for tests, `cargo xtask run-pair`, `soak` and the benchmarks.
+#![forbid(unsafe_code)]
+
+pub mod arbiter;
+pub mod epoch;
+pub mod link;
+pub mod precopy;
+pub mod primary;
+pub mod standby;
+pub mod status;
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use transport::{Channel, Fence, Intent, Message, Psk, Received};
+
+use ::sink::SinkClient;
+use arbiter::Arbiter;
+use link::Link;
+use vmx::machine::{power_on, Boot, Options, Outcome};
+
+pub use primary::{Aux, FtStats, Protector};
+pub use status::FtStatus;
+
+/// Everything that can go wrong in fault tolerance.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The VM (monitor, devices, checkpoint engine) failed.
+    #[error(transparent)]
+    Vmx(vmx::Error),
+    /// A replication epoch was refused (malformed, truncated, out of order).
+    #[error("epoch refused: {0}")]
+    Epoch(String),
+    /// The replication link failed.
+    #[error("replication link: {0}")]
+    Link(#[from] transport::Error),
+    /// The output sink failed.
+    #[error(transparent)]
+    Sink(::sink::Error),
+    /// This VM lost its claim to be primary and stopped without releasing anything.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// A file or socket could not be opened.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or address.
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A replication thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<vmx::Error> for Error {
+    fn from(e: vmx::Error) -> Self {
+        match e {
+            // Our own error, passed through the run loop: keep its kind (a fence stays a fence).
+            vmx::Error::Replication(inner) => match inner.downcast::<Error>() {
+                Ok(ours) => *ours,
+                Err(other) => Error::Vmx(vmx::Error::Replication(other)),
+            },
+            e => Error::Vmx(e),
+        }
+    }
+}
+
+impl From<checkpoint::Error> for Error {
+    fn from(e: checkpoint::Error) -> Self {
+        Error::Vmx(e.into())
+    }
+}
+
+impl From<::sink::Error> for Error {
+    fn from(e: ::sink::Error) -> Self {
+        match e {
+            // A newer generation has spoken: this VM must not release anything more.
+            ::sink::Error::Refused { .. } => Error::Fenced(e.to_string()),
+            e => Error::Sink(e),
+        }
+    }
+}
+
+impl Error {
+    /// The process exit code: 3 for a fenced primary, otherwise what [`vmx::Error::exit_code`]
+    /// says (2 for usage errors), 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Fenced(_) => 3,
+            Error::Vmx(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Default epoch interval.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Milliseconds since the Unix epoch (timestamps other processes can compare).
+pub fn unix_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
+/// The p-th percentile (0..=100) of `v` (sorted copy; 0 when empty).
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+/// How a primary is set up.
+#[derive(Clone, Debug)]
+pub struct PrimaryConfig {
+    /// The VM.
+    pub boot: Boot,
+    /// Control socket, output, scheduling.
+    pub opts: Options,
+    /// The standby's address (None: run unprotected).
+    pub peer: Option<String>,
+    /// Where to accept standbys that join (None: none do; `peer` is still redialled).
+    pub listen: Option<String>,
+    /// The shared key (None: --insecure-plaintext).
+    pub psk: Option<transport::Psk>,
+    /// Epoch interval.
+    pub interval: Duration,
+    /// The output sink.
+    pub sink: Option<String>,
+    /// Where role changes are decided (None: nothing prevents split brain).
+    pub arbiter: Option<Arc<dyn Arbiter>>,
+    /// How long to keep trying to reach the standby and the sink at start.
+    pub connect_patience: Duration,
+    /// Faults to inject into the link (tests only; default: none).
+    pub hooks: link::TestHooks,
+    /// The output sink's key (None: a plaintext sink, testing only).
+    pub sink_key: Option<transport::Psk>,
+}
+
+/// Connects to a standby (retrying for `patience`), authenticates, and asks to be protected.
+pub fn connect(
+    peer: &str,
+    psk: Option<&transport::Psk>,
+    patience: Duration,
+) -> Result<transport::Channel<std::net::TcpStream>> {
+    dial(peer, "standby", psk, patience, Intent::Protect)
+}
+
+/// Joins the unprotected primary at `primary` as its standby (retrying for `patience`).
+pub fn join(
+    primary: &str,
+    psk: Option<&transport::Psk>,
+    patience: Duration,
+) -> Result<transport::Channel<std::net::TcpStream>> {
+    dial(primary, "primary", psk, patience, Intent::Join)
+}
+
+/// Connects to `addr` (the `what`), retrying for `patience`, authenticates, and says `intent`.
+fn dial(
+    addr: &str,
+    what: &str,
+    psk: Option<&transport::Psk>,
+    patience: Duration,
+    intent: Intent,
+) -> Result<transport::Channel<std::net::TcpStream>> {
+    let start = Instant::now();
+    let stream = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() < patience => {
+                log::debug!("{what} {addr}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(Error::Link(transport::Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot reach the {what} at {addr}: {e}"),
+                ))))
+            }
+        }
+    };
+    stream.set_nodelay(true).map_err(transport::Error::Io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(transport::Error::Io)?;
+    let mut ch = transport::handshake::client(stream, psk)?;
+    ch.send(&Message::Intent { intent })?;
+    ch.get_ref()
+        .set_read_timeout(None)
+        .map_err(transport::Error::Io)?;
+    Ok(ch)
+}
+
+/// Accepts the next client of `listener` that authenticates and says `want` (others are told
+/// why not and dropped). Returns the channel and the client's address.
+pub fn accept(
+    listener: &TcpListener,
+    psk: Option<&Psk>,
+    want: Intent,
+) -> std::io::Result<(Channel<TcpStream>, String)> {
+    loop {
+        let (conn, peer) = listener.accept()?;
+        let _ = conn.set_nodelay(true);
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut ch = match transport::handshake::server(conn, psk) {
+            Ok(ch) => ch,
+            Err(e) => {
+                log::warn!("refused a connection from {peer}: {e}");
+                continue;
+            }
+        };
+        match ch.recv() {
+            Ok(Received::Message(Message::Intent { intent })) if intent == want => {
+                let _ = ch.get_ref().set_read_timeout(None);
+                return Ok((ch, peer.to_string()));
+            }
+            Ok(other) => {
+                let why = match want {
+                    Intent::Join => {
+                        "this VM is a primary: it takes standbys that join \
+                         (tandem standby --join), not another primary"
+                    }
+                    Intent::Protect => {
+                        "this is a standby waiting for its primary: a standby joins a primary \
+                         (tandem standby --join PRIMARY), not another standby"
+                    }
+                };
+                log::warn!("refused {peer}: it sent {other:?}; {why}");
+                let _ = ch.send(&Message::Nack {
+                    fence: Fence::default(),
+                    code: transport::message::NackCode::OutOfOrder,
+                    message: why.into(),
+                });
+            }
+            Err(e) => log::warn!("refused {peer}: {e}"),
+        }
+    }
+}
+
+/// Boots (or restores) a VM, protects it with the standby at `peer`, and runs it to the end.
+/// Returns how it ended and the final replication status.
+pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, Value)> {
+    let generation = match &cfg.arbiter {
+        Some(arb) => {
+            let g = arb.current()? + 1;
+            if !arb.claim(g, &format!("primary pid {}", std::process::id()))? {
+                return Err(Error::Fenced(format!(
+                    "another VM claimed generation {g} at the {} first",
+                    arb.describe()
+                )));
+            }
+            log::info!("claimed generation {g} at the {}", arb.describe());
+            g
+        }
+        None => {
+            log::warn!("no --arbiter: nothing prevents two primaries after a partition");
+            1
+        }
+    };
+    let opts = Options {
+        paused: true,
+        ..cfg.opts.clone()
+    };
+    let mut vmx = power_on(cfg.boot, &opts)?;
+    let vcpus = vmx.vm().vcpu_count();
+    let mem_bytes = vmx.vm().layout().mem_bytes;
+    let sink = match &cfg.sink {
+        Some(a) => Some(SinkClient::connect(
+            a,
+            cfg.sink_key.as_ref(),
+            generation,
+            vcpus,
+            cfg.connect_patience,
+        )?),
+        None => None,
+    };
+    let mut ft = Protector::new(generation, cfg.interval, sink);
+    ft.hooks = cfg.hooks.clone();
+    ft.sink_key = cfg.sink_key.clone();
+    if let Some(arb) = &cfg.arbiter {
+        ft = ft.with_arbiter(arb.clone(), cfg.sink.clone());
+    }
+    vmx.hold_output(true);
+    if let Some(peer) = &cfg.peer {
+        match connect(peer, cfg.psk.as_ref(), cfg.connect_patience) {
+            Ok(ch) => {
+                let link = Link::start(
+                    ch,
+                    link::LinkConfig {
+                        generation,
+                        interval: cfg.interval,
+                        mem_bytes,
+                        vcpus,
+                        hooks: cfg.hooks.clone(),
+                        xor_cache_bytes: link::DEFAULT_XOR_CACHE_BYTES,
+                    },
+                )?;
+                ft.protect(&mut vmx, link)?;
+            }
+            Err(e) => log::error!("{e}: running UNPROTECTED"),
+        }
+    } else if cfg.listen.is_none() {
+        log::warn!("no --peer: running UNPROTECTED (output is released at once)");
+    }
+    if let Some(peer) = &cfg.peer {
+        ft.redial(peer.clone(), cfg.psk.clone());
+    }
+    if let Some(addr) = &cfg.listen {
+        let l = TcpListener::bind(addr).map_err(|source| Error::Io {
+            path: addr.clone(),
+            source,
+        })?;
+        ft.accept_joins(l, cfg.psk.clone());
+    }
+    if !cfg.opts.paused {
+        vmx.resume()?;
+    }
+    let outcome = vmx.run_with(&mut ft)?;
+    Ok((outcome, ft.status()))
+}

@@ -1,0 +1,667 @@
+//! The primary's end of the replication link: a thread that sends each captured epoch and
+//! waits for its acknowledgement, and a reader thread for the standby's replies.
+//!
+//! Pipelining is one deep: the protector hands over epoch E+1 only after E was acknowledged
+//! (the guest runs on while E travels, Remus-style). With nothing to send, heartbeats flow
+//! every interval.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+use transport::message::NackCode;
+use transport::{Channel, Epoch, Fence, Generation, Message, PageRange, Received};
+
+use rayon::prelude::*;
+use transport::pages::{encode_range, encode_range_uncompressed};
+
+use super::epoch::{combine_hashes, range_hash, RECORDS_PREFIX};
+use vmx::machine::Captured;
+
+/// Faults a test can inject into the primary's link. Production code never sets them: the
+/// `tandem` binary reads them from `TANDEM_TEST_*` only when built with its
+/// `fault-injection` feature (the end-to-end tests build it so).
+#[derive(Clone, Debug, Default)]
+pub struct TestHooks {
+    /// `TANDEM_TEST_SEND_DELAY_MS`: sleep this long between an epoch's pages and its state
+    /// (widens the window in which a kill lands in the middle of a transfer).
+    pub send_delay: Option<Duration>,
+    /// `TANDEM_TEST_BAD_EPOCH=E:digest|truncate|outside`: send epoch E damaged, once.
+    pub bad_epoch: Option<(u64, Fault)>,
+}
+
+/// A way to damage an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A wrong page digest.
+    Digest,
+    /// EpochEnd promises a range that never came.
+    Truncate,
+    /// A page range outside guest memory.
+    Outside,
+}
+
+impl TestHooks {
+    /// Reads the hooks from the environment (`TANDEM_TEST_SEND_DELAY_MS`,
+    /// `TANDEM_TEST_BAD_EPOCH`). Only the test build of the binary calls this.
+    #[cfg(feature = "fault-injection")]
+    pub fn from_env() -> Self {
+        let send_delay = std::env::var("TANDEM_TEST_SEND_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
+        let bad_epoch = std::env::var("TANDEM_TEST_BAD_EPOCH").ok().and_then(|v| {
+            let (e, f) = v.split_once(':')?;
+            let f = match f {
+                "digest" => Fault::Digest,
+                "truncate" => Fault::Truncate,
+                "outside" => Fault::Outside,
+                _ => return None,
+            };
+            Some((e.parse().ok()?, f))
+        });
+        if send_delay.is_some() || bad_epoch.is_some() {
+            log::warn!("test hooks active: delay {send_delay:?}, bad epoch {bad_epoch:?}");
+        }
+        TestHooks {
+            send_delay,
+            bad_epoch,
+        }
+    }
+}
+
+/// What one epoch cost on the wire.
+#[derive(Clone, Debug, Default)]
+pub struct SendStats {
+    /// Dirty bytes captured.
+    pub raw_bytes: u64,
+    /// Page payload bytes sent (after compression).
+    pub page_bytes: u64,
+    /// State bytes sent.
+    pub state_bytes: u64,
+    /// Held-output bytes sent.
+    pub record_bytes: u64,
+    /// Encoding + sending time.
+    pub send: Duration,
+    /// NACKs before the ACK.
+    pub nacks: u32,
+    /// Ranges sent as XOR deltas.
+    pub xor_ranges: u64,
+    /// Bytes in the XOR-delta cache after the epoch.
+    pub xor_cache_bytes: u64,
+}
+
+/// What the link reports.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// The standby committed this epoch.
+    Acked {
+        /// The epoch.
+        epoch: u64,
+        /// Its cost.
+        stats: SendStats,
+    },
+    /// The standby refused this epoch; the link sends it again (a stale refusal, or a
+    /// fourth, ends the link: [`LinkEvent::Lost`] follows).
+    Nacked {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The standby is gone (or refused the same epoch too often).
+    Lost {
+        /// Why.
+        reason: String,
+    },
+}
+
+enum Job {
+    Epoch(Box<Captured>),
+    Goodbye,
+}
+
+/// The running link.
+pub struct Link {
+    jobs: Sender<Job>,
+    events: Receiver<LinkEvent>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Fixed facts of a link.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// The primary's generation.
+    pub generation: u64,
+    /// Epoch interval (heartbeats flow at this pace when nothing else does).
+    pub interval: Duration,
+    /// Guest memory size.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Test faults.
+    pub hooks: TestHooks,
+    /// Bound of the XOR-delta cache (copies of recently sent pages); 0 turns deltas off.
+    pub xor_cache_bytes: u64,
+}
+
+/// Default bound of the XOR-delta cache.
+pub const DEFAULT_XOR_CACHE_BYTES: u64 = 64 << 20;
+
+impl Link {
+    /// Starts the threads over an authenticated channel.
+    pub fn start(chan: Channel<TcpStream>, cfg: LinkConfig) -> crate::Result<Link> {
+        let (tx, mut rx) = chan.split()?;
+        let (rep_tx, rep_rx) = unbounded();
+        std::thread::Builder::new()
+            .name("link-reader".into())
+            .spawn(move || loop {
+                let r = rx.recv().map_err(|e| e.to_string());
+                let end = r.is_err();
+                if rep_tx.send(r).is_err() || end {
+                    break;
+                }
+            })
+            .map_err(|source| crate::Error::Thread {
+                what: "replication link",
+                source,
+            })?;
+        let (jobs_tx, jobs_rx) = bounded(1);
+        let (ev_tx, ev_rx) = unbounded();
+        let thread = std::thread::Builder::new()
+            .name("link-sender".into())
+            .spawn(move || sender(tx, rep_rx, jobs_rx, ev_tx, cfg))
+            .map_err(|source| crate::Error::Thread {
+                what: "replication link",
+                source,
+            })?;
+        Ok(Link {
+            jobs: jobs_tx,
+            events: ev_rx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands an epoch over (the previous one must have been acknowledged).
+    pub fn send(&self, cap: Captured) -> bool {
+        self.jobs.send(Job::Epoch(Box::new(cap))).is_ok()
+    }
+
+    /// What the link reports.
+    pub fn events(&self) -> Receiver<LinkEvent> {
+        self.events.clone()
+    }
+
+    /// Says goodbye (the guest finished) and waits for the threads.
+    pub fn goodbye(mut self) {
+        let _ = self.jobs.send(Job::Goodbye);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+type Replies = Receiver<Result<Received, String>>;
+
+fn sender(
+    mut tx: Channel<TcpStream>,
+    replies: Replies,
+    jobs: Receiver<Job>,
+    events: Sender<LinkEvent>,
+    cfg: LinkConfig,
+) {
+    let fence = |e: u64| Fence {
+        generation: Generation(cfg.generation),
+        epoch: Epoch(e),
+    };
+    let mut last = 0u64;
+    // The first epoch of a link completes a sync: the standby may build its VM first.
+    let mut first_epoch = true;
+    let mut codec = CodecChoice::default();
+    // What the standby holds of each recently sent page: the base of XOR deltas. It starts
+    // empty with every link (a new standby has nothing of ours).
+    let mut cache = XorCache::new(cfg.xor_cache_bytes);
+    let lost = |reason: String| {
+        let _ = events.send(LinkEvent::Lost { reason });
+    };
+    loop {
+        select! {
+            recv(jobs) -> job => match job {
+                Ok(Job::Epoch(cap)) => {
+                    last = cap.epoch;
+                    let first = std::mem::replace(&mut first_epoch, false);
+                    match send_epoch(&mut tx, &replies, &events, &cap, &cfg, &mut codec, &mut cache, first) {
+                        Ok(stats) => {
+                            let _ = events.send(LinkEvent::Acked { epoch: cap.epoch, stats });
+                        }
+                        Err(reason) => {
+                            let _ = tx.get_ref().shutdown(std::net::Shutdown::Both);
+                            return lost(reason);
+                        }
+                    }
+                }
+                Ok(Job::Goodbye) => {
+                    let _ = tx.send(&Message::Goodbye);
+                    let _ = tx.end();
+                    return;
+                }
+                Err(_) => return,
+            },
+            recv(replies) -> r => {
+                let why = match r {
+                    Ok(Ok(m)) => format!("unexpected {m:?} from the standby"),
+                    Ok(Err(e)) => format!("connection to the standby lost: {e}"),
+                    Err(_) => "connection to the standby lost".into(),
+                };
+                let _ = tx.get_ref().shutdown(std::net::Shutdown::Both);
+                return lost(why);
+            },
+            default(cfg.interval) => {
+                if let Err(e) = tx.send(&Message::Heartbeat { fence: fence(last) }) {
+                    return lost(format!("heartbeat failed: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// Whether to try zstd: after an epoch whose pages compressed to more than 90 %, the next
+/// [`RAW_STREAK`] epochs go raw, then zstd is tried again.
+#[derive(Default)]
+struct CodecChoice {
+    raw_until: u64,
+}
+
+const RAW_STREAK: u64 = 8;
+
+impl CodecChoice {
+    fn compress(&self, epoch: u64) -> bool {
+        epoch >= self.raw_until
+    }
+    fn learn(&mut self, epoch: u64, compressed: bool, raw: u64, wire: u64) {
+        if compressed && raw >= 1 << 20 && wire * 10 > raw * 9 {
+            log::debug!(
+                "pages do not compress ({wire} of {raw} bytes): raw for {RAW_STREAK} epochs"
+            );
+            self.raw_until = epoch + RAW_STREAK;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send_epoch(
+    tx: &mut Channel<TcpStream>,
+    replies: &Replies,
+    events: &Sender<LinkEvent>,
+    cap: &Captured,
+    cfg: &LinkConfig,
+    codec: &mut CodecChoice,
+    cache: &mut XorCache,
+    first: bool,
+) -> Result<SendStats, String> {
+    let t0 = Instant::now();
+    let fence = Fence {
+        generation: Generation(cfg.generation),
+        epoch: Epoch(cap.epoch),
+    };
+    let parts: Vec<(u64, &[u8])> = cap
+        .runs
+        .iter()
+        .map(|r| (r.gpa, r.data.as_slice()))
+        .collect();
+    // One pass on every core: code each range and hash it. Pages that did not compress last
+    // time are sent raw for a while (zstd on random data costs time and saves nothing).
+    let compress = cap.full || codec.compress(cap.epoch);
+    // A full sync replaces everything the standby had: no XOR base.
+    let coded = if cap.full {
+        cache.clear();
+        encode_parts(&parts, compress)
+    } else {
+        encode_parts_xor(&parts, compress, cache)
+    };
+    let xor_ranges = coded
+        .iter()
+        .filter(|c| c.0.codec == transport::pages::Codec::XorZstd)
+        .count() as u64;
+    let digest = combine_hashes(coded.iter().map(|c| c.1));
+    let ranges: Vec<PageRange> = coded.into_iter().map(|c| c.0).collect();
+    let t_enc = t0.elapsed();
+    let pages: u64 = ranges.iter().map(|r| r.pages as u64).sum();
+    let mut stats = SendStats {
+        raw_bytes: parts.iter().map(|p| p.1.len() as u64).sum(),
+        ..SendStats::default()
+    };
+    let net = |e: transport::Error| format!("sending epoch {}: {e}", cap.epoch);
+    let progress = cap.full.then(|| vmx::progress::reporter("full sync"));
+    for attempt in 0..4 {
+        let fault = cfg
+            .hooks
+            .bad_epoch
+            .filter(|(e, _)| attempt == 0 && *e == cap.epoch)
+            .map(|(_, f)| f);
+        if cap.full {
+            tx.send(&Message::FullSync {
+                fence,
+                mem_bytes: cfg.mem_bytes,
+                vcpus: cfg.vcpus,
+            })
+            .map_err(net)?;
+        }
+        tx.send(&Message::EpochBegin { fence, pages })
+            .map_err(net)?;
+        let mut sent_pages = 0u64;
+        let to_send = ranges.iter().enumerate().map(|(i, r)| {
+            let mut r = r.clone();
+            if fault == Some(Fault::Outside) && i == 0 {
+                r.gpa = cfg.mem_bytes;
+            }
+            r
+        });
+        send_ranges(tx, to_send, |n| {
+            sent_pages += n;
+            if let Some(p) = &progress {
+                p(sent_pages * 4096, pages * 4096);
+            }
+        })
+        .map_err(net)?;
+        let wire: u64 = ranges.iter().map(|r| r.payload.len() as u64).sum();
+        stats.page_bytes += wire;
+        if attempt == 0 && !cap.full {
+            codec.learn(cap.epoch, compress, stats.raw_bytes, wire);
+        }
+        if let Some(d) = cfg.hooks.send_delay {
+            std::thread::sleep(d);
+        }
+        for s in &cap.sections {
+            stats.state_bytes += s.data.len() as u64;
+            tx.send(&Message::DeviceState {
+                fence,
+                name: s.name.clone(),
+                version: s.version,
+                data: s.data.clone(),
+            })
+            .map_err(net)?;
+        }
+        for (v, recs) in cap.records.iter().enumerate() {
+            for chunk in recs.chunks(100_000) {
+                let data = postcard::to_stdvec(chunk).expect("records encode");
+                stats.record_bytes += data.len() as u64;
+                tx.send(&Message::DeviceState {
+                    fence,
+                    name: format!("{RECORDS_PREFIX}{v}"),
+                    version: 1,
+                    data,
+                })
+                .map_err(net)?;
+            }
+        }
+        let mut digest_sent = digest;
+        let mut ranges_sent = ranges.len() as u64;
+        match fault {
+            Some(Fault::Digest) => digest_sent[0] ^= 1,
+            Some(Fault::Truncate) => ranges_sent += 1,
+            _ => {}
+        }
+        if let Some(f) = fault {
+            log::warn!("test hook: epoch {} sent damaged ({f:?})", cap.epoch);
+        }
+        tx.send(&Message::EpochEnd {
+            fence,
+            ranges: ranges_sent,
+            digest: digest_sent,
+        })
+        .map_err(net)?;
+        stats.send = t0.elapsed();
+        let t_sent = t0.elapsed();
+        let patience = if cap.full || first {
+            Duration::from_secs(60)
+        } else {
+            (cfg.interval * 20).max(Duration::from_secs(5))
+        };
+        // Heartbeats go on while the acknowledgement travels: a slow link must not look like
+        // a dead primary to the standby.
+        let waiting = Instant::now();
+        let reply = loop {
+            let left = patience.saturating_sub(waiting.elapsed());
+            match replies.recv_timeout(left.min(cfg.interval)) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                    tx.send(&Message::Heartbeat { fence }).map_err(net)?;
+                }
+                r => break r,
+            }
+        };
+        match reply {
+            Ok(Ok(Received::Message(Message::Ack { fence: f }))) if f == fence => {
+                log::debug!(
+                    "epoch {}: {} KiB dirty → {} KiB; encode+hash {:?}, send {:?}, ack {:?}",
+                    cap.epoch,
+                    stats.raw_bytes >> 10,
+                    stats.page_bytes >> 10,
+                    t_enc,
+                    t_sent - t_enc,
+                    t0.elapsed() - t_sent
+                );
+                // The standby committed these pages: they are the base of the next deltas.
+                cache.remember(cap.epoch, &parts);
+                stats.xor_ranges = xor_ranges;
+                stats.xor_cache_bytes = cache.bytes();
+                return Ok(stats);
+            }
+            Ok(Ok(Received::Message(Message::Nack {
+                fence: f,
+                code,
+                message,
+            }))) => {
+                stats.nacks += 1;
+                let _ = events.send(LinkEvent::Nacked { epoch: cap.epoch });
+                log::warn!(
+                    "standby refused epoch {} ({code:?}: {message}); sending it again",
+                    f.epoch.0
+                );
+                if code == NackCode::Stale {
+                    return Err(format!("the standby says we are stale: {message}"));
+                }
+            }
+            Ok(Ok(other)) => return Err(format!("unexpected reply {other:?}")),
+            Ok(Err(e)) => return Err(format!("connection to the standby lost: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "no acknowledgement of epoch {} within {patience:?}",
+                    cap.epoch
+                ))
+            }
+        }
+    }
+    Err(format!(
+        "the standby refused epoch {} four times",
+        cap.epoch
+    ))
+}
+
+/// The primary's copies of recently sent pages, bounded in bytes: the base of XOR deltas.
+///
+/// ```text
+///  epoch E sent ─▶ Ack(E) ─▶ remember(E, pages)     (the standby committed them: same bytes)
+///  epoch E+1: a run whose pages are all cached ─▶ XOR against the copies, zstd, and keep it
+///             when smaller than zstd alone (encode_range picks the smallest coding)
+///  over the bound: the pages sent longest ago go first
+/// ```
+///
+/// Only acknowledged epochs update it, and epochs go one at a time, so a copy here is exactly
+/// the page the standby holds; a NACKed epoch is resent with the same coding against the same
+/// base. A new link starts empty.
+pub(crate) struct XorCache {
+    pages: std::collections::HashMap<u64, (u64, Box<[u8]>)>,
+    limit_pages: usize,
+}
+
+impl XorCache {
+    pub(crate) fn new(limit_bytes: u64) -> Self {
+        XorCache {
+            pages: std::collections::HashMap::new(),
+            limit_pages: (limit_bytes / PAGE as u64) as usize,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.pages.clear();
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> u64 {
+        (self.pages.len() * PAGE) as u64
+    }
+
+    /// The copies of `len` bytes of pages from `gpa`, if every one is cached.
+    fn base(&self, gpa: u64, len: usize) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(len);
+        for p in 0..(len / PAGE) as u64 {
+            out.extend_from_slice(&self.pages.get(&(gpa / PAGE as u64 + p))?.1);
+        }
+        Some(out)
+    }
+
+    /// Keeps the pages of an acknowledged epoch, then trims to the bound (oldest first).
+    fn remember(&mut self, epoch: u64, parts: &[(u64, &[u8])]) {
+        if self.limit_pages == 0 {
+            return;
+        }
+        for (gpa, data) in parts {
+            for (i, page) in data.chunks_exact(PAGE).enumerate() {
+                let n = gpa / PAGE as u64 + i as u64;
+                match self.pages.get_mut(&n) {
+                    Some((e, copy)) => {
+                        *e = epoch;
+                        copy.copy_from_slice(page);
+                    }
+                    None => {
+                        self.pages.insert(n, (epoch, page.into()));
+                    }
+                }
+            }
+        }
+        if self.pages.len() > self.limit_pages {
+            let mut ages: Vec<(u64, u64)> = self.pages.iter().map(|(n, (e, _))| (*e, *n)).collect();
+            ages.sort_unstable();
+            let excess = self.pages.len() - self.limit_pages;
+            for (_, n) in ages.into_iter().take(excess) {
+                self.pages.remove(&n);
+            }
+        }
+    }
+}
+
+const PAGE: usize = 4096;
+
+/// [`encode_parts`] with XOR deltas against `cache` where every page of a part is cached.
+fn encode_parts_xor(
+    parts: &[(u64, &[u8])],
+    compress: bool,
+    cache: &XorCache,
+) -> Vec<(PageRange, [u8; 32])> {
+    if !compress || cache.pages.is_empty() {
+        return encode_parts(parts, compress);
+    }
+    parts
+        .par_iter()
+        .map(|(gpa, data)| {
+            let base = cache.base(*gpa, data.len());
+            (
+                encode_range(*gpa, data, base.as_deref()),
+                range_hash(*gpa, data),
+            )
+        })
+        .collect()
+}
+
+/// Codes each part (zstd, or raw when `compress` is off; zero pages always as zero ranges)
+/// and hashes it, in one pass on every core.
+pub(crate) fn encode_parts(parts: &[(u64, &[u8])], compress: bool) -> Vec<(PageRange, [u8; 32])> {
+    parts
+        .par_iter()
+        .map(|(gpa, data)| {
+            let r = if compress {
+                encode_range(*gpa, data, None)
+            } else {
+                encode_range_uncompressed(*gpa, data)
+            };
+            (r, range_hash(*gpa, data))
+        })
+        .collect()
+}
+
+/// Sends ranges in `Pages` frames of about 8 MiB each; `sent(pages)` after every frame.
+pub(crate) fn send_ranges(
+    tx: &mut Channel<TcpStream>,
+    ranges: impl IntoIterator<Item = PageRange>,
+    mut sent: impl FnMut(u64),
+) -> transport::Result<()> {
+    let mut batch: Vec<PageRange> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut flush = |tx: &mut Channel<TcpStream>, batch: &mut Vec<PageRange>| {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        tx.send_pages(batch)?;
+        sent(batch.iter().map(|r| r.pages as u64).sum());
+        batch.clear();
+        Ok(())
+    };
+    for r in ranges {
+        batch_bytes += r.payload.len() + 32;
+        batch.push(r);
+        if batch_bytes >= 8 << 20 {
+            flush(tx, &mut batch)?;
+            batch_bytes = 0;
+        }
+    }
+    flush(tx, &mut batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_xor_cache_holds_acknowledged_pages_and_drops_the_oldest_over_its_bound() {
+        let mut c = XorCache::new(3 * PAGE as u64);
+        // Pages that zstd cannot shrink, so only a delta can.
+        let noise = |seed: u64| -> Vec<u8> {
+            let mut x = seed;
+            (0..2 * PAGE)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (x >> 56) as u8
+                })
+                .collect()
+        };
+        let a = noise(1);
+        let b = noise(2);
+        c.remember(1, &[(0, &a)]);
+        assert_eq!(c.base(0, 2 * PAGE), Some(a.clone()));
+        assert_eq!(
+            c.base(0, 3 * PAGE),
+            None,
+            "every page of a run must be cached"
+        );
+        c.remember(2, &[(8 * PAGE as u64, &b)]);
+        // Over the bound (4 pages > 3): one page of epoch 1 went.
+        assert_eq!(c.bytes(), 3 * PAGE as u64);
+        assert_eq!(c.base(8 * PAGE as u64, 2 * PAGE), Some(b));
+        // The oldest page went first (epoch 1, page 0); page 1 is still there.
+        assert_eq!(c.base(0, PAGE), None);
+        let base = c.base(PAGE as u64, PAGE).expect("page 1 cached");
+        // Deltas are chosen where they are smaller, and decode against the same base.
+        let mut next = a[PAGE..].to_vec();
+        next[10] = 9;
+        let parts = [(PAGE as u64, &next[..])];
+        let coded = encode_parts_xor(&parts, true, &c);
+        assert_eq!(coded[0].0.codec, transport::pages::Codec::XorZstd);
+        let back = transport::pages::decode_range(&coded[0].0, 1 << 30, Some(&base)).unwrap();
+        assert_eq!(back, next);
+        // A disabled cache keeps nothing.
+        let mut off = XorCache::new(0);
+        off.remember(1, &[(0, &a)]);
+        assert_eq!(off.bytes(), 0);
+    }
+}

@@ -1,0 +1,199 @@
+//! Re-protection: a full sync to a new standby while the guest keeps running (pre-copy).
+//!
+//! ```text
+//!  primary (unprotected, guest running)                     new standby
+//!   │ FullSync{fence(g, E), mem_bytes, vcpus} ───────────────▶ │ new base image (memory only)
+//!   │ reset dirty log                                         │
+//!   │ PreCopy{round 0, every page} Pages… PreCopyEnd{digest} ─▶ │ verify round, write into base
+//!   │ dirty log → PreCopy{round 1, pages dirtied meanwhile} … ─▶ │   "
+//!   │   … until a round is small (≤ STOP_PAGES), stops        │
+//!   │     shrinking, or MAX_ROUNDS                             │
+//!   │ stun: epoch E = pages dirtied during the last round     │
+//!   │       + all state, output held from here on ───────────▶ │ verify, build the VM, base →
+//!   │                                                         │ memory, commit E (all or none)
+//!   │ ◀──────────────────────────────────────────── Ack{E} ── │ protecting
+//!   │ PROTECTED again: epochs every interval                  │
+//! ```
+//!
+//! Reading pages while the guest writes them is safe because the dirty log is reset *before*
+//! a round reads: a page changed while (or after) it was read is dirty again and goes out in
+//! the next round or in epoch E. Nothing of the base counts until E commits.
+
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use monitor::{DirtyLog, DirtyPages};
+use serde::Serialize;
+use serde_json::{json, Value};
+use transport::{Channel, Fence, Message};
+
+use super::epoch::combine_hashes;
+use super::link::{encode_parts, send_ranges};
+
+/// A round this small (pages) ends the pre-copy: the rest goes in the completing epoch.
+pub const STOP_PAGES: u64 = 2048;
+/// Most pre-copy rounds.
+pub const MAX_ROUNDS: u32 = 8;
+/// Pages read and coded at a time (bounds the memory a round needs).
+const CHUNK_PAGES: u64 = 8192;
+
+/// One round of a pre-copy.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundReport {
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes on the wire (after compression).
+    pub wire_bytes: u64,
+    /// How long the round took.
+    pub ms: f64,
+}
+
+/// What a pre-copy did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PreCopyReport {
+    /// The rounds, in order.
+    pub rounds: Vec<RoundReport>,
+    /// Start → last round sent.
+    pub ms: f64,
+}
+
+/// Sends a full sync of the running VM as pre-copy rounds over `tx`, announcing `fence` (the
+/// epoch that will complete the sync). `status` shows the phase while it runs.
+pub fn run(
+    log: &DirtyLog,
+    tx: &mut Channel<TcpStream>,
+    fence: Fence,
+    vcpus: u32,
+    status: &Mutex<Value>,
+) -> Result<PreCopyReport, String> {
+    let t0 = Instant::now();
+    let mem_bytes = log.mem_bytes();
+    let pages = log.pages();
+    let net = |e: transport::Error| format!("pre-copy to the new standby: {e}");
+    tx.send(&Message::FullSync {
+        fence,
+        mem_bytes,
+        vcpus,
+    })
+    .map_err(net)?;
+    // Everything the guest writes from here on is in the next bitmap.
+    log.take().map_err(|e| format!("dirty log: {e}"))?;
+    let mut dirty = DirtyPages::all(pages);
+    let mut report = PreCopyReport::default();
+    let mut prev = u64::MAX;
+    for round in 0..MAX_ROUNDS {
+        let runs = dirty.runs();
+        let n: u64 = runs.iter().map(|r| r.1).sum();
+        let r = send_round(log, tx, fence, round, &runs, n, status, t0).map_err(net)?;
+        log::info!(
+            "pre-copy round {round}: {n} pages ({} MiB, {} KiB on the wire) in {:.0} ms",
+            (n * 4096) >> 20,
+            r.wire_bytes >> 10,
+            r.ms
+        );
+        report.rounds.push(r);
+        // Small enough, or no longer shrinking (the guest dirties as fast as we send): the
+        // rest goes in the completing epoch, with the guest stunned.
+        if round > 0 && (n <= STOP_PAGES || n * 10 > prev * 9) {
+            break;
+        }
+        if round + 1 == MAX_ROUNDS {
+            break;
+        }
+        prev = n;
+        dirty = log.take().map_err(|e| format!("dirty log: {e}"))?;
+    }
+    report.ms = t0.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send_round(
+    log: &DirtyLog,
+    tx: &mut Channel<TcpStream>,
+    fence: Fence,
+    round: u32,
+    runs: &[(u64, u64)],
+    pages: u64,
+    status: &Mutex<Value>,
+    t0: Instant,
+) -> transport::Result<RoundReport> {
+    let start = Instant::now();
+    tx.send(&Message::PreCopy {
+        fence,
+        round,
+        pages,
+    })?;
+    let what = format!("pre-copy round {round}");
+    let progress = vmx::progress::reporter(what.clone());
+    let mut hashes = Vec::new();
+    let mut ranges = 0u64;
+    let mut done = 0u64;
+    let mut wire = 0u64;
+    let mut i = 0;
+    while i < runs.len() {
+        // Up to CHUNK_PAGES pages of runs: copy them out (the guest runs on), code, send.
+        let mut j = i;
+        let mut chunk = 0;
+        while j < runs.len() && (j == i || chunk + runs[j].1 <= CHUNK_PAGES) {
+            chunk += runs[j].1;
+            j += 1;
+        }
+        let copies = log
+            .copy_runs(&runs[i..j])
+            .map_err(|e| transport::Error::Io(std::io::Error::other(e.to_string())))?;
+        let parts: Vec<(u64, &[u8])> = copies.iter().map(|r| (r.gpa, r.data.as_slice())).collect();
+        let coded = encode_parts(&parts, true);
+        hashes.extend(coded.iter().map(|c| c.1));
+        ranges += coded.len() as u64;
+        wire += coded.iter().map(|c| c.0.payload.len() as u64).sum::<u64>();
+        send_ranges(tx, coded.into_iter().map(|c| c.0), |n| {
+            done += n;
+            progress(done * 4096, pages * 4096);
+        })?;
+        if let Ok(mut s) = status.lock() {
+            *s = json!({
+                "phase": what,
+                "round_pages": pages,
+                "sent_pages": done,
+                "elapsed_ms": t0.elapsed().as_millis() as u64,
+            });
+        }
+        i = j;
+    }
+    progress(pages * 4096, pages * 4096);
+    tx.send(&Message::PreCopyEnd {
+        fence,
+        round,
+        ranges,
+        digest: combine_hashes(hashes),
+    })?;
+    Ok(RoundReport {
+        pages,
+        wire_bytes: wire,
+        ms: start.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Starts a pre-copy on its own thread; `done` gets the channel back (for the link) or why it
+/// failed.
+pub fn spawn(
+    log: DirtyLog,
+    mut tx: Channel<TcpStream>,
+    fence: Fence,
+    vcpus: u32,
+    status: Arc<Mutex<Value>>,
+    done: impl FnOnce(Result<(Channel<TcpStream>, PreCopyReport), String>) + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("pre-copy".into())
+        .spawn(move || {
+            let r = run(&log, &mut tx, fence, vcpus, &status);
+            done(r.map(|rep| (tx, rep)));
+        })
+        .map(|_| ())
+}
+
+/// Connect-retry pace of a primary that redials its configured standby.
+pub const REDIAL_EVERY: Duration = Duration::from_millis(500);

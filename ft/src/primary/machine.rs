@@ -1,0 +1,1793 @@
+//! The primary's replication protocol as a pure state machine: [`Machine::on`] takes an
+//! [`Event`] and returns the [`Action`]s to take, in order. It does no I/O (it only logs odd
+//! events through `log`); [`super::Protector`] executes the actions against the VM, the link,
+//! the sink and the arbiter, and feeds their answers back as events.
+//!
+//! ```text
+//!                              Connected (a standby at start): full sync
+//!          ┌───────────────────────────────────────────────────────────────────────────┐
+//!          │                                                                           ▼
+//!   ┌─────────────┐  Joined   ┌───────────┐  LinkUp   ┌──────────────┐  Ack(E)   ┌──────────────┐
+//!   │ Unprotected │ ────────▶ │ Resyncing │ ────────▶ │ Completing   │ ────────▶ │ Protected    │
+//!   │  {reason}   │ ◀──────── │  {peer,   │           │  {peer, E,   │           │ {in_flight,  │
+//!   └─────────────┘  failed   │   step}   │           │   throttled} │           │  throttled}  │
+//!      ▲      ▲               └───────────┘           └──────────────┘           └──────────────┘
+//!      │      │                                              │ LinkLost                │    │
+//!      │      │ Won              with an arbiter             ├─────────────────────────┘    │ GuestFinished
+//!      │  ┌──────────┐ ◀─────────────────────────────────────┤                              ▼
+//!      │  │ Claiming │                                       │                       ┌─────────────┐
+//!      │  │  {g+1}   │ ── Lost ──▶ ┌────────┐                │ ◀──── LinkLost ────── │ Finishing   │
+//!      │  └──────────┘             │ Fenced │                │                       │ {E, last}   │
+//!      │                           └────────┘                │                       └─────────────┘
+//!      │                               ▲                     │                              │ Ack(last)
+//!      └────────── without an arbiter ─┼─────────────────────┘                              ▼
+//!                                      │                                                 ┌──────┐
+//!               Still(not newest): from Unprotected, Resyncing or Done                   │ Done │
+//!                                                                                        └──────┘
+//! ```
+//!
+//! Within `Protected`: a tick with nothing in flight captures and sends the next epoch; a tick
+//! with epoch E in flight stuns the guest (throttled); Ack(E) releases E's output and, if the
+//! guest was stunned, captures the next epoch at once and lets the guest go. `Completing` is
+//! `Protected` with the epoch that completes a pre-copy in flight: its Ack makes the joiner
+//! the standby (`Reprotected`). The initial full sync is not a state of its own: `Connected`
+//! captures the full epoch and the machine is `Protected` with it in flight; acknowledgement,
+//! throttle and loss work exactly as for any other epoch.
+//!
+//! "unprotect" is: DropLink, WantStandby, StopTimer, Release(in-flight epoch), ReleaseHeld,
+//! Resume (if throttled) — the standby is gone, what it would have acknowledged goes out now.
+//!
+//! | state                         | event                      | actions                                   | next                           |
+//! |-------------------------------|----------------------------|-------------------------------------------|--------------------------------|
+//! | Unprotected                   | Connected                  | HoldOutput, Capture(full), WantStandby(no), Send | Protected{E}            |
+//! | Unprotected                   | Joined, guest running      | WantStandby(no), StartPreCopy             | Resyncing(PreCopy)             |
+//! | Unprotected, Done             | Joined, guest finished     | Refuse(finished)                          | same                           |
+//! | Unprotected, Resyncing, Done  | OutputDrained(pending)     | AskStill (arbiter) / ReleaseHeld          | same                           |
+//! | Unprotected, Resyncing, Done  | Still(newest)              | ReleaseHeld                               | same                           |
+//! | Unprotected, Resyncing, Done  | Still(not newest)          | Fence(not newest)                         | Fenced                         |
+//! | any without a link            | Tick                       | StopTimer                                 | same                           |
+//! | Resyncing(PreCopy)            | Joined                     | Refuse(syncing)                           | same                           |
+//! | Resyncing(PreCopy)            | PreCopyFailed              | WantStandby(yes)                          | Unprotected                    |
+//! | Resyncing(PreCopy)            | PreCopyDone, finished      | —                                         | Unprotected                    |
+//! | Resyncing(PreCopy)            | PreCopyDone(pending, arb.) | AskStill                                  | Resyncing(Releasing)           |
+//! | Resyncing(PreCopy)            | PreCopyDone (otherwise)    | \[ReleaseHeld\], StartLink                  | Resyncing(Linking)             |
+//! | Resyncing(Releasing)          | Still(newest)              | ReleaseHeld, StartLink                    | Resyncing(Linking)             |
+//! | Resyncing(Linking)            | LinkFailed                 | WantStandby(yes)                          | Unprotected                    |
+//! | Resyncing(Linking)            | LinkUp                     | Capture(completing), Send                 | Completing{E}                  |
+//! | Completing{E}                 | Ack(E)                     | Release(E), Reprotected, [Capture, Send, Resume] | Protected              |
+//! | Protected{None}               | Tick, guest running        | Capture, Send                             | Protected{E}                   |
+//! | Protected{E}, Completing      | Tick, guest running        | Stun, StopTimer                           | throttled                      |
+//! | Protected{E}, Completing      | Tick, guest paused/finished| StopTimer                                 | same                           |
+//! | Protected/Completing throttled| Tick                       | StopTimer                                 | same                           |
+//! | Protected{E}                  | Ack(E)                     | Release(E)                                | Protected{None}                |
+//! | Protected{E} throttled        | Ack(E)                     | Release(E), Capture, Send, Resume         | Protected{E+1}                 |
+//! | any                           | Ack(not in flight), Nack   | —                                         | same                           |
+//! | Protected, Completing, Finishing | LinkLost (arbiter)      | Claim(g+1)                                | Claiming                       |
+//! | Protected, Completing, Finishing | LinkLost (no arbiter)   | unprotect                                 | Unprotected{reason}            |
+//! | Claiming                      | Won                        | ReconnectSink(g+1), unprotect             | Unprotected{reason}            |
+//! | Claiming                      | Lost                       | Fence(lost claim)                         | Fenced                         |
+//! | Protected, Completing, Finishing | Joined                  | Refuse(already protected)                 | same                           |
+//! | Protected{None}               | GuestFinished              | Capture, Send                             | Finishing{E, last}             |
+//! | Protected{E}, Completing{E}   | GuestFinished              | —                                         | Finishing{E}                   |
+//! | Finishing{E}                  | Ack(E)                     | Release(E), \[Reprotected\], Capture, Send  | Finishing{E+1, last}           |
+//! | Finishing{E} throttled        | Ack(E)                     | Release(E), Capture, Send, Resume         | Finishing{E+1}                 |
+//! | Finishing{E, last}            | Ack(E)                     | Release(E), Goodbye                       | Done                           |
+//! | Fenced                        | anything                   | —                                         | Fenced                         |
+
+use std::fmt;
+
+use transport::{Epoch, Fence, Generation};
+
+/// Where the primary stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// No standby: output is released at once (after the arbiter, if any, agrees).
+    Unprotected {
+        /// Why (None: never protected).
+        reason: Option<String>,
+    },
+    /// A standby joined and is being synced by pre-copy while the guest runs unprotected.
+    Resyncing {
+        /// Who.
+        peer: String,
+        /// Why the VM was unprotected (still the reason until the sync completes).
+        reason: Option<String>,
+        /// How far.
+        step: ResyncStep,
+    },
+    /// The pre-copy is done and the epoch that completes the sync is in flight.
+    Completing {
+        /// The new standby.
+        peer: String,
+        /// The completing epoch.
+        epoch: u64,
+        /// The guest is stunned until `epoch` is acknowledged.
+        throttled: bool,
+    },
+    /// A standby protects the VM; output waits for the acknowledgement of its epoch.
+    Protected {
+        /// The epoch sent and not yet acknowledged (one deep).
+        in_flight: Option<u64>,
+        /// The guest is stunned until `in_flight` is acknowledged (never without one).
+        throttled: bool,
+    },
+    /// The guest finished: the epochs in flight and one last one are acknowledged, then goodbye.
+    Finishing {
+        /// The epoch in flight (there always is one).
+        epoch: u64,
+        /// `epoch` is the last one.
+        last: bool,
+        /// The guest is stunned until `epoch` is acknowledged.
+        throttled: bool,
+        /// `epoch` completes the sync of this new standby.
+        completing: Option<String>,
+    },
+    /// The standby was lost; the arbiter is asked for the next generation. Output stays held.
+    Claiming {
+        /// The generation claimed.
+        generation: u64,
+        /// Why the standby was lost.
+        reason: String,
+        /// The epoch that was in flight.
+        in_flight: Option<u64>,
+        /// The guest was stunned.
+        throttled: bool,
+    },
+    /// Another VM is primary: the guest is stopped and nothing more is released.
+    Fenced {
+        /// Why.
+        why: FenceReason,
+    },
+    /// The guest finished and the standby was told goodbye.
+    Done,
+}
+
+/// Steps of a re-sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResyncStep {
+    /// The pre-copy rounds run on their thread.
+    PreCopy,
+    /// The rounds are done; the arbiter is asked before output drained so far is released.
+    Releasing,
+    /// The link to the new standby is being started.
+    Linking,
+}
+
+/// Why a primary fenced itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FenceReason {
+    /// It lost its standby and then the claim of `generation`.
+    LostClaim {
+        /// Why the standby was lost.
+        reason: String,
+        /// The generation another VM claimed first.
+        generation: u64,
+    },
+    /// The arbiter says `generation` (this VM's) is no longer the newest.
+    NotNewest {
+        /// This VM's generation.
+        generation: u64,
+    },
+}
+
+/// Why a joining standby is turned away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A standby protects the VM already.
+    AlreadyProtected,
+    /// Another standby is being synced.
+    Syncing,
+    /// The guest has finished.
+    Finished,
+    /// This VM is fenced.
+    Fenced,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refusal::AlreadyProtected => "this VM is already protected",
+            Refusal::Syncing => "another standby is being synced",
+            Refusal::Finished => "the guest has finished",
+            Refusal::Fenced => "this VM is fenced",
+        })
+    }
+}
+
+/// What the guest is doing (the facts a tick depends on).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Guest {
+    /// Paused (by the user, or still paused at boot).
+    pub paused: bool,
+    /// Every vCPU is done.
+    pub finished: bool,
+}
+
+/// An arbiter's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The claimed generation is ours.
+    Won,
+    /// Another VM claimed it first.
+    Lost,
+    /// Whether our generation is still the newest.
+    Still {
+        /// It is.
+        newest: bool,
+    },
+}
+
+/// What happens to the primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A standby's link is up at start: protect the VM with a full sync.
+    Connected,
+    /// The epoch timer fired.
+    Tick {
+        /// The guest's state.
+        guest: Guest,
+    },
+    /// The standby committed `epoch`.
+    Ack {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The standby refused `epoch` (the link sends it again; too many refusals end the link).
+    Nack {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The link to the standby is gone.
+    LinkLost {
+        /// Why.
+        reason: String,
+    },
+    /// A standby joined (or was found by redialling).
+    Joined {
+        /// Who.
+        peer: String,
+        /// Every vCPU is done.
+        guest_finished: bool,
+    },
+    /// The pre-copy rounds to the joiner are done.
+    PreCopyDone {
+        /// Every vCPU is done.
+        guest_finished: bool,
+        /// Drained output waits for release.
+        pending_output: bool,
+    },
+    /// The pre-copy failed (or could not start).
+    PreCopyFailed {
+        /// Why.
+        reason: String,
+    },
+    /// The link to the joiner runs.
+    LinkUp,
+    /// The link to the joiner could not start.
+    LinkFailed {
+        /// Why.
+        reason: String,
+    },
+    /// The vCPUs drained output.
+    OutputDrained {
+        /// Drained output waits for release (only looked at while no standby protects).
+        pending: bool,
+    },
+    /// Every vCPU is done.
+    GuestFinished,
+    /// The arbiter answered a [`Action::Claim`] or [`Action::AskStill`].
+    Arbiter(Answer),
+}
+
+/// What kind of epoch a capture is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureKind {
+    /// Every page and all state: the first sync of a standby.
+    Full,
+    /// The epoch that completes a pre-copy (the pages dirtied during its last round).
+    Completing,
+    /// An ordinary epoch: the dirty pages.
+    Epoch,
+}
+
+/// What the driver does, in order. An action with an answer ([`Action::Claim`],
+/// [`Action::AskStill`], [`Action::StartLink`], and [`Action::StartPreCopy`] when the thread
+/// cannot start) is always the last of its batch; the answer is the next event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Hold drained output (it is released on acknowledgement).
+    HoldOutput,
+    /// Capture epoch `epoch` (stun, copy, unstun) with the held output; arm the epoch timer.
+    Capture {
+        /// The epoch.
+        epoch: u64,
+        /// Full, completing or ordinary.
+        kind: CaptureKind,
+    },
+    /// Hand the captured epoch to the link.
+    Send {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Release the output records of epoch `epoch`.
+    Release {
+        /// The epoch.
+        epoch: u64,
+        /// Because the standby acknowledged it (count it), not because the standby is gone.
+        acked: bool,
+    },
+    /// Release the output drained and held so far.
+    ReleaseHeld,
+    /// Stun the guest until the standby catches up.
+    Stun,
+    /// Let the stunned guest run again.
+    Resume,
+    /// Disarm the epoch timer (until the next capture).
+    StopTimer,
+    /// Claim `generation` at the arbiter; answer [`Answer::Won`] or [`Answer::Lost`].
+    Claim {
+        /// The generation.
+        generation: u64,
+    },
+    /// Ask the arbiter whether `generation` is still the newest; answer [`Answer::Still`].
+    AskStill {
+        /// The generation.
+        generation: u64,
+    },
+    /// Reconnect to the sink as `generation`.
+    ReconnectSink {
+        /// The generation.
+        generation: u64,
+    },
+    /// The standby is gone: drop the link; the VM runs unprotected.
+    DropLink {
+        /// Why.
+        reason: String,
+    },
+    /// Stop the guest and release nothing: another VM is primary. Ends the run.
+    Fence {
+        /// Why.
+        why: FenceReason,
+    },
+    /// Whether the redial thread should look for a standby.
+    WantStandby(bool),
+    /// Start the pre-copy to the joiner; [`Event::PreCopyFailed`] if it cannot start.
+    StartPreCopy {
+        /// Who.
+        peer: String,
+        /// Generation and the epoch that will complete the sync.
+        fence: Fence,
+    },
+    /// Turn the joiner away.
+    Refuse {
+        /// Who.
+        peer: String,
+        /// Why.
+        why: Refusal,
+        /// The primary's generation and next epoch.
+        fence: Fence,
+    },
+    /// Start the link over the pre-copied joiner's channel; answer [`Event::LinkUp`] or
+    /// [`Event::LinkFailed`].
+    StartLink {
+        /// Who.
+        peer: String,
+    },
+    /// The joiner committed the completing epoch: it protects the VM.
+    Reprotected {
+        /// Who.
+        peer: String,
+        /// The completing epoch.
+        epoch: u64,
+    },
+    /// Tell the standby goodbye (the guest finished).
+    Goodbye,
+}
+
+/// The primary's protocol state.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    state: State,
+    generation: u64,
+    next_epoch: u64,
+    last_ack: u64,
+    arbiter: bool,
+}
+
+impl Machine {
+    /// An unprotected primary of `generation`; `arbiter`: role changes are arbitrated.
+    pub fn new(generation: u64, arbiter: bool) -> Self {
+        Machine {
+            state: State::Unprotected { reason: None },
+            generation,
+            next_epoch: 1,
+            last_ack: 0,
+            arbiter,
+        }
+    }
+
+    /// Whether role changes are arbitrated.
+    pub fn set_arbiter(&mut self, on: bool) {
+        self.arbiter = on;
+    }
+
+    /// The state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The next epoch to capture.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    /// The last epoch acknowledged.
+    pub fn last_ack(&self) -> u64 {
+        self.last_ack
+    }
+
+    /// Whether a standby protects the VM.
+    pub fn protected(&self) -> bool {
+        matches!(
+            self.state,
+            State::Protected { .. }
+                | State::Completing { .. }
+                | State::Finishing { .. }
+                | State::Claiming { .. }
+        )
+    }
+
+    /// Why the VM is unprotected (None while protected, or never protected).
+    pub fn unprotected_because(&self) -> Option<&str> {
+        match &self.state {
+            State::Unprotected { reason } | State::Resyncing { reason, .. } => reason.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The epoch sent and not acknowledged.
+    pub fn in_flight(&self) -> Option<u64> {
+        match &self.state {
+            State::Protected { in_flight, .. } | State::Claiming { in_flight, .. } => *in_flight,
+            State::Completing { epoch, .. } | State::Finishing { epoch, .. } => Some(*epoch),
+            _ => None,
+        }
+    }
+
+    /// The joiner being pre-copied.
+    pub fn resyncing(&self) -> Option<&str> {
+        match &self.state {
+            State::Resyncing { peer, .. } => Some(peer),
+            _ => None,
+        }
+    }
+
+    /// The joiner and the epoch that completes its sync, while in flight.
+    pub fn completing(&self) -> Option<(&str, u64)> {
+        match &self.state {
+            State::Completing { peer, epoch, .. } => Some((peer, *epoch)),
+            State::Finishing {
+                completing: Some(peer),
+                epoch,
+                ..
+            } => Some((peer, *epoch)),
+            _ => None,
+        }
+    }
+
+    /// Whether drained output goes out at once (no standby would acknowledge it).
+    pub fn releases_at_once(&self) -> bool {
+        matches!(
+            self.state,
+            State::Unprotected { .. } | State::Resyncing { .. } | State::Done
+        )
+    }
+
+    /// Whether the last epochs are still awaited after the guest finished.
+    pub fn finishing(&self) -> bool {
+        matches!(self.state, State::Finishing { .. })
+    }
+
+    /// Whether the VM fenced itself.
+    pub fn fenced(&self) -> bool {
+        matches!(self.state, State::Fenced { .. })
+    }
+
+    fn fence_at(&self, epoch: u64) -> Fence {
+        Fence {
+            generation: Generation(self.generation),
+            epoch: Epoch(epoch),
+        }
+    }
+
+    fn capture(&mut self, kind: CaptureKind, acts: &mut Vec<Action>) -> u64 {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        acts.push(Action::Capture { epoch, kind });
+        acts.push(Action::Send { epoch });
+        epoch
+    }
+
+    /// The standby is gone (and, with an arbiter, the next generation is ours).
+    fn unprotect(
+        &mut self,
+        reason: String,
+        in_flight: Option<u64>,
+        throttled: bool,
+        acts: &mut Vec<Action>,
+    ) -> State {
+        acts.push(Action::DropLink {
+            reason: reason.clone(),
+        });
+        acts.push(Action::WantStandby(true));
+        acts.push(Action::StopTimer);
+        if let Some(epoch) = in_flight {
+            acts.push(Action::Release {
+                epoch,
+                acked: false,
+            });
+        }
+        acts.push(Action::ReleaseHeld);
+        if throttled {
+            acts.push(Action::Resume);
+        }
+        State::Unprotected {
+            reason: Some(reason),
+        }
+    }
+
+    /// The standby is gone: claim the next generation first, if arbitrated.
+    fn lost(
+        &mut self,
+        reason: String,
+        in_flight: Option<u64>,
+        throttled: bool,
+        acts: &mut Vec<Action>,
+    ) -> State {
+        if self.arbiter {
+            let generation = self.generation + 1;
+            acts.push(Action::Claim { generation });
+            State::Claiming {
+                generation,
+                reason,
+                in_flight,
+                throttled,
+            }
+        } else {
+            self.unprotect(reason, in_flight, throttled, acts)
+        }
+    }
+
+    /// Epoch `epoch` was acknowledged while `throttled`: capture the next one, then let the
+    /// guest go.
+    fn acked(&mut self, epoch: u64, throttled: bool, acts: &mut Vec<Action>) -> Option<u64> {
+        self.last_ack = epoch;
+        acts.push(Action::Release { epoch, acked: true });
+        throttled.then(|| {
+            let e = self.capture(CaptureKind::Epoch, acts);
+            acts.push(Action::Resume);
+            e
+        })
+    }
+
+    /// Handles `ev`; returns what to do, in order.
+    pub fn on(&mut self, ev: Event) -> Vec<Action> {
+        let state = std::mem::replace(&mut self.state, State::Done);
+        let mut acts = Vec::new();
+        let next = self.step(state, ev, &mut acts);
+        self.state = next;
+        acts
+    }
+
+    fn step(&mut self, state: State, ev: Event, acts: &mut Vec<Action>) -> State {
+        use State as S;
+        match (state, ev) {
+            (S::Fenced { why }, ev) => {
+                log::debug!("fenced: ignoring {ev:?}");
+                S::Fenced { why }
+            }
+
+            // Protection at start.
+            (S::Unprotected { .. }, Event::Connected) => {
+                acts.push(Action::HoldOutput);
+                let epoch = self.next_epoch;
+                self.next_epoch += 1;
+                acts.push(Action::Capture {
+                    epoch,
+                    kind: CaptureKind::Full,
+                });
+                acts.push(Action::WantStandby(false));
+                acts.push(Action::Send { epoch });
+                S::Protected {
+                    in_flight: Some(epoch),
+                    throttled: false,
+                }
+            }
+
+            // The epoch timer.
+            (
+                S::Protected {
+                    in_flight: None, ..
+                },
+                Event::Tick { guest },
+            ) if !guest.finished => {
+                let e = self.capture(CaptureKind::Epoch, acts);
+                S::Protected {
+                    in_flight: Some(e),
+                    throttled: false,
+                }
+            }
+            (
+                S::Protected {
+                    in_flight: Some(e),
+                    throttled: false,
+                },
+                Event::Tick { guest },
+            ) if !guest.finished && !guest.paused => {
+                // The standby is behind: stop the guest until it catches up.
+                acts.push(Action::Stun);
+                acts.push(Action::StopTimer);
+                S::Protected {
+                    in_flight: Some(e),
+                    throttled: true,
+                }
+            }
+            (
+                S::Completing {
+                    peer,
+                    epoch,
+                    throttled: false,
+                },
+                Event::Tick { guest },
+            ) if !guest.finished && !guest.paused => {
+                acts.push(Action::Stun);
+                acts.push(Action::StopTimer);
+                S::Completing {
+                    peer,
+                    epoch,
+                    throttled: true,
+                }
+            }
+            (s, Event::Tick { .. }) => {
+                acts.push(Action::StopTimer);
+                s
+            }
+
+            // Acknowledgements.
+            (
+                S::Protected {
+                    in_flight: Some(e),
+                    throttled,
+                },
+                Event::Ack { epoch },
+            ) if e == epoch => S::Protected {
+                in_flight: self.acked(epoch, throttled, acts),
+                throttled: false,
+            },
+            (
+                S::Completing {
+                    peer,
+                    epoch: e,
+                    throttled,
+                },
+                Event::Ack { epoch },
+            ) if e == epoch => {
+                self.last_ack = epoch;
+                acts.push(Action::Release { epoch, acked: true });
+                acts.push(Action::Reprotected { peer, epoch });
+                let in_flight = throttled.then(|| {
+                    let e = self.capture(CaptureKind::Epoch, acts);
+                    acts.push(Action::Resume);
+                    e
+                });
+                S::Protected {
+                    in_flight,
+                    throttled: false,
+                }
+            }
+            (
+                S::Finishing {
+                    epoch: e,
+                    last,
+                    throttled,
+                    completing,
+                },
+                Event::Ack { epoch },
+            ) if e == epoch => {
+                self.last_ack = epoch;
+                acts.push(Action::Release { epoch, acked: true });
+                if let Some(peer) = completing {
+                    acts.push(Action::Reprotected { peer, epoch });
+                }
+                if throttled {
+                    let e = self.capture(CaptureKind::Epoch, acts);
+                    acts.push(Action::Resume);
+                    S::Finishing {
+                        epoch: e,
+                        last,
+                        throttled: false,
+                        completing: None,
+                    }
+                } else if last {
+                    acts.push(Action::Goodbye);
+                    S::Done
+                } else {
+                    let e = self.capture(CaptureKind::Epoch, acts);
+                    S::Finishing {
+                        epoch: e,
+                        last: true,
+                        throttled: false,
+                        completing: None,
+                    }
+                }
+            }
+            (s, Event::Ack { epoch }) => {
+                log::warn!("acknowledgement of epoch {epoch}, which is not in flight");
+                s
+            }
+            (s, Event::Nack { epoch }) => {
+                // The link sends the epoch again; a stale or fourth refusal arrives as LinkLost.
+                log::debug!("standby refused epoch {epoch}; the link sends it again");
+                s
+            }
+
+            // Losing the standby.
+            (
+                S::Protected {
+                    in_flight,
+                    throttled,
+                },
+                Event::LinkLost { reason },
+            ) => self.lost(reason, in_flight, throttled, acts),
+            (
+                S::Completing {
+                    epoch, throttled, ..
+                }
+                | S::Finishing {
+                    epoch, throttled, ..
+                },
+                Event::LinkLost { reason },
+            ) => self.lost(reason, Some(epoch), throttled, acts),
+            (
+                S::Claiming {
+                    generation,
+                    reason,
+                    in_flight,
+                    throttled,
+                },
+                Event::Arbiter(Answer::Won),
+            ) => {
+                self.generation = generation;
+                acts.push(Action::ReconnectSink { generation });
+                self.unprotect(reason, in_flight, throttled, acts)
+            }
+            (
+                S::Claiming {
+                    generation, reason, ..
+                },
+                Event::Arbiter(Answer::Lost),
+            ) => {
+                let why = FenceReason::LostClaim { reason, generation };
+                acts.push(Action::Fence { why: why.clone() });
+                S::Fenced { why }
+            }
+            (s, Event::LinkLost { reason }) => {
+                log::debug!("link lost ({reason}) with no link in {s:?}");
+                s
+            }
+
+            // Joiners.
+            (
+                s @ (S::Protected { .. }
+                | S::Completing { .. }
+                | S::Finishing { .. }
+                | S::Claiming { .. }),
+                Event::Joined { peer, .. },
+            ) => {
+                self.refuse(peer, Refusal::AlreadyProtected, acts);
+                s
+            }
+            (s @ S::Resyncing { .. }, Event::Joined { peer, .. }) => {
+                self.refuse(peer, Refusal::Syncing, acts);
+                s
+            }
+            (
+                S::Unprotected { reason },
+                Event::Joined {
+                    peer,
+                    guest_finished: false,
+                },
+            ) => {
+                acts.push(Action::WantStandby(false));
+                acts.push(Action::StartPreCopy {
+                    peer: peer.clone(),
+                    fence: self.fence_at(self.next_epoch),
+                });
+                S::Resyncing {
+                    peer,
+                    reason,
+                    step: ResyncStep::PreCopy,
+                }
+            }
+            (s, Event::Joined { peer, .. }) => {
+                self.refuse(peer, Refusal::Finished, acts);
+                s
+            }
+
+            // Re-protection.
+            (
+                S::Resyncing {
+                    step: ResyncStep::PreCopy,
+                    reason,
+                    ..
+                },
+                Event::PreCopyFailed { .. },
+            ) => {
+                acts.push(Action::WantStandby(true));
+                S::Unprotected { reason }
+            }
+            (
+                S::Resyncing {
+                    step: ResyncStep::PreCopy,
+                    reason,
+                    ..
+                },
+                Event::PreCopyDone {
+                    guest_finished: true,
+                    ..
+                },
+            ) => S::Unprotected { reason },
+            (
+                S::Resyncing {
+                    peer,
+                    reason,
+                    step: ResyncStep::PreCopy,
+                },
+                Event::PreCopyDone { pending_output, .. },
+            ) => {
+                // Output drained so far belongs to the unprotected past: release it; from the
+                // completing epoch on, output waits for the standby again.
+                let step = if pending_output && self.arbiter {
+                    acts.push(Action::AskStill {
+                        generation: self.generation,
+                    });
+                    ResyncStep::Releasing
+                } else {
+                    if pending_output {
+                        acts.push(Action::ReleaseHeld);
+                    }
+                    acts.push(Action::StartLink { peer: peer.clone() });
+                    ResyncStep::Linking
+                };
+                S::Resyncing { peer, reason, step }
+            }
+            (
+                S::Resyncing {
+                    peer,
+                    reason,
+                    step: ResyncStep::Releasing,
+                },
+                Event::Arbiter(Answer::Still { newest: true }),
+            ) => {
+                acts.push(Action::ReleaseHeld);
+                acts.push(Action::StartLink { peer: peer.clone() });
+                S::Resyncing {
+                    peer,
+                    reason,
+                    step: ResyncStep::Linking,
+                }
+            }
+            (
+                S::Resyncing {
+                    step: ResyncStep::Linking,
+                    reason,
+                    ..
+                },
+                Event::LinkFailed { .. },
+            ) => {
+                acts.push(Action::WantStandby(true));
+                S::Unprotected { reason }
+            }
+            (
+                S::Resyncing {
+                    peer,
+                    step: ResyncStep::Linking,
+                    ..
+                },
+                Event::LinkUp,
+            ) => {
+                let epoch = self.capture(CaptureKind::Completing, acts);
+                S::Completing {
+                    peer,
+                    epoch,
+                    throttled: false,
+                }
+            }
+
+            // Output while no standby protects: released at once, if the arbiter agrees.
+            (s, Event::OutputDrained { pending: true })
+                if matches!(
+                    s,
+                    S::Unprotected { .. }
+                        | S::Done
+                        | S::Resyncing {
+                            step: ResyncStep::PreCopy,
+                            ..
+                        }
+                ) =>
+            {
+                if self.arbiter {
+                    acts.push(Action::AskStill {
+                        generation: self.generation,
+                    });
+                } else {
+                    acts.push(Action::ReleaseHeld);
+                }
+                s
+            }
+            (
+                s @ (S::Unprotected { .. }
+                | S::Done
+                | S::Resyncing {
+                    step: ResyncStep::PreCopy,
+                    ..
+                }),
+                Event::Arbiter(Answer::Still { newest: true }),
+            ) => {
+                acts.push(Action::ReleaseHeld);
+                s
+            }
+            (
+                S::Unprotected { .. } | S::Done | S::Resyncing { .. },
+                Event::Arbiter(Answer::Still { newest: false }),
+            ) => {
+                let why = FenceReason::NotNewest {
+                    generation: self.generation,
+                };
+                acts.push(Action::Fence { why: why.clone() });
+                S::Fenced { why }
+            }
+
+            // The guest finished.
+            (
+                S::Protected {
+                    in_flight,
+                    throttled,
+                },
+                Event::GuestFinished,
+            ) => match in_flight {
+                Some(epoch) => S::Finishing {
+                    epoch,
+                    last: false,
+                    throttled,
+                    completing: None,
+                },
+                None => {
+                    let epoch = self.capture(CaptureKind::Epoch, acts);
+                    S::Finishing {
+                        epoch,
+                        last: true,
+                        throttled: false,
+                        completing: None,
+                    }
+                }
+            },
+            (
+                S::Completing {
+                    peer,
+                    epoch,
+                    throttled,
+                },
+                Event::GuestFinished,
+            ) => S::Finishing {
+                epoch,
+                last: false,
+                throttled,
+                completing: Some(peer),
+            },
+
+            (s, ev) => {
+                log::debug!("primary: {ev:?} changes nothing in {s:?}");
+                s
+            }
+        }
+    }
+
+    fn refuse(&self, peer: String, why: Refusal, acts: &mut Vec<Action>) {
+        acts.push(Action::Refuse {
+            peer,
+            why,
+            fence: self.fence_at(self.next_epoch),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUNNING: Guest = Guest {
+        paused: false,
+        finished: false,
+    };
+
+    fn tick() -> Event {
+        Event::Tick { guest: RUNNING }
+    }
+
+    fn ack(epoch: u64) -> Event {
+        Event::Ack { epoch }
+    }
+
+    fn lost() -> Event {
+        Event::LinkLost {
+            reason: "gone".into(),
+        }
+    }
+
+    fn cap(epoch: u64, kind: CaptureKind) -> [Action; 2] {
+        [Action::Capture { epoch, kind }, Action::Send { epoch }]
+    }
+
+    fn fence(g: u64, e: u64) -> Fence {
+        Fence {
+            generation: Generation(g),
+            epoch: Epoch(e),
+        }
+    }
+
+    /// Protected, epoch 1 (the full sync) acknowledged, nothing in flight.
+    fn protected(arbiter: bool) -> Machine {
+        let mut m = Machine::new(1, arbiter);
+        m.on(Event::Connected);
+        m.on(ack(1));
+        assert_eq!(
+            m.state(),
+            &State::Protected {
+                in_flight: None,
+                throttled: false
+            }
+        );
+        m
+    }
+
+    fn with_in_flight(arbiter: bool) -> Machine {
+        let mut m = protected(arbiter);
+        m.on(tick());
+        m
+    }
+
+    fn unprotected(arbiter: bool) -> Machine {
+        let mut m = protected(arbiter);
+        m.on(lost());
+        if arbiter {
+            m.on(Event::Arbiter(Answer::Won));
+        }
+        m
+    }
+
+    fn resyncing(arbiter: bool) -> Machine {
+        let mut m = unprotected(arbiter);
+        m.on(Event::Joined {
+            peer: "b".into(),
+            guest_finished: false,
+        });
+        m
+    }
+
+    fn completing() -> Machine {
+        let mut m = resyncing(false);
+        m.on(Event::PreCopyDone {
+            guest_finished: false,
+            pending_output: false,
+        });
+        m.on(Event::LinkUp);
+        m
+    }
+
+    #[test]
+    fn connected_holds_output_and_sends_a_full_sync() {
+        let mut m = Machine::new(1, false);
+        assert_eq!(
+            m.on(Event::Connected),
+            vec![
+                Action::HoldOutput,
+                Action::Capture {
+                    epoch: 1,
+                    kind: CaptureKind::Full
+                },
+                Action::WantStandby(false),
+                Action::Send { epoch: 1 },
+            ]
+        );
+        assert_eq!(
+            m.state(),
+            &State::Protected {
+                in_flight: Some(1),
+                throttled: false
+            }
+        );
+        assert!(m.protected());
+        assert_eq!(m.unprotected_because(), None);
+    }
+
+    #[test]
+    fn connected_while_protected_changes_nothing() {
+        let mut m = with_in_flight(false);
+        let before = m.state().clone();
+        assert_eq!(m.on(Event::Connected), vec![]);
+        assert_eq!(m.state(), &before);
+    }
+
+    #[test]
+    fn ack_of_the_full_sync_releases_it() {
+        let mut m = Machine::new(1, false);
+        m.on(Event::Connected);
+        assert_eq!(
+            m.on(ack(1)),
+            vec![Action::Release {
+                epoch: 1,
+                acked: true
+            }]
+        );
+        assert_eq!(m.last_ack(), 1);
+        assert_eq!(m.in_flight(), None);
+    }
+
+    #[test]
+    fn tick_with_nothing_in_flight_captures_and_sends() {
+        let mut m = protected(false);
+        assert_eq!(m.on(tick()).as_slice(), cap(2, CaptureKind::Epoch));
+        assert_eq!(m.in_flight(), Some(2));
+        assert_eq!(m.next_epoch(), 3);
+    }
+
+    #[test]
+    fn tick_with_an_epoch_in_flight_stuns_the_guest() {
+        let mut m = with_in_flight(false);
+        assert_eq!(m.on(tick()), vec![Action::Stun, Action::StopTimer]);
+        assert_eq!(
+            m.state(),
+            &State::Protected {
+                in_flight: Some(2),
+                throttled: true
+            }
+        );
+    }
+
+    #[test]
+    fn tick_while_throttled_only_stops_the_timer() {
+        let mut m = with_in_flight(false);
+        m.on(tick());
+        let before = m.state().clone();
+        assert_eq!(m.on(tick()), vec![Action::StopTimer]);
+        assert_eq!(m.state(), &before);
+    }
+
+    #[test]
+    fn tick_while_the_user_paused_the_guest_does_not_throttle() {
+        let mut m = with_in_flight(false);
+        let paused = Guest {
+            paused: true,
+            finished: false,
+        };
+        assert_eq!(m.on(Event::Tick { guest: paused }), vec![Action::StopTimer]);
+        assert_eq!(
+            m.state(),
+            &State::Protected {
+                in_flight: Some(2),
+                throttled: false
+            }
+        );
+    }
+
+    #[test]
+    fn tick_after_the_guest_finished_captures_nothing() {
+        let mut m = protected(false);
+        let done = Guest {
+            paused: false,
+            finished: true,
+        };
+        assert_eq!(m.on(Event::Tick { guest: done }), vec![Action::StopTimer]);
+        assert_eq!(m.in_flight(), None);
+    }
+
+    #[test]
+    fn tick_while_unprotected_only_stops_the_timer() {
+        let mut m = unprotected(false);
+        assert_eq!(m.on(tick()), vec![Action::StopTimer]);
+        assert!(!m.protected());
+    }
+
+    #[test]
+    fn ack_releases_the_epoch_in_flight() {
+        let mut m = with_in_flight(false);
+        assert_eq!(
+            m.on(ack(2)),
+            vec![Action::Release {
+                epoch: 2,
+                acked: true
+            }]
+        );
+        assert_eq!(m.last_ack(), 2);
+        assert_eq!(m.in_flight(), None);
+    }
+
+    #[test]
+    fn ack_while_throttled_captures_the_next_epoch_then_resumes() {
+        let mut m = with_in_flight(false);
+        m.on(tick());
+        let mut want = vec![Action::Release {
+            epoch: 2,
+            acked: true,
+        }];
+        want.extend(cap(3, CaptureKind::Epoch));
+        want.push(Action::Resume);
+        assert_eq!(m.on(ack(2)), want);
+        assert_eq!(
+            m.state(),
+            &State::Protected {
+                in_flight: Some(3),
+                throttled: false
+            }
+        );
+    }
+
+    #[test]
+    fn ack_of_an_epoch_not_in_flight_is_ignored() {
+        let mut m = with_in_flight(false);
+        assert_eq!(m.on(ack(7)), vec![]);
+        assert_eq!(m.in_flight(), Some(2));
+        assert_eq!(m.last_ack(), 1);
+        let mut m = protected(false);
+        assert_eq!(m.on(ack(1)), vec![]);
+        let mut m = unprotected(false);
+        assert_eq!(m.on(ack(2)), vec![]);
+    }
+
+    #[test]
+    fn nack_changes_nothing() {
+        let mut m = with_in_flight(false);
+        let before = m.state().clone();
+        assert_eq!(m.on(Event::Nack { epoch: 2 }), vec![]);
+        assert_eq!(m.state(), &before);
+    }
+
+    #[test]
+    fn loss_without_arbiter_releases_what_was_held() {
+        let mut m = with_in_flight(false);
+        m.on(tick()); // throttled
+        assert_eq!(
+            m.on(lost()),
+            vec![
+                Action::DropLink {
+                    reason: "gone".into()
+                },
+                Action::WantStandby(true),
+                Action::StopTimer,
+                Action::Release {
+                    epoch: 2,
+                    acked: false
+                },
+                Action::ReleaseHeld,
+                Action::Resume,
+            ]
+        );
+        assert_eq!(
+            m.state(),
+            &State::Unprotected {
+                reason: Some("gone".into())
+            }
+        );
+        assert_eq!(m.unprotected_because(), Some("gone"));
+        assert_eq!(m.generation(), 1);
+    }
+
+    #[test]
+    fn loss_with_arbiter_claims_the_next_generation_first() {
+        let mut m = with_in_flight(true);
+        assert_eq!(m.on(lost()), vec![Action::Claim { generation: 2 }]);
+        assert!(matches!(m.state(), State::Claiming { generation: 2, .. }));
+        assert_eq!(m.generation(), 1);
+    }
+
+    #[test]
+    fn claim_won_reconnects_the_sink_and_runs_unprotected() {
+        let mut m = with_in_flight(true);
+        m.on(lost());
+        assert_eq!(
+            m.on(Event::Arbiter(Answer::Won)),
+            vec![
+                Action::ReconnectSink { generation: 2 },
+                Action::DropLink {
+                    reason: "gone".into()
+                },
+                Action::WantStandby(true),
+                Action::StopTimer,
+                Action::Release {
+                    epoch: 2,
+                    acked: false
+                },
+                Action::ReleaseHeld,
+            ]
+        );
+        assert_eq!(m.generation(), 2);
+        assert!(m.releases_at_once());
+    }
+
+    #[test]
+    fn claim_lost_fences() {
+        let mut m = with_in_flight(true);
+        m.on(lost());
+        let why = FenceReason::LostClaim {
+            reason: "gone".into(),
+            generation: 2,
+        };
+        assert_eq!(
+            m.on(Event::Arbiter(Answer::Lost)),
+            vec![Action::Fence { why: why.clone() }]
+        );
+        assert_eq!(m.state(), &State::Fenced { why });
+        assert_eq!(m.generation(), 1);
+    }
+
+    #[test]
+    fn fenced_does_nothing_more() {
+        let mut m = with_in_flight(true);
+        m.on(lost());
+        m.on(Event::Arbiter(Answer::Lost));
+        for ev in [
+            tick(),
+            ack(2),
+            Event::OutputDrained { pending: true },
+            Event::GuestFinished,
+            Event::Arbiter(Answer::Won),
+        ] {
+            assert_eq!(m.on(ev), vec![]);
+            assert!(m.fenced());
+        }
+        assert!(!m.releases_at_once());
+    }
+
+    #[test]
+    fn loss_while_unprotected_is_ignored() {
+        let mut m = unprotected(false);
+        assert_eq!(m.on(lost()), vec![]);
+    }
+
+    #[test]
+    fn output_while_protected_waits_for_the_ack() {
+        let mut m = with_in_flight(true);
+        assert_eq!(m.on(Event::OutputDrained { pending: true }), vec![]);
+        assert!(!m.releases_at_once());
+    }
+
+    #[test]
+    fn output_while_unprotected_is_released_at_once() {
+        let mut m = unprotected(false);
+        assert_eq!(
+            m.on(Event::OutputDrained { pending: true }),
+            vec![Action::ReleaseHeld]
+        );
+        assert_eq!(m.on(Event::OutputDrained { pending: false }), vec![]);
+    }
+
+    #[test]
+    fn output_while_unprotected_asks_the_arbiter_first() {
+        let mut m = unprotected(true);
+        assert_eq!(
+            m.on(Event::OutputDrained { pending: true }),
+            vec![Action::AskStill { generation: 2 }]
+        );
+        assert_eq!(
+            m.on(Event::Arbiter(Answer::Still { newest: true })),
+            vec![Action::ReleaseHeld]
+        );
+        assert!(matches!(m.state(), State::Unprotected { .. }));
+    }
+
+    #[test]
+    fn arbiter_says_no_longer_newest_fences() {
+        let mut m = unprotected(true);
+        m.on(Event::OutputDrained { pending: true });
+        let why = FenceReason::NotNewest { generation: 2 };
+        assert_eq!(
+            m.on(Event::Arbiter(Answer::Still { newest: false })),
+            vec![Action::Fence { why: why.clone() }]
+        );
+        assert_eq!(m.state(), &State::Fenced { why });
+    }
+
+    #[test]
+    fn joiner_while_protected_is_refused() {
+        let mut m = with_in_flight(false);
+        assert_eq!(
+            m.on(Event::Joined {
+                peer: "b".into(),
+                guest_finished: false
+            }),
+            vec![Action::Refuse {
+                peer: "b".into(),
+                why: Refusal::AlreadyProtected,
+                fence: fence(1, 3),
+            }]
+        );
+        assert!(matches!(m.state(), State::Protected { .. }));
+    }
+
+    #[test]
+    fn joiner_while_unprotected_starts_a_pre_copy() {
+        let mut m = unprotected(false);
+        assert_eq!(
+            m.on(Event::Joined {
+                peer: "b".into(),
+                guest_finished: false
+            }),
+            vec![
+                Action::WantStandby(false),
+                Action::StartPreCopy {
+                    peer: "b".into(),
+                    fence: fence(1, 2)
+                },
+            ]
+        );
+        assert_eq!(m.resyncing(), Some("b"));
+        // Still unprotected, for the same reason.
+        assert!(!m.protected());
+        assert_eq!(m.unprotected_because(), Some("gone"));
+    }
+
+    #[test]
+    fn joiner_after_the_guest_finished_is_refused() {
+        let mut m = unprotected(false);
+        let acts = m.on(Event::Joined {
+            peer: "b".into(),
+            guest_finished: true,
+        });
+        assert!(matches!(
+            acts.as_slice(),
+            [Action::Refuse {
+                why: Refusal::Finished,
+                ..
+            }]
+        ));
+        assert!(matches!(m.state(), State::Unprotected { .. }));
+    }
+
+    #[test]
+    fn second_joiner_while_resyncing_is_refused() {
+        let mut m = resyncing(false);
+        let acts = m.on(Event::Joined {
+            peer: "c".into(),
+            guest_finished: false,
+        });
+        assert!(matches!(
+            acts.as_slice(),
+            [Action::Refuse {
+                why: Refusal::Syncing,
+                ..
+            }]
+        ));
+        assert_eq!(m.resyncing(), Some("b"));
+    }
+
+    #[test]
+    fn pre_copy_failure_goes_back_to_unprotected() {
+        let mut m = resyncing(false);
+        assert_eq!(
+            m.on(Event::PreCopyFailed {
+                reason: "eof".into()
+            }),
+            vec![Action::WantStandby(true)]
+        );
+        assert_eq!(
+            m.state(),
+            &State::Unprotected {
+                reason: Some("gone".into())
+            }
+        );
+    }
+
+    #[test]
+    fn pre_copy_done_after_the_guest_finished_links_nothing() {
+        let mut m = resyncing(false);
+        assert_eq!(
+            m.on(Event::PreCopyDone {
+                guest_finished: true,
+                pending_output: true
+            }),
+            vec![]
+        );
+        assert!(matches!(m.state(), State::Unprotected { .. }));
+    }
+
+    #[test]
+    fn pre_copy_done_releases_output_then_starts_the_link() {
+        let mut m = resyncing(false);
+        assert_eq!(
+            m.on(Event::PreCopyDone {
+                guest_finished: false,
+                pending_output: true
+            }),
+            vec![Action::ReleaseHeld, Action::StartLink { peer: "b".into() }]
+        );
+        let mut m = resyncing(false);
+        assert_eq!(
+            m.on(Event::PreCopyDone {
+                guest_finished: false,
+                pending_output: false
+            }),
+            vec![Action::StartLink { peer: "b".into() }]
+        );
+    }
+
+    #[test]
+    fn pre_copy_done_with_arbiter_asks_before_releasing() {
+        let mut m = resyncing(true);
+        assert_eq!(
+            m.on(Event::PreCopyDone {
+                guest_finished: false,
+                pending_output: true
+            }),
+            vec![Action::AskStill { generation: 2 }]
+        );
+        assert_eq!(
+            m.on(Event::Arbiter(Answer::Still { newest: true })),
+            vec![Action::ReleaseHeld, Action::StartLink { peer: "b".into() }]
+        );
+        let mut m = resyncing(true);
+        m.on(Event::PreCopyDone {
+            guest_finished: false,
+            pending_output: true,
+        });
+        assert!(matches!(
+            m.on(Event::Arbiter(Answer::Still { newest: false }))
+                .as_slice(),
+            [Action::Fence { .. }]
+        ));
+        assert!(m.fenced());
+    }
+
+    #[test]
+    fn output_during_the_pre_copy_is_released_at_once() {
+        let mut m = resyncing(false);
+        assert_eq!(
+            m.on(Event::OutputDrained { pending: true }),
+            vec![Action::ReleaseHeld]
+        );
+        assert_eq!(m.resyncing(), Some("b"));
+    }
+
+    #[test]
+    fn link_failure_after_the_pre_copy_goes_back_to_unprotected() {
+        let mut m = resyncing(false);
+        m.on(Event::PreCopyDone {
+            guest_finished: false,
+            pending_output: false,
+        });
+        assert_eq!(
+            m.on(Event::LinkFailed {
+                reason: "no".into()
+            }),
+            vec![Action::WantStandby(true)]
+        );
+        assert!(matches!(m.state(), State::Unprotected { .. }));
+    }
+
+    #[test]
+    fn link_up_sends_the_completing_epoch() {
+        let mut m = resyncing(false);
+        m.on(Event::PreCopyDone {
+            guest_finished: false,
+            pending_output: false,
+        });
+        assert_eq!(
+            m.on(Event::LinkUp).as_slice(),
+            cap(2, CaptureKind::Completing)
+        );
+        assert_eq!(
+            m.state(),
+            &State::Completing {
+                peer: "b".into(),
+                epoch: 2,
+                throttled: false
+            }
+        );
+        assert!(m.protected());
+        assert_eq!(m.unprotected_because(), None);
+        assert_eq!(m.completing(), Some(("b", 2)));
+    }
+
+    #[test]
+    fn ack_of_the_completing_epoch_reprotects() {
+        let mut m = completing();
+        assert_eq!(
+            m.on(ack(2)),
+            vec![
+                Action::Release {
+                    epoch: 2,
+                    acked: true
+                },
+                Action::Reprotected {
+                    peer: "b".into(),
+                    epoch: 2
+                },
+            ]
+        );
+        assert_eq!(
+            m.state(),
+            &State::Protected {
+                in_flight: None,
+                throttled: false
+            }
+        );
+    }
+
+    #[test]
+    fn throttled_completing_epoch_ack_captures_and_resumes() {
+        let mut m = completing();
+        assert_eq!(m.on(tick()), vec![Action::Stun, Action::StopTimer]);
+        let acts = m.on(ack(2));
+        assert_eq!(acts.last(), Some(&Action::Resume));
+        assert!(acts.contains(&Action::Capture {
+            epoch: 3,
+            kind: CaptureKind::Epoch
+        }));
+        assert_eq!(m.in_flight(), Some(3));
+    }
+
+    #[test]
+    fn loss_while_completing_a_resync_unprotects() {
+        let mut m = completing();
+        let acts = m.on(lost());
+        assert!(acts.contains(&Action::Release {
+            epoch: 2,
+            acked: false
+        }));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Reprotected { .. })));
+        assert_eq!(
+            m.state(),
+            &State::Unprotected {
+                reason: Some("gone".into())
+            }
+        );
+        assert_eq!(m.completing(), None);
+    }
+
+    #[test]
+    fn loss_while_completing_with_arbiter_claims() {
+        let mut m = resyncing(true);
+        m.on(Event::PreCopyDone {
+            guest_finished: false,
+            pending_output: false,
+        });
+        m.on(Event::LinkUp);
+        assert_eq!(m.on(lost()), vec![Action::Claim { generation: 3 }]);
+    }
+
+    #[test]
+    fn joiner_while_completing_is_refused() {
+        let mut m = completing();
+        assert!(matches!(
+            m.on(Event::Joined {
+                peer: "c".into(),
+                guest_finished: false
+            })
+            .as_slice(),
+            [Action::Refuse {
+                why: Refusal::AlreadyProtected,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn guest_finished_with_nothing_in_flight_sends_the_last_epoch() {
+        let mut m = protected(false);
+        assert_eq!(
+            m.on(Event::GuestFinished).as_slice(),
+            cap(2, CaptureKind::Epoch)
+        );
+        assert!(m.finishing());
+        assert_eq!(
+            m.on(ack(2)),
+            vec![
+                Action::Release {
+                    epoch: 2,
+                    acked: true
+                },
+                Action::Goodbye
+            ]
+        );
+        assert_eq!(m.state(), &State::Done);
+        assert!(!m.protected());
+        assert_eq!(m.unprotected_because(), None);
+    }
+
+    #[test]
+    fn guest_finished_with_an_epoch_in_flight_waits_then_sends_one_more() {
+        let mut m = with_in_flight(false);
+        assert_eq!(m.on(Event::GuestFinished), vec![]);
+        let mut want = vec![Action::Release {
+            epoch: 2,
+            acked: true,
+        }];
+        want.extend(cap(3, CaptureKind::Epoch));
+        assert_eq!(m.on(ack(2)), want);
+        assert_eq!(
+            m.on(ack(3)),
+            vec![
+                Action::Release {
+                    epoch: 3,
+                    acked: true
+                },
+                Action::Goodbye
+            ]
+        );
+        assert_eq!(m.state(), &State::Done);
+    }
+
+    #[test]
+    fn guest_finished_while_completing_still_reprotects() {
+        let mut m = completing();
+        m.on(Event::GuestFinished);
+        let acts = m.on(ack(2));
+        assert!(acts.contains(&Action::Reprotected {
+            peer: "b".into(),
+            epoch: 2
+        }));
+        assert!(m.finishing());
+    }
+
+    #[test]
+    fn loss_while_finishing_unprotects() {
+        let mut m = with_in_flight(false);
+        m.on(Event::GuestFinished);
+        m.on(lost());
+        assert!(!m.finishing());
+        assert!(m.releases_at_once());
+    }
+
+    #[test]
+    fn guest_finished_while_unprotected_changes_nothing() {
+        let mut m = unprotected(false);
+        assert_eq!(m.on(Event::GuestFinished), vec![]);
+        assert!(matches!(m.state(), State::Unprotected { .. }));
+    }
+
+    #[test]
+    fn output_after_goodbye_is_released_at_once() {
+        let mut m = protected(false);
+        m.on(Event::GuestFinished);
+        m.on(ack(2));
+        assert_eq!(
+            m.on(Event::OutputDrained { pending: true }),
+            vec![Action::ReleaseHeld]
+        );
+    }
+
+    #[test]
+    fn stray_events_change_nothing() {
+        let mut m = with_in_flight(false);
+        let before = m.state().clone();
+        for ev in [
+            Event::LinkUp,
+            Event::LinkFailed { reason: "x".into() },
+            Event::PreCopyFailed { reason: "x".into() },
+            Event::PreCopyDone {
+                guest_finished: false,
+                pending_output: false,
+            },
+            Event::Arbiter(Answer::Won),
+            Event::Arbiter(Answer::Still { newest: false }),
+        ] {
+            assert_eq!(m.on(ev), vec![]);
+            assert_eq!(m.state(), &before);
+        }
+    }
+}

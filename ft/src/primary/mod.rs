@@ -1,0 +1,900 @@
+//! The primary's side inside the vmx run loop: [`Protector`], the thin driver of the pure
+//! protocol [`machine`].
+//!
+//! ```text
+//!   vmx run loop ──(link event, aux, tick, output drained, finish)──▶ Protector
+//!                                                                       │ Event
+//!                                                                       ▼
+//!                                                                  Machine::on
+//!                                                                       │ Vec<Action>
+//!                                                                       ▼
+//!   Vmx (capture, stun, hold/release) ◀── execute ──▶ Link, SinkClient, Arbiter, pre-copy
+//!                                          │
+//!                                          └── answers (claim won/lost, still newest, link
+//!                                              up/failed, pre-copy could not start) are fed
+//!                                              back to the machine as the next event
+//! ```
+//!
+//! The machine owns every protocol decision (which epoch, when to stun, what to release, when
+//! to fence); the driver owns the resources and the bookkeeping the decisions need: the
+//! captured epoch and its records, timers, counters, the joiner's channel, the status.
+
+pub mod machine;
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{never, unbounded, Receiver, Sender};
+use guest_abi::Record;
+use serde_json::Value;
+use transport::{Channel, Intent, Message, Psk};
+
+use ::sink::SinkClient;
+use vmx::machine::{Captured, Vmx};
+
+use crate::arbiter::Arbiter;
+use crate::link::{self, Link, LinkEvent, SendStats};
+use crate::status::{
+    BytesSent, Counters, FtStatus, LastSync, PauseMs, PrimaryCounters, Role, SyncStatus,
+};
+use crate::{percentile, precopy, unix_ms, Error, Result};
+use machine::{Action, Answer, CaptureKind, Event, FenceReason, Guest, Machine};
+
+/// Pauses kept for the percentiles.
+const PAUSE_WINDOW: usize = 8192;
+
+/// Counters of a protected VM (FTM's names where it has them).
+#[derive(Clone, Debug, Default)]
+pub struct FtStats {
+    /// Full syncs sent.
+    pub full_syncs: u64,
+    /// Page ranges sent as XOR deltas.
+    pub xor_ranges: u64,
+    /// Bytes in the XOR-delta cache.
+    pub xor_cache_bytes: u64,
+    /// Epochs acknowledged.
+    pub epochs: u64,
+    /// Dirty bytes captured by epochs (full syncs not counted).
+    pub mem_bytes: u64,
+    /// Bytes captured by full syncs.
+    pub full_sync_bytes: u64,
+    /// Page bytes on the wire.
+    pub page_wire_bytes: u64,
+    /// State bytes sent.
+    pub state_bytes: u64,
+    /// Held-output bytes sent to the standby.
+    pub record_bytes: u64,
+    /// NACKs received.
+    pub nacks: u64,
+    /// Times the guest was stunned to wait for the standby.
+    pub throttles: u64,
+    /// Time the guest spent stunned waiting for the standby.
+    pub throttled: Duration,
+    /// Epoch pauses, ms (the last 8,192).
+    pub pauses_ms: Vec<f64>,
+    /// Of each pause, the monitor's SAVE step (dirty log, page copies, vCPU state), ms.
+    pub save_steps_ms: Vec<f64>,
+    /// Capture → acknowledgement of the last epoch.
+    pub lag: Duration,
+    /// Records released to the outside.
+    pub released: u64,
+    /// Times a joined standby completed its full sync.
+    pub reprotections: u64,
+}
+
+/// Joins and syncs of new standbys, for the run loop (see [`Protector::on_aux`]).
+pub enum Aux {
+    /// A standby is ready for a full sync over `chan`.
+    Joined {
+        /// The authenticated channel.
+        chan: Box<Channel<TcpStream>>,
+        /// Who.
+        peer: String,
+    },
+    /// The pre-copy to `peer` ended.
+    PreCopied {
+        /// The channel back and what it did, or why it failed.
+        result: std::result::Result<(Box<Channel<TcpStream>>, precopy::PreCopyReport), String>,
+        /// Who.
+        peer: String,
+    },
+}
+
+/// What the driver remembers of the re-sync the machine runs.
+struct Resync {
+    started: Instant,
+    report: Option<precopy::PreCopyReport>,
+    completing_pages: u64,
+}
+
+/// The records and capture time of the epoch in flight.
+struct InFlight {
+    epoch: u64,
+    records: Vec<Vec<Record>>,
+    captured: Instant,
+}
+
+/// The primary's replication inside the vmx run loop: executes what its [`Machine`] decides.
+pub struct Protector {
+    machine: Machine,
+    interval: Duration,
+    link: Option<Link>,
+    events: Receiver<LinkEvent>,
+    sink: Option<SinkClient>,
+    arbiter: Option<Arc<dyn Arbiter>>,
+    sink_addr: Option<String>,
+    aux_tx: Sender<Aux>,
+    aux_rx: Receiver<Aux>,
+    /// The epoch captured and not yet handed to the link.
+    captured: Option<Captured>,
+    in_flight: Option<InFlight>,
+    /// The cost of the epoch being acknowledged.
+    ack_stats: Option<SendStats>,
+    next_tick: Option<Instant>,
+    throttled_since: Option<Instant>,
+    /// Drained output taken from the VM while the machine decides whether it goes out.
+    drained: Vec<Vec<Record>>,
+    /// A joiner's channel, until it is refused or pre-copied.
+    joiner: Option<Box<Channel<TcpStream>>>,
+    /// The pre-copied joiner's channel, until the link starts over it.
+    precopied: Option<Box<Channel<TcpStream>>>,
+    resync: Option<Resync>,
+    sync_status: Arc<Mutex<Value>>,
+    last_sync: Option<LastSync>,
+    /// Set while a redial thread should look for a standby.
+    want_standby: Arc<AtomicBool>,
+    /// Counters.
+    pub stats: FtStats,
+    /// Extra facts for `status` (e.g. the failover that made this primary).
+    pub notes: Value,
+    /// Faults to inject into every link this primary starts (tests only).
+    pub hooks: link::TestHooks,
+    /// The sink's key, for reconnecting as a new generation (None: a plaintext sink).
+    pub sink_key: Option<transport::Psk>,
+}
+
+impl Protector {
+    /// A primary of `generation` releasing to `sink` (or only to the local text output).
+    /// Without a link it runs unprotected.
+    pub fn new(generation: u64, interval: Duration, sink: Option<SinkClient>) -> Self {
+        let (aux_tx, aux_rx) = unbounded();
+        Protector {
+            machine: Machine::new(generation, false),
+            interval,
+            link: None,
+            events: never(),
+            sink,
+            arbiter: None,
+            sink_addr: None,
+            aux_tx,
+            aux_rx,
+            captured: None,
+            in_flight: None,
+            ack_stats: None,
+            next_tick: None,
+            throttled_since: None,
+            drained: Vec::new(),
+            joiner: None,
+            precopied: None,
+            resync: None,
+            sync_status: Arc::new(Mutex::new(Value::Null)),
+            last_sync: None,
+            want_standby: Arc::new(AtomicBool::new(true)),
+            stats: FtStats::default(),
+            notes: Value::Null,
+            hooks: link::TestHooks::default(),
+            sink_key: None,
+        }
+    }
+
+    /// Arbitrates role changes with `arbiter`; `sink_addr` is where to reconnect as a new
+    /// generation.
+    pub fn with_arbiter(mut self, arbiter: Arc<dyn Arbiter>, sink_addr: Option<String>) -> Self {
+        self.arbiter = Some(arbiter);
+        self.sink_addr = sink_addr;
+        self.machine.set_arbiter(true);
+        self
+    }
+
+    /// Whether a standby protects the VM.
+    pub fn protected(&self) -> bool {
+        self.machine.protected()
+    }
+
+    /// The generation.
+    pub fn generation(&self) -> u64 {
+        self.machine.generation()
+    }
+
+    /// The protocol state.
+    pub fn state(&self) -> &machine::State {
+        self.machine.state()
+    }
+
+    /// Starts protecting over `link`: captures a full sync now (the guest may be paused or
+    /// running) and hands it to the link. Output is held from here on.
+    pub fn protect(&mut self, vmx: &mut Vmx, link: Link) -> Result<()> {
+        self.install(link);
+        self.drive(vmx, Event::Connected)
+    }
+
+    /// Accepts standbys that join (`tandem standby --join`) on `listener`, from now on. A
+    /// joiner is synced only while this VM is unprotected; otherwise it is told why not.
+    pub fn accept_joins(&mut self, listener: TcpListener, psk: Option<Psk>) {
+        let tx = self.aux_tx.clone();
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        log::info!("accepting standbys that join at {addr}");
+        let r = std::thread::Builder::new()
+            .name("join-listener".into())
+            .spawn(move || loop {
+                match crate::accept(&listener, psk.as_ref(), Intent::Join) {
+                    Ok((chan, peer)) => {
+                        if tx
+                            .send(Aux::Joined {
+                                chan: Box::new(chan),
+                                peer,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        log::error!("join listener at {addr}: {e}; no more joins accepted");
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = r {
+            log::error!("cannot start the join listener: {e}");
+        }
+    }
+
+    /// While unprotected, dials the standby address `peer` every
+    /// [`precopy::REDIAL_EVERY`] until a standby there answers, then syncs it.
+    pub fn redial(&mut self, peer: String, psk: Option<Psk>) {
+        let tx = self.aux_tx.clone();
+        let want = self.want_standby.clone();
+        let r = std::thread::Builder::new()
+            .name("redial".into())
+            .spawn(move || {
+                let mut failures = 0u64;
+                loop {
+                    std::thread::sleep(precopy::REDIAL_EVERY);
+                    if !want.load(Ordering::Relaxed) {
+                        failures = 0;
+                        continue;
+                    }
+                    match crate::connect(&peer, psk.as_ref(), Duration::ZERO) {
+                        Ok(chan) => {
+                            want.store(false, Ordering::Relaxed);
+                            let chan = Box::new(chan);
+                            let peer = peer.clone();
+                            if tx.send(Aux::Joined { chan, peer }).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            if failures == 0 {
+                                log::info!("no standby at {peer} yet ({e}); retrying");
+                            }
+                            failures += 1;
+                        }
+                    }
+                }
+            });
+        if let Err(e) = r {
+            log::error!("cannot start redialling the standby: {e}");
+        }
+    }
+
+    /// A join or sync event arrived (see `Replication::aux`).
+    pub fn on_aux(&mut self, a: Aux, vmx: &mut Vmx) -> Result<()> {
+        match a {
+            Aux::Joined { chan, peer } => {
+                self.joiner = Some(chan);
+                let guest_finished = vmx.finished();
+                let r = self.drive(
+                    vmx,
+                    Event::Joined {
+                        peer,
+                        guest_finished,
+                    },
+                );
+                self.joiner = None;
+                r
+            }
+            Aux::PreCopied { result, peer } => {
+                if self.machine.resyncing().is_none() {
+                    return Ok(());
+                }
+                self.set_sync_status(Value::Null);
+                match result {
+                    Err(e) => {
+                        log::error!("re-protection by {peer} failed: {e}; still UNPROTECTED");
+                        self.drive(vmx, Event::PreCopyFailed { reason: e })
+                    }
+                    Ok((chan, report)) => {
+                        self.precopied = Some(chan);
+                        if let Some(rs) = &mut self.resync {
+                            rs.report = Some(report);
+                        }
+                        let guest_finished = vmx.finished();
+                        let pending_output = self.collect_drained(vmx);
+                        let r = self.drive(
+                            vmx,
+                            Event::PreCopyDone {
+                                guest_finished,
+                                pending_output,
+                            },
+                        );
+                        self.precopied = None;
+                        r
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases output inherited from the previous primary (the records of the epochs this
+    /// standby committed last), skipping what the sink already has.
+    pub fn release_inherited(&mut self, vmx: &mut Vmx, records: Vec<Vec<Record>>) -> Result<()> {
+        let mut n = 0;
+        if let Some(s) = &mut self.sink {
+            for (v, r) in records.iter().enumerate() {
+                n += s.release_inherited(v as u32, r)?;
+            }
+            log::info!(
+                "released {n} inherited records the sink had not received (cursor {:?})",
+                s.cursor
+            );
+        } else {
+            vmx.release_local(&records);
+        }
+        self.stats.released += n as u64;
+        Ok(())
+    }
+
+    /// The epoch timer fired.
+    pub fn tick(&mut self, vmx: &mut Vmx) -> Result<()> {
+        let guest = Guest {
+            paused: vmx.is_paused(),
+            finished: vmx.finished(),
+        };
+        self.drive(vmx, Event::Tick { guest })
+    }
+
+    /// A link event arrived.
+    pub fn event(&mut self, ev: LinkEvent, vmx: &mut Vmx) -> Result<()> {
+        match ev {
+            LinkEvent::Acked { epoch, stats } => {
+                self.ack_stats = Some(stats);
+                let r = self.drive(vmx, Event::Ack { epoch });
+                self.ack_stats = None;
+                r
+            }
+            LinkEvent::Nacked { epoch } => self.drive(vmx, Event::Nack { epoch }),
+            LinkEvent::Lost { reason } => self.drive(vmx, Event::LinkLost { reason }),
+        }
+    }
+
+    /// Output was drained: an unprotected VM releases it at once (after the arbiter, if any,
+    /// confirms this VM is still the newest generation).
+    pub fn after_output(&mut self, vmx: &mut Vmx) -> Result<()> {
+        let pending = self.collect_drained(vmx);
+        self.drive(vmx, Event::OutputDrained { pending })
+    }
+
+    /// The guest finished: the last epoch is captured, acknowledged and its output released;
+    /// then the standby is told goodbye.
+    pub fn finish(&mut self, vmx: &mut Vmx) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        self.drive(vmx, Event::GuestFinished)?;
+        while self.machine.finishing() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ev) => self.event(ev, vmx)?,
+                Err(_) => self.drive(
+                    vmx,
+                    Event::LinkLost {
+                        reason: "no acknowledgement of the last epoch".into(),
+                    },
+                )?,
+            }
+        }
+        self.after_output(vmx)
+    }
+
+    /// Takes the drained output while the machine would release it at once; whether any waits.
+    fn collect_drained(&mut self, vmx: &mut Vmx) -> bool {
+        if self.machine.releases_at_once() {
+            let held = vmx.take_held();
+            append(&mut self.drained, held);
+        }
+        self.drained.iter().any(|h| !h.is_empty())
+    }
+
+    /// Feeds `ev` to the machine and executes what it says, feeding answers back.
+    fn drive(&mut self, vmx: &mut Vmx, ev: Event) -> Result<()> {
+        let mut next = Some(ev);
+        while let Some(ev) = next.take() {
+            for a in self.machine.on(ev) {
+                if let Some(answer) = self.execute(vmx, a)? {
+                    next = Some(answer);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn install(&mut self, link: Link) {
+        self.events = link.events();
+        self.link = Some(link);
+    }
+
+    fn link_config(&self, vmx: &Vmx) -> link::LinkConfig {
+        link::LinkConfig {
+            generation: self.machine.generation(),
+            interval: self.interval,
+            mem_bytes: vmx.vm().layout().mem_bytes,
+            vcpus: vmx.vm().vcpu_count(),
+            hooks: self.hooks.clone(),
+            xor_cache_bytes: link::DEFAULT_XOR_CACHE_BYTES,
+        }
+    }
+
+    fn describe_arbiter(&self) -> String {
+        self.arbiter
+            .as_ref()
+            .map_or_else(|| "arbiter".into(), |a| a.describe())
+    }
+
+    /// Does one action; returns the answer for the machine, if it has one.
+    fn execute(&mut self, vmx: &mut Vmx, a: Action) -> Result<Option<Event>> {
+        match a {
+            Action::HoldOutput => vmx.hold_output(true),
+            Action::Capture { epoch, kind } => self.capture(vmx, epoch, kind)?,
+            Action::Send { epoch } => {
+                let ok = match (self.captured.take(), &self.link) {
+                    (Some(cap), Some(link)) if cap.epoch == epoch => link.send(cap),
+                    _ => false,
+                };
+                if !ok {
+                    log::error!("the replication link is gone");
+                }
+            }
+            Action::Release { epoch, acked } => {
+                let Some(f) = self.in_flight.take_if(|f| f.epoch == epoch) else {
+                    log::error!("no records of epoch {epoch} to release");
+                    return Ok(None);
+                };
+                if acked {
+                    self.stats.epochs += 1;
+                    self.stats.lag = f.captured.elapsed();
+                    if let Some(s) = self.ack_stats.take() {
+                        self.stats.page_wire_bytes += s.page_bytes;
+                        self.stats.state_bytes += s.state_bytes;
+                        self.stats.record_bytes += s.record_bytes;
+                        self.stats.nacks += s.nacks as u64;
+                        self.stats.xor_ranges += s.xor_ranges;
+                        self.stats.xor_cache_bytes = s.xor_cache_bytes;
+                    }
+                }
+                self.release(vmx, f.records)?;
+            }
+            Action::ReleaseHeld => {
+                let mut records = std::mem::take(&mut self.drained);
+                append(&mut records, vmx.take_held());
+                self.release(vmx, records)?;
+            }
+            Action::Stun => {
+                vmx.suspend()?;
+                self.throttled_since = Some(Instant::now());
+                self.stats.throttles += 1;
+                log::debug!("standby behind: guest stunned until the ack");
+            }
+            Action::Resume => {
+                vmx.resume()?;
+                if let Some(since) = self.throttled_since.take() {
+                    self.stats.throttled += since.elapsed();
+                }
+            }
+            Action::StopTimer => self.next_tick = None,
+            Action::Claim { generation } => {
+                let Some(arb) = self.arbiter.clone() else {
+                    return Ok(Some(Event::Arbiter(Answer::Won)));
+                };
+                // The standby may be taking over right now: race it for the next generation
+                // before anything more leaves this VM.
+                let who = format!("primary pid {}", std::process::id());
+                let won = arb.claim(generation, &who)?;
+                if won {
+                    log::warn!(
+                        "won generation {generation} at the {} after losing the standby",
+                        arb.describe()
+                    );
+                }
+                let answer = if won { Answer::Won } else { Answer::Lost };
+                return Ok(Some(Event::Arbiter(answer)));
+            }
+            Action::AskStill { generation } => {
+                let newest = match &self.arbiter {
+                    Some(arb) => arb.still(generation)?,
+                    None => true,
+                };
+                return Ok(Some(Event::Arbiter(Answer::Still { newest })));
+            }
+            Action::ReconnectSink { generation } => {
+                if let (Some(addr), Some(_)) = (&self.sink_addr, &self.sink) {
+                    let vcpus = vmx.vm().vcpu_count();
+                    self.sink = Some(SinkClient::connect(
+                        addr,
+                        self.sink_key.as_ref(),
+                        generation,
+                        vcpus,
+                        Duration::from_secs(5),
+                    )?);
+                }
+            }
+            Action::DropLink { reason } => {
+                log::error!(
+                    "STANDBY LOST: {reason}. The VM runs UNPROTECTED from now on (generation \
+                     {}); its output is released at once",
+                    self.machine.generation()
+                );
+                self.link = None;
+                self.events = never();
+            }
+            Action::Fence { why } => {
+                let why = match why {
+                    FenceReason::LostClaim { reason, generation } => format!(
+                        "lost its standby ({reason}) and then the claim of generation \
+                         {generation} at the {}: another VM is primary",
+                        self.describe_arbiter()
+                    ),
+                    FenceReason::NotNewest { generation } => format!(
+                        "the {} says generation {generation} is no longer the newest",
+                        self.describe_arbiter()
+                    ),
+                };
+                return Err(self.fence(vmx, &why));
+            }
+            Action::WantStandby(on) => self.want_standby.store(on, Ordering::Relaxed),
+            Action::StartPreCopy { peer, fence } => {
+                let Some(chan) = self.joiner.take() else {
+                    return Ok(Some(Event::PreCopyFailed {
+                        reason: "no channel to the joiner".into(),
+                    }));
+                };
+                let dirty = vmx.vm().dirty_log();
+                log::warn!(
+                    "RE-PROTECTION: standby {peer} joined; full sync of {} MiB by pre-copy \
+                     while the guest runs (generation {}, completing with epoch {})",
+                    vmx.vm().layout().mem_bytes >> 20,
+                    fence.generation.0,
+                    fence.epoch.0
+                );
+                self.resync = Some(Resync {
+                    started: Instant::now(),
+                    report: None,
+                    completing_pages: 0,
+                });
+                let tx = self.aux_tx.clone();
+                let who = peer.clone();
+                let started = precopy::spawn(
+                    dirty,
+                    *chan,
+                    fence,
+                    vmx.vm().vcpu_count(),
+                    self.sync_status.clone(),
+                    move |r| {
+                        let result = r.map(|(c, rep)| (Box::new(c), rep));
+                        let _ = tx.send(Aux::PreCopied { result, peer: who });
+                    },
+                );
+                if let Err(e) = started {
+                    log::error!("cannot start the pre-copy to {peer}: {e}");
+                    return Ok(Some(Event::PreCopyFailed {
+                        reason: e.to_string(),
+                    }));
+                }
+            }
+            Action::Refuse { peer, why, fence } => {
+                log::warn!("refused standby {peer}: {why}");
+                if let Some(mut chan) = self.joiner.take() {
+                    let _ = chan.send(&Message::Nack {
+                        fence,
+                        code: transport::message::NackCode::OutOfOrder,
+                        message: why.to_string(),
+                    });
+                }
+            }
+            Action::StartLink { peer } => {
+                let started = match self.precopied.take() {
+                    Some(chan) => Link::start(*chan, self.link_config(vmx)),
+                    None => Err(Error::Link(transport::Error::Io(std::io::Error::other(
+                        "no channel to the joiner",
+                    )))),
+                };
+                return Ok(Some(match started {
+                    Ok(link) => {
+                        self.install(link);
+                        Event::LinkUp
+                    }
+                    Err(e) => {
+                        log::error!("re-protection by {peer} failed: {e}; still UNPROTECTED");
+                        Event::LinkFailed {
+                            reason: e.to_string(),
+                        }
+                    }
+                }));
+            }
+            Action::Reprotected { peer, epoch } => {
+                let rs = self.resync.take();
+                let ms = rs
+                    .as_ref()
+                    .map_or(0.0, |r| r.started.elapsed().as_secs_f64() * 1e3);
+                log::warn!(
+                    "PROTECTED again: standby {peer} committed the full sync (epoch {epoch}) \
+                     {ms:.0} ms after it joined"
+                );
+                self.stats.reprotections += 1;
+                self.last_sync = Some(LastSync {
+                    peer,
+                    joined_to_protected_ms: ms,
+                    completing_epoch: epoch,
+                    completing_pages: rs.as_ref().map_or(0, |r| r.completing_pages),
+                    precopy: rs.as_ref().and_then(|r| r.report.as_ref()).map(Into::into),
+                    protected_unix_ms: unix_ms(),
+                });
+            }
+            Action::Goodbye => {
+                if let Some(link) = self.link.take() {
+                    link.goodbye();
+                    log::info!("guest finished; the standby was told goodbye");
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Captures `epoch`, accounts for it, keeps its records until it is acknowledged, and arms
+    /// the epoch timer. [`Action::Send`] hands it to the link.
+    fn capture(&mut self, vmx: &mut Vmx, epoch: u64, kind: CaptureKind) -> Result<()> {
+        let mut cap = vmx.capture_epoch(epoch, kind == CaptureKind::Full)?;
+        if !self.drained.is_empty() {
+            // Output taken for a release that did not happen belongs to this epoch.
+            let mut records = std::mem::take(&mut self.drained);
+            append(&mut records, std::mem::take(&mut cap.records));
+            cap.records = records;
+        }
+        let bytes = cap.runs.iter().map(|r| r.data.len() as u64).sum::<u64>();
+        match kind {
+            CaptureKind::Full => {
+                log::info!(
+                    "role: primary (generation {}), full sync of {} MiB to the standby",
+                    self.machine.generation(),
+                    bytes >> 20
+                );
+                self.stats.full_syncs += 1;
+            }
+            CaptureKind::Completing => {
+                let pages = bytes / 4096;
+                let (rounds, ms) = self
+                    .resync
+                    .as_ref()
+                    .and_then(|r| r.report.as_ref())
+                    .map_or((0, 0.0), |r| (r.rounds.len(), r.ms));
+                log::info!(
+                    "pre-copy done in {rounds} rounds ({ms:.0} ms); completing epoch {epoch}: \
+                     {pages} pages dirtied during the last round, stunned {:.2} ms",
+                    cap.pause.as_secs_f64() * 1e3
+                );
+                if let Some(rs) = &mut self.resync {
+                    rs.completing_pages = pages;
+                }
+                self.stats.full_syncs += 1;
+            }
+            CaptureKind::Epoch => {}
+        }
+        let pause_ms = cap.pause.as_secs_f64() * 1e3;
+        if self.stats.pauses_ms.len() >= PAUSE_WINDOW {
+            self.stats.pauses_ms.remove(0);
+        }
+        if !cap.full {
+            self.stats.pauses_ms.push(pause_ms);
+            if self.stats.save_steps_ms.len() >= PAUSE_WINDOW {
+                self.stats.save_steps_ms.remove(0);
+            }
+            self.stats
+                .save_steps_ms
+                .push(cap.save_step.as_secs_f64() * 1e3);
+        }
+        if cap.full {
+            self.stats.full_sync_bytes += bytes;
+        } else {
+            self.stats.mem_bytes += bytes;
+        }
+        self.in_flight = Some(InFlight {
+            epoch: cap.epoch,
+            records: cap.records.clone(),
+            captured: Instant::now(),
+        });
+        self.next_tick = Some(Instant::now() + self.interval);
+        self.captured = Some(cap);
+        Ok(())
+    }
+
+    fn release(&mut self, vmx: &mut Vmx, records: Vec<Vec<Record>>) -> Result<()> {
+        vmx.release_local(&records);
+        if let Some(s) = &mut self.sink {
+            for (v, r) in records.iter().enumerate() {
+                if !r.is_empty() {
+                    s.release(v as u32, r)?;
+                }
+            }
+        }
+        self.stats.released += records.iter().map(|r| r.len() as u64).sum::<u64>();
+        Ok(())
+    }
+
+    /// Stops the guest and releases nothing: another VM is primary.
+    fn fence(&mut self, vmx: &mut Vmx, why: &str) -> Error {
+        let _ = vmx.suspend();
+        self.link = None;
+        self.in_flight = None;
+        let dropped: usize = std::mem::take(&mut self.drained)
+            .iter()
+            .chain(vmx.take_held().iter())
+            .map(|h| h.len())
+            .sum();
+        log::error!(
+            "FENCED: this VM (generation {}) {why}. The guest is stopped and {dropped} held \
+             records are dropped unreleased.",
+            self.machine.generation()
+        );
+        Error::Fenced(format!(
+            "generation {} {why}; this VM stopped without releasing its held output",
+            self.machine.generation()
+        ))
+    }
+
+    fn set_sync_status(&self, v: Value) {
+        if let Ok(mut s) = self.sync_status.lock() {
+            *s = v;
+        }
+    }
+
+    fn sync_phase(&self) -> Option<SyncStatus> {
+        if let Some(peer) = self.machine.resyncing() {
+            let v = self
+                .sync_status
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            let num = |k: &str| v.get(k).and_then(Value::as_u64);
+            return Some(SyncStatus {
+                phase: v
+                    .get("phase")
+                    .and_then(Value::as_str)
+                    .unwrap_or("pre-copy starting")
+                    .to_string(),
+                peer: peer.to_string(),
+                epoch: None,
+                round_pages: num("round_pages"),
+                sent_pages: num("sent_pages"),
+                elapsed_ms: num("elapsed_ms"),
+            });
+        }
+        self.machine.completing().map(|(peer, epoch)| SyncStatus {
+            phase: "completing epoch".into(),
+            peer: peer.to_string(),
+            epoch: Some(epoch),
+            round_pages: None,
+            sent_pages: None,
+            elapsed_ms: None,
+        })
+    }
+
+    /// The typed status.
+    pub fn ft_status(&self) -> FtStatus {
+        let s = &self.stats;
+        let p = &s.pauses_ms;
+        FtStatus {
+            role: Role::Primary,
+            protected: Some(self.machine.protected()),
+            unprotected_because: self.machine.unprotected_because().map(str::to_string),
+            generation: Some(self.machine.generation()),
+            phase: None,
+            committed_epoch: None,
+            epoch: Some(self.machine.next_epoch().saturating_sub(1)),
+            last_ack: Some(self.machine.last_ack()),
+            in_flight: self.machine.in_flight(),
+            lag_ms: Some(s.lag.as_secs_f64() * 1e3),
+            interval_ms: Some(self.interval.as_secs_f64() * 1e3),
+            pause_ms: Some(PauseMs {
+                p50: percentile(p, 50.0),
+                p99: percentile(p, 99.0),
+                max: p.iter().cloned().fold(0.0, f64::max),
+                count: p.len() as u64,
+                save_step_p50: percentile(&s.save_steps_ms, 50.0),
+            }),
+            bytes_sent: Some(BytesSent {
+                pages: s.page_wire_bytes,
+                state: s.state_bytes,
+                records: s.record_bytes,
+            }),
+            counters: Counters::Primary(PrimaryCounters {
+                full_syncs: s.full_syncs,
+                epochs: s.epochs,
+                mem_bytes: s.mem_bytes,
+                full_sync_bytes: s.full_sync_bytes,
+                state_bytes: s.state_bytes,
+                nacks: s.nacks,
+                throttles: s.throttles,
+                throttled_ms: s.throttled.as_secs_f64() * 1e3,
+                released_records: s.released,
+                xor_ranges: s.xor_ranges,
+                xor_cache_bytes: s.xor_cache_bytes,
+            }),
+            notes: self.notes.clone(),
+            sync: self.sync_phase(),
+            last_sync: self.last_sync.clone(),
+            reprotections: Some(s.reprotections),
+        }
+    }
+
+    /// For `status`: [`Protector::ft_status`] as JSON.
+    pub fn status(&self) -> Value {
+        serde_json::to_value(self.ft_status()).unwrap_or_default()
+    }
+}
+
+/// Appends `more` to `into`, vCPU by vCPU.
+fn append(into: &mut Vec<Vec<Record>>, more: Vec<Vec<Record>>) {
+    if into.len() < more.len() {
+        into.resize(more.len(), Vec::new());
+    }
+    for (v, r) in more.into_iter().enumerate() {
+        into[v].extend(r);
+    }
+}
+
+impl vmx::Replication for Protector {
+    type Event = LinkEvent;
+    type Aux = Aux;
+    type Error = Error;
+
+    fn events(&self) -> Receiver<LinkEvent> {
+        self.events.clone()
+    }
+    fn aux(&self) -> Receiver<Aux> {
+        self.aux_rx.clone()
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.link.as_ref().and(self.next_tick)
+    }
+    fn on_event(&mut self, ev: LinkEvent, vmx: &mut Vmx) -> Result<()> {
+        self.event(ev, vmx)
+    }
+    fn on_aux(&mut self, a: Aux, vmx: &mut Vmx) -> Result<()> {
+        Protector::on_aux(self, a, vmx)
+    }
+    fn tick(&mut self, vmx: &mut Vmx) -> Result<()> {
+        Protector::tick(self, vmx)
+    }
+    fn after_output(&mut self, vmx: &mut Vmx) -> Result<()> {
+        Protector::after_output(self, vmx)
+    }
+    fn finish(&mut self, vmx: &mut Vmx) -> Result<()> {
+        Protector::finish(self, vmx)
+    }
+    fn status(&self) -> Option<Value> {
+        Some(Protector::status(self))
+    }
+}

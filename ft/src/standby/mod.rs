@@ -1,0 +1,487 @@
+//! The standby: receives epochs, commits whole ones, and takes over when the primary dies.
+//!
+//! ```text
+//!   accept + handshake ─▶ receive ─┬─ EpochBegin/Pages/State/EpochEnd ─▶ verify ─▶ commit ─▶ Ack
+//!                                  │        (anything wrong: drop the staging area, Nack)
+//!                                  ├─ Goodbye / end of stream ─▶ the primary finished: exit
+//!                                  └─ connection lost, or 4 × interval without a frame
+//!                                        ─▶ FAILOVER: generation + 1, activate the committed
+//!                                           image, release retained output from the sink's
+//!                                           cursor, run on as an unprotected primary
+//! ```
+//!
+//! The protocol logic is the pure state machine of [`machine`] (its docs have the state
+//! diagram and the transition table); [`Standby::run`] is its I/O driver: it reads frames,
+//! watches for silence, feeds them to the machine as events, and carries out the machine's
+//! actions (acknowledge, refuse, build the replica VM and commit into it, claim a generation
+//! at the arbiter, take over, stand down). [`harness`] drives the same machine without KVM,
+//! for the fuzzer and the tests.
+
+pub mod harness;
+pub mod machine;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver};
+use serde::Serialize;
+use serde_json::{json, Value};
+use transport::{Channel, Intent, Message, Psk, Received};
+
+use self::machine::{Action, Event, Machine, Shape};
+use super::epoch::{Base, Replica, Staged};
+use super::{unix_ms, Protector};
+use crate::{Error, Result};
+use ::sink::SinkClient;
+use vmx::groups::MachineConfig;
+use vmx::machine::{power_on, Boot, Options, Outcome, Vmx};
+
+/// How a standby is set up.
+#[derive(Clone, Debug)]
+pub struct StandbyConfig {
+    /// The primary's key (None: --insecure-plaintext).
+    pub psk: Option<Psk>,
+    /// Epoch interval the primary uses (silence of 4 × this means it is dead).
+    pub interval: Duration,
+    /// The output sink to release to after a takeover.
+    pub sink: Option<String>,
+    /// Control socket, output, scheduling of the VM.
+    pub opts: Options,
+    /// Where role changes are decided: the standby resumes only after winning the next
+    /// generation there (None: it resumes on detection alone).
+    pub arbiter: Option<std::sync::Arc<dyn super::arbiter::Arbiter>>,
+    /// The output sink's key (None: a plaintext sink, testing only).
+    pub sink_key: Option<Psk>,
+}
+
+/// What a failover took.
+#[derive(Clone, Debug, Serialize)]
+pub struct FailoverReport {
+    /// Why the primary was declared dead.
+    pub reason: String,
+    /// Time since the last frame from the primary when it was declared dead.
+    pub silence_ms: f64,
+    /// Declared dead → guest running.
+    pub activation_ms: f64,
+    /// When the guest ran again (Unix ms).
+    pub resumed_unix_ms: f64,
+    /// The generation this standby took.
+    pub generation: u64,
+    /// The epoch it resumed from.
+    pub from_epoch: u64,
+    /// Output records inherited from the retained epochs and released.
+    pub inherited_released: u64,
+}
+
+/// How a standby ended.
+#[derive(Debug)]
+pub enum StandbyOutcome {
+    /// The primary finished the guest and said goodbye.
+    PrimaryFinished {
+        /// Epochs committed.
+        commits: u64,
+        /// The stats.
+        stats: Value,
+    },
+    /// The primary was declared dead but won the next generation first: it is alive, and
+    /// this standby stood down without running anything.
+    StoodDown {
+        /// Why.
+        reason: String,
+        /// Replication stats.
+        stats: Value,
+    },
+    /// The primary died; this standby took over and ran the guest.
+    TookOver {
+        /// The failover.
+        failover: FailoverReport,
+        /// How the run ended.
+        outcome: Box<Outcome>,
+        /// Replication stats before the takeover.
+        stats: Value,
+        /// The protector's final status.
+        primary: Value,
+    },
+}
+
+/// The standby's receiving stream: notes when bytes arrive (ms since `t0`).
+struct Watched {
+    inner: TcpStream,
+    last: Arc<AtomicU64>,
+    t0: Instant,
+}
+
+impl std::io::Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.last
+                .store(self.t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A standby: listening for its primary, or joining a running one.
+pub struct Standby {
+    listener: Option<TcpListener>,
+    join: Option<String>,
+    cfg: StandbyConfig,
+}
+
+impl Standby {
+    /// Listens on `addr` (port 0 picks one; see [`Standby::addr`]).
+    pub fn bind(addr: &str, cfg: StandbyConfig) -> Result<Standby> {
+        let listener = TcpListener::bind(addr).map_err(|source| Error::Io {
+            path: addr.to_string(),
+            source,
+        })?;
+        Ok(Standby {
+            listener: Some(listener),
+            join: None,
+            cfg,
+        })
+    }
+
+    /// Joins the running (unprotected) primary at `primary`; after a takeover, accepts
+    /// joining standbys on `listen` if given.
+    pub fn join(primary: &str, listen: Option<&str>, cfg: StandbyConfig) -> Result<Standby> {
+        let listener = match listen {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Io {
+                path: addr.to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        Ok(Standby {
+            listener,
+            join: Some(primary.to_string()),
+            cfg,
+        })
+    }
+
+    /// The address it listens on (for its primary, or for standbys after a takeover).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    fn connect(&self) -> Result<Channel<TcpStream>> {
+        if let Some(primary) = &self.join {
+            let ch = super::join(primary, self.cfg.psk.as_ref(), Duration::from_secs(30))?;
+            log::info!("role: standby, joined the primary at {primary}; waiting for its full sync");
+            return Ok(ch);
+        }
+        let listener = self.listener.as_ref().expect("a standby listens or joins");
+        let (ch, peer) =
+            super::accept(listener, self.cfg.psk.as_ref(), Intent::Protect).map_err(|source| {
+                Error::Io {
+                    path: "accept".into(),
+                    source,
+                }
+            })?;
+        log::info!("role: standby, protecting the primary at {peer}");
+        Ok(ch)
+    }
+
+    /// Waits for a primary, replicates it, and takes over if it dies.
+    pub fn run(self) -> Result<StandbyOutcome> {
+        let chan = self.connect()?;
+        let (mut tx, rx) = chan.split()?;
+        // Liveness counts bytes, not whole frames: on a slow link one large frame of pages
+        // can take longer than the silence limit to arrive.
+        let t0 = Instant::now();
+        let last_bytes = Arc::new(AtomicU64::new(0));
+        let watch = last_bytes.clone();
+        let mut rx = rx.map_stream(|inner| Watched {
+            inner,
+            last: watch,
+            t0,
+        });
+        let (frames_tx, frames): (_, Receiver<std::result::Result<Received, String>>) = unbounded();
+        std::thread::Builder::new()
+            .name("standby-reader".into())
+            .spawn(move || loop {
+                let r = rx.recv().map_err(|e| e.to_string());
+                let end = r.is_err();
+                if frames_tx.send(r).is_err() || end {
+                    break;
+                }
+            })
+            .map_err(|source| Error::Thread {
+                what: "replication",
+                source,
+            })?;
+
+        let mut m = Machine::new(self.cfg.arbiter.as_ref().map(|a| a.describe()));
+        let mut vmx: Option<Vmx> = None;
+        let mut replica: Option<Replica> = None;
+        let mut last_frame = Instant::now();
+        let mut actions: VecDeque<Action> = VecDeque::new();
+        // Set when the machine leaves the protocol: the link is shut, the stats taken.
+        let mut ended: Option<(Value, Duration, Instant)> = None;
+        let mut fatal: Option<Error> = None;
+        // A frame other than pages was handled: look at the control socket.
+        let mut handled = false;
+        loop {
+            while let Some(action) = actions.pop_front() {
+                if matches!(
+                    action,
+                    Action::Finish
+                        | Action::Fail(_)
+                        | Action::Claim { .. }
+                        | Action::StandDown { .. }
+                        | Action::TakeOver { .. }
+                ) && ended.is_none()
+                {
+                    // Out of the protocol: the primary is done with, whatever comes next.
+                    let _ = tx.get_ref().shutdown(std::net::Shutdown::Both);
+                    ended = Some((m.status(), last_frame.elapsed(), Instant::now()));
+                }
+                match action {
+                    Action::Ack(fence) => {
+                        if let Err(e) = tx.send(&Message::Ack { fence }) {
+                            log::warn!("cannot acknowledge epoch {}: {e}", fence.epoch.0);
+                        }
+                    }
+                    Action::Nack {
+                        fence,
+                        code,
+                        message,
+                    } => {
+                        let _ = tx.send(&Message::Nack {
+                            fence,
+                            code,
+                            message,
+                        });
+                    }
+                    Action::Commit {
+                        staged,
+                        base,
+                        shape,
+                    } => {
+                        let first = replica.is_none();
+                        let (event, err) = self.commit(&mut vmx, &mut replica, staged, base, shape);
+                        if let (true, Some(r)) = (first, &replica) {
+                            m.set_xor_base(r.xor_base());
+                        }
+                        fatal = fatal.or(err);
+                        actions.extend(m.on(event));
+                    }
+                    Action::Finish => {
+                        let (stats, ..) = ended.take().expect("ended");
+                        return Ok(StandbyOutcome::PrimaryFinished {
+                            commits: m.counters().commits,
+                            stats,
+                        });
+                    }
+                    Action::Fail(e) => return Err(e),
+                    Action::Claim { generation } => {
+                        let arb = self.cfg.arbiter.as_ref().expect("a claim needs an arbiter");
+                        let who = format!("standby pid {}", std::process::id());
+                        let won = arb.claim(generation, &who)?;
+                        actions.extend(m.on(Event::Claimed { generation, won }));
+                    }
+                    Action::StandDown { reason } => {
+                        let (stats, ..) = ended.take().expect("ended");
+                        return Ok(StandbyOutcome::StoodDown { reason, stats });
+                    }
+                    Action::TakeOver {
+                        generation,
+                        from,
+                        reason,
+                    } => {
+                        let (stats, silence, detected) = ended.take().expect("ended");
+                        let vmx = vmx.take().expect("a takeover needs the replica VM");
+                        let replica = replica.take().expect("a takeover needs the replica");
+                        debug_assert_eq!(replica.fence, from);
+                        return self
+                            .take_over(vmx, replica, generation, reason, stats, silence, detected);
+                    }
+                }
+            }
+            if let Some(e) = fatal.take() {
+                return Err(e);
+            }
+            if std::mem::take(&mut handled) {
+                if let Some(v) = &mut vmx {
+                    v.poll_control(&m.status());
+                }
+                // Time spent here (building the VM, committing) is not the primary's silence.
+                last_frame = Instant::now();
+            }
+            let bytes_at = t0 + Duration::from_millis(last_bytes.load(Ordering::Relaxed));
+            let waited = last_frame.elapsed().min(bytes_at.elapsed());
+            let limit = m.silence_limit(self.cfg.interval);
+            if waited >= limit {
+                actions.extend(m.on(Event::Silence {
+                    ms: waited.as_millis() as u64,
+                }));
+                continue;
+            }
+            let poll = (limit - waited).min(Duration::from_millis(100));
+            let item = match frames.recv_timeout(poll) {
+                Ok(item) => item,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if let Some(v) = &mut vmx {
+                        v.poll_control(&m.status());
+                    }
+                    continue;
+                }
+                Err(_) => Err("the reader stopped".into()),
+            };
+            let msg = match item {
+                Ok(msg) => msg,
+                Err(e) => {
+                    actions.extend(m.on(Event::Lost(e)));
+                    continue;
+                }
+            };
+            last_frame = Instant::now();
+            let pages = matches!(msg, Received::Pages(_));
+            actions.extend(m.on(match msg {
+                Received::Message(msg) => Event::Message(msg),
+                Received::Pages(batch) => Event::Pages(batch),
+                Received::End => Event::EndOfStream,
+                Received::Cancelled(why) => Event::Cancelled(why),
+            }));
+            handled = !pages;
+        }
+    }
+
+    /// Carries out [`Action::Commit`]: builds the replica VM at the first commit, writes the
+    /// pre-copied image and the epoch into it. Returns the event for the machine, and the
+    /// error to stop with if the replica broke.
+    fn commit(
+        &self,
+        vmx: &mut Option<Vmx>,
+        replica: &mut Option<Replica>,
+        staged: Staged,
+        base: Option<Base>,
+        shape: Shape,
+    ) -> (Event, Option<Error>) {
+        let fence = staged.fence;
+        if vmx.is_none() {
+            match self.build(&staged.sections, (shape.mem_bytes, shape.vcpus)) {
+                Ok(v) => {
+                    *replica = Some(Replica::new(v.vm().memory().clone()));
+                    *vmx = Some(v);
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    return (Event::CommitRefused { fence, why, base }, None);
+                }
+            }
+        }
+        let r = replica.as_mut().expect("built with the VM");
+        // Bounds were checked; a failure here means the replica is unusable.
+        match r.complete(base, staged) {
+            Ok(()) => (Event::Committed { fence }, None),
+            Err(e) => (
+                Event::ReplicaFailed {
+                    fence,
+                    why: e.to_string(),
+                },
+                Some(e),
+            ),
+        }
+    }
+
+    /// Carries out [`Action::TakeOver`]: activates the committed image as the primary of
+    /// `generation` and runs it.
+    #[allow(clippy::too_many_arguments)]
+    fn take_over(
+        mut self,
+        mut vmx: Vmx,
+        replica: Replica,
+        generation: u64,
+        reason: String,
+        stats: Value,
+        silence: Duration,
+        detected: Instant,
+    ) -> Result<StandbyOutcome> {
+        let vcpus = vmx.vm().vcpu_count();
+        let sink = match &self.cfg.sink {
+            Some(a) => Some(SinkClient::connect(
+                a,
+                self.cfg.sink_key.as_ref(),
+                generation,
+                vcpus,
+                Duration::from_secs(5),
+            )?),
+            None => None,
+        };
+        let mut ft = Protector::new(generation, self.cfg.interval, sink);
+        ft.sink_key = self.cfg.sink_key.clone();
+        if let Some(arb) = &self.cfg.arbiter {
+            ft = ft.with_arbiter(arb.clone(), self.cfg.sink.clone());
+        }
+        vmx.hold_output(true);
+        let inherited = replica.inherited_output(vcpus);
+        let before = ft.stats.released;
+        ft.release_inherited(&mut vmx, inherited)?;
+        vmx.activate(replica.state.clone())?;
+        let failover = FailoverReport {
+            reason,
+            silence_ms: silence.as_secs_f64() * 1e3,
+            activation_ms: detected.elapsed().as_secs_f64() * 1e3,
+            resumed_unix_ms: unix_ms(),
+            generation,
+            from_epoch: replica.fence.epoch.0,
+            inherited_released: ft.stats.released - before,
+        };
+        log::warn!(
+            "role: primary (generation {generation}, UNPROTECTED): guest running again \
+             {:.1} ms after the primary was declared dead",
+            failover.activation_ms
+        );
+        ft.notes = json!({"failover": &failover});
+        if let Some(l) = self.listener.take() {
+            ft.accept_joins(l, self.cfg.psk.clone());
+        }
+        let outcome = vmx.run_with(&mut ft)?;
+        Ok(StandbyOutcome::TookOver {
+            failover,
+            outcome: Box::new(outcome),
+            stats,
+            primary: ft.status(),
+        })
+    }
+
+    /// Builds the replica VM from the first epoch's configuration.
+    fn build(&self, sections: &checkpoint::Snapshot, shape: (u64, u32)) -> Result<Vmx> {
+        let config: MachineConfig = sections
+            .get(&checkpoint::group::section_name("config"))
+            .ok_or_else(|| Error::Epoch("no machine configuration".into()))?
+            .decode()?;
+        if (config.mem_mib << 20, config.vcpus) != shape {
+            return Err(Error::Epoch(format!(
+                "configuration {config:?} disagrees with the full sync {shape:?}"
+            )));
+        }
+        log::info!(
+            "building the replica VM: {} MiB, {} vCPUs ({})",
+            config.mem_mib,
+            config.vcpus,
+            config.guest
+        );
+        let opts = Options {
+            paused: true,
+            ..self.cfg.opts.clone()
+        };
+        Ok(power_on(Boot::Replica { config }, &opts)?)
+    }
+}

@@ -1,0 +1,356 @@
+//! The typed `status` of a replicated VM (the `ft` member of `tandem ctl … status`, and the
+//! replication status a primary prints when it ends).
+//!
+//! One type for both roles: what only a primary has (`protected`, `epoch`, `pause_ms`, …) or
+//! only a standby has (`phase`, `committed_epoch`) is an `Option`, left out of the JSON when
+//! `None`. A primary fills every primary field, so its JSON has exactly the keys the old
+//! `json!` status had; `unprotected_because`, `in_flight`, `notes`, `sync` and `last_sync` are
+//! written even when empty (as `null`, as before). Consumers that read by string key cannot
+//! tell a `null` from a missing key.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Which side of the pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs the guest (protected or not).
+    Primary,
+    /// Receives epochs.
+    Standby,
+}
+
+/// The replication status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FtStatus {
+    /// Primary or standby.
+    pub role: Role,
+    /// Primary: whether a standby protects the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<bool>,
+    /// Primary: why not (None while protected, or if it never was).
+    #[serde(default)]
+    pub unprotected_because: Option<String>,
+    /// The generation (a standby may not know one yet).
+    #[serde(default)]
+    pub generation: Option<u64>,
+    /// Standby: what it is doing ("protecting", "waiting for the full sync", …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Standby: the last epoch committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_epoch: Option<u64>,
+    /// Primary: the last epoch captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Primary: the last epoch acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ack: Option<u64>,
+    /// Primary: the epoch sent and not yet acknowledged.
+    #[serde(default)]
+    pub in_flight: Option<u64>,
+    /// Primary: capture → acknowledgement of the last epoch, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_ms: Option<f64>,
+    /// Primary: the epoch interval, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<f64>,
+    /// Primary: epoch pauses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<PauseMs>,
+    /// Primary: bytes sent to the standby.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<BytesSent>,
+    /// Counters of the role.
+    pub counters: Counters,
+    /// Primary: extra facts (e.g. the failover that made this primary).
+    #[serde(default)]
+    pub notes: Value,
+    /// Primary: the re-sync of a joined standby under way.
+    #[serde(default)]
+    pub sync: Option<SyncStatus>,
+    /// Primary: the last re-sync that completed.
+    #[serde(default)]
+    pub last_sync: Option<LastSync>,
+    /// Primary: times a joined standby completed its full sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotections: Option<u64>,
+}
+
+impl std::fmt::Display for FtStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match serde_json::to_string(self) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => Err(std::fmt::Error),
+        }
+    }
+}
+
+/// Epoch pauses (the guest stunned for a capture), ms, over the last 8,192 epochs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PauseMs {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Longest.
+    pub max: f64,
+    /// Pauses counted.
+    pub count: u64,
+    /// Median of the monitor's SAVE step within a pause.
+    pub save_step_p50: f64,
+}
+
+/// Bytes a primary sent to its standby.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BytesSent {
+    /// Page payload on the wire (after compression).
+    pub pages: u64,
+    /// vCPU and device state.
+    pub state: u64,
+    /// Held output.
+    pub records: u64,
+}
+
+/// Counters of either role.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Counters {
+    /// A primary's.
+    Primary(PrimaryCounters),
+    /// A standby's.
+    Standby(StandbyCounters),
+}
+
+/// A primary's counters.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrimaryCounters {
+    /// Full syncs sent (the first, and one per re-sync).
+    pub full_syncs: u64,
+    /// Epochs acknowledged.
+    pub epochs: u64,
+    /// Dirty bytes captured by epochs.
+    pub mem_bytes: u64,
+    /// Bytes captured by full syncs.
+    pub full_sync_bytes: u64,
+    /// State bytes sent.
+    pub state_bytes: u64,
+    /// NACKs of epochs that were then acknowledged.
+    pub nacks: u64,
+    /// Times the guest was stunned to wait for the standby.
+    pub throttles: u64,
+    /// Time the guest spent stunned waiting, ms.
+    pub throttled_ms: f64,
+    /// Records released to the outside.
+    pub released_records: u64,
+    /// Page ranges sent as XOR deltas against the copy sent before.
+    #[serde(default)]
+    pub xor_ranges: u64,
+    /// Bytes of page copies the primary keeps as XOR bases (bounded).
+    #[serde(default)]
+    pub xor_cache_bytes: u64,
+}
+
+/// A standby's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StandbyCounters {
+    /// Epochs committed.
+    pub commits: u64,
+    /// Epochs refused.
+    pub nacks: u64,
+    /// Epochs dropped incomplete (the primary died while sending).
+    pub partial_epochs_discarded: u64,
+    /// Pre-copy rounds received.
+    pub precopy_rounds: u64,
+    /// Pages in them.
+    pub precopy_pages: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Frames received.
+    pub frames: u64,
+}
+
+/// A re-sync under way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// "pre-copy starting", "pre-copy round N", "completing epoch".
+    pub phase: String,
+    /// The joined standby.
+    pub peer: String,
+    /// The completing epoch (phase "completing epoch").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Pages of the current round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_pages: Option<u64>,
+    /// Of them, sent so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_pages: Option<u64>,
+    /// Since the pre-copy started, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
+}
+
+/// The last re-sync that completed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastSync {
+    /// The standby.
+    pub peer: String,
+    /// Join → commit of the completing epoch, ms.
+    pub joined_to_protected_ms: f64,
+    /// The completing epoch.
+    pub completing_epoch: u64,
+    /// Its pages (dirtied during the last pre-copy round).
+    pub completing_pages: u64,
+    /// The pre-copy rounds.
+    pub precopy: Option<PreCopySummary>,
+    /// When the standby protected the VM, ms since the Unix epoch.
+    pub protected_unix_ms: f64,
+}
+
+/// What a pre-copy did (the [`crate::precopy::PreCopyReport`], readable back).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PreCopySummary {
+    /// The rounds, in order.
+    pub rounds: Vec<RoundSummary>,
+    /// Start → last round sent, ms.
+    pub ms: f64,
+}
+
+/// One pre-copy round.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes on the wire.
+    pub wire_bytes: u64,
+    /// How long it took, ms.
+    pub ms: f64,
+}
+
+impl From<&crate::precopy::PreCopyReport> for PreCopySummary {
+    fn from(r: &crate::precopy::PreCopyReport) -> Self {
+        PreCopySummary {
+            rounds: r
+                .rounds
+                .iter()
+                .map(|x| RoundSummary {
+                    pages: x.pages,
+                    wire_bytes: x.wire_bytes,
+                    ms: x.ms,
+                })
+                .collect(),
+            ms: r.ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn primary() -> FtStatus {
+        FtStatus {
+            role: Role::Primary,
+            protected: Some(false),
+            unprotected_because: None,
+            generation: Some(2),
+            phase: None,
+            committed_epoch: None,
+            epoch: Some(7),
+            last_ack: Some(6),
+            in_flight: None,
+            lag_ms: Some(1.5),
+            interval_ms: Some(50.0),
+            pause_ms: Some(PauseMs::default()),
+            bytes_sent: Some(BytesSent::default()),
+            counters: Counters::Primary(PrimaryCounters::default()),
+            notes: Value::Null,
+            sync: None,
+            last_sync: None,
+            reprotections: Some(0),
+        }
+    }
+
+    #[test]
+    fn primary_status_has_the_keys_of_the_old_json() {
+        let v = serde_json::to_value(primary()).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want = vec![
+            "role",
+            "protected",
+            "unprotected_because",
+            "generation",
+            "epoch",
+            "last_ack",
+            "in_flight",
+            "lag_ms",
+            "interval_ms",
+            "pause_ms",
+            "bytes_sent",
+            "counters",
+            "notes",
+            "sync",
+            "last_sync",
+            "reprotections",
+        ];
+        want.sort();
+        assert_eq!(keys, want);
+        let mut pause: Vec<&str> = v["pause_ms"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        pause.sort();
+        assert_eq!(pause, ["count", "max", "p50", "p99", "save_step_p50"]);
+        assert_eq!(v["counters"].as_object().unwrap().len(), 11);
+        assert_eq!(v["role"], "primary");
+        let back: FtStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(back, primary());
+    }
+
+    #[test]
+    fn a_standby_status_reads_back() {
+        // What the standby writes today.
+        let v = json!({
+            "role": "standby",
+            "phase": "protecting",
+            "generation": null,
+            "committed_epoch": 12,
+            "counters": {"commits": 12, "nacks": 1, "partial_epochs_discarded": 0,
+                         "precopy_rounds": 0, "precopy_pages": 0, "bytes_received": 99,
+                         "frames": 40},
+        });
+        let s: FtStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(s.role, Role::Standby);
+        assert_eq!(s.committed_epoch, Some(12));
+        assert_eq!(s.protected, None);
+        match &s.counters {
+            Counters::Standby(c) => assert_eq!((c.commits, c.frames), (12, 40)),
+            other => panic!("{other:?}"),
+        }
+        let again = serde_json::to_value(&s).unwrap();
+        assert_eq!(again["phase"], "protecting");
+        assert!(again.get("pause_ms").is_none());
+    }
+
+    #[test]
+    fn sync_phases_keep_their_keys() {
+        let s = SyncStatus {
+            phase: "completing epoch".into(),
+            peer: "p".into(),
+            epoch: Some(3),
+            round_pages: None,
+            sent_pages: None,
+            elapsed_ms: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            json!({"phase": "completing epoch", "peer": "p", "epoch": 3})
+        );
+    }
+}

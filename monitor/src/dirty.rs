@@ -1,0 +1,157 @@
+//! The one owner of the dirty log: snapshots, epochs and pre-copy all read it here.
+//!
+//! ```text
+//!   guest writes ──▶ KVM dirty log (per memslot) ──┐
+//!                                                  ├─ OR ─▶ DirtyPages (bit n = page n) ─▶ runs
+//!   host writes (devices) ──▶ vm-memory bitmap ────┘        ─▶ copy_runs (rayon) ─▶ PageRun
+//! ```
+//!
+//! [`DirtyLog::take`] fetches and resets both logs at once, so a page written after it is in
+//! the next take. A page copied while the guest runs (pre-copy) may be torn; it was written
+//! after the take, so it is in the next take too and is sent again.
+
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout::PAGE_SIZE;
+use crate::shared::VmShared;
+use crate::{Error, Result};
+
+/// Contiguous guest pages copied out of a stunned VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRun {
+    /// Guest-physical address of the first page.
+    pub gpa: u64,
+    /// The pages' bytes (a multiple of the page size).
+    pub data: Vec<u8>,
+}
+
+/// The longest run copied as one piece (2 MiB).
+pub const MAX_RUN_PAGES: u64 = 512;
+
+/// A set of guest pages (bit `n` of the bitmap = page `n`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyPages {
+    bitmap: Vec<u64>,
+    pages: u64,
+}
+
+impl DirtyPages {
+    /// Every one of `pages` pages.
+    pub fn all(pages: u64) -> Self {
+        DirtyPages {
+            bitmap: vec![u64::MAX; pages.div_ceil(64) as usize],
+            pages,
+        }
+    }
+
+    /// A bitmap of `pages` pages (missing words count as clean, extra bits are ignored).
+    pub fn from_bitmap(bitmap: Vec<u64>, pages: u64) -> Self {
+        DirtyPages { bitmap, pages }
+    }
+
+    /// The bitmap.
+    pub fn bitmap(&self) -> &[u64] {
+        &self.bitmap
+    }
+
+    /// Runs of at most [`MAX_RUN_PAGES`] dirty pages: (first page, page count).
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        dirty_runs(&self.bitmap, self.pages)
+    }
+}
+
+/// Turns a dirty bitmap (bit n = page n) into runs of at most [`MAX_RUN_PAGES`] pages:
+/// (first page, page count).
+pub fn dirty_runs(bitmap: &[u64], pages: u64) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut start: Option<u64> = None;
+    for p in 0..=pages {
+        let dirty =
+            p < pages && (bitmap.get((p / 64) as usize).copied().unwrap_or(0) >> (p % 64)) & 1 == 1;
+        match (dirty, start) {
+            (true, None) => start = Some(p),
+            (true, Some(s)) if p - s == MAX_RUN_PAGES => {
+                runs.push((s, p - s));
+                start = Some(p);
+            }
+            (false, Some(s)) => {
+                runs.push((s, p - s));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    runs
+}
+
+/// The dirty log of one VM, and the copy of dirty pages out of its memory.
+#[derive(Clone)]
+pub struct DirtyLog {
+    shared: Arc<VmShared>,
+}
+
+impl DirtyLog {
+    pub(crate) fn new(shared: Arc<VmShared>) -> Self {
+        DirtyLog { shared }
+    }
+
+    /// Guest RAM in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.shared.layout.mem_bytes
+    }
+
+    /// Guest pages.
+    pub fn pages(&self) -> u64 {
+        self.shared.layout.pages()
+    }
+
+    /// Fetches and resets the log: KVM's (guest writes) OR vm-memory's (host writes).
+    pub fn take(&self) -> Result<DirtyPages> {
+        Ok(DirtyPages {
+            bitmap: self.shared.take_dirty_bitmap()?,
+            pages: self.pages(),
+        })
+    }
+
+    /// Copies `runs` (first page, count) out of guest memory, on every core.
+    pub fn copy_runs(&self, runs: &[(u64, u64)]) -> Result<Vec<PageRun>> {
+        use rayon::prelude::*;
+        let mem = &self.shared.mem;
+        runs.par_iter()
+            .map(|&(first, n)| {
+                let mut data = vec![0u8; (n * PAGE_SIZE) as usize];
+                mem.read_slice(&mut data, GuestAddress(first * PAGE_SIZE))
+                    .map_err(|e| Error::Memory(e.to_string()))?;
+                Ok(PageRun {
+                    gpa: first * PAGE_SIZE,
+                    data,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_at_gaps_and_at_the_run_limit() {
+        let mut bitmap = vec![0u64; 32];
+        bitmap[0] = 0b1011;
+        bitmap[2..20].fill(u64::MAX);
+        let runs = dirty_runs(&bitmap, 64 * 32);
+        assert_eq!(runs[0], (0, 2));
+        assert_eq!(runs[1], (3, 1));
+        assert_eq!(runs[2], (128, MAX_RUN_PAGES));
+        assert_eq!(runs[3], (128 + MAX_RUN_PAGES, MAX_RUN_PAGES));
+        assert_eq!(
+            runs[4],
+            (128 + 2 * MAX_RUN_PAGES, 18 * 64 - 2 * MAX_RUN_PAGES)
+        );
+        assert_eq!(runs.len(), 5);
+        assert_eq!(DirtyPages::all(10).runs(), vec![(0, 10)]);
+    }
+}

@@ -1,0 +1,650 @@
+//! The VM's virtio-mmio devices: the bus that routes MMIO exits to them, the net RX threads,
+//! the `virtio` checkpoint group and the disk capture of a snapshot.
+//!
+//! (The group lives here rather than beside the devices in `devices/src/virtio/` while that
+//! directory is still being finished by its owner; it only uses the devices' public API.)
+//!
+//! ```text
+//!  --disk FILE[,readonly] ...  --net tap=NAME[,mac=MAC] ...      (MachineConfig: disks, nets)
+//!  device i (disks first, then nets):  window MMIO_BASE + i·0x1000, GSI MMIO_GSI_BASE + i (5 + i)
+//!
+//!  vCPU thread, KVM_EXIT_MMIO at gpa ─▶ VirtioBus: i = (gpa − MMIO_BASE) / 0x1000, bounds
+//!       checked ─▶ slots[i].lock() ─▶ MmioTransport::read / write (QueueNotify serves the
+//!       queue right there: block I/O is synchronous on the vCPU thread)
+//!  net RX thread per net device: epoll (edge-triggered) on the TAP fd + a stop eventfd,
+//!       1 s timeout ─▶ slots[i].lock() ─▶ MmioTransport::poll (frames → guest RX buffers)
+//!  interrupt: EventFdInterrupt's eventfd = irqfd on GSI 5 + i (kept across a restore)
+//! ```
+//!
+//! Checkpoint group `virtio` (optional: a snapshot of a VM without devices has none):
+//!
+//! ```text
+//!  SAVE_SYNC      nothing (block requests finish inside their MMIO exit; vCPUs are stunned)
+//!  QUIESCE        stop and join every net RX thread: nothing writes guest memory any more
+//!  SAVE           every transport's VirtioState (registers, queues, device), and for a
+//!                 snapshot file every writable disk copied to SNAPFILE.disk<i> first
+//!  CONTINUE_SYNC  RX threads started again              (power-off: they stay stopped)
+//!  RESTORE        the transports rebuilt from their saved state (image and TAP opened then)
+//!  RESTORE_SYNC   RX threads started
+//! ```
+//!
+//! Disk capture: a reflink (`FICLONE`) of the image when its file system shares extents
+//! (btrfs, XFS: constant time), otherwise a sparse copy (`SEEK_DATA`/`SEEK_HOLE` +
+//! `copy_file_range`: only the data extents, holes stay holes), then fsync. Power-on of a
+//! restore puts `SNAPFILE.disk<i>` back at the image path recorded in the configuration the
+//! same way (temporary file + rename), so the guest finds exactly the disk it left. Read-only
+//! disks are not captured: the guest cannot change them.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use checkpoint::{Error as CptError, Group, Persist};
+use devices::virtio::{
+    persist, Block, EventFdInterrupt, Interrupt, MmioTransport, Net, VirtioState,
+};
+use guest_abi::boot::{MmioDevice, VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
+use guest_abi::layout::{mmio_window, MAX_MMIO_DEVICES, MMIO_BASE, MMIO_GSI_BASE, MMIO_SIZE};
+use monitor::{GuestMem, MmioBus, Vm};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{Error, Result};
+
+/// What a device is, as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// `--disk`.
+    Block(BlockConfig),
+    /// `--net`.
+    Net(NetConfig),
+}
+
+impl DeviceSpec {
+    fn device_id(&self) -> u32 {
+        match self {
+            DeviceSpec::Block(_) => VIRTIO_ID_BLOCK,
+            DeviceSpec::Net(_) => VIRTIO_ID_NET,
+        }
+    }
+}
+
+/// The devices of a configuration in window order: disks first, then nets.
+pub fn device_specs(disks: &[BlockConfig], nets: &[NetConfig]) -> Result<Vec<DeviceSpec>> {
+    let specs: Vec<DeviceSpec> = disks
+        .iter()
+        .cloned()
+        .map(DeviceSpec::Block)
+        .chain(nets.iter().cloned().map(DeviceSpec::Net))
+        .collect();
+    if specs.len() > MAX_MMIO_DEVICES as usize {
+        return Err(Error::Usage(format!(
+            "{} --disk and --net devices: at most {MAX_MMIO_DEVICES} fit",
+            specs.len()
+        )));
+    }
+    Ok(specs)
+}
+
+/// The boot-info page's device table for `specs`: device `i` at window `i`, GSI `5 + i`.
+pub fn boot_devices(specs: &[DeviceSpec]) -> Vec<MmioDevice> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| MmioDevice {
+            device_id: s.device_id(),
+            gsi: MMIO_GSI_BASE + i as u32,
+            base: mmio_window(i as u32),
+            size: MMIO_SIZE,
+        })
+        .collect()
+}
+
+/// One transport, of either kind.
+pub enum Transport {
+    /// virtio-blk.
+    Block(MmioTransport<Block>),
+    /// virtio-net.
+    Net(MmioTransport<Net>),
+}
+
+impl Transport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self {
+            Transport::Block(t) => t.read(offset, data),
+            Transport::Net(t) => t.read(offset, data),
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match self {
+            Transport::Block(t) => t.write(offset, data),
+            Transport::Net(t) => t.write(offset, data),
+        }
+    }
+    fn poll(&mut self) -> bool {
+        match self {
+            Transport::Block(t) => t.poll(),
+            Transport::Net(t) => t.poll(),
+        }
+    }
+    fn poll_fd(&self) -> Option<RawFd> {
+        match self {
+            Transport::Block(t) => t.poll_fd(),
+            Transport::Net(t) => t.poll_fd(),
+        }
+    }
+    fn save(&self) -> VirtioState {
+        match self {
+            Transport::Block(t) => t.save(),
+            Transport::Net(t) => t.save(),
+        }
+    }
+    /// The Status register (for status reports).
+    pub fn status(&self) -> u32 {
+        match self {
+            Transport::Block(t) => t.status(),
+            Transport::Net(t) => t.status(),
+        }
+    }
+}
+
+/// One device window.
+pub struct Slot {
+    /// Window index.
+    pub index: u32,
+    /// What was configured.
+    pub spec: DeviceSpec,
+    irq: Arc<EventFdInterrupt>,
+    /// The transport; `None` on a restoring VM until RESTORE rebuilds it.
+    dev: Mutex<Option<Transport>>,
+}
+
+impl Slot {
+    /// The transport, locked.
+    pub fn lock(&self) -> MutexGuard<'_, Option<Transport>> {
+        self.dev.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Routes MMIO exits to device windows (`MMIO_BASE + i·0x1000`, 4 KiB each).
+pub struct VirtioBus {
+    slots: Arc<Vec<Arc<Slot>>>,
+}
+
+impl VirtioBus {
+    /// The slot and offset of `gpa`, if an access of `len` bytes there is inside a window.
+    fn route(&self, gpa: u64, len: usize) -> Option<(&Slot, Option<u64>)> {
+        let rel = gpa.checked_sub(MMIO_BASE)?;
+        let slot = self.slots.get(usize::try_from(rel / MMIO_SIZE).ok()?)?;
+        let off = rel % MMIO_SIZE;
+        // An access that runs past the window's end is claimed but not served.
+        Some((slot, (off + len as u64 <= MMIO_SIZE).then_some(off)))
+    }
+}
+
+impl MmioBus for VirtioBus {
+    fn read(&self, gpa: u64, data: &mut [u8]) -> bool {
+        let Some((slot, off)) = self.route(gpa, data.len()) else {
+            return false;
+        };
+        match (off, slot.lock().as_mut()) {
+            (Some(off), Some(t)) => t.read(off, data),
+            (None, _) => {
+                log::warn!(
+                    "virtio-mmio: {}-byte read at {gpa:#x} crosses the end of window {}; all ones",
+                    data.len(),
+                    slot.index
+                );
+                data.fill(0xff);
+            }
+            (_, None) => data.fill(0xff),
+        }
+        true
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) -> bool {
+        let Some((slot, off)) = self.route(gpa, data.len()) else {
+            return false;
+        };
+        match (off, slot.lock().as_mut()) {
+            (Some(off), Some(t)) => t.write(off, data),
+            (None, _) => log::warn!(
+                "virtio-mmio: {}-byte write at {gpa:#x} crosses the end of window {}; ignored",
+                data.len(),
+                slot.index
+            ),
+            (_, None) => {}
+        }
+        true
+    }
+}
+
+/// A running net RX thread.
+struct RxThread {
+    stop: Arc<EventFd>,
+    thread: JoinHandle<()>,
+}
+
+impl RxThread {
+    fn spawn(slot: Arc<Slot>) -> std::io::Result<RxThread> {
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("virtio-net-rx-{}", slot.index))
+            .spawn(move || rx_loop(&slot, &s))?;
+        Ok(RxThread { stop, thread })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.write(1);
+        let _ = self.thread.join();
+    }
+}
+
+/// Waits for frames on the TAP (edge-triggered: a device without guest RX buffers leaves
+/// frames waiting there, and the QueueNotify that brings buffers delivers them) and moves them
+/// into the guest, until `stop` is written.
+fn rx_loop(slot: &Slot, stop: &EventFd) {
+    if let Err(e) = rx_watch(slot, stop) {
+        log::error!(
+            "virtio-net {}: {e}; this device receives nothing more",
+            slot.index
+        );
+    }
+}
+
+fn rx_watch(slot: &Slot, stop: &EventFd) -> std::io::Result<()> {
+    const STOP: u64 = 0;
+    const TAP: u64 = 1;
+    let ep = Epoll::new()?;
+    ep.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, STOP),
+    )?;
+    if let Some(fd) = slot.lock().as_ref().and_then(Transport::poll_fd) {
+        ep.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TAP),
+        )?;
+    }
+    // Frames that came while no thread watched.
+    if let Some(t) = slot.lock().as_mut() {
+        t.poll();
+    }
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match ep.wait(1000, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut tap = false;
+        for ev in &events[..n] {
+            if ev.data() == STOP {
+                return Ok(());
+            }
+            tap = true;
+        }
+        if tap {
+            if let Some(t) = slot.lock().as_mut() {
+                t.poll();
+            }
+        }
+    }
+}
+
+/// A disk captured with a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCapture {
+    /// Device window index.
+    pub device: u32,
+    /// File name of the copy, beside the state file (`SNAPFILE.disk<i>`).
+    pub file: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// Saved state of the `virtio` group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioGroupState {
+    /// Each device's `VirtioState::encode()`, in window order.
+    pub devices: Vec<Vec<u8>>,
+    /// The disks captured beside a snapshot file (none for a replication epoch).
+    pub disks: Vec<DiskCapture>,
+}
+
+/// The `virtio` group's state as a [`Persist`] component.
+pub struct VirtioPersist;
+impl Persist for VirtioPersist {
+    const NAME: &'static str = "virtio";
+    const VERSION: u32 = 1;
+    type State = VirtioGroupState;
+}
+
+pub use devices::disk_copy::{copy_disk, CopyMethod};
+pub use devices::virtio::{BlockConfig, NetConfig};
+
+/// `SNAPFILE.disk<i>`.
+pub fn disk_capture_path(snapshot: &Path, device: u32) -> PathBuf {
+    let mut name = snapshot
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".disk{device}"));
+    snapshot.with_file_name(name)
+}
+
+/// The `virtio` checkpoint group: every device of the VM, their RX threads and disk captures.
+pub struct VirtioGroup {
+    slots: Arc<Vec<Arc<Slot>>>,
+    mem: GuestMem,
+    rx: Vec<RxThread>,
+    /// RX threads are stopped by a QUIESCE (or not yet started on a restoring VM).
+    quiesced: bool,
+    captured: Vec<DiskCapture>,
+}
+
+impl VirtioGroup {
+    /// No devices.
+    pub fn empty(mem: GuestMem) -> Self {
+        VirtioGroup {
+            slots: Arc::new(Vec::new()),
+            mem,
+            rx: Vec::new(),
+            quiesced: false,
+            captured: Vec::new(),
+        }
+    }
+
+    /// Builds the devices of `specs` on `vm` (windows and GSIs in order), registers their
+    /// irqfds and installs the bus. A fresh VM gets running devices and RX threads; a
+    /// restoring one (`restoring`) gets empty windows that its RESTORE fills.
+    pub fn build(vm: &Vm, specs: &[DeviceSpec], restoring: bool) -> Result<Self> {
+        let mem = vm.memory().clone();
+        let mut group = VirtioGroup::empty(mem.clone());
+        if specs.is_empty() {
+            return Ok(group);
+        }
+        let mut slots = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let index = i as u32;
+            let irq = Arc::new(EventFdInterrupt::new().map_err(|e| Error::Io {
+                path: "eventfd".into(),
+                source: e,
+            })?);
+            vm.register_irqfd(irq.eventfd(), MMIO_GSI_BASE + index)?;
+            let dev = if restoring {
+                None
+            } else {
+                Some(new_transport(spec, mem.clone(), irq.clone())?)
+            };
+            slots.push(Arc::new(Slot {
+                index,
+                spec: spec.clone(),
+                irq,
+                dev: Mutex::new(dev),
+            }));
+        }
+        group.slots = Arc::new(slots);
+        vm.set_mmio_bus(Arc::new(VirtioBus {
+            slots: group.slots.clone(),
+        }))?;
+        group.quiesced = true;
+        if !restoring {
+            group.start_rx()?;
+        }
+        Ok(group)
+    }
+
+    /// The device windows.
+    pub fn slots(&self) -> &[Arc<Slot>] {
+        &self.slots
+    }
+
+    fn has_net(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| matches!(s.spec, DeviceSpec::Net(_)))
+    }
+
+    fn start_rx(&mut self) -> Result<usize> {
+        if !self.quiesced {
+            return Ok(0);
+        }
+        for s in self
+            .slots
+            .iter()
+            .filter(|s| matches!(s.spec, DeviceSpec::Net(_)))
+        {
+            let t = RxThread::spawn(s.clone()).map_err(|e| Error::Io {
+                path: format!("virtio-net {} RX thread", s.index),
+                source: e,
+            })?;
+            self.rx.push(t);
+        }
+        self.quiesced = false;
+        Ok(self.rx.len())
+    }
+
+    fn stop_rx(&mut self) -> usize {
+        let n = self.rx.len();
+        for t in self.rx.drain(..) {
+            t.stop();
+        }
+        self.quiesced = true;
+        n
+    }
+
+    /// Copies every writable disk to `SNAPFILE.disk<i>` (call at SAVE, RX quiesced, vCPUs
+    /// stunned); the next `checkpoint` records them. Returns a line per disk for the trace.
+    pub fn capture_disks(&mut self, snapshot: &Path) -> Result<Vec<String>> {
+        self.captured.clear();
+        let mut lines = Vec::new();
+        for s in self.slots.iter() {
+            let DeviceSpec::Block(cfg) = &s.spec else {
+                continue;
+            };
+            if cfg.readonly {
+                continue;
+            }
+            let dst = disk_capture_path(snapshot, s.index);
+            let t = Instant::now();
+            let (method, bytes) = copy_disk(&cfg.path, &dst).map_err(|source| Error::Io {
+                path: format!("{} → {}", cfg.path.display(), dst.display()),
+                source,
+            })?;
+            lines.push(format!(
+                "capture disk {} ({}) to {}: {method:?}, {bytes} bytes in {:.1} ms",
+                s.index,
+                cfg.path.display(),
+                dst.display(),
+                t.elapsed().as_secs_f64() * 1e3
+            ));
+            self.captured.push(DiskCapture {
+                device: s.index,
+                file: dst
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                bytes,
+            });
+        }
+        Ok(lines)
+    }
+}
+
+/// Puts the disks a snapshot captured back at the image paths of `specs` (power-on of a
+/// restore, before the devices open them). Returns a line per disk for the trace.
+pub fn restore_disks(
+    snapshot: &Path,
+    section: &checkpoint::Section,
+    specs: &[DeviceSpec],
+) -> Result<Vec<String>> {
+    let state = VirtioPersist::decode(section.version, &section.data)?;
+    let mut lines = Vec::new();
+    for d in &state.disks {
+        let Some(DeviceSpec::Block(cfg)) = specs.get(d.device as usize) else {
+            return Err(CptError::Corrupt(format!(
+                "a captured disk for device {}, which is not a disk in the configuration",
+                d.device
+            ))
+            .into());
+        };
+        let src = snapshot.with_file_name(&d.file);
+        if src.file_name() != Some(std::ffi::OsStr::new(&d.file)) {
+            return Err(CptError::Corrupt(format!("captured disk file name {:?}", d.file)).into());
+        }
+        let len = std::fs::metadata(&src)
+            .map_err(|source| Error::Io {
+                path: format!(
+                    "{} (the snapshot's copy of disk {})",
+                    src.display(),
+                    d.device
+                ),
+                source,
+            })?
+            .len();
+        if len != d.bytes {
+            return Err(CptError::Corrupt(format!(
+                "{} is {len} bytes, the snapshot captured {}",
+                src.display(),
+                d.bytes
+            ))
+            .into());
+        }
+        let t = Instant::now();
+        let (method, bytes) = copy_disk(&src, &cfg.path).map_err(|source| Error::Io {
+            path: format!("{} → {}", src.display(), cfg.path.display()),
+            source,
+        })?;
+        lines.push(format!(
+            "restore disk {} from {} to {}: {method:?}, {bytes} bytes in {:.1} ms",
+            d.device,
+            src.display(),
+            cfg.path.display(),
+            t.elapsed().as_secs_f64() * 1e3
+        ));
+    }
+    Ok(lines)
+}
+
+fn new_transport(
+    spec: &DeviceSpec,
+    mem: GuestMem,
+    irq: Arc<EventFdInterrupt>,
+) -> Result<Transport> {
+    let irq: Arc<dyn Interrupt> = irq;
+    let r = match spec {
+        DeviceSpec::Block(c) => Block::new(c.clone())
+            .and_then(|d| MmioTransport::new(d, mem, irq))
+            .map(Transport::Block),
+        DeviceSpec::Net(c) => Net::open(c.clone())
+            .and_then(|d| MmioTransport::new(d, mem, irq))
+            .map(Transport::Net),
+    };
+    // A device that cannot be built is a configuration to change (exit 2).
+    r.map_err(|e| Error::Usage(e.to_string()))
+}
+
+fn cpt_err(e: impl std::fmt::Display) -> CptError {
+    CptError::component("virtio", e.to_string())
+}
+
+impl Group for VirtioGroup {
+    fn name(&self) -> &'static str {
+        "virtio"
+    }
+    fn version(&self) -> u32 {
+        VirtioPersist::VERSION
+    }
+    /// Snapshots of VMs without devices (and of builds before devices) have no `virtio`
+    /// section; `missing` refuses that only when this VM has devices.
+    fn optional(&self) -> bool {
+        true
+    }
+    fn checkpoint(&mut self) -> std::result::Result<Vec<u8>, CptError> {
+        let mut state = VirtioGroupState {
+            disks: std::mem::take(&mut self.captured),
+            ..VirtioGroupState::default()
+        };
+        for s in self.slots.iter() {
+            let g = s.lock();
+            let t = g
+                .as_ref()
+                .ok_or_else(|| cpt_err(format!("device {} was never built", s.index)))?;
+            state.devices.push(t.save().encode());
+        }
+        VirtioPersist::encode(&state)
+    }
+    fn restore(&mut self, version: u32, data: &[u8]) -> std::result::Result<(), CptError> {
+        let state = VirtioPersist::decode(version, data)?;
+        if state.devices.len() != self.slots.len() {
+            return Err(cpt_err(format!(
+                "the snapshot has {} virtio devices, this VM {} (restore with the same --disk/--net)",
+                state.devices.len(),
+                self.slots.len()
+            )));
+        }
+        self.stop_rx();
+        for (s, bytes) in self.slots.iter().zip(&state.devices) {
+            let saved = VirtioState::decode(bytes).map_err(cpt_err)?;
+            let mut g = s.lock();
+            // Close the old image and TAP first: a TAP opens once.
+            *g = None;
+            let irq: Arc<dyn Interrupt> = s.irq.clone();
+            let t = match &s.spec {
+                DeviceSpec::Block(_) => Transport::Block(
+                    persist::restore_block(&saved, self.mem.clone(), irq, None).map_err(cpt_err)?,
+                ),
+                DeviceSpec::Net(_) => Transport::Net(
+                    persist::restore_net(&saved, self.mem.clone(), irq, None).map_err(cpt_err)?,
+                ),
+            };
+            *g = Some(t);
+        }
+        Ok(())
+    }
+    fn quiesce(&mut self) -> std::result::Result<Option<String>, CptError> {
+        if self.rx.is_empty() {
+            return Ok(None);
+        }
+        let n = self.stop_rx();
+        Ok(Some(format!("stopped {n} net RX thread(s)")))
+    }
+    fn sync(&mut self) -> std::result::Result<Option<String>, CptError> {
+        if !self.quiesced || !self.has_net() {
+            self.quiesced = false;
+            return Ok(None);
+        }
+        let n = self.start_rx().map_err(cpt_err)?;
+        Ok(Some(format!("started {n} net RX thread(s)")))
+    }
+    fn error(&mut self, _error: &CptError) {
+        self.captured.clear();
+        if self.quiesced && self.has_net() {
+            if let Err(e) = self.start_rx() {
+                log::error!("virtio: cannot restart net RX after a failed checkpoint: {e}");
+            }
+        }
+    }
+    fn missing(&mut self) -> std::result::Result<(), CptError> {
+        if self.slots.is_empty() {
+            return Ok(());
+        }
+        Err(cpt_err(format!(
+            "the snapshot has no virtio state, but this VM has {} devices",
+            self.slots.len()
+        )))
+    }
+}
+
+impl Drop for VirtioGroup {
+    fn drop(&mut self) {
+        self.stop_rx();
+    }
+}
