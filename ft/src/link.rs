@@ -439,8 +439,12 @@ fn send_epoch(
                     t_sent - t_enc,
                     t0.elapsed() - t_sent
                 );
-                // The standby committed these pages: they are the base of the next deltas.
-                cache.remember(cap.epoch, &parts);
+                // The standby committed these pages: they are the base of the next deltas. A
+                // full sync (all of memory) is not kept: copying it would hold this thread,
+                // and its heartbeats, for longer than the standby waits.
+                if !cap.full {
+                    cache.remember(cap.epoch, &parts);
+                }
                 stats.xor_ranges = xor_ranges;
                 stats.xor_cache_bytes = cache.bytes();
                 return Ok(stats);
@@ -479,7 +483,8 @@ fn send_epoch(
 /// The primary's copies of recently sent pages, bounded in bytes: the base of XOR deltas.
 ///
 /// ```text
-///  epoch E sent ─▶ Ack(E) ─▶ remember(E, pages)     (the standby committed them: same bytes)
+///  epoch E sent ─▶ Ack(E) ─▶ remember(E, pages)     (the standby committed them: same bytes;
+///                                                    a full sync is not kept)
 ///  epoch E+1: a run whose pages are all cached ─▶ XOR against the copies, zstd, and keep it
 ///             when smaller than zstd alone (encode_range picks the smallest coding)
 ///  over the bound: the pages sent longest ago go first
