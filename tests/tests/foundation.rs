@@ -128,9 +128,19 @@ fn a_thousand_stuns_stop_every_vcpu_and_the_run_still_completes_exactly() {
         if before.iter().zip(&last).any(|(b, l)| b > l) {
             moved_between_stuns += 1;
         }
-        last = before;
+        last = before.clone();
         guard.unstun().expect("unstun");
+        // Give the unstunned guest the chance to run: 200 µs, then up to 20 ms more while no
+        // counter has moved (SCHED_IDLE vCPUs wait for a free core while the other tests of
+        // this file run their guests on the same two cores). A guest that unstun did not let
+        // run never moves, and the count below stays low.
         std::thread::sleep(Duration::from_micros(200));
+        let waiting = Instant::now();
+        while waiting.elapsed() < Duration::from_millis(20)
+            && (0..4).all(|v| vm.progress(v).unwrap() == before[v as usize])
+        {
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
     for v in 0..4 {
         let s = settled_state(&vm, v);
