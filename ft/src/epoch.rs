@@ -68,6 +68,18 @@ pub fn pages_digest(ranges: &[(u64, &[u8])]) -> [u8; 32] {
     combine_hashes(parts)
 }
 
+/// Reads the committed copy of `len` bytes at a GPA: the base of the primary's XOR deltas.
+#[derive(Clone)]
+pub struct XorBase(
+    pub std::sync::Arc<dyn Fn(u64, usize) -> Option<Vec<u8>> + Send + std::marker::Sync>,
+);
+
+impl std::fmt::Debug for XorBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("XorBase")
+    }
+}
+
 /// An epoch being received.
 #[derive(Debug)]
 pub struct Staging {
@@ -382,9 +394,9 @@ pub struct Replica {
 
 impl Replica {
     /// Reads the committed image: the base of the primary's XOR deltas.
-    pub fn xor_base(&self) -> crate::standby::machine::XorBase {
+    pub fn xor_base(&self) -> XorBase {
         let mem = self.mem.clone();
-        crate::standby::machine::XorBase(std::sync::Arc::new(move |gpa, len| {
+        XorBase(std::sync::Arc::new(move |gpa, len| {
             let mut buf = vec![0u8; len];
             mem.read_slice(&mut buf, GuestAddress(gpa)).ok()?;
             Some(buf)

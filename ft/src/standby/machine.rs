@@ -319,17 +319,7 @@ pub struct Counters {
     pub frames: u64,
 }
 
-/// Reads the committed copy of `len` bytes at a GPA: the base of the primary's XOR deltas.
-#[derive(Clone)]
-pub struct XorBase(
-    pub std::sync::Arc<dyn Fn(u64, usize) -> Option<Vec<u8>> + Send + std::marker::Sync>,
-);
-
-impl std::fmt::Debug for XorBase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("XorBase")
-    }
-}
+pub use crate::epoch::XorBase;
 
 /// The standby's state machine.
 #[derive(Debug)]
