@@ -141,6 +141,12 @@ impl Vm {
             )));
         }
         install_kick_handler()?;
+        // Start rayon's pool here, on the caller's thread: pool threads inherit the scheduling
+        // policy of the thread that starts them, and one started from a SCHED_IDLE vCPU thread
+        // (MainMem's page copy runs there) would do all replication work at idle priority.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("tandem-pool-{i}"))
+            .build_global();
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let max = kvm.get_max_vcpus();
         if config.vcpus as usize > kvm.get_nr_vcpus() {

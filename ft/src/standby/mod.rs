@@ -327,9 +327,15 @@ impl Standby {
             let waited = last_frame.elapsed().min(bytes_at.elapsed());
             let limit = m.silence_limit(self.cfg.interval);
             if waited >= limit {
-                actions.extend(m.on(Event::Silence {
+                let acts = m.on(Event::Silence {
                     ms: waited.as_millis() as u64,
-                }));
+                });
+                if acts.is_empty() {
+                    // A state that ignores silence: the next one is due a whole limit from
+                    // now, so this loop does not spin.
+                    last_frame = Instant::now();
+                }
+                actions.extend(acts);
                 continue;
             }
             let poll = (limit - waited).min(Duration::from_millis(100));
