@@ -775,3 +775,15 @@ fn fuzz_garbage_never_panics() {
         super::harness::fuzz(&b);
     }
 }
+
+/// Prints a fuzz artifact's script: `SCRIPT=path cargo test -p ft --lib print_script --
+/// --ignored --nocapture`.
+#[test]
+#[ignore]
+fn print_script() {
+    let b = std::fs::read(std::env::var("SCRIPT").unwrap()).unwrap();
+    for op in decode_script(&b) {
+        let s = format!("{op:?}");
+        println!("{}", &s[..s.len().min(300)]);
+    }
+}
