@@ -193,11 +193,11 @@ impl Module for MainMem {
         if let Some(epoch) = &args.epoch {
             // Replication: fetch and reset the dirty log, copy the pages out (on every core).
             let log = crate::dirty::DirtyLog::new(vcpu0.shared.clone());
-            let taken = log.take()?;
             let runs = if epoch.full {
+                log.take()?;
                 crate::dirty::DirtyPages::all(log.pages()).runs()
             } else {
-                taken.runs()
+                log.take_epoch()?.runs()
             };
             let copied = log.copy_runs(&runs).map_err(|e| err(e.to_string()));
             *epoch.runs.lock().unwrap_or_else(|p| p.into_inner()) = copied?;

@@ -52,23 +52,41 @@ pub struct VmShared {
     pub(crate) ran: AtomicBool,
     /// Devices behind unbacked guest-physical addresses ([`crate::Vm::set_mmio_bus`]).
     pub(crate) mmio_bus: OnceLock<Arc<dyn crate::MmioBus>>,
+    /// KVM leaves dirty pages writable until told to re-arm them
+    /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`), so hot pages can stay writable across epochs.
+    pub(crate) manual_dirty: bool,
+    /// Which pages the epochs keep writable ([`crate::dirty::Rearm`]).
+    pub(crate) rearm: Mutex<crate::dirty::Rearm>,
 }
 
 impl VmShared {
-    /// Fetches and resets the dirty-page bitmap: KVM's log (guest writes) OR vm-memory's bitmap
-    /// (host writes, e.g. devices). Bit `n` stands for guest page `n`. Users go through
+    /// Fetches the dirty-page bitmap, KVM's log (guest writes) OR vm-memory's bitmap (host
+    /// writes, e.g. devices), and re-arms tracking: every dirty page when `keep_hot` is off;
+    /// with it on, the pages [`crate::dirty::Rearm`] calls hot stay writable (and so dirty in
+    /// every later fetch). Bit `n` stands for guest page `n`. Users go through
     /// [`crate::DirtyLog`].
-    pub(crate) fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
+    pub(crate) fn take_dirty_bitmap(&self, keep_hot: bool) -> Result<Vec<u64>> {
         let pages = self.layout.pages() as usize;
         let mut out = vec![0u64; pages.div_ceil(64)];
         let mut page_base = 0usize;
+        let mut rearm = self.rearm.lock().unwrap_or_else(|p| p.into_inner());
         for (slot, region) in self.mem.iter().enumerate() {
-            let kvm = self
+            let mut kvm = self
                 .vm_fd
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
-            let host = std::ops::Deref::deref(region).bitmap().get_and_reset();
             let region_pages = (region.len() / PAGE_SIZE) as usize;
+            if self.manual_dirty {
+                let clear = if keep_hot {
+                    rearm.select(slot, &kvm)
+                } else {
+                    rearm.forget(slot);
+                    kvm.clone()
+                };
+                crate::dirty::clear_dirty_log(&self.vm_fd, slot as u32, region_pages, &clear)?;
+            }
+            kvm.truncate(region_pages.div_ceil(64));
+            let host = std::ops::Deref::deref(region).bitmap().get_and_reset();
             let word =
                 |w: usize| kvm.get(w).copied().unwrap_or(0) | host.get(w).copied().unwrap_or(0);
             if page_base % 64 == 0 {

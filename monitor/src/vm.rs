@@ -179,6 +179,7 @@ impl Vm {
                 false
             }
         };
+        let manual_dirty = crate::dirty::enable_manual_protect(&kvm, &vm_fd);
         let mem = map_memory(config, &layout)?;
         let msrs = msr_list(&kvm)?;
         let cpuid = kvm
@@ -212,6 +213,8 @@ impl Vm {
             restored: Mutex::new(Restored::default()),
             ran: AtomicBool::new(false),
             mmio_bus: OnceLock::new(),
+            manual_dirty,
+            rearm: Mutex::new(crate::dirty::Rearm::default()),
         });
         let run_size = shared
             .kvm
