@@ -1,0 +1,231 @@
+//! The same command script against a real `redis-server` (Debian's `redis-server` package)
+//! and against `kvstore::Store`: every reply must be byte-identical. Skips, saying why, where
+//! `redis-server` is not installed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvstore::resp::{encode_request, split_args};
+use kvstore::{ServerInfo, Store};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_redis() -> Option<(Server, TcpStream)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            // kv has one database, as this server then has.
+            "--databases",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let child = match child {
+        Ok(c) => Server(c),
+        Err(e) => {
+            eprintln!("SKIP: cannot start redis-server ({e}); install Debian's redis-server");
+            return None;
+        }
+    };
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            return Some((child, s));
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            panic!("redis-server did not listen on port {port} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads one whole RESP2 reply.
+fn read_reply(r: &mut impl BufRead, out: &mut Vec<u8>) {
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line).expect("a reply line");
+    out.extend_from_slice(&line);
+    let n: i64 = std::str::from_utf8(&line[1..line.len() - 2])
+        .unwrap()
+        .parse()
+        .unwrap_or(0);
+    match line[0] {
+        b'$' if n >= 0 => {
+            let mut data = vec![0u8; n as usize + 2];
+            r.read_exact(&mut data).expect("bulk data");
+            out.extend_from_slice(&data);
+        }
+        b'*' if n > 0 => {
+            for _ in 0..n {
+                read_reply(r, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+const SCRIPT: &[&str] = &[
+    "FLUSHALL",
+    "PING",
+    "PING hello",
+    "PING a b",
+    "ECHO \"with space\"",
+    "ECHO",
+    "SET k v",
+    "SET k w NX",
+    "SET k w XX GET",
+    "SET nx1 v NX",
+    "SET k2 v XX",
+    "SET k v NX XX",
+    "SET k v GET GET",
+    "SET k",
+    "set K lower-case-command",
+    "GET k",
+    "GET K",
+    "GET missing",
+    "GET k extra",
+    "MSET a 1 b 2 c 3",
+    "MSET a",
+    "MSET a 1 b",
+    "EXISTS a b c missing a",
+    "DEL a missing b",
+    "EXISTS a b c",
+    "INCR counter",
+    "INCR counter",
+    "INCR k",
+    "SET big 9223372036854775806",
+    "INCR big",
+    "INCR big",
+    "SET neg -5",
+    "INCR neg",
+    "SET lead 007",
+    "INCR lead",
+    "SET sp \" 1\"",
+    "INCR sp",
+    "RPUSH list a b c",
+    "LPUSH list z y",
+    "LRANGE list 0 -1",
+    "LRANGE list 1 2",
+    "LRANGE list -3 -1",
+    "LRANGE list -100 100",
+    "LRANGE list 3 1",
+    "LRANGE list 10 20",
+    "LRANGE list x 1",
+    "LRANGE missing 0 -1",
+    "LLEN list",
+    "LLEN missing",
+    "LLEN k",
+    "LPUSH k x",
+    "GET list",
+    "INCR list",
+    "LPOP list",
+    "RPOP list",
+    "LPOP list 2",
+    "RPOP list 0",
+    "LPOP list -1",
+    "LPOP missing",
+    "LPOP missing 3",
+    "LPOP list 1 2",
+    "RPOP list 10",
+    "EXISTS list",
+    "DBSIZE",
+    "SELECT 0",
+    "SELECT 1",
+    "SELECT x",
+    "NOSUCH a b",
+    "nosuch",
+    "FLUSHALL BOGUS",
+    "FLUSHALL SYNC",
+    "DBSIZE",
+];
+
+#[test]
+fn every_reply_is_byte_identical_to_redis_server() {
+    let Some((_server, stream)) = start_redis() else {
+        return;
+    };
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let mut store = Store::new(64 << 20);
+    let info = ServerInfo::default();
+    let mut differ = Vec::new();
+    for line in SCRIPT {
+        let args = split_args(line.as_bytes()).expect("script lines parse");
+        let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+        let mut req = Vec::new();
+        encode_request(&refs, &mut req);
+        w.write_all(&req).unwrap();
+        let mut want = Vec::new();
+        read_reply(&mut r, &mut want);
+        let mut got = Vec::new();
+        store.execute(&args, &info, &mut got);
+        if got != want {
+            differ.push(format!(
+                "{line}\n  redis-server: {:?}\n  kv:           {:?}",
+                String::from_utf8_lossy(&want),
+                String::from_utf8_lossy(&got)
+            ));
+        }
+    }
+    assert!(differ.is_empty(), "replies differ:\n{}", differ.join("\n"));
+}
+
+#[test]
+fn protocol_errors_match_redis_server() {
+    // Each hostile request on its own connection: Redis answers and closes.
+    let cases: &[&[u8]] = &[
+        b"*x\r\n",
+        b"*1\r\n$-5\r\n",
+        b"*1\r\n:1\r\n",
+        b"*1\r\n$99999999999\r\n",
+        b"GET \"unbalanced\r\n",
+    ];
+    let Some((server, first)) = start_redis() else {
+        return;
+    };
+    let port = first.peer_addr().unwrap().port();
+    drop(first);
+    for case in cases {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(case).unwrap();
+        let mut want = Vec::new();
+        let _ = s.read_to_end(&mut want);
+        let got = match kvstore::parse(case) {
+            kvstore::Parsed::Error(why) => format!("-ERR Protocol error: {why}\r\n").into_bytes(),
+            other => panic!(
+                "{:?}: kv did not refuse it: {other:?}",
+                String::from_utf8_lossy(case)
+            ),
+        };
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "request {:?}",
+            String::from_utf8_lossy(case)
+        );
+    }
+    drop(server);
+}
