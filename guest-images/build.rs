@@ -12,7 +12,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUESTS: [&str; 5] = ["hello", "panic", "blk-check", "net-echo", "stall-probe"];
+const GUESTS: [&str; 6] = [
+    "hello",
+    "panic",
+    "blk-check",
+    "net-echo",
+    "stall-probe",
+    "kv",
+];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn main() {
@@ -35,10 +42,19 @@ fn main() {
         "blk-check",
         "net-echo",
         "stall-probe",
+        "kv",
     ] {
         println!("cargo:rerun-if-changed={}", guests.join(p).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("abi/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("kvstore/src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("kvstore/Cargo.toml").display()
+    );
     println!(
         "cargo:rerun-if-changed={}",
         root.join("abi/Cargo.toml").display()

@@ -30,16 +30,20 @@ pub const NET_ECHO: &[u8] = include_bytes!(concat!(env!("GUEST_IMAGES_DIR"), "/n
 /// The `stall-probe` guest (ELF64).
 pub const STALL_PROBE: &[u8] = include_bytes!(concat!(env!("GUEST_IMAGES_DIR"), "/stall-probe"));
 
+/// The `kv` guest (ELF64): a Redis-compatible server with an append-only log.
+pub const KV: &[u8] = include_bytes!(concat!(env!("GUEST_IMAGES_DIR"), "/kv"));
+
 /// Every image, by name.
-pub const IMAGES: [(&str, &[u8]); 5] = [
+pub const IMAGES: [(&str, &[u8]); 6] = [
     ("hello", HELLO),
     ("panic", PANIC),
     ("blk-check", BLK_CHECK),
     ("net-echo", NET_ECHO),
     ("stall-probe", STALL_PROBE),
+    ("kv", KV),
 ];
 
-/// The image called `name` (`hello`, `panic`, `blk-check`, `net-echo`, `stall-probe`).
+/// The image called `name` (`hello`, `panic`, `blk-check`, `net-echo`, `stall-probe`, `kv`).
 pub fn image(name: &str) -> Option<&'static [u8]> {
     IMAGES.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
 }
@@ -83,6 +87,13 @@ pub mod kind {
     pub const STALL: u32 = 0x31;
     /// stall-probe, summary: `value` = largest gap ns, `aux` = gaps over the threshold.
     pub const STALL_SUMMARY: u32 = 0x32;
+    /// kv, after the log replay at boot: `value` = records replayed, `aux` = log bytes, bit 63
+    /// set if a torn tail was cut.
+    pub const KV_LOG: u32 = 0x38;
+    /// kv, listening: `value` = IPv4 (big-endian u32) << 8 | prefix, `aux` = TCP port.
+    pub const KV_UP: u32 = 0x39;
+    /// kv, every `stats_ms`: `value` = requests answered, `aux` = open connections.
+    pub const KV_STATS: u32 = 0x3a;
 }
 
 /// Reference models: what the guests must emit, computed independently on the host.

@@ -16,6 +16,7 @@
 extern crate alloc;
 
 pub mod aof;
+pub mod compat;
 pub mod resp;
 pub mod store;
 

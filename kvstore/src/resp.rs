@@ -355,6 +355,52 @@ pub fn encode_request(args: &[&[u8]], out: &mut Vec<u8>) {
     }
 }
 
+/// The length of the first whole RESP2 reply in `buf` (what a client reads): `Ok(None)` when
+/// more bytes are needed, `Err` when `buf` does not start with a reply. Nesting is bounded
+/// (arrays of arrays deeper than 32 are refused).
+pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, &'static str> {
+    fn at(buf: &[u8], depth: u32) -> Result<Option<usize>, &'static str> {
+        if depth > 32 {
+            return Err("replies nested too deep");
+        }
+        let Some(eol) = find_crlf(buf) else {
+            return Ok(None);
+        };
+        let head = eol + 2;
+        let n = || string_to_i64(&buf[1..eol]).ok_or("bad length in a reply");
+        match buf[0] {
+            b'+' | b'-' | b':' => Ok(Some(head)),
+            b'$' => {
+                let n = n()?;
+                if n < 0 {
+                    return Ok(Some(head));
+                }
+                let end = head
+                    .checked_add(n as usize)
+                    .and_then(|e| e.checked_add(2))
+                    .ok_or("bulk length overflows")?;
+                Ok((buf.len() >= end).then_some(end))
+            }
+            b'*' => {
+                let n = n()?;
+                let mut end = head;
+                for _ in 0..n.max(0) {
+                    match at(&buf[end..], depth + 1)? {
+                        Some(l) => end += l,
+                        None => return Ok(None),
+                    }
+                }
+                Ok(Some(end))
+            }
+            _ => Err("not a RESP2 reply"),
+        }
+    }
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    at(buf, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,6 +488,20 @@ mod tests {
         ] {
             assert_eq!(string_to_i64(s.as_bytes()), v, "{s}");
         }
+    }
+
+    #[test]
+    fn reply_lengths_are_found_in_partial_and_pipelined_replies() {
+        let r = b"*2\r\n$2\r\nhi\r\n:5\r\n+OK\r\n";
+        assert_eq!(reply_len(r), Ok(Some(16)));
+        assert_eq!(reply_len(&r[16..]), Ok(Some(5)));
+        for cut in 0..16 {
+            assert_eq!(reply_len(&r[..cut]), Ok(None), "cut {cut}");
+        }
+        assert_eq!(reply_len(b"$-1\r\n"), Ok(Some(5)));
+        assert_eq!(reply_len(b"*-1\r\n"), Ok(Some(5)));
+        assert!(reply_len(b"x\r\n").is_err());
+        assert!(reply_len(b"$99999999999999999999\r\n").is_err());
     }
 
     #[test]

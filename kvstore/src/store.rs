@@ -545,6 +545,13 @@ impl Store {
     }
 }
 
+/// Whether a request named `name` may change the data set (and so is logged).
+pub fn is_write(name: &[u8]) -> bool {
+    COMMANDS
+        .iter()
+        .any(|c| c.write && c.name.as_bytes().eq_ignore_ascii_case(name))
+}
+
 fn arity_error(out: &mut Vec<u8>, name: &str) {
     out.error(format!("ERR wrong number of arguments for '{name}' command").as_bytes());
 }

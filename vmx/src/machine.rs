@@ -600,6 +600,13 @@ impl Vmx {
         match rpc {
             UserRpc::OutputDoorbell { vcpu } => {
                 self.output.drain(vcpu)?;
+                // A `--output` file is readable as the guest goes, and survives a SIGKILL up
+                // to the last doorbell.
+                if let Some(t) = &mut self.output.sinks.text {
+                    if let Err(e) = t.flush() {
+                        log::warn!("cannot write output text: {e}");
+                    }
+                }
             }
             UserRpc::VcpuDone { vcpu } => {
                 self.output.drain(vcpu)?;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use monitor::{ModuleTable, Vm, VmConfig};
 
+mod bench_stall;
 mod fuzz;
 mod modgraph;
 mod pair;
@@ -88,6 +89,8 @@ enum Bench {
     Reprotect,
     /// Network faults and partitions between two netns hosts (needs root and nftables).
     Faults,
+    /// What a protected guest sees: its throughput kept and its stalls, per hot set and rate.
+    Stall,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -418,6 +421,9 @@ fn main() {
             }
             if all || which == Some(Bench::Faults) {
                 r = r.and_then(|_| pair::bench_faults(&mut out));
+            }
+            if all || which == Some(Bench::Stall) {
+                r = r.and_then(|_| bench_stall::bench(&mut out));
             }
             r.and_then(|_| {
                 if !no_record {

@@ -82,6 +82,23 @@ pub mod kinds {
     /// stall-probe, last before `DONE`: `value` = largest gap in ns, `aux` = gaps over the
     /// threshold (also those not recorded once `max` was reached).
     pub const STALL_SUMMARY: u32 = 0x32;
+    /// kv, after the log replay at boot: `value` = records replayed, `aux` = log bytes, bit 63
+    /// set if a torn tail was cut.
+    pub const KV_LOG: u32 = 0x38;
+    /// kv, listening: `value` = IPv4 (big-endian u32) << 8 | prefix, `aux` = TCP port.
+    pub const KV_UP: u32 = 0x39;
+    /// kv, every `stats_ms`: `value` = requests answered, `aux` = open connections.
+    pub const KV_STATS: u32 = 0x3a;
+}
+
+/// The precompiled `alloc` is built with unwinding, and code paths such as `alloc::format!`
+/// keep landing pads that name this symbol. Guests are built with `panic = "abort"`, so no
+/// unwind ever starts and this is never reached; if it were, the vCPU stops here.
+#[no_mangle]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
 }
 
 /// Longest `file:line: message` a panic reports (longer text is cut).

@@ -5,7 +5,10 @@
 //! Arguments: `ms` (default 1000) how long to run; `threshold_us` (default 50); `max`
 //! (default 1000) most STALL records (gaps beyond it are still counted); `hb_ms` (default 0)
 //! heartbeat interval: when set, the probe configures the heartbeat and pings every
-//! `hb_ms / 2`.
+//! `hb_ms / 2`; `hot_kib` (default 0) a hot set: every loop iteration also writes one qword
+//! into the next page of the first `hot_kib` KiB of the data area (cycling), so the probe
+//! dirties that set as fast as it runs — the memory a replication epoch must copy — and the
+//! iteration count measures the guest's throughput.
 //!
 //! Records (kinds from `tandem_rt::kinds`):
 //!
@@ -36,6 +39,14 @@ fn main(env: &Env) {
     if hb_ms != 0 {
         env.heartbeat(hb_ms);
     }
+    let (data, data_size) = env.data_area();
+    let hot_pages = (env
+        .arg_u64("hot_kib", 0)
+        .saturating_mul(1024)
+        .min(data_size)
+        / 4096) as usize;
+    let hot = data as *mut u64;
+    let mut page = 0usize;
     let threshold = env.ns_to_ticks(threshold_ns).max(1);
     let ping_every = env.ns_to_ticks(u64::from(hb_ms) * 500_000).max(1);
     let start = rdtsc();
@@ -46,6 +57,15 @@ fn main(env: &Env) {
     loop {
         let now = rdtsc();
         iters += 1;
+        if hot_pages != 0 {
+            // SAFETY: page < hot_pages, and hot_pages pages fit in this vCPU's data area, which
+            // the runtime maps writable for this vCPU alone (the probe allocates nothing).
+            unsafe { hot.add(page * 512).write_volatile(iters) };
+            page += 1;
+            if page == hot_pages {
+                page = 0;
+            }
+        }
         let gap = now.wrapping_sub(last);
         if gap > threshold && now > last {
             gaps += 1;

@@ -16,6 +16,9 @@
 
 extern crate alloc;
 
+#[cfg(feature = "smoltcp")]
+pub mod net;
+
 use core::alloc::Layout;
 use core::ptr::NonNull;
 

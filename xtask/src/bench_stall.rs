@@ -1,0 +1,200 @@
+//! `cargo xtask bench stall`: what a protected guest sees of protection.
+//!
+//! The `stall-probe` guest spins reading its TSC and, with `hot_kib`, writes one qword into the
+//! next page of a hot set on every iteration (so it re-dirties the whole set as fast as it
+//! runs). It records every gap between two TSC reads longer than 50 µs: a stun, an exit, a
+//! preempted vCPU thread. Each configuration runs the same probe for the same guest time:
+//!
+//! ```text
+//!   FT off      tandem run --image stall-probe          → iterations/s (the 100 % line)
+//!   FT n Hz     sink ─ standby ─ primary (loopback)      → iterations/s, gaps, primary's pause
+//! ```
+//!
+//! Throughput kept = protected iterations/s ÷ unprotected iterations/s. Stall percentiles are
+//! over the gaps the guest recorded (at most `MAX_GAPS`); the stall rate is gaps per second.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use guest_images::model::{self, StallRun};
+use testkit::pair::{Pair, PairConfig};
+
+/// Guest time of every run, ms.
+const RUN_MS: u64 = 4000;
+/// Gaps the probe records at most.
+const MAX_GAPS: u64 = 5000;
+/// The gap threshold, µs.
+const THRESHOLD_US: u64 = 50;
+
+fn probe_args(hot_kib: u64) -> Vec<String> {
+    [
+        format!("ms={RUN_MS}"),
+        format!("hot_kib={hot_kib}"),
+        format!("threshold_us={THRESHOLD_US}"),
+        format!("max={MAX_GAPS}"),
+    ]
+    .into_iter()
+    .flat_map(|a| ["--guest-arg".to_string(), a])
+    .collect()
+}
+
+fn guest_cli(image: &Path, hot_kib: u64) -> Vec<String> {
+    let mut v = vec![
+        "--image".to_string(),
+        image.display().to_string(),
+        "--vcpus".into(),
+        "1".into(),
+        "--mem-mib".into(),
+        "256".into(),
+    ];
+    v.extend(probe_args(hot_kib));
+    v
+}
+
+fn parse_records(text: &str) -> Vec<guest_abi::Record> {
+    // `tandem run --output`: `vcpu seq kind value aux`.
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .map(|w| w.parse().ok())
+                .collect::<Option<_>>()?;
+            (f.len() == 5).then(|| guest_abi::Record {
+                vcpu: f[0] as u32,
+                seq: f[1],
+                kind: f[2] as u32,
+                value: f[3],
+                aux: f[4],
+            })
+        })
+        .collect()
+}
+
+fn unprotected(bin: &Path, image: &Path, hot_kib: u64, dir: &Path) -> Result<StallRun, String> {
+    let out = dir.join(format!("off-{hot_kib}.txt"));
+    let o = std::process::Command::new(bin)
+        .arg("run")
+        .args(guest_cli(image, hot_kib))
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .map_err(|e| format!("tandem run: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "tandem run: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
+    model::stall_run(&parse_records(&text))
+        .ok_or_else(|| "the unprotected probe did not complete a run".to_string())
+}
+
+/// One protected run: the probe's view and the primary's epoch pause (p50, p99 ms).
+fn protected(
+    bin: &Path,
+    image: &Path,
+    hot_kib: u64,
+    interval_ms: u64,
+    dir: &Path,
+) -> Result<(StallRun, f64, f64, u64), String> {
+    let cfg = PairConfig {
+        bin: bin.to_path_buf(),
+        dir: dir.join(format!("pair-{hot_kib}-{interval_ms}")),
+        guest: guest_cli(image, hot_kib),
+        interval_ms,
+        primary_env: vec![],
+        log: "warn".into(),
+        hosts: Default::default(),
+    };
+    let mut pair = Pair::start_standby(cfg).map_err(|e| format!("starting the pair: {e}"))?;
+    pair.start_primary()
+        .map_err(|e| format!("starting the primary: {e}"))?;
+    let st = pair
+        .wait_primary(Duration::from_millis(RUN_MS * 10 + 30_000))
+        .ok_or("the protected probe did not finish")?;
+    if !st.success() {
+        return Err(format!(
+            "the primary failed ({st}): {}",
+            pair.log("primary")
+        ));
+    }
+    let records: Vec<guest_abi::Record> = pair
+        .sink_stream()
+        .first()
+        .map(|v| v.iter().map(|(_, r)| *r).collect())
+        .unwrap_or_default();
+    let run = model::stall_run(&records)
+        .ok_or("the sink did not receive a complete probe run".to_string())?;
+    let result = pair.result("primary").ok_or("no result from the primary")?;
+    let ft = &result["ft"];
+    let p50 = ft["pause_ms"]["p50"].as_f64().unwrap_or(f64::NAN);
+    let p99 = ft["pause_ms"]["p99"].as_f64().unwrap_or(f64::NAN);
+    let throttles = ft["counters"]["throttles"].as_u64().unwrap_or(0);
+    Ok((run, p50, p99, throttles))
+}
+
+fn gap_ms(run: &StallRun, p: f64) -> f64 {
+    let mut g: Vec<u64> = run.gaps.iter().map(|g| g.0).collect();
+    if g.is_empty() {
+        return 0.0;
+    }
+    g.sort_unstable();
+    let i = ((p / 100.0) * (g.len() - 1) as f64).round() as usize;
+    g[i.min(g.len() - 1)] as f64 / 1e6
+}
+
+fn rate(run: &StallRun) -> f64 {
+    run.iterations as f64 / (run.elapsed_ns.max(1) as f64 / 1e9)
+}
+
+/// Runs the benchmark and appends its table to `out`.
+pub fn bench(out: &mut String) -> Result<(), String> {
+    let bin = crate::pair::build_tandem()?;
+    let dir = std::env::temp_dir().join(format!("tandem-bench-stall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let image = dir.join("stall-probe");
+    std::fs::write(&image, guest_images::STALL_PROBE).map_err(|e| e.to_string())?;
+    let mut text = format!(
+        "### What the guest sees (`cargo xtask bench stall`)\n\n\
+         `stall-probe` guest, 1 vCPU, 256 MiB, {RUN_MS} ms of guest time per run, rewriting one \
+         qword per page of its hot set on every loop iteration; gaps over {THRESHOLD_US} µs \
+         between two of its TSC reads are stalls. Kept = protected loop iterations/s ÷ \
+         unprotected (`tandem run`); pause = the epoch pause the primary measures.\n\n\
+         | hot set | FT | kept | stalls/s | stall p50 ms | stall p99 ms | stall max ms | pause p50 ms | pause p99 ms | throttles |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for hot_kib in [1024u64, 16 * 1024] {
+        let off = unprotected(&bin, &image, hot_kib, &dir)?;
+        let base = rate(&off);
+        let per_s = |r: &StallRun| r.over as f64 / (r.elapsed_ns.max(1) as f64 / 1e9);
+        let row = format!(
+            "| {} MiB | off | 100 % | {:.1} | {:.3} | {:.3} | {:.3} | – | – | – |\n",
+            hot_kib / 1024,
+            per_s(&off),
+            gap_ms(&off, 50.0),
+            gap_ms(&off, 99.0),
+            off.largest_ns as f64 / 1e6
+        );
+        print!("{row}");
+        text.push_str(&row);
+        for interval in [100u64, 50, 25] {
+            let (run, p50, p99, throttles) = protected(&bin, &image, hot_kib, interval, &dir)?;
+            let row = format!(
+                "| {} MiB | {} Hz | {:.1} % | {:.1} | {:.3} | {:.3} | {:.3} | {p50:.3} | {p99:.3} | {throttles} |\n",
+                hot_kib / 1024,
+                1000 / interval,
+                rate(&run) / base * 100.0,
+                per_s(&run),
+                gap_ms(&run, 50.0),
+                gap_ms(&run, 99.0),
+                run.largest_ns as f64 / 1e6,
+            );
+            print!("{row}");
+            text.push_str(&row);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    writeln!(out, "{text}").map_err(|e| e.to_string())
+}
