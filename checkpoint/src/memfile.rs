@@ -1,18 +1,26 @@
 //! Guest memory in a snapshot, in one of two forms.
 //!
 //! ```text
-//!  default: FILE.mem, a sparse raw file beside the state file (below)
+//!  default: FILE.mem-<nonce>, a sparse raw file beside the state file (below), its name
+//!           recorded in module/MainMem (see `checkpoint::files` for the names and the order
+//!           a save writes them in; a version-1 snapshot's is FILE.mem)
 //!  --compress: sections "mem/<chunk>" inside the state file, one per non-zero 2 MiB chunk,
 //!              each the zstd frame of the chunk's bytes (decompressed size capped at the
 //!              chunk size before decompressing); restore decompresses on every core.
 //!
-//!  FILE.mem: exactly `size` bytes; byte n = guest-physical byte n.
+//!  FILE.mem-<nonce>: exactly `size` bytes; byte n = guest-physical byte n.
 //!            All-zero pages are holes (never written), so the file takes the space of the
 //!            pages the guest actually used, and restore maps it privately: pages load lazily
 //!            on first touch.
 //!
-//!  MemIndex (a section of the state file): size, chunk size (2 MiB), and per chunk either
-//!  Zero or the CRC-64 of its bytes — checked by `tandem verify` and by `restore --verify`.
+//!  MemIndex: size, chunk size (2 MiB), and per chunk either Zero or the CRC-64 of its bytes
+//!  — checked by `tandem verify` and by `restore --verify`; the file's size is checked by
+//!  every restore before anything is mapped.
+//!
+//!  section module/MainMem (MainMemPersist)
+//!    v2: postcard MemState { index: MemIndex, file: Option<String> }  file = the memory
+//!        file's name beside the state file (None when compressed)
+//!    v1: postcard MemIndex, the memory file is FILE.mem (read, upgraded to v2 with file None)
 //! ```
 
 use std::fs::File;
@@ -23,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::persist::Persist;
 use crate::snapshot::{tmp_path, Section, Snapshot, CRC64};
 use crate::Error;
 
@@ -85,7 +94,70 @@ impl MemIndex {
     }
 }
 
-/// The memory file that belongs to state file `state`.
+/// What module/MainMem saves: the memory index and where the memory is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemState {
+    /// The index.
+    pub index: MemIndex,
+    /// The sparse memory file's name, beside the state file. `None`: the memory is compressed
+    /// into the state file, or (a version-1 snapshot) it is in [`mem_path`].
+    pub file: Option<String>,
+}
+
+/// MainMem's saved state as a [`Persist`] component (version 2; reads version 1).
+pub struct MainMemPersist;
+
+impl Persist for MainMemPersist {
+    const NAME: &'static str = "MainMem";
+    const VERSION: u32 = 2;
+    type State = MemState;
+
+    fn reads(version: u32) -> bool {
+        version == 1 || version == 2
+    }
+
+    fn upgrade(version: u32, data: &[u8]) -> Result<MemState, Error> {
+        if version != 1 {
+            return Err(crate::persist::version_error::<Self>(version));
+        }
+        let index: MemIndex = postcard::from_bytes(data).map_err(|e| {
+            Error::component(Self::NAME, format!("state version 1 does not decode: {e}"))
+        })?;
+        Ok(MemState { index, file: None })
+    }
+}
+
+impl MemState {
+    /// Decodes module/MainMem of `snap` (any version this build reads) and checks the index.
+    pub fn of(snap: &Snapshot) -> Result<MemState, Error> {
+        let name = crate::SectionId::Module(MainMemPersist::NAME).name();
+        let sec = snap
+            .get(&name)
+            .ok_or_else(|| Error::Corrupt(format!("no memory index ({name})")))?;
+        let state = MainMemPersist::decode(sec.version, &sec.data)?;
+        state.index.check()?;
+        if state.index.compressed && state.file.is_some() {
+            return Err(Error::Corrupt(
+                "the memory is compressed but a memory file is named too".into(),
+            ));
+        }
+        Ok(state)
+    }
+
+    /// The sparse memory file of the snapshot whose state file is `state` (`None`: the memory
+    /// is compressed into the state file).
+    pub fn file_path(&self, state: &Path) -> Result<Option<PathBuf>, Error> {
+        if self.index.compressed {
+            return Ok(None);
+        }
+        match &self.file {
+            Some(name) => crate::files::resolve(state, name).map(Some),
+            None => Ok(Some(mem_path(state))),
+        }
+    }
+}
+
+/// The memory file of a version-1 snapshot with state file `state` (`FILE.mem`).
 pub fn mem_path(state: &Path) -> PathBuf {
     let mut name = state
         .file_name()
@@ -96,7 +168,8 @@ pub fn mem_path(state: &Path) -> PathBuf {
 }
 
 /// Saves `size` bytes of guest memory into a sparse file at `path` (atomically: temporary file,
-/// fsync, rename). `read(gpa, buf)` fills `buf` from guest memory; chunks are read,
+/// fsync, rename, fsync of the directory). `read(gpa, buf)` fills `buf` from guest memory;
+/// chunks are read,
 /// checksummed and written on every core. `progress` gets the bytes done so far.
 pub fn save_sparse(
     path: &Path,
@@ -133,6 +206,7 @@ pub fn save_sparse(
         let chunks = chunks?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
+        crate::files::sync_dir(path)?;
         Ok(MemIndex {
             size,
             chunk: CHUNK,
@@ -179,7 +253,17 @@ fn zero_page(p: &[u8]) -> bool {
 /// Opens a memory file for mapping and checks that its size matches the index.
 pub fn open_checked(path: &Path, index: &MemIndex) -> Result<File, Error> {
     index.check()?;
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Corrupt(format!(
+                "the memory file {} is missing: a snapshot is its state file and the files it \
+                 names, in one directory (copy or move them together)",
+                path.display()
+            ))
+        } else {
+            Error::io(path, e)
+        }
+    })?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len != index.size {
         return Err(Error::Corrupt(format!(
@@ -450,6 +534,89 @@ mod tests {
         let mut gone = snap.clone();
         gone.take("mem/2").unwrap();
         assert!(verify_compressed(&idx, &gone).is_err());
+    }
+
+    fn sparse_snapshot(dir: &Path, version: u32) -> (PathBuf, PathBuf, MemIndex) {
+        let state = dir.join("snap");
+        let g = guest(2 * CHUNK as usize);
+        let read = |gpa: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&g[gpa as usize..gpa as usize + buf.len()]);
+            Ok(())
+        };
+        let mem = if version == 1 {
+            mem_path(&state)
+        } else {
+            crate::files::data_path(&state, "mem", &crate::files::new_nonce())
+        };
+        let index = save_sparse(&mem, g.len() as u64, &read, &|_| {}).unwrap();
+        let mut snap = Snapshot::default();
+        let data = if version == 1 {
+            postcard::to_stdvec(&index).unwrap()
+        } else {
+            MainMemPersist::encode(&MemState {
+                index: index.clone(),
+                file: Some(crate::files::name_of(&mem).unwrap()),
+            })
+            .unwrap()
+        };
+        snap.push(Section {
+            name: "module/MainMem".into(),
+            version,
+            data,
+        })
+        .unwrap();
+        snap.write_file(&state).unwrap();
+        (state, mem, index)
+    }
+
+    #[test]
+    fn the_state_names_its_memory_file_and_version_1_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        for version in [1, 2] {
+            let (state, mem, index) = sparse_snapshot(dir.path(), version);
+            let snap = Snapshot::read_file(&state).unwrap();
+            let m = MemState::of(&snap).unwrap();
+            assert_eq!(m.index, index);
+            assert_eq!(m.file_path(&state).unwrap(), Some(mem.clone()));
+            verify_sparse(&mem, &index).unwrap();
+            std::fs::remove_file(&mem).unwrap();
+        }
+        // A version this build does not read is named as such.
+        let mut snap = Snapshot::default();
+        snap.push(Section {
+            name: "module/MainMem".into(),
+            version: 3,
+            data: vec![],
+        })
+        .unwrap();
+        let e = MemState::of(&snap).unwrap_err().to_string();
+        assert!(
+            e.contains("MainMem") && e.contains("version 3 is newer"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_truncated_memory_file_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, mem, index) = sparse_snapshot(dir.path(), 2);
+        open_checked(&mem, &index).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+        f.set_len(index.size - 4096).unwrap();
+        let e = open_checked(&mem, &index).unwrap_err().to_string();
+        assert!(e.contains("wrong or truncated memory file"), "{e}");
+        std::fs::remove_file(&mem).unwrap();
+        let e = verify_sparse(&mem, &index).unwrap_err().to_string();
+        assert!(
+            e.contains("is missing") && e.contains(&*mem.to_string_lossy()),
+            "{e}"
+        );
+        // A name that leaves the directory is refused before anything is opened.
+        let bad = MemState {
+            index,
+            file: Some("../etc/passwd".into()),
+        };
+        assert!(bad.file_path(&state).is_err());
     }
 
     #[test]

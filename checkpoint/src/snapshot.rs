@@ -290,7 +290,8 @@ impl Snapshot {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a temporary file (fsynced) and a rename, then fsyncs the
+/// directory: `path` holds either its old bytes or all of the new ones, even after a crash.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let tmp = tmp_path(path);
     let io = |e| Error::io(path, e);
@@ -298,7 +299,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        crate::files::sync_dir(path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -6,7 +6,8 @@
 //!                                       │                                    constant time)
 //!                                       └ else SEEK_DATA/SEEK_HOLE over src, copy_file_range
 //!                                         of each data extent, holes left   → SparseCopy
-//!                        fsync, rename to dst (a reader never sees half a disk)
+//!                        fsync, rename to dst, fsync dst's directory (a reader never sees
+//!                        half a disk)
 //! ```
 
 use std::fs::File;
@@ -52,6 +53,12 @@ pub fn copy_disk(src: &Path, dst: &Path) -> io::Result<(CopyMethod, u64)> {
         };
         to.sync_all()?;
         std::fs::rename(&tmp, dst)?;
+        // The rename is on disk before anything that names `dst` is written.
+        let dir = match dst.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
         Ok((method, len))
     })();
     if r.is_err() {

@@ -18,7 +18,10 @@
 //! [`FileArbiter`] keeps one file per generation in a directory both hosts share:
 //! `generation-<g>`, created with `O_CREAT | O_EXCL` (so only one claimant can create it), its
 //! contents (who claimed it) written and `fsync`ed, then the directory `fsync`ed. The current
-//! generation is the largest that exists. This needs a file system where exclusive create is
+//! generation is the largest that exists. A claim is the file's existence, never its
+//! contents: a claimant killed between the create and the fsync leaves a generation that is
+//! claimed (by a process that is gone, so nobody acts as it) and the next claim takes the one
+//! after it; the contents ("who") are for people. This needs a file system where exclusive create is
 //! atomic across clients: a local file system (both processes on one host, as `run-pair`
 //! does), NFSv3 and later (exclusive create is atomic on the server), CephFS, GlusterFS, or
 //! a cluster file system (GFS2, OCFS2). It is **not** safe on NFSv2, on SMB with client-side

@@ -17,7 +17,8 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use checkpoint::memfile::{self, MemIndex};
+use checkpoint::memfile::{self, MainMemPersist, MemState};
+use checkpoint::Persist;
 
 use kvm_bindings::{kvm_regs, kvm_segment, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -156,6 +157,10 @@ impl Module for MainMem {
         "MainMem"
     }
 
+    fn version(&self) -> u32 {
+        MainMemPersist::VERSION
+    }
+
     fn init(&self, vm: &VmShared) -> Result<()> {
         for (slot, region) in vm.mem.iter().enumerate() {
             let host = vm
@@ -208,35 +213,43 @@ impl Module for MainMem {
                 p(done, size)
             }
         };
-        let index = if args.compress {
+        let state = if args.compress {
             let (index, sections) =
                 memfile::save_compressed(size, &read, &progress).map_err(|e| err(e.to_string()))?;
             args.extra
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(sections);
-            index
+            MemState { index, file: None }
         } else {
             let Some(path) = &args.mem_path else {
                 return Ok(None);
             };
-            memfile::save_sparse(path, size, &read, &progress).map_err(|e| err(e.to_string()))?
+            // The state file names the memory file (it lies beside it).
+            let file = checkpoint::files::name_of(path).map_err(|e| err(e.to_string()))?;
+            let index = memfile::save_sparse(path, size, &read, &progress)
+                .map_err(|e| err(e.to_string()))?;
+            MemState {
+                index,
+                file: Some(file),
+            }
         };
-        checkpoint::Section::encode("", 1, &index)
-            .map(|s| Some(s.data))
-            .map_err(|e| module_err("MainMem")(e.to_string()))
+        MainMemPersist::encode(&state)
+            .map(Some)
+            .map_err(|e| err(e.to_string()))
     }
 
     fn restore(
         &self,
         vcpu0: &mut VcpuContext,
-        _version: u32,
+        version: u32,
         data: &[u8],
         args: &CptArgs,
     ) -> Result<()> {
         let err = module_err("MainMem");
-        let index: MemIndex =
-            postcard::from_bytes(data).map_err(|e| err(format!("bad memory index: {e}")))?;
+        let index = MainMemPersist::decode(version, data)
+            .map_err(|e| err(format!("bad memory index: {e}")))?
+            .index;
         index.check().map_err(|e| err(e.to_string()))?;
         if index.size != vcpu0.shared.layout.mem_bytes {
             return Err(err(format!(

@@ -20,6 +20,18 @@
 //!    │                                          │ > next → gap (accepted, counted)
 //! ```
 //!
+//! Files, and what a crash of the sink leaves in them:
+//!
+//! ```text
+//!  out     one line per accepted record, "generation vcpu seq kind value(hex) aux\n",
+//!          appended and flushed after every batch. A kill mid-batch can leave the last line
+//!          torn (no '\n'): `parse_output` reads only whole lines, so a torn line is never
+//!          taken for a record.
+//!  report  SinkReport as JSON, rewritten after every batch through report.tmp-<pid> and a
+//!          rename: always one whole report (of some batch). Not fsynced per batch (that would
+//!          put a disk flush on every batch): after a power loss it may be older than `out`.
+//! ```
+//!
 //! Without a key (`--insecure-plaintext` on every side) the same frames go unsealed and anyone
 //! who reaches the port can speak: testing only.
 //!
@@ -263,7 +275,13 @@ impl SinkState {
     }
 
     fn save_report(&self) {
-        let tmp = self.report_path.with_extension("tmp");
+        let mut name = self
+            .report_path
+            .file_name()
+            .unwrap_or_default()
+            .to_os_string();
+        name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = self.report_path.with_file_name(name);
         let text = serde_json::to_string_pretty(&self.report).expect("report serialises");
         if std::fs::write(&tmp, text)
             .and_then(|_| std::fs::rename(&tmp, &self.report_path))
@@ -298,6 +316,15 @@ pub fn parse_line(line: &str) -> Option<(u64, u32, Record)> {
             aux: f[5].parse().ok()?,
         },
     ))
+}
+
+/// The records of a sink's output file: whole lines only (a last line without its newline is
+/// what a crash in the middle of a write leaves, and is not a record).
+pub fn parse_output(text: &str) -> Vec<(u64, u32, Record)> {
+    text.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
+        .filter_map(parse_line)
+        .collect()
 }
 
 impl Sink {
@@ -547,5 +574,24 @@ impl SinkClient {
         let fresh: Vec<Record> = records.iter().filter(|r| r.seq >= from).copied().collect();
         self.release(vcpu, &fresh)?;
         Ok(fresh.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_not_a_record() {
+        let whole = "3 0 7 1 00000000000000ab 12\n3 1 0 2 0000000000000001 0\n";
+        let got = parse_output(whole);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].0, got[0].1, got[0].2.aux), (3, 0, 12));
+        // Every cut of the last line, including the one that still has six fields but a
+        // shorter `aux` ("…01 0" cut from "…01 07"), leaves just the first record.
+        let longer = "3 0 7 1 00000000000000ab 12\n3 1 0 2 0000000000000001 07\n";
+        for cut in whole.find('\n').unwrap() + 1..longer.len() - 1 {
+            assert_eq!(parse_output(&longer[..cut]).len(), 1, "cut at {cut}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use guest_abi::Record;
 use serde_json::Value;
 
 use ft::unix_ms;
-use sink::{parse_line, SinkReport};
+use sink::{parse_output, SinkReport};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -457,7 +457,7 @@ impl Pair {
     pub fn sink_stream(&self) -> Vec<Vec<(u64, Record)>> {
         let text = std::fs::read_to_string(self.file("sink.txt")).unwrap_or_default();
         let mut out: Vec<Vec<(u64, Record)>> = Vec::new();
-        for (g, v, r) in text.lines().filter_map(parse_line) {
+        for (g, v, r) in parse_output(&text) {
             if out.len() <= v as usize {
                 out.resize(v as usize + 1, Vec::new());
             }

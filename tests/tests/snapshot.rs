@@ -5,7 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use checkpoint::group::{ManifestEntry, MANIFEST};
-use checkpoint::{Section, Snapshot, Trace};
+use checkpoint::memfile::{MainMemPersist, MemState};
+use checkpoint::{Persist, Section, Snapshot, Trace};
 use devices::DigestSink;
 use rand::{Rng, SeedableRng};
 use tandem_tests::{require_kvm, tandem, tandem_bin, tandem_ok, total_digest, workload};
@@ -74,6 +75,35 @@ fn ctl(sock: &Path, args: &[&str]) -> std::process::Output {
     let mut a = vec!["ctl", sock.to_str().unwrap()];
     a.extend_from_slice(args);
     tandem(&a)
+}
+
+/// The memory file the state file `state` names.
+fn mem_file(state: &Path) -> PathBuf {
+    let snap = Snapshot::read_file(state).unwrap();
+    MemState::of(&snap)
+        .unwrap()
+        .file_path(state)
+        .unwrap()
+        .expect("a sparse memory file")
+}
+
+/// Writes state file `to`: the state of `from`, naming a copy of its memory file (`to`'s own,
+/// so damaging it leaves `from` whole).
+fn copy_snapshot(from: &Path, to: &Path) {
+    let mut s = Snapshot::read_file(from).unwrap();
+    let mem = mem_file(from);
+    let sec = s.take("module/MainMem").unwrap();
+    let mut state = MainMemPersist::decode(sec.version, &sec.data).unwrap();
+    let copy = checkpoint::files::data_path(to, "mem", "0000000000000000");
+    std::fs::copy(&mem, &copy).unwrap();
+    state.file = Some(checkpoint::files::name_of(&copy).unwrap());
+    s.push(Section {
+        name: sec.name,
+        version: sec.version,
+        data: MainMemPersist::encode(&state).unwrap(),
+    })
+    .unwrap();
+    s.write_file(to).unwrap();
 }
 
 fn finish(child: Child) -> String {
@@ -390,6 +420,17 @@ fn restore_then_snapshot_before_running_is_byte_identical() {
     assert_eq!(a.names(), b.names());
     for s in a.iter() {
         let t = b.get(&s.name).unwrap();
+        if s.name == "module/MainMem" {
+            // The same index; each state names its own memory file.
+            let (x, y) = (
+                MainMemPersist::decode(s.version, &s.data).unwrap(),
+                MainMemPersist::decode(t.version, &t.data).unwrap(),
+            );
+            assert_eq!((s.version, &x.index), (t.version, &y.index));
+            assert!(x.file.unwrap().starts_with("snap.mem-"));
+            assert!(y.file.unwrap().starts_with("snap2.mem-"));
+            continue;
+        }
         assert_eq!(
             (s.version, &s.data),
             (t.version, &t.data),
@@ -401,8 +442,8 @@ fn restore_then_snapshot_before_running_is_byte_identical() {
         a.names().iter().any(|n| n == "vcpu/3") && a.names().iter().any(|n| n == "module/Irqchip")
     );
     assert_eq!(
-        std::fs::read(d.join("snap.mem")).unwrap(),
-        std::fs::read(d.join("snap2.mem")).unwrap()
+        std::fs::read(mem_file(&d.join("snap"))).unwrap(),
+        std::fs::read(mem_file(&snap2)).unwrap()
     );
 }
 
@@ -440,7 +481,6 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
     let (d, snap) = saved("corrupt");
     let good = std::fs::read(&snap).unwrap();
     let bad = d.join("bad");
-    std::fs::copy(d.join("snap.mem"), d.join("bad.mem")).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
     for _ in 0..20 {
         let cut = rng.gen_range(0..good.len());
@@ -472,22 +512,28 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
         "format v3 is newer than this build, v1",
     );
     // Memory: a flipped byte is caught by verify and by restore --verify; a short file at once.
-    std::fs::write(&bad, &good).unwrap();
-    let mem = std::fs::read(d.join("snap.mem")).unwrap();
+    copy_snapshot(&snap, &bad);
+    let bad_mem = mem_file(&bad);
+    let mem = std::fs::read(mem_file(&snap)).unwrap();
     let used = mem.iter().rposition(|&b| b != 0).unwrap();
     let mut m = mem.clone();
     m[used] ^= 0x40;
-    std::fs::write(d.join("bad.mem"), &m).unwrap();
+    std::fs::write(&bad_mem, &m).unwrap();
     refused(&["verify", bad.to_str().unwrap()], "fails its checksum");
     refused(
         &["restore", "--verify", bad.to_str().unwrap()],
         "fails its checksum",
     );
-    std::fs::write(d.join("bad.mem"), &mem[..mem.len() - 4096]).unwrap();
+    std::fs::write(&bad_mem, &mem[..mem.len() - 4096]).unwrap();
     refused(
         &["restore", bad.to_str().unwrap()],
         "wrong or truncated memory file",
     );
+    // A missing memory file is named; a whole file at another name is not taken for it.
+    std::fs::remove_file(&bad_mem).unwrap();
+    std::fs::write(d.join("bad.mem"), &mem).unwrap();
+    refused(&["restore", bad.to_str().unwrap()], "is missing");
+    refused(&["verify", bad.to_str().unwrap()], "is missing");
     let ok = tandem(&["verify", snap.to_str().unwrap()]);
     assert!(
         ok.status.success(),
@@ -511,8 +557,8 @@ fn a_group_missing_on_either_side_is_named() {
     s.push(Section::encode(MANIFEST, 1, &kept).unwrap())
         .unwrap();
     let bad = d.join("bad");
+    // `bad` names snap's memory file, beside it.
     s.write_file(&bad).unwrap();
-    std::fs::copy(d.join("snap.mem"), d.join("bad.mem")).unwrap();
     refused(
         &["restore", bad.to_str().unwrap()],
         "missing group \"output\": it is in the VM but not in the checkpoint",
@@ -570,9 +616,14 @@ fn compressed_snapshots_restore_exactly_and_refuse_damage() {
     );
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stdout));
     finish(child);
+    let beside: Vec<_> = std::fs::read_dir(&d.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snap."))
+        .collect();
     assert!(
-        !d.join("snap.mem").exists(),
-        "memory is inside the state file"
+        beside.is_empty(),
+        "memory is inside the state file, no file beside it: {beside:?}"
     );
     let s = Snapshot::read_file(&snap).unwrap();
     assert!(s.names().iter().any(|n| n.starts_with("mem/")));
@@ -615,4 +666,194 @@ fn compressed_snapshots_restore_exactly_and_refuse_damage() {
     s.write_file(&bad).unwrap();
     refused(&["verify", bad.to_str().unwrap()], "memory chunk");
     refused(&["restore", bad.to_str().unwrap()], "memory chunk");
+}
+
+/// The data files a state file names (memory, disk copies), by file name.
+fn named_files(state: &Path) -> Vec<String> {
+    let snap = Snapshot::read_file(state).unwrap();
+    let mut names = vec![MemState::of(&snap).unwrap().file.expect("a memory file")];
+    let virtio = snap.get("group/virtio").expect("the virtio group");
+    let v = <vmx::virtio::VirtioPersist as Persist>::decode(virtio.version, &virtio.data).unwrap();
+    names.extend(v.disks.into_iter().map(|d| d.file));
+    names.sort();
+    names
+}
+
+/// Everything in `dir` that belongs to snapshot `snap` by name (`snap.*`).
+fn files_beside(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snap."))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 16: SIGKILL at random moments of a snapshot that overwrites an older one. After
+/// every kill the path holds the complete old snapshot or the complete new one (never the
+/// state of one with the memory or disk of the other), it verifies and restores to the
+/// uninterrupted run's digest, and the next whole save deletes the killed saves' leftovers.
+#[test]
+fn sigkill_during_a_snapshot_leaves_the_old_or_the_new_one_whole() {
+    require_kvm();
+    const KILLS: usize = 20;
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let t0 = Instant::now();
+    let d = Dir::new("crash");
+    let (snap, img) = (d.join("snap"), d.join("disk.img"));
+    // A writable disk, so that every save copies it too (the guest does not touch it).
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(4 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 8192], 1 << 20).unwrap();
+    drop(f);
+    let w = workload(
+        "dirty",
+        &[
+            ("iters", "8M"),
+            ("pages", "4"),
+            ("ws_mib", "4"),
+            ("record_every", "20k"),
+        ],
+    );
+    let want = DigestSink::of(&w.reference_all(2)).total;
+    let request = |sock: &Path, req: &vmx::control::Request| {
+        vmx::control::request(sock, req, Duration::from_secs(20))
+    };
+    let snapshot_req = vmx::control::Request::Snapshot {
+        path: snap.clone(),
+        stop: false,
+        compress: false,
+    };
+
+    // Snapshot A of a running guest, once it has written output.
+    let sock = d.join("ctl-a");
+    let mut args = vec![
+        "run",
+        "--control",
+        sock.to_str().unwrap(),
+        "--disk",
+        img.to_str().unwrap(),
+    ];
+    args.extend_from_slice(DIRTY_2X8M);
+    let mut child = spawn(&args);
+    wait_for(&sock);
+    let t = Instant::now();
+    while request(&sock, &vmx::control::Request::Status).unwrap()["records"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "no output");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let reply = request(&sock, &snapshot_req).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // How long a save of a restored guest (the kind killed below: its memory loads lazily
+    // from the file) takes here, so that the kills fall before and after its commit.
+    let sock = d.join("ctl-calibrate");
+    let child = spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--paused",
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for(&sock);
+    let reply = request(&sock, &snapshot_req).unwrap();
+    let save_ms = reply["ms"].as_f64().unwrap_or_else(|| panic!("{reply}"));
+    request(&sock, &vmx::control::Request::Resume).unwrap();
+    assert_eq!(total_digest(finish(child).as_bytes()), want);
+
+    // Kill a save B to the same path at a random moment, again and again.
+    let window_us = ((save_ms * 2.0 + 10.0) * 1e3) as u64;
+    let (mut kept_old, mut got_new) = (0, 0);
+    for i in 0..KILLS {
+        let ctx = format!("seed {seed}, kill {i}");
+        let old_state = std::fs::read(&snap).unwrap();
+        let old_files = named_files(&snap);
+        let sock = d.join(&format!("ctl-{i}"));
+        let mut child = spawn(&[
+            "restore",
+            snap.to_str().unwrap(),
+            "--paused",
+            "--control",
+            sock.to_str().unwrap(),
+        ]);
+        wait_for(&sock);
+        // Let the guest move on a little, so the new snapshot differs from the old one.
+        request(&sock, &vmx::control::Request::Resume).unwrap();
+        std::thread::sleep(Duration::from_micros(rng.gen_range(0..5_000)));
+        let (s, r) = (sock.clone(), snapshot_req.clone());
+        let saver =
+            std::thread::spawn(move || vmx::control::request(&s, &r, Duration::from_secs(20)));
+        let delay = Duration::from_micros(rng.gen_range(0..=window_us));
+        std::thread::sleep(delay);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let answered = saver.join().unwrap().is_ok();
+        let ctx = format!("{ctx}, {delay:?} after the request (save took {save_ms:.1} ms)");
+
+        let new_state = std::fs::read(&snap).unwrap();
+        let files = named_files(&snap);
+        if new_state == old_state {
+            kept_old += 1;
+            assert_eq!(files, old_files, "{ctx}");
+            assert!(
+                !answered,
+                "{ctx}: the save was acknowledged but the old state is there"
+            );
+        } else {
+            got_new += 1;
+            assert!(
+                files.iter().all(|f| !old_files.contains(f)),
+                "{ctx}: the new state names an old file: {files:?} / {old_files:?}"
+            );
+        }
+        for f in &files {
+            assert!(d.join(f).exists(), "{ctx}: {f} is missing");
+        }
+        // Complete: every memory chunk matches the state, and the run goes on exactly.
+        let v = tandem(&["verify", snap.to_str().unwrap()]);
+        assert!(
+            v.status.success(),
+            "{ctx}: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+        let out = tandem_ok(&["restore", snap.to_str().unwrap()]);
+        assert_eq!(total_digest(&out.stdout), want, "{ctx}");
+    }
+    eprintln!(
+        "{KILLS} kills in a {:.1} ms window: {kept_old} left the old snapshot, {got_new} the \
+         new one; leftovers now: {:?}",
+        window_us as f64 / 1e3,
+        files_beside(&d.0)
+    );
+    assert!(
+        kept_old > 0 && got_new > 0,
+        "seed {seed}: the kills did not fall both before and after the commit \
+         ({kept_old} old, {got_new} new): the window misses the save"
+    );
+
+    // A whole save leaves exactly the files its state names.
+    let sock = d.join("ctl-last");
+    let child = spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--paused",
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for(&sock);
+    let r = request(&sock, &snapshot_req).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    request(&sock, &vmx::control::Request::Resume).unwrap();
+    assert_eq!(total_digest(finish(child).as_bytes()), want);
+    assert_eq!(files_beside(&d.0), named_files(&snap), "seed {seed}");
+    let out = tandem_ok(&["restore", snap.to_str().unwrap()]);
+    assert_eq!(total_digest(&out.stdout), want);
+    eprintln!("took {:.1} s", t0.elapsed().as_secs_f64());
 }

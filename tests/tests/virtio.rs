@@ -246,7 +246,17 @@ fn a_snapshot_in_the_middle_of_blk_check_io_restores_the_disk_and_carries_on_exa
     );
     // The disk was captured beside the state file, at that point of the write pass (or
     // later): a prefix of the pattern, zeros after it.
-    let captured = std::fs::read(d.join("snap.disk0")).unwrap();
+    let copy = std::fs::read_dir(&d.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snap.disk0-")
+        })
+        .expect("the disk copy beside the state file");
+    let captured = std::fs::read(copy).unwrap();
     assert_eq!(captured.len() as u64, BYTES);
     let want = model::blk_expected_disk(3, BYTES);
     let done = captured

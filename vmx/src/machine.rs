@@ -12,7 +12,8 @@
 //!    │ ◀──────────────── StepDone ────── │
 //!    │ CptStep(SAVE) ──────────────────▶ │ vCPU state, modules checkpoint (memory file)
 //!    │ ◀──────── StepDone(sections) ──── │
-//!    │ stun callback; groups checkpoint; write state file (tmp + rename)
+//!    │ stun callback; groups checkpoint; write state file (tmp + rename: the commit)
+//!    │ delete the files of the previous snapshot at that path (checkpoint::files)
 //!    │ CptStep(CONTINUE_SYNC) ─────────▶ │ lift restrictions, modules sync
 //!    │ ◀──────────────── StepDone ────── │
 //!    │ groups sync; Unstun; unstun callback            (or: power off after SAVE)
@@ -27,8 +28,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use checkpoint::files;
 use checkpoint::group::{quiesce_groups, restore_groups, save_groups, sync_groups};
-use checkpoint::memfile::{self, mem_path, MemIndex};
+use checkpoint::memfile::{self, MemIndex, MemState};
 use checkpoint::{CptState, Group, Machine, Persist, SaveEnd, Section, Side, Snapshot, Trace};
 use crossbeam_channel::{never, unbounded, Receiver};
 use devices::Record;
@@ -68,7 +70,7 @@ pub enum Boot {
         /// The primary's machine configuration.
         config: MachineConfig,
     },
-    /// From a snapshot state file (and its `.mem` beside it).
+    /// From a snapshot state file (and the files it names, beside it).
     Restore {
         /// The state file.
         path: PathBuf,
@@ -96,8 +98,13 @@ pub struct Options {
 
 /// Where the SAVE step puts memory.
 enum SaveTarget {
-    /// A snapshot: state file at `path`, memory in `path.mem` or compressed in the state file.
-    File { path: PathBuf, compress: bool },
+    /// A snapshot: state file at `path`, memory in `path.mem-<nonce>` or compressed in the
+    /// state file, disk copies in `path.disk<i>-<nonce>` (see `checkpoint::files`).
+    File {
+        path: PathBuf,
+        compress: bool,
+        nonce: String,
+    },
     /// A replication epoch: pages copied into memory.
     Epoch(EpochMem),
 }
@@ -284,10 +291,9 @@ impl PowerOn {
 
     fn memory(&mut self) -> Result<()> {
         if let (Boot::Restore { path, .. }, Some(snap)) = (&self.boot, &self.snapshot) {
-            // Sparse memory file: mapped privately. Compressed: fresh memory, filled in RESTORE.
-            if !memory_index(snap)?.compressed {
-                self.memory_file = Some(mem_path(path));
-            }
+            // Sparse memory file (the one the state file names): mapped privately.
+            // Compressed: fresh memory, filled in RESTORE.
+            self.memory_file = MemState::of(snap)?.file_path(path)?;
         }
         Ok(())
     }
@@ -441,12 +447,7 @@ impl PowerOn {
 }
 
 fn memory_index(snap: &Snapshot) -> Result<MemIndex> {
-    let index: MemIndex = snap
-        .get(&checkpoint::SectionId::Module("MainMem").name())
-        .ok_or_else(|| checkpoint::Error::Corrupt("no memory index (module/MainMem)".into()))?
-        .decode()?;
-    index.check()?;
-    Ok(index)
+    Ok(MemState::of(snap)?.index)
 }
 
 fn guest_code(guest: &GuestSpec, layout: &Layout) -> Result<(Vec<u8>, u64, u64, String)> {
@@ -676,13 +677,16 @@ impl Vmx {
         Ok(())
     }
 
-    /// Saves a snapshot to `path` (state) and `path.mem` (memory), then continues or stops.
+    /// Saves a snapshot to `path` (state) and the data files it names (memory, disk copies),
+    /// then continues or stops. The previous snapshot at `path` stays whole until the new
+    /// state file replaces it (the order is in `checkpoint::files`).
     pub fn checkpoint(&mut self, path: &Path, end: SaveEnd, compress: bool) -> Result<Value> {
         let t0 = Instant::now();
         let first = self.trace.0.len();
         let target = SaveTarget::File {
             path: path.to_path_buf(),
             compress,
+            nonce: files::new_nonce(),
         };
         let mut session = SaveSession::begin(self)?;
         let result = session.save(target, end);
@@ -736,8 +740,12 @@ impl Vmx {
         // SAVE
         self.machine.advance(CptState::Save)?;
         let args = match &target {
-            SaveTarget::File { path, compress } => CptArgs {
-                mem_path: (!compress).then(|| mem_path(path)),
+            SaveTarget::File {
+                path,
+                compress,
+                nonce,
+            } => CptArgs {
+                mem_path: (!compress).then(|| files::data_path(path, "mem", nonce)),
                 compress: *compress,
                 progress: Some(crate::progress::reporter("saving memory")),
                 ..CptArgs::default()
@@ -747,35 +755,23 @@ impl Vmx {
                 ..CptArgs::default()
             },
         };
-        let t_save = Instant::now();
-        let out = self.monitor_step(CptState::Save, args, None)?;
-        self.last_save_step = t_save.elapsed();
-        let mut snap = Snapshot::default();
-        for s in out.sections {
-            snap.push(s)?;
+        let saved = self.save_step(&target, args);
+        if let (Err(_), SaveTarget::File { path, nonce, .. }) = (&saved, &target) {
+            // No state file names this save's data files: they go (the old snapshot stays).
+            files::remove_save(path, nonce);
         }
-        if let SaveTarget::File { path, .. } = &target {
-            // Disk contents at this point, beside the state file (before it exists).
-            for line in self.virtio.capture_disks(path)? {
-                log::info!("{line}");
-                self.trace.push(CptState::Save, Side::Vmx, line);
-            }
-        }
-        let mut groups = self.groups();
-        let saved = save_groups(&mut groups, &mut snap)?;
-        for g in saved {
-            self.trace
-                .push(CptState::Save, Side::Vmx, format!("checkpoint group {g}"));
-        }
-        if let SaveTarget::File { path, compress } = &target {
+        let snap = saved?;
+        if let SaveTarget::File { path, nonce, .. } = &target {
+            // The commit point. Should it fail, this save's files are orphans that the next
+            // save to `path` deletes; the old snapshot is whole either way.
             checkpoint::snapshot::write_atomic(path, &snap.to_bytes())?;
-            if *compress {
-                // A memory file left by an earlier snapshot at this path belongs to no snapshot
-                // now.
-                let _ = std::fs::remove_file(mem_path(path));
-            }
             self.trace
                 .push(CptState::Save, Side::Vmx, "write state file");
+            // The previous snapshot's files (and a killed save's leftovers) belong to no
+            // snapshot now.
+            for p in files::sweep(path, nonce) {
+                log::debug!("deleted {}", p.display());
+            }
         } else if let SaveTarget::Epoch(mem) = &target {
             let pages: usize = mem
                 .runs
@@ -807,6 +803,32 @@ impl Vmx {
             }
         }
         self.machine.advance(CptState::None)?;
+        Ok(snap)
+    }
+
+    /// The SAVE step up to the state file: the monitor (vCPUs, modules, memory), the disk
+    /// copies of a snapshot, then the groups. Returns the state.
+    fn save_step(&mut self, target: &SaveTarget, args: CptArgs) -> Result<Snapshot> {
+        let t_save = Instant::now();
+        let out = self.monitor_step(CptState::Save, args, None)?;
+        self.last_save_step = t_save.elapsed();
+        let mut snap = Snapshot::default();
+        for s in out.sections {
+            snap.push(s)?;
+        }
+        if let SaveTarget::File { path, nonce, .. } = target {
+            // Disk contents at this point, beside the state file (before it names them).
+            for line in self.virtio.capture_disks(path, nonce)? {
+                log::info!("{line}");
+                self.trace.push(CptState::Save, Side::Vmx, line);
+            }
+        }
+        let mut groups = self.groups();
+        let saved = save_groups(&mut groups, &mut snap)?;
+        for g in saved {
+            self.trace
+                .push(CptState::Save, Side::Vmx, format!("checkpoint group {g}"));
+        }
         Ok(snap)
     }
 
@@ -1126,14 +1148,25 @@ impl Drop for SaveSession<'_> {
     }
 }
 
-/// Checks a snapshot: the state file's integrity and every memory chunk's checksum.
+/// Checks a snapshot: the state file's integrity and every memory chunk's checksum. Names
+/// the files the snapshot is made of besides the state file.
 pub fn verify(path: &Path) -> Result<Value> {
     let snap = Snapshot::read_file(path)?;
-    let index = memory_index(&snap)?;
-    if index.compressed {
-        memfile::verify_compressed(&index, &snap)?;
-    } else {
-        memfile::verify_sparse(&mem_path(path), &index)?;
+    let mem = MemState::of(&snap)?;
+    let index = &mem.index;
+    let mut data_files = Vec::new();
+    match mem.file_path(path)? {
+        None => memfile::verify_compressed(index, &snap)?,
+        Some(file) => {
+            memfile::verify_sparse(&file, index)?;
+            data_files.push(file);
+        }
+    }
+    if let Some(sec) = snap.get(&checkpoint::group::section_name("virtio")) {
+        let state = crate::virtio::VirtioPersist::decode(sec.version, &sec.data)?;
+        for d in state.disks {
+            data_files.push(files::resolve(path, &d.file)?);
+        }
     }
     let sections: Vec<Value> = snap
         .iter()
@@ -1143,6 +1176,89 @@ pub fn verify(path: &Path) -> Result<Value> {
         "ok": true,
         "memory_bytes": index.size,
         "memory_used_bytes": index.used_bytes(),
+        "files": data_files,
         "sections": sections,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use checkpoint::memfile::{save_sparse, MainMemPersist};
+
+    /// A state file of a 32 MiB machine (configuration and memory index only), naming its
+    /// memory file.
+    fn state_with_memory(dir: &Path) -> (PathBuf, PathBuf) {
+        let state = dir.join("snap");
+        let mem = files::data_path(&state, "mem", &files::new_nonce());
+        let size = 32u64 << 20;
+        let read = |gpa: u64, buf: &mut [u8]| {
+            buf.fill(if gpa < 4 << 20 {
+                (gpa >> 20) as u8 | 1
+            } else {
+                0
+            });
+            Ok(())
+        };
+        let index = save_sparse(&mem, size, &read, &|_| {}).unwrap();
+        let mut snap = Snapshot::default();
+        snap.push(Section {
+            name: "module/MainMem".into(),
+            version: MainMemPersist::VERSION,
+            data: MainMemPersist::encode(&MemState {
+                index,
+                file: Some(files::name_of(&mem).unwrap()),
+            })
+            .unwrap(),
+        })
+        .unwrap();
+        let config = MachineConfig {
+            vcpus: 1,
+            mem_mib: 32,
+            entry: monitor::layout::LOAD_ADDR,
+            guest: "test".into(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+        };
+        snap.push(Section {
+            name: checkpoint::group::section_name("config"),
+            version: ConfigPersist::VERSION,
+            data: ConfigPersist::encode(&config).unwrap(),
+        })
+        .unwrap();
+        snap.write_file(&state).unwrap();
+        (state, mem)
+    }
+
+    #[test]
+    fn a_state_file_whose_memory_file_is_truncated_or_missing_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, mem) = state_with_memory(dir.path());
+        verify(&state).unwrap();
+        let restore = |s: &Path| {
+            power_on(
+                Boot::Restore {
+                    path: s.to_path_buf(),
+                    verify: false,
+                },
+                &Options::default(),
+            )
+            .err()
+            .expect("refused")
+            .to_string()
+        };
+        let full = std::fs::read(&mem).unwrap();
+        std::fs::write(&mem, &full[..full.len() / 2]).unwrap();
+        for e in [verify(&state).unwrap_err().to_string(), restore(&state)] {
+            assert!(e.contains("wrong or truncated memory file"), "{e}");
+        }
+        std::fs::remove_file(&mem).unwrap();
+        for e in [verify(&state).unwrap_err().to_string(), restore(&state)] {
+            assert!(e.contains("memory file") && e.contains("is missing"), "{e}");
+        }
+        // The state file of an older save names another file: a newer memory file at the
+        // version-1 name is not taken for it.
+        std::fs::write(memfile::mem_path(&state), &full).unwrap();
+        assert!(verify(&state).is_err());
+    }
 }

@@ -22,7 +22,7 @@
 //!  SAVE_SYNC      nothing (block requests finish inside their MMIO exit; vCPUs are stunned)
 //!  QUIESCE        stop and join every net RX thread: nothing writes guest memory any more
 //!  SAVE           every transport's VirtioState (registers, queues, device), and for a
-//!                 snapshot file every writable disk copied to SNAPFILE.disk<i> first
+//!                 snapshot file every writable disk copied to SNAPFILE.disk<i>-<nonce> first
 //!  CONTINUE_SYNC  RX threads started again              (power-off: they stay stopped)
 //!  RESTORE        the transports rebuilt from their saved state (image and TAP opened then)
 //!  RESTORE_SYNC   RX threads started
@@ -30,10 +30,12 @@
 //!
 //! Disk capture: a reflink (`FICLONE`) of the image when its file system shares extents
 //! (btrfs, XFS: constant time), otherwise a sparse copy (`SEEK_DATA`/`SEEK_HOLE` +
-//! `copy_file_range`: only the data extents, holes stay holes), then fsync. Power-on of a
-//! restore puts `SNAPFILE.disk<i>` back at the image path recorded in the configuration the
-//! same way (temporary file + rename), so the guest finds exactly the disk it left. Read-only
-//! disks are not captured: the guest cannot change them.
+//! `copy_file_range`: only the data extents, holes stay holes), then fsync. The copy gets a
+//! name of its own save (`checkpoint::files`) that only the state file written after it names,
+//! so a save killed half-way never leaves a copy an older state file would take. Power-on of
+//! a restore puts the copy the state names back at the image path recorded in the
+//! configuration the same way (temporary file + rename), so the guest finds exactly the disk
+//! it left. Read-only disks are not captured: the guest cannot change them.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -303,7 +305,7 @@ fn rx_watch(slot: &Slot, stop: &EventFd) -> std::io::Result<()> {
 pub struct DiskCapture {
     /// Device window index.
     pub device: u32,
-    /// File name of the copy, beside the state file (`SNAPFILE.disk<i>`).
+    /// File name of the copy, beside the state file (`SNAPFILE.disk<i>-<nonce>`; `SNAPFILE.disk<i>` in older snapshots).
     pub file: String,
     /// Its size in bytes.
     pub bytes: u64,
@@ -329,14 +331,9 @@ impl Persist for VirtioPersist {
 pub use devices::disk_copy::{copy_disk, CopyMethod};
 pub use devices::virtio::{BlockConfig, NetConfig};
 
-/// `SNAPFILE.disk<i>`.
-pub fn disk_capture_path(snapshot: &Path, device: u32) -> PathBuf {
-    let mut name = snapshot
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".disk{device}"));
-    snapshot.with_file_name(name)
+/// `SNAPFILE.disk<i>-<nonce>`: the copy of disk `device` made by the save with `nonce`.
+pub fn disk_capture_path(snapshot: &Path, device: u32, nonce: &str) -> PathBuf {
+    checkpoint::files::data_path(snapshot, &format!("disk{device}"), nonce)
 }
 
 /// The `virtio` checkpoint group: every device of the VM, their RX threads and disk captures.
@@ -440,9 +437,9 @@ impl VirtioGroup {
         n
     }
 
-    /// Copies every writable disk to `SNAPFILE.disk<i>` (call at SAVE, RX quiesced, vCPUs
+    /// Copies every writable disk to `SNAPFILE.disk<i>-<nonce>` (call at SAVE, RX quiesced, vCPUs
     /// stunned); the next `checkpoint` records them. Returns a line per disk for the trace.
-    pub fn capture_disks(&mut self, snapshot: &Path) -> Result<Vec<String>> {
+    pub fn capture_disks(&mut self, snapshot: &Path, nonce: &str) -> Result<Vec<String>> {
         self.captured.clear();
         let mut lines = Vec::new();
         for s in self.slots.iter() {
@@ -452,7 +449,7 @@ impl VirtioGroup {
             if cfg.readonly {
                 continue;
             }
-            let dst = disk_capture_path(snapshot, s.index);
+            let dst = disk_capture_path(snapshot, s.index, nonce);
             let t = Instant::now();
             let (method, bytes) = copy_disk(&cfg.path, &dst).map_err(|source| Error::Io {
                 path: format!("{} → {}", cfg.path.display(), dst.display()),
@@ -495,10 +492,7 @@ pub fn restore_disks(
             ))
             .into());
         };
-        let src = snapshot.with_file_name(&d.file);
-        if src.file_name() != Some(std::ffi::OsStr::new(&d.file)) {
-            return Err(CptError::Corrupt(format!("captured disk file name {:?}", d.file)).into());
-        }
+        let src = checkpoint::files::resolve(snapshot, &d.file)?;
         let len = std::fs::metadata(&src)
             .map_err(|source| Error::Io {
                 path: format!(

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use checkpoint::memfile::{save_compressed, MemIndex};
-use checkpoint::{Section, Snapshot};
+use checkpoint::memfile::{save_compressed, MainMemPersist, MemIndex, MemState};
+use checkpoint::{Persist, Section, Snapshot};
 use transport::frame::{Epoch, Fence, FrameHeader, FrameType, Generation};
 use transport::message::NackCode;
 use transport::pages::{encode_batch, encode_range, PageRange};
@@ -186,8 +186,16 @@ pub fn seed(dir: &Path) -> std::io::Result<()> {
     let (index, sections) =
         save_compressed(mem.len() as u64, &read, &|_| {}).map_err(std::io::Error::other)?;
     let mut snap = Snapshot::default();
-    snap.push(Section::encode("module/MainMem", 1, &index).map_err(std::io::Error::other)?)
-        .map_err(std::io::Error::other)?;
+    snap.push(Section {
+        name: "module/MainMem".into(),
+        version: MainMemPersist::VERSION,
+        data: MainMemPersist::encode(&MemState {
+            index: index.clone(),
+            file: None,
+        })
+        .map_err(std::io::Error::other)?,
+    })
+    .map_err(std::io::Error::other)?;
     for s in sections {
         snap.push(s).map_err(std::io::Error::other)?;
     }

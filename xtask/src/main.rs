@@ -305,15 +305,8 @@ fn snapshot_once(dir: &std::path::Path, mem_mib: u64) -> Result<(f64, u64, f64),
     .map_err(|e| e.to_string())?;
     let restore_ms = t.elapsed().as_secs_f64() * 1e3;
     drop(restored);
-    let _ = std::fs::remove_file(&snap);
-    let _ = std::fs::remove_file(checkpoint_mem(&snap));
+    checkpoint::files::remove_snapshot(&snap);
     Ok((save_ms, used, restore_ms))
-}
-
-fn checkpoint_mem(p: &std::path::Path) -> PathBuf {
-    let mut s = p.as_os_str().to_os_string();
-    s.push(".mem");
-    PathBuf::from(s)
 }
 
 fn bench_snapshot(out: &mut String) -> Result<(), String> {
