@@ -7,7 +7,7 @@
 //! |----------------|-------------------------------------------------------------------|
 //! | [`HELLO`]      | `n` records with a checksum; [`model::hello_records`]              |
 //! | [`PANIC`]      | panics on purpose: PANIC + PANIC_TEXT records; [`model::panic_text`] |
-//! | [`BLK_CHECK`]  | pattern write/flush/read/verify on virtio-blk; [`model::blk_records`] |
+//! | [`BLK_CHECK`]  | pattern write/flush/read/verify on virtio-blk; [`model::blk_records`]; `bench=1`: [`model::blk_bench`] |
 //! | [`NET_ECHO`]   | UDP echo server (smoltcp) on virtio-net                            |
 //! | [`STALL_PROBE`]| records TSC gaps above a threshold for `ms` milliseconds            |
 //!
@@ -76,6 +76,14 @@ pub mod kind {
     pub const BLK_VERIFIED: u32 = 0x22;
     /// blk-check, the first mismatch only: `value` = disk offset, `aux` = the word read.
     pub const BLK_MISMATCH: u32 = 0x23;
+    /// blk-check `bench=1`, after BLK_INFO: `value` = bytes per request, `aux` = TSC kHz.
+    pub const BLK_BENCH: u32 = 0x24;
+    /// blk-check `bench=1`: `value` = TSC ticks of the write pass with its flush, `aux` =
+    /// ticks of the flush.
+    pub const BLK_BENCH_WRITE: u32 = 0x25;
+    /// blk-check `bench=1`: `value` = TSC ticks of the read pass, `aux` = queue
+    /// notifications of both passes.
+    pub const BLK_BENCH_READ: u32 = 0x26;
     /// net-echo, interface up: `value` = IPv4 (big-endian u32) << 8 | prefix, `aux` = port.
     pub const NET_UP: u32 = 0x28;
     /// net-echo, every `every` datagrams: `value` = datagrams echoed, `aux` = payload bytes.
@@ -240,6 +248,84 @@ pub mod model {
             rec(2, kind::BLK_VERIFIED, digest, blk_requests(total, 1)),
             rec(3, kind::DONE, digest, 0),
         ]
+    }
+
+    /// The first `total` bytes of the disk after a blk-check `bench=1` run with `seed`, `bs`
+    /// bytes per request and `depth` buffers: at offset `o`, the pattern byte of offset
+    /// `o mod (depth × bs)`.
+    pub fn blk_bench_disk(seed: u64, bs: u64, depth: u64, total: u64) -> Vec<u8> {
+        let ring = blk_expected_disk(seed, bs * depth);
+        (0..total)
+            .map(|o| ring[(o % (bs * depth)) as usize])
+            .collect()
+    }
+
+    /// A decoded blk-check `bench=1` run.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct BlkBench {
+        /// Bytes per pass.
+        pub total: u64,
+        /// Bytes per request.
+        pub bs: u64,
+        /// TSC kHz the guest timed with.
+        pub tsc_khz: u64,
+        /// TSC ticks of the write pass, flush included.
+        pub write_ticks: u64,
+        /// TSC ticks of the flush alone.
+        pub flush_ticks: u64,
+        /// TSC ticks of the read pass.
+        pub read_ticks: u64,
+        /// Queue notifications (VM exits) of both passes.
+        pub notifications: u64,
+        /// Requests per pass.
+        pub requests: u64,
+        /// Blocks read back wrong.
+        pub bad_blocks: u64,
+    }
+
+    impl BlkBench {
+        /// `ticks` in seconds by the guest's TSC rate.
+        pub fn secs(&self, ticks: u64) -> f64 {
+            ticks as f64 / (self.tsc_khz as f64 * 1e3)
+        }
+    }
+
+    /// Decodes a blk-check `bench=1` record stream (`BLK_INFO`, `BLK_BENCH`,
+    /// `BLK_BENCH_WRITE`, `BLK_BENCH_READ`, `DONE`, nothing else), with `seed`; says what is
+    /// wrong otherwise.
+    pub fn blk_bench(records: &[Record], seed: u64) -> Result<BlkBench, String> {
+        let kinds: Vec<u32> = records.iter().map(|r| r.kind).collect();
+        let want = [
+            kind::BLK_INFO,
+            kind::BLK_BENCH,
+            kind::BLK_BENCH_WRITE,
+            kind::BLK_BENCH_READ,
+            kind::DONE,
+        ];
+        if kinds != want {
+            return Err(format!(
+                "record kinds {kinds:#x?}, expected {want:#x?}: {records:?}"
+            ));
+        }
+        let r = |i: usize| &records[i];
+        if r(0).aux != seed {
+            return Err(format!("seed {} in BLK_INFO, {seed} given", r(0).aux));
+        }
+        let b = BlkBench {
+            total: r(0).value,
+            bs: r(1).value,
+            tsc_khz: r(1).aux,
+            write_ticks: r(2).value,
+            flush_ticks: r(2).aux,
+            read_ticks: r(3).value,
+            notifications: r(3).aux,
+            requests: r(4).value,
+            bad_blocks: r(4).aux,
+        };
+        if b.bs == 0 || b.total != b.requests * b.bs || b.tsc_khz == 0 {
+            return Err(format!("inconsistent bench records: {b:?}"));
+        }
+        Ok(b)
     }
 
     /// A decoded stall-probe run.

@@ -1,4 +1,6 @@
-//! Two test hosts on one machine, for network faults between primary and standby.
+//! Network namespaces for tests: [`NetNs`], one namespace with helpers to run code and
+//! processes in it; [`NetLab`], two test hosts on one machine, for network faults between
+//! primary and standby.
 //!
 //! ```text
 //!   netns <tag>a (primary host)          netns <tag>b (standby host)
@@ -54,6 +56,98 @@ fn run(args: &[&str]) -> Result<(), String> {
 /// Runs one nftables command in namespace `ns`.
 fn nft(ns: &str, command: &str) -> Result<(), String> {
     run(&["ip", "netns", "exec", ns, "nft", command])
+}
+
+/// One network namespace of a test (`ip netns add`), deleted on drop with every interface in
+/// it. [`NetNs::enter`] runs code whose sockets live in it; [`NetNs::prefix`] starts
+/// processes in it.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates namespace `name` (replacing a stale one of that name) with its loopback up.
+    /// Fails with the reason where this process may not (not root, no `ip`, no netns).
+    pub fn new(name: &str) -> Result<NetNs, String> {
+        run(&["ip", "-V"]).map_err(|e| format!("{e} (install iproute2)"))?;
+        let _ = run(&["ip", "netns", "del", name]);
+        run(&["ip", "netns", "add", name])?;
+        let ns = NetNs {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> ARGS…`.
+    pub fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["ip", "-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// `ip -n <ns> ARGS…`, its standard output.
+    pub fn ip_output(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`ip -n {} {}` failed: {}",
+                self.name,
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `ip netns exec <ns>`: the command prefix of a process in the namespace.
+    pub fn prefix(&self) -> Vec<String> {
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.name.clone(),
+        ]
+    }
+
+    /// Runs `f` on a new thread that has joined the namespace (setns): sockets it creates
+    /// belong to the namespace and stay there, whichever thread uses them afterwards. The
+    /// calling thread and the rest of the process stay where they are.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                rustix::thread::move_into_link_name_space(
+                    std::os::fd::AsFd::as_fd(&file),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .map_err(|e| format!("setns into {path}: {e} (needs CAP_SYS_ADMIN)"))?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| format!("the thread in netns {} panicked", self.name))?
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = run(&["ip", "netns", "del", &self.name]) {
+            log::warn!("{e}");
+        }
+    }
 }
 
 /// A network fault between the two hosts.

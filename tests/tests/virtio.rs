@@ -1,7 +1,8 @@
 //! virtio-mmio devices end to end, with the real `tandem` binary on real KVM: blk-check on a
 //! raw disk file (records, digest and the disk itself against `guest_images::model`), a
 //! read-only disk and a write past the end refused, a snapshot in the middle of the disk I/O
-//! restored in a new process, net-echo over a TAP, and a bad ELF refused.
+//! restored in a new process, blk-check's benchmark mode, net-echo over a TAP in a network
+//! namespace of the test, and a bad ELF refused.
 
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::unix::fs::FileExt;
@@ -13,6 +14,7 @@ use checkpoint::Trace;
 use devices::{DigestSink, Record};
 use guest_images::{kind, model};
 use tandem_tests::{require_kvm, tandem, tandem_bin, tandem_ok, total_digest};
+use testkit::netlab::NetNs;
 
 struct Dir(PathBuf);
 
@@ -135,6 +137,61 @@ fn blk_check_writes_exactly_the_model_disk_and_a_write_past_the_end_is_refused()
     assert!(
         bytes == model::blk_expected_disk(7, DISK_BYTES),
         "the disk holds exactly blk_expected_disk"
+    );
+}
+
+#[test]
+fn blk_check_bench_mode_batches_its_requests_and_writes_the_model_disk() {
+    require_kvm();
+    const BYTES: u64 = 4 << 20;
+    let d = Dir::new("bench");
+    let elf = image(&d, "blk-check");
+    let img = d.join("disk.img");
+    disk(&img, BYTES);
+    let out = d.join("out.txt");
+    tandem_ok(&[
+        "run",
+        "--image",
+        &elf,
+        "--mem-mib",
+        "64",
+        "--disk",
+        img.to_str().unwrap(),
+        "--guest-arg",
+        "seed=5",
+        "--guest-arg",
+        "bench=1",
+        "--guest-arg",
+        "bs=4096",
+        "--guest-arg",
+        "depth=16",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let got = records(&[&out], 1);
+    let b = model::blk_bench(&got[0], 5).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((b.total, b.bs, b.requests), (BYTES, 4096, BYTES / 4096));
+    assert_eq!(b.bad_blocks, 0, "every block read back is the one written");
+    assert!(b.write_ticks > b.flush_ticks && b.read_ticks > 0, "{b:?}");
+    // Requests are queued several per notification (one exit each), not one by one: at
+    // least 4 per notification on average over both passes (plus the flush's).
+    assert!(
+        b.notifications - 1 <= 2 * b.requests / 4,
+        "{} notifications for 2 × {} requests",
+        b.notifications,
+        b.requests
+    );
+    eprintln!(
+        "bench mode: {} requests per pass, {} notifications; write {:.1} ms (flush {:.1}), read {:.1} ms",
+        b.requests,
+        b.notifications,
+        b.secs(b.write_ticks) * 1e3,
+        b.secs(b.flush_ticks) * 1e3,
+        b.secs(b.read_ticks) * 1e3
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == model::blk_bench_disk(5, 4096, 16, BYTES),
+        "the disk holds exactly blk_bench_disk"
     );
 }
 
@@ -312,43 +369,15 @@ fn a_snapshot_in_the_middle_of_blk_check_io_restores_the_disk_and_carries_on_exa
     );
 }
 
-/// A TAP with a private /30 on this host, removed on drop.
-struct Tap {
-    name: String,
-}
+/// A child process killed (and reaped) on drop, unless [`finish`] took it.
+struct Running(Option<Child>);
 
-impl Tap {
-    fn new(name: &str, host_cidr: &str) -> Result<Tap, String> {
-        let ip = |args: &[&str]| -> Result<(), String> {
-            let o = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("ip: {e}"))?;
-            if o.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ip {args:?}: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                ))
-            }
-        };
-        let _ = ip(&["link", "del", name]);
-        ip(&["tuntap", "add", "name", name, "mode", "tap"])?;
-        let tap = Tap {
-            name: name.to_string(),
-        };
-        ip(&["addr", "add", host_cidr, "dev", name])?;
-        ip(&["link", "set", name, "up"])?;
-        Ok(tap)
-    }
-}
-
-impl Drop for Tap {
+impl Drop for Running {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.name])
-            .output();
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -374,7 +403,7 @@ fn tap_unavailable() -> Option<String> {
 }
 
 #[test]
-fn net_echo_answers_10000_udp_datagrams_over_a_tap() {
+fn net_echo_answers_10000_udp_datagrams_from_a_client_in_a_netns() {
     require_kvm();
     if let Some(why) = tap_unavailable() {
         eprintln!("SKIPPED: {why}");
@@ -383,53 +412,79 @@ fn net_echo_answers_10000_udp_datagrams_over_a_tap() {
     const N: u32 = 10_000;
     let pid = std::process::id();
     let name = format!("tdv{}", pid % 100_000);
-    // A private /30 on this TAP only: 10.213.x.1 (host) and .2 (guest).
+    // The TAP lives in a namespace of this test, with a /30: 10.213.x.1 (host) and .2
+    // (guest); tandem runs in that namespace (it opens the TAP by name there), and so does
+    // the UDP client's socket.
+    let ns = match NetNs::new(&format!("tdvns{pid}")) {
+        Ok(ns) => ns,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot create a network namespace: {e}");
+            return;
+        }
+    };
     let x = pid % 250;
     let (host, guest) = (
         Ipv4Addr::new(10, 213, x as u8, 1),
         Ipv4Addr::new(10, 213, x as u8, 2),
     );
-    let tap = match Tap::new(&name, &format!("{host}/30")) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("SKIPPED: cannot set up the TAP: {e}");
+    let cidr = format!("{host}/30");
+    for args in [
+        &["tuntap", "add", "name", &name, "mode", "tap"][..],
+        &["addr", "add", &cidr, "dev", &name],
+        &["link", "set", &name, "up"],
+    ] {
+        if let Err(e) = ns.ip(args) {
+            eprintln!("SKIPPED: cannot set up the TAP in netns {}: {e}", ns.name());
             return;
         }
-    };
+    }
     let d = Dir::new("net");
     let elf = image(&d, "net-echo");
     let (out, ctl, trace, snap) = (d.s("out.txt"), d.s("ctl"), d.s("trace.json"), d.s("snap"));
     let net = format!("tap={name},mac=02:54:00:12:34:56");
     let gip = format!("ip={guest}/30");
     let count = format!("count={N}");
-    let child = spawn(&[
-        "run",
-        "--image",
-        &elf,
-        "--mem-mib",
-        "64",
-        "--net",
-        &net,
-        "--guest-arg",
-        &gip,
-        "--guest-arg",
-        "port=7",
-        "--guest-arg",
-        &count,
-        "--output",
-        &out,
-        "--timeout-secs",
-        "120",
-        "--control",
-        &ctl,
-        "--trace",
-        &trace,
-    ]);
+    let bin = tandem_bin();
+    let mut cmd = ns.prefix();
+    cmd.push(bin.to_str().unwrap().to_string());
+    let child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .args([
+            "run",
+            "--image",
+            &elf,
+            "--mem-mib",
+            "64",
+            "--net",
+            &net,
+            "--guest-arg",
+            &gip,
+            "--guest-arg",
+            "port=7",
+            "--guest-arg",
+            &count,
+            "--output",
+            &out,
+            "--timeout-secs",
+            "120",
+            "--control",
+            &ctl,
+            "--trace",
+            &trace,
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tandem in the netns");
+    let mut child = Running(Some(child));
     // Send only once tandem holds the TAP (before that it has no carrier and the host's ARP
     // for the guest fails) and the guest has brought its interface up (NET_UP is out).
     let t = Instant::now();
-    let carrier = format!("/sys/class/net/{name}/carrier");
-    while std::fs::read_to_string(&carrier).map_or(true, |c| c.trim() != "1") {
+    while ns
+        .ip_output(&["-o", "link", "show", "dev", &name])
+        .map_or(true, |l| l.contains("NO-CARRIER"))
+    {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "tandem never opened the TAP"
@@ -438,7 +493,10 @@ fn net_echo_answers_10000_udp_datagrams_over_a_tap() {
     }
     wait_for_records(Path::new(&ctl));
 
-    let sock = UdpSocket::bind((host, 0)).unwrap();
+    let sock = ns
+        .enter(|| UdpSocket::bind((host, 0)))
+        .unwrap()
+        .expect("a UDP socket in the netns");
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let payload = |i: u32| -> Vec<u8> {
@@ -506,8 +564,7 @@ fn net_echo_answers_10000_udp_datagrams_over_a_tap() {
         "snapshot: {}",
         String::from_utf8_lossy(&reply.stdout)
     );
-    let (_, _) = finish(child);
-    drop(tap);
+    let (_, _) = finish(child.0.take().expect("tandem"));
     let t: Trace = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
     let steps: Vec<String> =
         t.0.iter()

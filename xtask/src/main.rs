@@ -3,6 +3,7 @@
 //! * `cargo xtask bench stun`  — stun/unstun latency for 1, 2 and 4 vCPUs
 //! * `cargo xtask bench guest` — `counter` in a 1-vCPU guest against the same loop on the host
 //! * `cargo xtask bench ft`    — the fault-tolerant pair: slowdown, pauses, failover
+//! * `cargo xtask bench io`    — virtio-blk and virtio-net against the host doing the same I/O
 //! * `cargo xtask bench`       — all of them
 //! * `cargo xtask run-pair`    — a protected pair with a live status line and a verdict
 //! * `cargo xtask modgraph`    — every crate's module import graph; fails on a cycle
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use monitor::{ModuleTable, Vm, VmConfig};
 
+mod bench_io;
 mod bench_stall;
 mod fuzz;
 mod modgraph;
@@ -91,6 +93,8 @@ enum Bench {
     Faults,
     /// What a protected guest sees: its throughput kept and its stalls, per hot set and rate.
     Stall,
+    /// virtio-blk and virtio-net against the host doing the same I/O (needs root).
+    Io,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -417,6 +421,9 @@ fn main() {
             }
             if all || which == Some(Bench::Stall) {
                 r = r.and_then(|_| bench_stall::bench(&mut out));
+            }
+            if all || which == Some(Bench::Io) {
+                r = r.and_then(|_| bench_io::bench(&mut out));
             }
             r.and_then(|_| {
                 if !no_record {

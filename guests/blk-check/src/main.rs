@@ -44,17 +44,42 @@
 //! A good disk gives `BLK_VERIFIED.value == BLK_WRITTEN.value` and `DONE.aux == 0`. A device
 //! error or a read-only disk panics (PANIC records say why). The progress slot holds the bytes
 //! done so far (write pass, then read pass).
+//!
+//! ## Benchmark mode (`bench=1`)
+//!
+//! Arguments: `bs` (default 65536) bytes per request, a multiple of 512 up to 1 MiB;
+//! `depth` (default 16, at most 64) requests queued per notification; `mib` and `seed` as
+//! above. `total` is rounded down to whole blocks. `depth` buffers of `bs` bytes are filled
+//! once, buffer `j` with the pattern of disk offset `j × bs`; block `k` (disk offset
+//! `k × bs`) is written from buffer `k % depth`, so the disk ends up holding, at every offset
+//! `o`, the pattern byte of offset `o mod (depth × bs)`. The write pass queues up to `depth`
+//! writes (fewer if the queue is full) with notifications held, sends one notification, and
+//! waits for them all; then one flush. The read pass does the same with reads and checks the
+//! first and last word of every block read. Timing is by `rdtsc` around each pass; nothing
+//! is emitted inside a pass.
+//!
+//! ```text
+//! BLK_INFO        value = total                 aux = seed
+//! BLK_BENCH       value = bs                    aux = TSC kHz (boot-info page)
+//! BLK_BENCH_WRITE value = TSC ticks of the write pass, flush included   aux = ticks of the flush
+//! BLK_BENCH_READ  value = TSC ticks of the read pass     aux = notifications of both passes
+//! DONE (2)        value = requests per pass             aux = blocks read back wrong
+//! ```
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+use alloc::rc::Rc;
 use alloc::vec;
+use alloc::vec::Vec;
 use tandem_rt::guest_abi::boot::VIRTIO_ID_BLOCK;
-use tandem_rt::{entry, kind, kinds, Env};
-use tandem_virtio::virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
+use tandem_rt::{entry, kind, kinds, rdtsc, Env};
+use tandem_virtio::virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};
+use tandem_virtio::virtio_drivers::transport::mmio::MmioTransport;
 use tandem_virtio::virtio_drivers::transport::DeviceType;
-use tandem_virtio::IdentityHal;
+use tandem_virtio::virtio_drivers::Error as VirtioError;
+use tandem_virtio::{Gated, IdentityHal, NotifyGate};
 
 entry!(main);
 
@@ -89,7 +114,9 @@ fn main(env: &Env) {
         .unwrap_or_else(|e| panic!("block device {index}: {e}"));
     let transport = tandem_virtio::transport(&dev, DeviceType::Block)
         .unwrap_or_else(|e| panic!("block device {index} at {:#x}: {e}", dev.base));
-    let mut blk = VirtIOBlk::<IdentityHal, _>::new(transport)
+    let gate = NotifyGate::new(&dev)
+        .unwrap_or_else(|e| panic!("block device {index} at {:#x}: {e}", dev.base));
+    let mut blk = VirtIOBlk::<IdentityHal, _>::new(Gated::new(transport, gate.clone()))
         .unwrap_or_else(|e| panic!("virtio-blk init: {e}"));
     if env.arg_u64("ro_write", 0) == 0 {
         assert!(!blk.readonly(), "the disk is read-only");
@@ -102,6 +129,10 @@ fn main(env: &Env) {
         0 => disk,
         mib => disk.min(mib.saturating_mul(1 << 20)),
     };
+    if env.arg_u64("bench", 0) != 0 {
+        bench(env, &mut blk, &gate, seed, total);
+        return;
+    }
     env.emit(kinds::BLK_INFO, total, seed);
     env.doorbell();
 
@@ -159,4 +190,166 @@ fn main(env: &Env) {
     }
     env.emit(kinds::BLK_VERIFIED, digest, k);
     env.emit(kind::DONE, digest, bad);
+}
+
+type Blk = VirtIOBlk<IdentityHal, Gated<MmioTransport<'static>>>;
+
+/// Requests of one batch: its buffers, in the places the device reads and writes.
+struct Batch {
+    reqs: Vec<BlkReq>,
+    resps: Vec<BlkResp>,
+    tokens: Vec<u16>,
+    /// Block number of each request.
+    blocks: Vec<u64>,
+}
+
+/// Queues blocks `first ..` (at most `depth`, fewer when the queue is full, none past `n`)
+/// with the notification held, sends it, and waits until the device has used them all;
+/// `io(blk, block, i, req, resp)` queues one request. Returns how many were done and the
+/// blocks, in `batch.blocks[..m]`.
+fn run_batch(
+    blk: &mut Blk,
+    gate: &NotifyGate,
+    batch: &mut Batch,
+    first: u64,
+    n: u64,
+    mut io: impl FnMut(&mut Blk, u64, &mut BlkReq, &mut BlkResp) -> Result<u16, VirtioError>,
+    mut done: impl FnMut(&mut Blk, u16, u64, &BlkReq, &mut BlkResp),
+) -> u64 {
+    let depth = batch.reqs.len();
+    gate.hold();
+    let mut m = 0;
+    while m < depth && first + (m as u64) < n {
+        let k = first + m as u64;
+        match io(blk, k, &mut batch.reqs[m], &mut batch.resps[m]) {
+            Ok(t) => {
+                batch.tokens[m] = t;
+                batch.blocks[m] = k;
+                m += 1;
+            }
+            Err(VirtioError::QueueFull) if m > 0 => break,
+            Err(e) => panic!("queueing block {k}: {e}"),
+        }
+    }
+    gate.release();
+    for _ in 0..m {
+        let t = loop {
+            if let Some(t) = blk.peek_used() {
+                break t;
+            }
+            core::hint::spin_loop();
+        };
+        let i = batch.tokens[..m]
+            .iter()
+            .position(|&x| x == t)
+            .unwrap_or_else(|| panic!("virtio-blk: the device used token {t}, not queued"));
+        let (req, resp) = (&batch.reqs[i], &mut batch.resps[i]);
+        done(blk, t, batch.blocks[i], req, resp);
+    }
+    m as u64
+}
+
+/// `bench=1`: see the module docs.
+fn bench(env: &Env, blk: &mut Blk, gate: &Rc<NotifyGate>, seed: u64, total: u64) {
+    let bs = env.arg_u64("bs", 65536);
+    assert!(
+        bs.is_multiple_of(SECTOR_SIZE as u64) && (SECTOR_SIZE as u64..=1 << 20).contains(&bs),
+        "bs={bs}: a multiple of 512 from 512 to 1 MiB"
+    );
+    let depth = env.arg_u64("depth", 16).clamp(1, 64) as usize;
+    let n = total / bs;
+    let total = n * bs;
+    env.emit(kinds::BLK_INFO, total, seed);
+    env.emit(kinds::BLK_BENCH, bs, env.tsc_khz());
+    env.doorbell();
+
+    let bsz = bs as usize;
+    let bufs: Vec<Vec<u8>> = (0..depth)
+        .map(|j| {
+            let mut b = vec![0u8; bsz];
+            fill(seed, (j * bsz) as u64, &mut b);
+            b
+        })
+        .collect();
+    let mut rbufs: Vec<Vec<u8>> = (0..depth).map(|_| vec![0u8; bsz]).collect();
+    let mut batch = Batch {
+        reqs: (0..depth).map(|_| BlkReq::default()).collect(),
+        resps: (0..depth).map(|_| BlkResp::default()).collect(),
+        tokens: vec![0; depth],
+        blocks: vec![0; depth],
+    };
+    let sector = |k: u64| (k * bs / SECTOR_SIZE as u64) as usize;
+    let slot = |k: u64| (k % depth as u64) as usize;
+    let sent0 = gate.sent();
+
+    // Write pass, then the flush.
+    let t0 = rdtsc();
+    let mut k = 0;
+    while k < n {
+        k += run_batch(
+            blk,
+            gate,
+            &mut batch,
+            k,
+            n,
+            // SAFETY: the request, its buffer and its response stay untouched in `batch` and
+            // `bufs` until `run_batch` completes them below.
+            |blk, k, req, resp| unsafe {
+                blk.write_blocks_nb(sector(k), req, &bufs[slot(k)], resp)
+            },
+            |blk, t, k, req, resp| {
+                // SAFETY: the same buffers as queued with token `t`.
+                unsafe { blk.complete_write_blocks(t, req, &bufs[slot(k)], resp) }
+                    .unwrap_or_else(|e| panic!("write of block {k} ({bs} bytes): {e}"))
+            },
+        );
+    }
+    let t1 = rdtsc();
+    blk.flush().unwrap_or_else(|e| panic!("flush: {e}"));
+    let t2 = rdtsc();
+
+    // Read pass. Each read buffer is handed to the device by one request at a time (a batch
+    // holds at most `depth` consecutive blocks), through these pointers.
+    let last = bsz / 8 - 1;
+    let rptr: Vec<*mut [u8]> = rbufs
+        .iter_mut()
+        .map(|b| b.as_mut_slice() as *mut [u8])
+        .collect();
+    let mut bad = 0u64;
+    let mut k = 0;
+    while k < n {
+        k += run_batch(
+            blk,
+            gate,
+            &mut batch,
+            k,
+            n,
+            |blk, k, req, resp| {
+                let p: *mut [u8] = rptr[slot(k)];
+                // SAFETY: the buffer behind `p` lives in `rbufs` for the whole pass and no
+                // other request of the batch uses it; the request and response stay in
+                // `batch` until `run_batch` completes them.
+                unsafe { blk.read_blocks_nb(sector(k), req, &mut *p, resp) }
+            },
+            |blk, t, k, req, resp| {
+                let p: *mut [u8] = rptr[slot(k)];
+                // SAFETY: the device is done with the buffer (token `t` is used); it is the
+                // one queued with `t`, and nothing else holds it.
+                let b = unsafe { &mut *p };
+                // SAFETY: the same buffers as queued with token `t`.
+                unsafe { blk.complete_read_blocks(t, req, b, resp) }
+                    .unwrap_or_else(|e| panic!("read of block {k} ({bs} bytes): {e}"));
+                let j = slot(k);
+                if word_at(b, 0) != word_at(&bufs[j], 0)
+                    || word_at(b, last) != word_at(&bufs[j], last)
+                {
+                    bad += 1;
+                }
+            },
+        );
+    }
+    let t3 = rdtsc();
+    env.emit(kinds::BLK_BENCH_WRITE, t2 - t0, t2 - t1);
+    env.emit(kinds::BLK_BENCH_READ, t3 - t2, gate.sent() - sent0);
+    env.emit(kind::DONE, n, bad);
 }

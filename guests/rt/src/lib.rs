@@ -69,6 +69,14 @@ pub mod kinds {
     pub const BLK_VERIFIED: u32 = 0x22;
     /// blk-check, the first mismatch (only then): `value` = disk offset, `aux` = the word read.
     pub const BLK_MISMATCH: u32 = 0x23;
+    /// blk-check `bench=1`, after BLK_INFO: `value` = bytes per request, `aux` = TSC kHz.
+    pub const BLK_BENCH: u32 = 0x24;
+    /// blk-check `bench=1`: `value` = TSC ticks of the write pass with its flush, `aux` =
+    /// ticks of the flush.
+    pub const BLK_BENCH_WRITE: u32 = 0x25;
+    /// blk-check `bench=1`: `value` = TSC ticks of the read pass, `aux` = queue
+    /// notifications of both passes.
+    pub const BLK_BENCH_READ: u32 = 0x26;
     /// net-echo, once the interface is up: `value` = IPv4 address (big-endian u32) << 8 |
     /// prefix length, `aux` = UDP port.
     pub const NET_UP: u32 = 0x28;

@@ -244,6 +244,55 @@ fn rx_reads_frames_only_while_the_guest_has_buffers() {
     assert_eq!(d.used(RX_QUEUE), vec![(2, 112)]);
 }
 
+/// The RX used ring's flags (bit 0: VRING_USED_F_NO_NOTIFY).
+fn rx_used_flags(d: &Driver<Net>) -> u16 {
+    let b = d.get(d.qs[RX_QUEUE].used, 2);
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+#[test]
+fn rx_notifications_are_off_while_the_guest_has_buffers_and_on_when_it_has_none() {
+    let (w, mut d) = drv();
+    assert_eq!(rx_used_flags(&d), 0, "a fresh queue wants notifications");
+    post(&mut d, 3, 2048);
+    assert_eq!(
+        rx_used_flags(&d),
+        1,
+        "3 buffers left, nothing waiting: no notification needed for more"
+    );
+    // Frames come: poll() finds the buffers without any notification.
+    for i in 0..2 {
+        w.inject(frame(60, i));
+    }
+    assert!(d.t.poll());
+    assert_eq!(d.used(RX_QUEUE).len(), 2);
+    assert_eq!(rx_used_flags(&d), 1, "one buffer left");
+    // A buffer added without a kick (as a driver does while NO_NOTIFY is set) is used by
+    // the next poll.
+    let h = d.chain(RX_QUEUE, &[(rx_buf(3), 2048, true)]);
+    d.publish(RX_QUEUE, h);
+    for i in 2..5 {
+        w.inject(frame(70, i));
+    }
+    assert!(d.t.poll());
+    assert_eq!(
+        d.used(RX_QUEUE),
+        vec![(2, 12 + 70), (3, 12 + 70)],
+        "the unkicked buffer took a frame"
+    );
+    assert_eq!(
+        rx_used_flags(&d),
+        0,
+        "out of buffers with a frame waiting: the device wants the next notification"
+    );
+    // That notification delivers the waiting frame.
+    post(&mut d, 1, 2048);
+    let got = d.used(RX_QUEUE);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, 12 + 70);
+    assert_eq!(d.t.device().stats().rx_frames, 5);
+}
+
 #[test]
 fn hostile_rx_buffer_too_small_drops_the_frame_without_cutting_it() {
     let (w, mut d) = drv();
