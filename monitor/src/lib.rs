@@ -27,6 +27,7 @@ mod kick;
 pub mod layout;
 pub mod mmio;
 pub mod module;
+pub mod rearm;
 pub mod rpc;
 mod shared;
 pub mod state;

@@ -55,14 +55,14 @@ pub struct VmShared {
     /// KVM leaves dirty pages writable until told to re-arm them
     /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`), so hot pages can stay writable across epochs.
     pub(crate) manual_dirty: bool,
-    /// Which pages the epochs keep writable ([`crate::dirty::Rearm`]).
-    pub(crate) rearm: Mutex<crate::dirty::Rearm>,
+    /// Which pages the epochs keep writable ([`crate::rearm::Rearm`]).
+    pub(crate) rearm: Mutex<crate::rearm::Rearm>,
 }
 
 impl VmShared {
     /// Fetches the dirty-page bitmap, KVM's log (guest writes) OR vm-memory's bitmap (host
     /// writes, e.g. devices), and re-arms tracking: every dirty page when `keep_hot` is off;
-    /// with it on, the pages [`crate::dirty::Rearm`] calls hot stay writable (and so dirty in
+    /// with it on, the pages [`crate::rearm::Rearm`] calls hot stay writable (and so dirty in
     /// every later fetch). Bit `n` stands for guest page `n`. Users go through
     /// [`crate::DirtyLog`].
     pub(crate) fn take_dirty_bitmap(&self, keep_hot: bool) -> Result<Vec<u64>> {
@@ -83,7 +83,7 @@ impl VmShared {
                     rearm.forget(slot);
                     kvm.clone()
                 };
-                crate::dirty::clear_dirty_log(&self.vm_fd, slot as u32, region_pages, &clear)?;
+                crate::rearm::clear_dirty_log(&self.vm_fd, slot as u32, region_pages, &clear)?;
             }
             kvm.truncate(region_pages.div_ceil(64));
             let host = std::ops::Deref::deref(region).bitmap().get_and_reset();

@@ -179,7 +179,7 @@ impl Vm {
                 false
             }
         };
-        let manual_dirty = crate::dirty::enable_manual_protect(&kvm, &vm_fd);
+        let manual_dirty = crate::rearm::enable_manual_protect(&kvm, &vm_fd);
         let mem = map_memory(config, &layout)?;
         let msrs = msr_list(&kvm)?;
         let cpuid = kvm
@@ -214,7 +214,7 @@ impl Vm {
             ran: AtomicBool::new(false),
             mmio_bus: OnceLock::new(),
             manual_dirty,
-            rearm: Mutex::new(crate::dirty::Rearm::default()),
+            rearm: Mutex::new(crate::rearm::Rearm::default()),
         });
         let run_size = shared
             .kvm

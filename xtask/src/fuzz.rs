@@ -11,13 +11,14 @@ use transport::pages::{encode_batch, encode_range, PageRange};
 use transport::Message;
 
 /// The targets, in the order they run.
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "frame_header",
     "control_message",
     "page_ranges",
     "handshake",
     "snapshot_reader",
     "standby_machine",
+    "kv_requests",
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -207,6 +208,19 @@ pub fn seed(dir: &Path) -> std::io::Result<()> {
     .map_err(std::io::Error::other)?;
     put("snapshot_reader", "compressed", &snap.to_bytes())?;
     let _: MemIndex = index;
+    // The kv conformance script, as RESP2 arrays and as inline lines (first byte: the split).
+    let mut resp = vec![128u8];
+    let mut inline = vec![64u8];
+    for line in kvstore::compat::SCRIPT {
+        if let Some(args) = kvstore::resp::split_args(line.as_bytes()) {
+            let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+            kvstore::resp::encode_request(&refs, &mut resp);
+        }
+        inline.extend_from_slice(line.as_bytes());
+        inline.extend_from_slice(b"\r\n");
+    }
+    put("kv_requests", "script-resp", &resp)?;
+    put("kv_requests", "script-inline", &inline)?;
     // Whole sessions of the standby's protocol, built with the real encoders.
     for (name, ops) in ft::standby::harness::seeds() {
         put(
