@@ -28,8 +28,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use transport::{Channel, Fence, Message};
 
-use super::epoch::combine_hashes;
 use super::link::{encode_parts, send_ranges};
+use checkpoint::digest::combine_hashes;
 
 /// A round this small (pages) ends the pre-copy: the rest goes in the completing epoch.
 pub const STOP_PAGES: u64 = 2048;

@@ -60,7 +60,7 @@
 //! | any live           | EpochBegin                      | receive the epoch (an open epoch is discarded;   |
 //! |                    |                                 | an open round is refused), or poison it: before  |
 //! |                    |                                 | the full sync, refusal, out of order, too big    |
-//! | any live           | Pages / VcpuState / DeviceState | into the open epoch or round (errors poison)     |
+//! | any live           | Pages / DeviceState             | into the open epoch or round (errors poison)     |
 //! | any live           | EpochEnd, poisoned epoch        | Nack `Malformed` (reason)                        |
 //! | any live           | EpochEnd without its beginning  | Nack `OutOfOrder`                                |
 //! | any live           | EpochEnd, fails verification    | Nack `Malformed`                                 |
@@ -600,7 +600,6 @@ impl Machine {
                 digest,
             } => self.precopy_end(fence, round, ranges, digest),
             Message::EpochBegin { fence, pages } => self.epoch_begin(fence, pages),
-            Message::VcpuState { vcpu, data, .. } => self.section(&format!("vcpu/{vcpu}"), 1, data),
             Message::DeviceState {
                 name,
                 version,

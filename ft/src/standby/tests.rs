@@ -242,7 +242,7 @@ fn syncing_damaged_epochs_are_nacked_and_change_nothing() {
     assert!(nack_reason(&mut h, ops).1.contains("truncated"));
     // Missing vCPU state (2 vCPUs would be needed: a second sync of 1 vCPU keeps the shape).
     let mut ops = epoch_ops(fence(1, 1), &page(1), 1, None);
-    ops.retain(|o| !matches!(o, Op::Message(Message::VcpuState { .. })));
+    ops.retain(|o| !matches!(o, Op::Message(Message::DeviceState { name, .. }) if name.starts_with("vcpu/")));
     assert!(nack_reason(&mut h, ops).1.contains("no state for vCPU 0"));
     // The end of another epoch than began.
     let mut ops = epoch_ops(fence(1, 1), &page(1), 1, None);
@@ -469,9 +469,10 @@ fn syncing_state_inside_a_pre_copy_round_breaks_the_sync() {
     let mut ops = round_ops(fence(1, 1), 0, &page(1));
     ops.insert(
         1,
-        msg(Message::VcpuState {
+        msg(Message::DeviceState {
             fence: fence(1, 1),
-            vcpu: 0,
+            name: "vcpu/0".into(),
+            version: 1,
             data: vec![1],
         }),
     );
@@ -749,7 +750,7 @@ fn scripts_round_trip_and_seeds_run_to_their_ends() {
         );
         super::harness::fuzz(&bytes);
     }
-    assert_eq!(digest(&[]), crate::epoch::pages_digest(&[]));
+    assert_eq!(digest(&[]), checkpoint::digest::pages_digest(&[]));
 }
 
 #[test]
