@@ -13,6 +13,7 @@
 //! A [`Trace`] records (state, side, step) so tests can check that order.
 #![forbid(unsafe_code)]
 
+pub mod digest;
 pub mod files;
 pub mod group;
 pub mod memfile;

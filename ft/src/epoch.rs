@@ -13,17 +13,18 @@
 //!   │ ◀─────────────────────────────── Ack{fence} / Nack{code, why}
 //! ```
 //!
-//! `digest` = SHA-256 over SHA-256(gpa ‖ bytes) of every range in order. Nothing in a staging
+//! `digest` = [`checkpoint::digest::pages_digest`]: SHA-256 over SHA-256(gpa ‖ bytes) of every
+//! range in order. Nothing in a staging
 //! area touches the committed image until every range decoded, every check passed and the
 //! digest matched; a malformed or truncated epoch is dropped whole (and NACKed).
 
 use std::collections::VecDeque;
 
+use checkpoint::digest::pages_digest;
 use checkpoint::{Section, Snapshot};
 use guest_abi::Record;
 use monitor::GuestMem;
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 use transport::pages::decode_ranges;
 use transport::{Fence, PageRange};
 use vm_memory::{Bytes, GuestAddress};
@@ -41,32 +42,6 @@ pub const MAX_RECORDS: usize = 4 << 20;
 pub const RETAINED_EPOCHS: usize = 4;
 /// Name prefix of held-output sections.
 pub const RECORDS_PREFIX: &str = "records/";
-
-/// SHA-256(gpa ‖ bytes) of one range.
-pub fn range_hash(gpa: u64, data: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(gpa.to_le_bytes());
-    h.update(data);
-    h.finalize().into()
-}
-
-/// Combines the ranges' hashes, in order, into the epoch digest.
-pub fn combine_hashes(hashes: impl IntoIterator<Item = [u8; 32]>) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for p in hashes {
-        h.update(p);
-    }
-    h.finalize().into()
-}
-
-/// The digest of an epoch's pages: SHA-256 over SHA-256(gpa ‖ bytes) of each range in order.
-pub fn pages_digest(ranges: &[(u64, &[u8])]) -> [u8; 32] {
-    let parts: Vec<[u8; 32]> = ranges
-        .par_iter()
-        .map(|(gpa, data)| range_hash(*gpa, data))
-        .collect();
-    combine_hashes(parts)
-}
 
 /// Reads the committed copy of `len` bytes at a GPA: the base of the primary's XOR deltas.
 #[derive(Clone)]
@@ -468,6 +443,7 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
     use transport::pages::encode_range;
     use transport::{Epoch, Generation};
     use vm_memory::GuestMemoryMmap;

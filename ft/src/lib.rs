@@ -41,7 +41,6 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
 use transport::{Channel, Fence, Intent, Message, Psk, Received};
 
 use ::sink::SinkClient;
@@ -285,7 +284,7 @@ pub fn accept(
 
 /// Boots (or restores) a VM, protects it with the standby at `peer`, and runs it to the end.
 /// Returns how it ended and the final replication status.
-pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, Value)> {
+pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, status::FtStatus)> {
     let generation = match &cfg.arbiter {
         Some(arb) => {
             let g = arb.current()? + 1;
@@ -362,5 +361,5 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, Value)> {
         vmx.resume()?;
     }
     let outcome = vmx.run_with(&mut ft)?;
-    Ok((outcome, ft.status()))
+    Ok((outcome, ft.ft_status()))
 }

@@ -15,7 +15,8 @@ use transport::{Channel, Epoch, Fence, Generation, Message, PageRange, Received}
 use rayon::prelude::*;
 use transport::pages::{encode_range, encode_range_uncompressed};
 
-use super::epoch::{combine_hashes, range_hash, RECORDS_PREFIX};
+use super::epoch::RECORDS_PREFIX;
+use checkpoint::digest::{combine_hashes, range_hash};
 use vmx::machine::Captured;
 
 /// Faults a test can inject into the primary's link. Production code never sets them: the

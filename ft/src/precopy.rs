@@ -25,11 +25,10 @@ use std::time::{Duration, Instant};
 
 use monitor::{DirtyLog, DirtyPages};
 use serde::Serialize;
-use serde_json::{json, Value};
 use transport::{Channel, Fence, Message};
 
-use super::epoch::combine_hashes;
 use super::link::{encode_parts, send_ranges};
+use checkpoint::digest::combine_hashes;
 
 /// A round this small (pages) ends the pre-copy: the rest goes in the completing epoch.
 pub const STOP_PAGES: u64 = 2048;
@@ -58,6 +57,19 @@ pub struct PreCopyReport {
     pub ms: f64,
 }
 
+/// Where a running pre-copy is (shown in the primary's `status` as its `sync`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoundProgress {
+    /// "pre-copy round N".
+    pub phase: String,
+    /// Pages of the current round.
+    pub round_pages: u64,
+    /// Of them, sent so far.
+    pub sent_pages: u64,
+    /// Since the pre-copy started, ms.
+    pub elapsed_ms: u64,
+}
+
 /// Sends a full sync of the running VM as pre-copy rounds over `tx`, announcing `fence` (the
 /// epoch that will complete the sync). `status` shows the phase while it runs.
 pub fn run(
@@ -65,7 +77,7 @@ pub fn run(
     tx: &mut Channel<TcpStream>,
     fence: Fence,
     vcpus: u32,
-    status: &Mutex<Value>,
+    status: &Mutex<Option<RoundProgress>>,
 ) -> Result<PreCopyReport, String> {
     let t0 = Instant::now();
     let mem_bytes = log.mem_bytes();
@@ -116,7 +128,7 @@ fn send_round(
     round: u32,
     runs: &[(u64, u64)],
     pages: u64,
-    status: &Mutex<Value>,
+    status: &Mutex<Option<RoundProgress>>,
     t0: Instant,
 ) -> transport::Result<RoundReport> {
     let start = Instant::now();
@@ -153,11 +165,11 @@ fn send_round(
             progress(done * 4096, pages * 4096);
         })?;
         if let Ok(mut s) = status.lock() {
-            *s = json!({
-                "phase": what,
-                "round_pages": pages,
-                "sent_pages": done,
-                "elapsed_ms": t0.elapsed().as_millis() as u64,
+            *s = Some(RoundProgress {
+                phase: what.clone(),
+                round_pages: pages,
+                sent_pages: done,
+                elapsed_ms: t0.elapsed().as_millis() as u64,
             });
         }
         i = j;
@@ -183,7 +195,7 @@ pub fn spawn(
     mut tx: Channel<TcpStream>,
     fence: Fence,
     vcpus: u32,
-    status: Arc<Mutex<Value>>,
+    status: Arc<Mutex<Option<RoundProgress>>>,
     done: impl FnOnce(Result<(Channel<TcpStream>, PreCopyReport), String>) + Send + 'static,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()

@@ -1,15 +1,31 @@
 //! The typed `status` of a replicated VM (the `ft` member of `tandem ctl … status`, and the
-//! replication status a primary prints when it ends).
+//! replication status a primary prints when it ends), and [`EndReport`], what a `tandem
+//! primary --json` or `tandem standby` process prints when it ends.
 //!
 //! One type for both roles: what only a primary has (`protected`, `epoch`, `pause_ms`, …) or
 //! only a standby has (`phase`, `committed_epoch`) is an `Option`, left out of the JSON when
 //! `None`. A primary fills every primary field, so its JSON has exactly the keys the old
 //! `json!` status had; `unprotected_because`, `in_flight`, `notes`, `sync` and `last_sync` are
-//! written even when empty (as `null`, as before). Consumers that read by string key cannot
-//! tell a `null` from a missing key.
+//! written even when empty (as `null`, as before; a standby's status has them too, `null`).
+//! Every reader (the control socket's clients, `run-pair`, the tests, the benchmarks)
+//! deserializes these types; none reads the JSON by key.
+//!
+//! ```text
+//!  tandem ctl SOCK status   {"ok":true,"state":…,"vcpus":[…],"ft": FtStatus}   (VmStatus)
+//!  FtStatus                 {"role":"primary"|"standby","generation":N|null,
+//!                            primary: "protected","epoch","last_ack","pause_ms",…
+//!                            standby: "phase","committed_epoch",
+//!                            "counters": PrimaryCounters | StandbyCounters,
+//!                            "notes": {"failover": FailoverReport} | null, …}
+//!  primary --json, at end   {"role":"primary","report": RunReport,"ft": FtStatus}
+//!  standby, at end          {"role":"standby","took_over":false,"commits":N,"stats": FtStatus}
+//!                           {"role":"standby","took_over":false,"stood_down":"…","stats":…}
+//!                           {"role":"standby","took_over":true,"failover": FailoverReport,
+//!                            "replication": FtStatus (as standby),"ft": FtStatus (as primary),
+//!                            "report": RunReport | {"suspended": path}}
+//! ```
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// Which side of the pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,9 +80,9 @@ pub struct FtStatus {
     pub bytes_sent: Option<BytesSent>,
     /// Counters of the role.
     pub counters: Counters,
-    /// Primary: extra facts (e.g. the failover that made this primary).
+    /// Primary: extra facts (the failover that made this primary), or `null`.
     #[serde(default)]
-    pub notes: Value,
+    pub notes: Option<Notes>,
     /// Primary: the re-sync of a joined standby under way.
     #[serde(default)]
     pub sync: Option<SyncStatus>,
@@ -78,7 +94,136 @@ pub struct FtStatus {
     pub reprotections: Option<u64>,
 }
 
+impl FtStatus {
+    /// A primary's counters.
+    pub fn primary_counters(&self) -> Option<&PrimaryCounters> {
+        match &self.counters {
+            Counters::Primary(c) => Some(c),
+            Counters::Standby(_) => None,
+        }
+    }
+
+    /// A standby's counters.
+    pub fn standby_counters(&self) -> Option<&StandbyCounters> {
+        match &self.counters {
+            Counters::Standby(c) => Some(c),
+            Counters::Primary(_) => None,
+        }
+    }
+
+    /// The failover that made this primary (a standby that took over).
+    pub fn failover(&self) -> Option<&FailoverReport> {
+        self.notes.as_ref().and_then(|n| n.failover.as_ref())
+    }
+}
+
 impl std::fmt::Display for FtStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match serde_json::to_string(self) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => Err(std::fmt::Error),
+        }
+    }
+}
+
+/// Extra facts in a primary's status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Notes {
+    /// The failover that made this primary (it was a standby).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverReport>,
+}
+
+/// What a failover took.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailoverReport {
+    /// Why the primary was declared dead.
+    pub reason: String,
+    /// Time since the last frame from the primary when it was declared dead.
+    pub silence_ms: f64,
+    /// Declared dead → guest running.
+    pub activation_ms: f64,
+    /// When the guest ran again (Unix ms).
+    pub resumed_unix_ms: f64,
+    /// The generation this standby took.
+    pub generation: u64,
+    /// The epoch it resumed from.
+    pub from_epoch: u64,
+    /// Output records inherited from the retained epochs and released.
+    pub inherited_released: u64,
+}
+
+/// What a `tandem primary --json` or `tandem standby` process prints when it ends (the
+/// layouts are in the module doc). Which members are present depends on the role and on how
+/// it ended; absent ones are `None`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndReport {
+    /// The role the process started in.
+    pub role: Role,
+    /// Standby: whether it took over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_over: Option<bool>,
+    /// Standby whose primary finished: epochs committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commits: Option<u64>,
+    /// Standby that stood down (the primary won the next generation): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stood_down: Option<String>,
+    /// Standby that did not take over: its replication status at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<FtStatus>,
+    /// Standby that took over: the failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverReport>,
+    /// Standby that took over: its replication status as a standby, before the takeover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<FtStatus>,
+    /// The primary's final status (a standby that took over: as the new primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<FtStatus>,
+    /// How the guest's run ended (a primary, or a standby that took over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<vmx::RunEnd>,
+}
+
+impl EndReport {
+    /// A standby's end with nothing filled in but its role and whether it took over.
+    pub fn standby(took_over: bool) -> Self {
+        EndReport {
+            role: Role::Standby,
+            took_over: Some(took_over),
+            commits: None,
+            stood_down: None,
+            stats: None,
+            failover: None,
+            replication: None,
+            ft: None,
+            report: None,
+        }
+    }
+
+    /// A primary whose guest finished.
+    pub fn primary(report: vmx::RunReport, ft: FtStatus) -> Self {
+        EndReport {
+            role: Role::Primary,
+            took_over: None,
+            commits: None,
+            stood_down: None,
+            stats: None,
+            failover: None,
+            replication: None,
+            ft: Some(ft),
+            report: Some(vmx::RunEnd::Finished(report)),
+        }
+    }
+
+    /// The guest's run report, if the run finished or was suspended with one.
+    pub fn run_report(&self) -> Option<&vmx::RunReport> {
+        self.report.as_ref().and_then(vmx::RunEnd::report)
+    }
+}
+
+impl std::fmt::Display for EndReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match serde_json::to_string(self) {
             Ok(s) => f.write_str(&s),
@@ -158,15 +303,15 @@ pub struct PrimaryCounters {
 pub struct StandbyCounters {
     /// Epochs committed.
     pub commits: u64,
-    /// Epochs refused.
+    /// Epochs refused (`Stale` refusals not counted).
     pub nacks: u64,
     /// Epochs dropped incomplete (the primary died while sending).
     pub partial_epochs_discarded: u64,
-    /// Pre-copy rounds received.
+    /// Pre-copy rounds verified.
     pub precopy_rounds: u64,
     /// Pages in them.
     pub precopy_pages: u64,
-    /// Bytes received.
+    /// Page payload bytes received.
     pub bytes_received: u64,
     /// Frames received.
     pub frames: u64,
@@ -268,7 +413,7 @@ mod tests {
             pause_ms: Some(PauseMs::default()),
             bytes_sent: Some(BytesSent::default()),
             counters: Counters::Primary(PrimaryCounters::default()),
-            notes: Value::Null,
+            notes: None,
             sync: None,
             last_sync: None,
             reprotections: Some(0),
@@ -336,6 +481,47 @@ mod tests {
         let again = serde_json::to_value(&s).unwrap();
         assert_eq!(again["phase"], "protecting");
         assert!(again.get("pause_ms").is_none());
+    }
+
+    #[test]
+    fn a_primary_end_and_its_failover_notes_read_back() {
+        let mut ft = primary();
+        ft.notes = Some(Notes {
+            failover: Some(FailoverReport {
+                reason: "the primary's connection closed".into(),
+                silence_ms: 1.0,
+                activation_ms: 2.0,
+                resumed_unix_ms: 3.0,
+                generation: 2,
+                from_epoch: 9,
+                inherited_released: 0,
+            }),
+        });
+        let v = serde_json::to_value(&ft).unwrap();
+        assert_eq!(v["notes"]["failover"]["from_epoch"], 9);
+        let back: FtStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(back.failover().map(|f| f.generation), Some(2));
+        assert_eq!(primary().failover(), None);
+        assert!(back.primary_counters().is_some() && back.standby_counters().is_none());
+
+        let report = vmx::RunReport {
+            digest: devices::DigestReport {
+                vcpus: vec![],
+                total: "00".into(),
+            },
+            wall_ms: 1.0,
+            vcpus: vec![],
+            heartbeat: Default::default(),
+        };
+        let end = EndReport::primary(report, ft);
+        let v = serde_json::to_value(&end).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort();
+        assert_eq!(keys, ["ft", "report", "role"]);
+        assert_eq!(v["role"], "primary");
+        let back: EndReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back, end);
+        assert_eq!(back.run_report().map(|r| r.wall_ms), Some(1.0));
     }
 
     #[test]

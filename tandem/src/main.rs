@@ -441,9 +441,12 @@ fn primary(args: PrimaryArgs) -> Result<(), Error> {
     };
     let (outcome, ft) = ft::run_primary(cfg)?;
     if args.common.json {
-        if let Outcome::Finished(report) = &outcome {
-            let v = serde_json::json!({"role": "primary", "report": report, "ft": ft});
-            println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
+        if let Outcome::Finished(report) = outcome {
+            let end = ft::status::EndReport::primary(report, ft);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&end).expect("serialises")
+            );
             return Ok(());
         }
     } else {
@@ -472,33 +475,12 @@ fn standby(args: StandbyArgs) -> Result<(), Error> {
         None => println!("joining {}", args.join.as_deref().unwrap_or_default()),
     }
     let _ = std::io::stdout().flush();
-    match sb.run()? {
-        ft::standby::StandbyOutcome::PrimaryFinished { commits, stats } => {
-            let v = serde_json::json!({"role": "standby", "took_over": false, "commits": commits, "stats": stats});
-            println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
-            Ok(())
-        }
-        ft::standby::StandbyOutcome::StoodDown { reason, stats } => {
-            let v = serde_json::json!({"role": "standby", "took_over": false, "stood_down": reason, "stats": stats});
-            println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
-            Ok(())
-        }
-        ft::standby::StandbyOutcome::TookOver {
-            failover,
-            outcome,
-            stats,
-            primary,
-        } => {
-            let report = match outcome.as_ref() {
-                Outcome::Finished(r) => serde_json::to_value(r).expect("serialises"),
-                Outcome::Suspended { path, .. } => serde_json::json!({"suspended": path}),
-            };
-            let v = serde_json::json!({"role": "standby", "took_over": true, "failover": failover,
-                "replication": stats, "ft": primary, "report": report});
-            println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
-            Ok(())
-        }
-    }
+    let end = sb.run()?.end_report();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&end).expect("serialises")
+    );
+    Ok(())
 }
 
 fn sink(args: SinkArgs) -> Result<(), Error> {
@@ -550,10 +532,13 @@ fn finish(outcome: Outcome, json: bool) -> Result<(), Error> {
         }
         Outcome::Suspended { path, report } => {
             if json {
-                let v = serde_json::json!({"suspended": path, "report": report});
+                let end = vmx::RunEnd::Suspended {
+                    suspended: path,
+                    report: Some(report),
+                };
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&v).expect("report serialises")
+                    serde_json::to_string_pretty(&end).expect("report serialises")
                 );
             } else {
                 println!("suspended to {}\n{report}", path.display());
@@ -594,11 +579,13 @@ fn ctl(args: CtlArgs) -> Result<(), Error> {
     };
     let reply = vmx::control::request(&args.socket, &req, Duration::from_secs(300))?;
     println!("{reply}");
-    if reply["ok"] == serde_json::Value::Bool(true) {
+    let head: vmx::control::Answer = serde_json::from_value(reply)
+        .map_err(|e| Error::Vmx(vmx::Error::Usage(format!("bad reply: {e}"))))?;
+    if head.ok {
         Ok(())
     } else {
         Err(Error::Vmx(vmx::Error::Step(
-            reply["error"].as_str().unwrap_or("refused").to_string(),
+            head.error.unwrap_or_else(|| "refused".into()),
         )))
     }
 }

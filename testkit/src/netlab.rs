@@ -20,6 +20,8 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ft::status::EndReport;
+
 /// The two hosts and their bridge; removed on drop.
 pub struct NetLab {
     tag: String,
@@ -446,7 +448,7 @@ pub fn run_fault(
     }
     let commits = |pair: &Pair| {
         pair.status("standby")
-            .and_then(|s| s["ft"]["committed_epoch"].as_u64())
+            .and_then(|s| s.ft.and_then(|ft| ft.committed_epoch))
     };
     let acks0 = commits(&pair).unwrap_or(0);
     let mut acks1 = acks0;
@@ -479,13 +481,13 @@ pub fn run_fault(
     if takeover.is_none()
         && pair
             .result("standby")
-            .is_some_and(|r| r["took_over"] == true)
+            .is_some_and(|r| r.took_over == Some(true))
     {
         takeover = Some(f64::NAN);
     }
-    let finished = |r: Option<serde_json::Value>| r.is_some_and(|r| r["report"].is_object());
+    let finished = |r: Option<EndReport>| r.is_some_and(|r| r.report.is_some());
     let finished_primaries = finished(pair.result("primary")) as u32
-        + finished(pair.result("standby").filter(|r| r["took_over"] == true)) as u32;
+        + finished(pair.result("standby").filter(|r| r.took_over == Some(true))) as u32;
     let mut generations: Vec<u64> = pair
         .sink_stream()
         .iter()
@@ -503,7 +505,7 @@ pub fn run_fault(
         fault: what,
         interval_ms: base.interval_ms,
         acks_during_fault: acks1.saturating_sub(acks0),
-        lag_ms: last["ft"]["lag_ms"].as_f64().unwrap_or(0.0),
+        lag_ms: last.ft.and_then(|ft| ft.lag_ms).unwrap_or(0.0),
         takeover_after_ms: takeover,
         primary_exit: primary.and_then(|s| s.code()),
         finished_primaries,

@@ -7,10 +7,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use guest_abi::Record;
-use serde_json::Value;
 
+use ft::status::{EndReport, FtStatus, Role};
 use ft::unix_ms;
 use sink::{parse_output, SinkReport};
+use vmx::control::VmStatus;
+
+/// A replicated VM's `status`: the control socket's answer with the replication status.
+pub type Status = VmStatus<FtStatus>;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -277,15 +281,14 @@ impl Pair {
     }
 
     /// Waits until the primary's `status` says it is protected (no sync under way).
-    pub fn wait_protected(&self, timeout: Duration) -> Option<Value> {
+    pub fn wait_protected(&self, timeout: Duration) -> Option<Status> {
         let start = Instant::now();
         loop {
             if let Some(st) = self.status("primary") {
                 // Protected: a link, no sync under way, and a first acknowledgement.
-                if st["ft"]["protected"] == true
-                    && st["ft"]["sync"].is_null()
-                    && st["ft"]["last_ack"].as_u64() > Some(0)
-                {
+                if st.ft.as_ref().is_some_and(|ft| {
+                    ft.protected == Some(true) && ft.sync.is_none() && ft.last_ack > Some(0)
+                }) {
                     return Some(st);
                 }
             }
@@ -323,11 +326,11 @@ impl Pair {
     }
 
     /// Waits until the standby has taken over (its `status` says it is the primary).
-    pub fn wait_takeover(&self, timeout: Duration) -> Option<Value> {
+    pub fn wait_takeover(&self, timeout: Duration) -> Option<Status> {
         let start = Instant::now();
         loop {
             if let Some(st) = self.status("standby") {
-                if st["ft"]["role"] == "primary" {
+                if st.ft.as_ref().is_some_and(|ft| ft.role == Role::Primary) {
                     return Some(st);
                 }
             }
@@ -345,10 +348,12 @@ impl Pair {
         let st = self
             .wait_takeover(timeout)
             .ok_or("the standby did not take over")?;
-        let resumed = st["ft"]["notes"]["failover"]["resumed_unix_ms"]
-            .as_f64()
+        let ft = st.ft.as_ref();
+        let resumed = ft
+            .and_then(FtStatus::failover)
+            .map(|f| f.resumed_unix_ms)
             .ok_or("no failover report in the survivor's status")?;
-        let generation = st["ft"]["generation"].as_u64().unwrap_or(0);
+        let generation = ft.and_then(|ft| ft.generation).unwrap_or(0);
         let started = Instant::now();
         self.rejoin()
             .map_err(|e| format!("starting a new standby: {e}"))?;
@@ -358,9 +363,10 @@ impl Pair {
         Ok(Cycle {
             failover_ms: resumed - killed,
             reprotect_ms: started.elapsed().as_secs_f64() * 1e3,
-            join_to_protected_ms: st["ft"]["last_sync"]["joined_to_protected_ms"]
-                .as_f64()
-                .unwrap_or(f64::NAN),
+            join_to_protected_ms: st
+                .ft
+                .and_then(|ft| ft.last_sync)
+                .map_or(f64::NAN, |s| s.joined_to_protected_ms),
             generation,
         })
     }
@@ -423,8 +429,8 @@ impl Pair {
         Self::wait(&mut self.standby, timeout)
     }
 
-    /// The JSON a process printed at its end (`primary` or `standby`).
-    pub fn result(&self, which: &str) -> Option<Value> {
+    /// What a process printed at its end (`primary` or `standby`).
+    pub fn result(&self, which: &str) -> Option<EndReport> {
         let t = std::fs::read_to_string(self.file(&format!("{}.out", self.node(which)))).ok()?;
         let start = t.find('{')?;
         serde_json::from_str(&t[start..]).ok()
@@ -436,8 +442,8 @@ impl Pair {
     }
 
     /// `status` from a process's control socket (`primary` or `standby`).
-    pub fn status(&self, which: &str) -> Option<Value> {
-        vmx::control::request(
+    pub fn status(&self, which: &str) -> Option<Status> {
+        vmx::control::request_as(
             &self.file(&format!("{}.sock", self.node(which))),
             &vmx::control::Request::Status,
             Duration::from_millis(500),
@@ -580,7 +586,7 @@ pub fn soak(
                 Err(_)
                     if pair
                         .result("standby")
-                        .is_some_and(|r| r["took_over"] == false) =>
+                        .is_some_and(|r| r.took_over == Some(false)) =>
                 {
                     break
                 }

@@ -96,7 +96,7 @@ fn wait_protected_with_output(pair: &Pair, acks: u64) {
     let t0 = Instant::now();
     while pair
         .status("primary")
-        .and_then(|s| s["ft"]["last_ack"].as_u64())
+        .and_then(|s| s.ft?.last_ack)
         .unwrap_or(0)
         < acks
         || pair.sink_report().accepted == 0
@@ -150,7 +150,7 @@ fn twenty_sigkills_of_the_primary_keep_the_stream_exact() {
         let t0 = Instant::now();
         while pair
             .status("primary")
-            .and_then(|s| s["ft"]["last_ack"].as_u64())
+            .and_then(|s| s.ft?.last_ack)
             .unwrap_or(0)
             < 1
         {
@@ -172,10 +172,15 @@ fn twenty_sigkills_of_the_primary_keep_the_stream_exact() {
             .unwrap_or_else(|| panic!("standby did not finish\n{}", dump(&pair)));
         assert!(st.success(), "standby failed: {st}\n{}", dump(&pair));
         let res = pair.result("standby").expect("standby result");
-        assert_eq!(res["took_over"], true, "{res}\n{}", dump(&pair));
-        let resumed = res["failover"]["resumed_unix_ms"].as_f64().unwrap();
+        assert_eq!(res.took_over, Some(true), "{res}\n{}", dump(&pair));
+        let resumed = res.failover.as_ref().unwrap().resumed_unix_ms;
         failover_ms.push(resumed - killed);
-        if res["replication"]["counters"]["partial_epochs_discarded"].as_u64() > Some(0) {
+        let replication = res.replication.as_ref();
+        if replication
+            .and_then(|r| r.standby_counters())
+            .map(|c| c.partial_epochs_discarded)
+            > Some(0)
+        {
             mid_transfer += 1;
         }
         let gens = check_stream(
@@ -219,8 +224,9 @@ fn sigkill_of_the_standby_leaves_the_primary_running_unprotected() {
     let t1 = Instant::now();
     loop {
         let s = pair.status("primary");
-        if s.as_ref().is_some_and(|s| s["ft"]["protected"] == false) {
-            assert!(s.unwrap()["ft"]["unprotected_because"].is_string());
+        let ft = s.and_then(|s| s.ft);
+        if ft.as_ref().is_some_and(|ft| ft.protected == Some(false)) {
+            assert!(ft.unwrap().unprotected_because.is_some());
             break;
         }
         assert!(
@@ -235,7 +241,7 @@ fn sigkill_of_the_standby_leaves_the_primary_running_unprotected() {
         .expect("primary ends");
     assert!(st.success(), "primary failed\n{}", dump(&pair));
     let res = pair.result("primary").expect("primary result");
-    assert_eq!(res["ft"]["protected"], false);
+    assert_eq!(res.ft.as_ref().and_then(|ft| ft.protected), Some(false));
     assert!(pair.log("primary").contains("STANDBY LOST"));
     assert!(
         pair.sink_report().accepted > at_kill,
@@ -269,7 +275,7 @@ fn damaged_epochs_are_refused_and_replication_recovers() {
                 let t0 = Instant::now();
                 while pair
                     .status("primary")
-                    .and_then(|s| s["ft"]["last_ack"].as_u64())
+                    .and_then(|s| s.ft?.last_ack)
                     .unwrap_or(0)
                     < 5
                 {
@@ -283,14 +289,21 @@ fn damaged_epochs_are_refused_and_replication_recovers() {
                 .expect("standby ends");
             assert!(st.success(), "{fault}: standby failed\n{}", dump(&pair));
             let res = pair.result("standby").expect("standby result");
-            let counters = &res[if kill { "replication" } else { "stats" }]["counters"];
-            assert_eq!(counters["nacks"], 1, "{fault}: {res}\n{}", dump(&pair));
-            assert!(counters["commits"].as_u64().unwrap() >= 4, "{fault}: {res}");
-            assert_eq!(res["took_over"], kill);
+            let counters = if kill { &res.replication } else { &res.stats }
+                .as_ref()
+                .and_then(|st| st.standby_counters())
+                .unwrap_or_else(|| panic!("{fault}: no standby counters in {res}"));
+            assert_eq!(counters.nacks, 1, "{fault}: {res}\n{}", dump(&pair));
+            assert!(counters.commits >= 4, "{fault}: {res}");
+            assert_eq!(res.took_over, Some(kill));
             if !kill {
                 pair.wait_primary(Duration::from_secs(30));
                 let p = pair.result("primary").expect("primary result");
-                assert_eq!(p["ft"]["counters"]["nacks"], 1, "{p}");
+                let nacks =
+                    p.ft.as_ref()
+                        .and_then(|ft| ft.primary_counters())
+                        .map(|c| c.nacks);
+                assert_eq!(nacks, Some(1), "{p}");
             }
             check_stream(&pair, &want, &format!("bad epoch ({fault}, kill {kill})"));
             let _ = std::fs::remove_dir_all(&dir);
@@ -313,9 +326,7 @@ fn a_stopped_primary_is_replaced_and_fences_itself_when_it_wakes() {
     // The standby takes over after 4 × interval of silence, as generation 2.
     let t1 = Instant::now();
     loop {
-        let g = pair
-            .status("standby")
-            .and_then(|s| s["ft"]["generation"].as_u64());
+        let g = pair.status("standby").and_then(|s| s.ft?.generation);
         if g == Some(2) {
             break;
         }
@@ -344,7 +355,7 @@ fn a_stopped_primary_is_replaced_and_fences_itself_when_it_wakes() {
         .expect("standby ends");
     assert!(st.success(), "{}", dump(&pair));
     let res = pair.result("standby").unwrap();
-    assert_eq!(res["took_over"], true);
+    assert_eq!(res.took_over, Some(true));
     assert!(pair.sink_report().accepted > accepted_then);
     let gens = check_stream(&pair, &reference("dirty", args, 2), "SIGSTOP");
     assert_eq!(gens, vec![1, 2], "the sink heard generation {gens:?}");
@@ -371,7 +382,7 @@ fn a_new_standby_reprotects_a_running_primary_and_can_take_over() {
     let t1 = Instant::now();
     while pair
         .status("primary")
-        .is_none_or(|s| s["ft"]["protected"] == true)
+        .is_none_or(|s| s.ft.is_some_and(|ft| ft.protected == Some(true)))
     {
         assert!(t1.elapsed() < Duration::from_secs(10), "{}", dump(&pair));
         std::thread::sleep(Duration::from_millis(10));
@@ -383,25 +394,27 @@ fn a_new_standby_reprotects_a_running_primary_and_can_take_over() {
         .wait_protected(Duration::from_secs(30))
         .unwrap_or_else(|| panic!("never protected again\n{}", dump(&pair)));
     let took = started.elapsed();
-    let sync = &st["ft"]["last_sync"];
+    let ft = st.ft.as_ref().expect("a replication status");
+    let sync = ft.last_sync.as_ref().expect("a completed re-sync");
+    let rounds = sync.precopy.as_ref().map_or(&[][..], |p| &p.rounds[..]);
     eprintln!(
         "re-protected {took:?} after the new standby started; primary says {} ms from join; \
-         rounds {}",
-        sync["joined_to_protected_ms"], sync["precopy"]["rounds"]
+         rounds {rounds:?}",
+        sync.joined_to_protected_ms
     );
     assert!(
         took < Duration::from_secs(2),
         "re-protection of a 256 MiB guest took {took:?}\n{}",
         dump(&pair)
     );
-    assert!(sync["precopy"]["rounds"].as_array().unwrap().len() >= 2);
-    assert_eq!(st["ft"]["reprotections"], 1);
+    assert!(rounds.len() >= 2);
+    assert_eq!(ft.reprotections, Some(1));
     // Let a few epochs commit on the new standby, then kill the primary.
-    let acked = st["ft"]["last_ack"].as_u64().unwrap();
+    let acked = ft.last_ack.unwrap();
     let t2 = Instant::now();
     while pair
         .status("primary")
-        .and_then(|s| s["ft"]["last_ack"].as_u64())
+        .and_then(|s| s.ft?.last_ack)
         .unwrap_or(0)
         < acked + 3
     {
@@ -415,7 +428,7 @@ fn a_new_standby_reprotects_a_running_primary_and_can_take_over() {
         .unwrap_or_else(|| panic!("new standby did not finish\n{}", dump(&pair)));
     assert!(st.success(), "{}", dump(&pair));
     let res = pair.result("standby").expect("standby result");
-    assert_eq!(res["took_over"], true, "{res}");
+    assert_eq!(res.took_over, Some(true), "{res}");
     let gens = check_stream(&pair, &reference("dirty", args, 2), "rejoin + kill");
     // 1: protected by the first standby; 2: won after losing it; 3: the new standby.
     assert_eq!(gens, vec![1, 2, 3]);

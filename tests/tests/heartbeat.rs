@@ -4,21 +4,23 @@ use std::path::PathBuf;
 
 use checkpoint::group::{ManifestEntry, MANIFEST};
 use checkpoint::{Section, Snapshot};
+use devices::vmmdev::HeartbeatEvent;
 use devices::DigestSink;
 use tandem_tests::{require_kvm, tandem, workload};
+use vmx::{RunEnd, RunReport};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/vmmdev-v1.snap")
 }
 
-fn report(out: &std::process::Output) -> serde_json::Value {
+fn report(out: &std::process::Output) -> RunReport {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json report");
-    v.get("report").cloned().unwrap_or(v)
+    let end: RunEnd = serde_json::from_slice(&out.stdout).expect("--json report");
+    end.report().cloned().expect("a run report")
 }
 
 const HB: [&str; 10] = [
@@ -40,27 +42,30 @@ fn a_guest_that_stops_pinging_is_reported_flatlined_then_reawakened() {
     let mut args = vec!["run", "--guest", "counter", "--json", "--mem-mib", "32"];
     args.extend_from_slice(&HB);
     let r = report(&tandem(&args));
-    let hb = &r["heartbeat"];
+    let hb = &r.heartbeat;
     assert_eq!(
-        hb["interval_ms"], 0,
+        hb.interval_ms, 0,
         "the guest turns the heartbeat off before it finishes"
     );
-    assert!(hb["pings"].as_u64().unwrap() > 100);
-    let events = hb["events"].as_array().unwrap();
+    assert!(hb.pings > 100);
+    let events = &hb.events;
     assert_eq!(events.len(), 2, "one flatline, one reawakening: {events:?}");
-    let flat = &events[0][1]["Flatlined"];
-    let silent = flat["silent_ms"].as_u64().unwrap();
+    let HeartbeatEvent::Flatlined {
+        silent_ms: silent, ..
+    } = events[0].1
+    else {
+        panic!("the first event is not a flatline: {events:?}");
+    };
     assert!(
         (100..=150).contains(&silent),
         "flatlined after {silent} ms; must be within 2 x 50 + 50 ms"
     );
-    let back = events[1][1]["Reawakened"]["silent_ms"].as_u64().unwrap();
+    let HeartbeatEvent::Reawakened { silent_ms: back } = events[1].1 else {
+        panic!("the second event is not a reawakening: {events:?}");
+    };
     assert!(back >= 150, "the stall lasted {back} ms");
     let w = workload("counter", &[("iters", "600M")]);
-    assert_eq!(
-        r["digest"]["total"],
-        DigestSink::of(&w.reference_all(1)).total
-    );
+    assert_eq!(r.digest.total, DigestSink::of(&w.reference_all(1)).total);
 }
 
 /// How `fixtures/vmmdev-v1.snap` was made (by the version-1 layout, which stays in
@@ -144,18 +149,12 @@ fn a_version_1_vmmdev_state_still_loads() {
     s.write_file(&snap).unwrap();
 
     let r = report(&tandem(&["restore", snap.to_str().unwrap(), "--json"]));
-    assert_eq!(
-        r["heartbeat"]["guest_version"], 3,
-        "the v1 state's guest info"
-    );
+    assert_eq!(r.heartbeat.guest_version, 3, "the v1 state's guest info");
     assert!(
-        r["heartbeat"]["events"].as_array().unwrap().is_empty(),
+        r.heartbeat.events.is_empty(),
         "heartbeat off after a v1 load"
     );
     let w = workload("counter", &[("iters", "600M")]);
-    assert_eq!(
-        r["digest"]["total"],
-        DigestSink::of(&w.reference_all(1)).total
-    );
+    assert_eq!(r.digest.total, DigestSink::of(&w.reference_all(1)).total);
     std::fs::remove_dir_all(&dir).unwrap();
 }

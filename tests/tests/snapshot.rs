@@ -158,13 +158,13 @@ fn snapshot_and_restore(tag: &str, args: &[&str], delay: Duration) -> (Dir, Stri
     let t = Instant::now();
     loop {
         let s = ctl(&sock, &["status"]);
-        let v: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap_or_default();
-        if v["records"].as_u64().unwrap_or(0) > 0 {
+        let v: Option<vmx::control::VmStatus> = serde_json::from_slice(&s.stdout).ok();
+        if v.as_ref().is_some_and(|v| v.records > 0) {
             break;
         }
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "no output after 30 s: {v}"
+            "no output after 30 s: {v:?}"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -367,7 +367,8 @@ fn a_checkpoint_that_continues_leaves_the_run_exact() {
     }
     assert!(ctl(&sock, &["pause"]).status.success());
     let s = ctl(&sock, &["status"]);
-    assert!(String::from_utf8_lossy(&s.stdout).contains("\"state\":\"paused\""));
+    let st: vmx::control::VmStatus = serde_json::from_slice(&s.stdout).expect("a status");
+    assert_eq!(st.state, vmx::control::RunState::Paused);
     assert!(ctl(&sock, &["resume"]).status.success());
     let out = finish(child);
     assert_eq!(

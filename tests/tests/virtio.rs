@@ -248,11 +248,11 @@ fn wait_for_records(sock: &Path) {
     }
     loop {
         let s = tandem(&["ctl", sock.to_str().unwrap(), "status"]);
-        let v: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap_or_default();
-        if v["records"].as_u64().unwrap_or(0) > 0 {
+        let v: Option<vmx::control::VmStatus> = serde_json::from_slice(&s.stdout).ok();
+        if v.as_ref().is_some_and(|v| v.records > 0) {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "no output: {v}");
+        assert!(t.elapsed() < Duration::from_secs(30), "no output: {v:?}");
         std::thread::sleep(Duration::from_millis(2));
     }
 }

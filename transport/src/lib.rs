@@ -12,7 +12,7 @@
 //!    │ Auth{proof_c = HMAC(K_auth, "client" ‖ transcript)} ─▶ check proof_c (constant time)
 //!    │ ═══════ every later frame: ChaCha20-Poly1305, key per direction from ═══════
 //!    │ ═══════ HKDF(PSK, nonce_c ‖ nonce_s), nonce = frame counter, AAD = header ══
-//!    │ FullSync / EpochBegin / Pages / VcpuState / DeviceState / EpochEnd ─▶
+//!    │ FullSync / EpochBegin / Pages / DeviceState (vcpu/N, groups) / EpochEnd ─▶
 //!    │ ◀──────────────────────────────────────── Ack / Nack{code, message}
 //!    │ Heartbeat ⇄  Cancel (abort) │ EndOfStream (clean end) │ Goodbye
 //! ```

@@ -1,4 +1,36 @@
 //! The one enum of control messages (serde + postcard).
+//!
+//! A message is one postcard value: the variant's tag as a varint, then its fields in order
+//! (integers as varints, `[u8; 32]` as 32 raw bytes, strings and blobs as a varint length and
+//! the bytes). The tag is the variant's position in [`Message`], so the order of the enum is
+//! the wire format; the table below is the contract, and `wire_tags_are_as_documented` holds
+//! the enum to it. A variant is never removed from the middle: it is retired in place.
+//!
+//! ```text
+//!  ┌──────────┬───────────────────────────────┐
+//!  │ tag (var)│ fields (postcard, in order)   │
+//!  └──────────┴───────────────────────────────┘
+//!   tag  message        fields
+//!    0   Hello          version u16, nonce [32], plaintext bool
+//!    1   HelloReply     version u16, nonce [32], proof [32]
+//!    2   Auth           proof [32]
+//!    3   FullSync       fence, mem_bytes u64, vcpus u32
+//!    4   EpochBegin     fence, pages u64
+//!    5   (retired)      was VcpuState, never sent; decode refuses it
+//!    6   DeviceState    fence, name str (1..=64 B), version u32, data bytes (<= MAX_STATE)
+//!    7   EpochEnd       fence, ranges u64, digest [32]
+//!    8   Ack            fence
+//!    9   Nack           fence, code (varint: 0 Malformed, 1 Stale, 2 OutOfOrder, 3 Internal),
+//!                       message str (<= MAX_TEXT)
+//!   10   Heartbeat      fence
+//!   11   Goodbye        -
+//!   12   Intent         intent (varint: 0 Protect, 1 Join)
+//!   13   PreCopy        fence, round u32, pages u64
+//!   14   PreCopyEnd     fence, round u32, ranges u64, digest [32]
+//!   fence = generation u64, epoch u64
+//! ```
+//!
+//! vCPU state travels as a `DeviceState` section named `vcpu/N`.
 
 use serde::{Deserialize, Serialize};
 
@@ -65,16 +97,10 @@ pub enum Message {
         /// Dirty pages in the epoch.
         pages: u64,
     },
-    /// One vCPU's saved state.
-    VcpuState {
-        /// Sender's generation and epoch.
-        fence: Fence,
-        /// The vCPU.
-        vcpu: u32,
-        /// Its saved state.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-    },
+    /// Tag 5, retired: it was `VcpuState`, which no build sent (vCPU state is a
+    /// `DeviceState` named `vcpu/N`). It holds the place so later tags keep their numbers;
+    /// [`Message::decode`] refuses it and nothing sends it.
+    Retired,
     /// One group's or module's saved state.
     DeviceState {
         /// Sender's generation and epoch.
@@ -172,7 +198,6 @@ impl Message {
         match self {
             Message::FullSync { fence, .. }
             | Message::EpochBegin { fence, .. }
-            | Message::VcpuState { fence, .. }
             | Message::DeviceState { fence, .. }
             | Message::EpochEnd { fence, .. }
             | Message::PreCopy { fence, .. }
@@ -226,7 +251,9 @@ impl Message {
             }
         };
         match self {
-            Message::VcpuState { data, .. } => blob(data),
+            Message::Retired => Err(Error::Message(
+                "message tag 5 is retired (a peer of another protocol?)".into(),
+            )),
             Message::DeviceState { name, data, .. } => {
                 if name.is_empty() || name.len() > 64 {
                     return Err(Error::Message(format!(
@@ -280,16 +307,6 @@ mod tests {
                 }
             }),
             (fence(), any::<u64>()).prop_map(|(fence, pages)| Message::EpochBegin { fence, pages }),
-            (
-                fence(),
-                any::<u32>(),
-                proptest::collection::vec(any::<u8>(), 0..300)
-            )
-                .prop_map(|(fence, vcpu, data)| Message::VcpuState {
-                    fence,
-                    vcpu,
-                    data
-                }),
             (
                 fence(),
                 "[a-z/]{1,64}",
@@ -370,5 +387,97 @@ mod tests {
         // A length prefix that promises more than the input holds.
         let lie = [6u8, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f];
         assert!(Message::decode(&lie).is_err());
+    }
+
+    #[test]
+    fn wire_tags_are_as_documented() {
+        let f = Fence::default();
+        let tagged = [
+            (
+                0,
+                Message::Hello {
+                    version: 1,
+                    nonce: [0; 32],
+                    plaintext: false,
+                },
+            ),
+            (
+                1,
+                Message::HelloReply {
+                    version: 1,
+                    nonce: [0; 32],
+                    proof: [0; 32],
+                },
+            ),
+            (2, Message::Auth { proof: [0; 32] }),
+            (
+                3,
+                Message::FullSync {
+                    fence: f,
+                    mem_bytes: 0,
+                    vcpus: 1,
+                },
+            ),
+            (4, Message::EpochBegin { fence: f, pages: 0 }),
+            (5, Message::Retired),
+            (
+                6,
+                Message::DeviceState {
+                    fence: f,
+                    name: "vcpu/0".into(),
+                    version: 1,
+                    data: vec![],
+                },
+            ),
+            (
+                7,
+                Message::EpochEnd {
+                    fence: f,
+                    ranges: 0,
+                    digest: [0; 32],
+                },
+            ),
+            (8, Message::Ack { fence: f }),
+            (
+                9,
+                Message::Nack {
+                    fence: f,
+                    code: NackCode::Malformed,
+                    message: String::new(),
+                },
+            ),
+            (10, Message::Heartbeat { fence: f }),
+            (11, Message::Goodbye),
+            (
+                12,
+                Message::Intent {
+                    intent: Intent::Protect,
+                },
+            ),
+            (
+                13,
+                Message::PreCopy {
+                    fence: f,
+                    round: 0,
+                    pages: 0,
+                },
+            ),
+            (
+                14,
+                Message::PreCopyEnd {
+                    fence: f,
+                    round: 0,
+                    ranges: 0,
+                    digest: [0; 32],
+                },
+            ),
+        ];
+        for (tag, m) in tagged {
+            assert_eq!(m.encode()[0], tag, "{m:?}");
+        }
+        // The retired tag is refused, alone or with the old VcpuState's fields after it.
+        let e = Message::decode(&[5]).unwrap_err().to_string();
+        assert!(e.contains("retired"), "{e}");
+        assert!(Message::decode(&[5, 1, 2, 0, 3, 9, 9, 9]).is_err());
     }
 }

@@ -13,6 +13,20 @@
 //! Commands: `pause`, `resume`, `status`, `snapshot {path, stop}` (`stop: true` powers the VM
 //! off after the save: suspend). A request line is at most 64 KiB; anything else gets
 //! `{"ok":false,"error":"…"}` and changes nothing.
+//!
+//! Every answer is one of the typed replies here, as one JSON object per line:
+//!
+//! ```text
+//!  any refusal      Answer      {"ok":false,"error":"…"}
+//!  pause, resume    Answer      {"ok":true}
+//!  status           VmStatus    {"ok":true,"state":"running"|"paused"|"standby","checkpoint":"None",
+//!                                "checkpoints":N,"uptime_ms":N,"records":N,
+//!                                "vcpus":[{"state":"Running","records":N,"exits":N},…],
+//!                                "ft":{…}}   ft: the replication layer's status, if it has one
+//!  snapshot         SnapshotDone {"ok":true,"path":"/s","ms":3.2,"state_bytes":N,"stopped":false}
+//! ```
+//!
+//! A client reads an answer with [`request_as`] (a refusal becomes [`Error::Refused`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,8 +34,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::{Error, Result};
 
@@ -49,6 +64,107 @@ pub enum Request {
         #[serde(default)]
         compress: bool,
     },
+}
+
+/// The head of every answer; alone, the answer to `pause` and `resume`, and every refusal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    /// The request was done.
+    pub ok: bool,
+    /// Why not (refusals only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Answer {
+    /// `{"ok":true}`.
+    pub fn done() -> Value {
+        reply(&Answer {
+            ok: true,
+            error: None,
+        })
+    }
+
+    /// `{"ok":false,"error":why}`.
+    pub fn refused(why: impl std::fmt::Display) -> Value {
+        reply(&Answer {
+            ok: false,
+            error: Some(why.to_string()),
+        })
+    }
+}
+
+/// What the VM is doing, in a `status` answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// The guest runs.
+    Running,
+    /// Paused by `pause` (or powered on paused).
+    Paused,
+    /// A standby: no guest runs until it takes over.
+    Standby,
+}
+
+/// One vCPU in a `status` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuStatus {
+    /// The monitor's vCPU state (`Running`, `Stunned`, `Done`, …).
+    pub state: String,
+    /// Output records drained from it.
+    pub records: u64,
+    /// KVM_RUN returns.
+    pub exits: u64,
+}
+
+/// The answer to `status`.
+///
+/// `F` is the replication layer's status, the `ft` member (`ft::status::FtStatus` for a
+/// replicated VM; absent for a VM that runs alone). vmx builds it as JSON ([`Value`]), since
+/// the layer above owns its type; a client names the type it expects.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus<F = Value> {
+    /// Always true (a refusal is an [`Answer`]).
+    pub ok: bool,
+    /// What the VM is doing.
+    pub state: RunState,
+    /// The checkpoint state machine's state (`None` between saves).
+    pub checkpoint: String,
+    /// Snapshots saved.
+    pub checkpoints: u64,
+    /// Since power-on, ms.
+    pub uptime_ms: u64,
+    /// Output records drained, all vCPUs.
+    pub records: u64,
+    /// Per vCPU.
+    pub vcpus: Vec<VcpuStatus>,
+    /// The replication layer's status.
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    pub ft: Option<F>,
+}
+
+fn none<F>() -> Option<F> {
+    None
+}
+
+/// The answer to `snapshot`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotDone {
+    /// Always true (a refusal is an [`Answer`]).
+    pub ok: bool,
+    /// The state file written.
+    pub path: PathBuf,
+    /// How long the save took (the guest stunned), ms.
+    pub ms: f64,
+    /// Size of the state file's contents.
+    pub state_bytes: u64,
+    /// The VM powered off after the save (`stop`).
+    pub stopped: bool,
+}
+
+/// A typed answer as the JSON line it travels as.
+pub fn reply(answer: &impl Serialize) -> Value {
+    serde_json::to_value(answer).expect("answers serialise")
 }
 
 /// A request with the channel its answer goes back on.
@@ -104,17 +220,17 @@ fn serve_conn(stream: UnixStream, tx: Sender<Envelope>) {
             Ok(_) => {}
         }
         let reply = if line.len() > MAX_REQUEST {
-            json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
+            Answer::refused(format!("request longer than {MAX_REQUEST} bytes"))
         } else {
             match parse(line.trim_ascii()) {
-                Err(e) => json!({"ok": false, "error": e}),
+                Err(e) => Answer::refused(e),
                 Ok(req) => {
                     let (rtx, rrx) = bounded(1);
                     if tx.send((req, rtx)).is_err() {
-                        json!({"ok": false, "error": "the VM has stopped"})
+                        Answer::refused("the VM has stopped")
                     } else {
                         rrx.recv()
-                            .unwrap_or_else(|_| json!({"ok": false, "error": "the VM has stopped"}))
+                            .unwrap_or_else(|_| Answer::refused("the VM has stopped"))
                     }
                 }
             }
@@ -212,9 +328,28 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Value> {
         .map_err(|e| Error::Usage(format!("bad reply from {}: {e}", path.display())))
 }
 
+/// Sends one request and reads the answer as `T` (e.g. [`VmStatus`] for `status`,
+/// [`SnapshotDone`] for `snapshot`, [`Answer`] for `pause`). A refusal is
+/// [`Error::Refused`] with its reason; an answer that is not a `T` is [`Error::Usage`].
+pub fn request_as<T: DeserializeOwned>(path: &Path, req: &Request, timeout: Duration) -> Result<T> {
+    let v = request(path, req, timeout)?;
+    let bad = |e: serde_json::Error| {
+        Error::Usage(format!(
+            "unexpected reply from {} to {req:?} ({e}): is it a tandem of this version?",
+            path.display()
+        ))
+    };
+    let head: Answer = serde_json::from_value(v.clone()).map_err(bad)?;
+    if !head.ok {
+        return Err(Error::Refused(head.error.unwrap_or_default()));
+    }
+    serde_json::from_value(v).map_err(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn parses_requests_and_refuses_the_rest() {
@@ -236,6 +371,23 @@ mod tests {
         ] {
             assert!(parse(bad).unwrap_err().contains("commands:"));
         }
+    }
+
+    #[test]
+    fn a_status_reads_back_with_or_without_its_ft_member() {
+        let v = json!({"ok": true, "state": "standby", "checkpoint": "None", "checkpoints": 0,
+                       "uptime_ms": 5, "records": 2,
+                       "vcpus": [{"state": "Parked", "records": 2, "exits": 9}],
+                       "ft": {"role": "standby"}});
+        let s: VmStatus = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(s.state, RunState::Standby);
+        assert_eq!(s.vcpus[0].exits, 9);
+        assert_eq!(reply(&s), v);
+        let mut alone = s.clone();
+        alone.ft = None;
+        let back = reply(&alone);
+        assert!(back.get("ft").is_none());
+        assert_eq!(serde_json::from_value::<VmStatus>(back).unwrap(), alone);
     }
 
     #[test]
@@ -270,11 +422,25 @@ mod tests {
         let (rx, _guard) = listen(&sock).unwrap();
         std::thread::spawn(move || {
             for (req, reply) in rx.iter() {
-                let _ = reply.send(json!({"ok": true, "echo": format!("{req:?}")}));
+                let _ = reply.send(match req {
+                    Request::Resume => Answer::refused("not paused"),
+                    req => json!({"ok": true, "echo": format!("{req:?}")}),
+                });
             }
         });
         let v = request(&sock, &Request::Status, Duration::from_secs(5)).unwrap();
         assert_eq!(v["echo"], "Status");
+        // A typed read: the echo is not a status, and a refusal carries its reason.
+        let e = request_as::<VmStatus>(&sock, &Request::Status, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unexpected reply"), "{e}");
+        let a: Answer = request_as(&sock, &Request::Pause, Duration::from_secs(5)).unwrap();
+        assert!(a.ok);
+        match request_as::<Answer>(&sock, &Request::Resume, Duration::from_secs(5)) {
+            Err(Error::Refused(why)) => assert_eq!(why, "not paused"),
+            other => panic!("{other:?}"),
+        }
         let mut s = UnixStream::connect(&sock).unwrap();
         s.write_all(&vec![b'x'; MAX_REQUEST + 10]).unwrap();
         let mut reply = String::new();

@@ -19,7 +19,7 @@ pub use machine::{power_on, Boot, Options, Outcome, Vmx, POWER_ON};
 pub use monitor::VcpuSched;
 pub use replication::{Replication, Unreplicated};
 pub use run::RunConfig;
-pub use spec::{GuestSpec, OutputTarget, RunReport};
+pub use spec::{GuestSpec, OutputTarget, RunEnd, RunReport};
 
 /// Everything that can go wrong in vmx.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,9 @@ pub enum Error {
     /// A checkpoint, snapshot file or restore failed.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::Error),
+    /// The VM refused a control request (the reason it gave).
+    #[error("the VM refused the request: {0}")]
+    Refused(String),
     /// The monitor's half of a checkpoint step failed.
     #[error("checkpoint step failed: {0}")]
     Step(String),

@@ -39,9 +39,13 @@ use monitor::{
     CptArgs, EpochMem, Layout, ModuleTable, Monitor, MonitorAction, PageRun, StepOutput, UserRpc,
     Vm, VmConfig,
 };
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::control::{self, ControlSocket, Envelope, Request};
+use crate::control::{
+    self, reply, Answer, ControlSocket, Envelope, Request, RunState, SnapshotDone, VcpuStatus,
+    VmStatus,
+};
 use crate::groups::{ConfigGroup, ConfigPersist, MachineConfig, OutputGroup, Sinks, VmmDevGroup};
 use crate::spec::{GuestSpec, HeartbeatReport, OutputTarget, RunReport, VcpuReport};
 use crate::virtio::{self, VirtioGroup};
@@ -680,7 +684,12 @@ impl Vmx {
     /// Saves a snapshot to `path` (state) and the data files it names (memory, disk copies),
     /// then continues or stops. The previous snapshot at `path` stays whole until the new
     /// state file replaces it (the order is in `checkpoint::files`).
-    pub fn checkpoint(&mut self, path: &Path, end: SaveEnd, compress: bool) -> Result<Value> {
+    pub fn checkpoint(
+        &mut self,
+        path: &Path,
+        end: SaveEnd,
+        compress: bool,
+    ) -> Result<SnapshotDone> {
         let t0 = Instant::now();
         let first = self.trace.0.len();
         let target = SaveTarget::File {
@@ -710,9 +719,13 @@ impl Vmx {
             path.display(),
             self.trace.0.len() - first
         );
-        Ok(
-            json!({"ok": true, "path": path, "ms": ms, "state_bytes": bytes, "stopped": end == SaveEnd::PowerOff}),
-        )
+        Ok(SnapshotDone {
+            ok: true,
+            path: path.to_path_buf(),
+            ms,
+            state_bytes: bytes as u64,
+            stopped: end == SaveEnd::PowerOff,
+        })
     }
 
     /// The save steps on a stunned VM: SAVE_SYNC, QUIESCE, SAVE, then CONTINUE_SYNC or power
@@ -968,42 +981,47 @@ impl Vmx {
         }
     }
 
-    fn status(&self) -> Value {
-        let vcpus: Vec<Value> = (0..self.vm.vcpu_count())
+    /// The `status` answer, with the replication layer's status as its `ft` member.
+    pub(crate) fn status(&self, ft: Option<Value>) -> VmStatus {
+        let vcpus = (0..self.vm.vcpu_count())
             .map(|v| {
                 let s = self.vm.vcpu_stats(v);
-                json!({
-                    "state": format!("{:?}", s.state()),
-                    "records": self.output.dev.drained()[v as usize],
-                    "exits": s.exits.load(Ordering::Relaxed),
-                })
+                VcpuStatus {
+                    state: format!("{:?}", s.state()),
+                    records: self.output.dev.drained()[v as usize],
+                    exits: s.exits.load(Ordering::Relaxed),
+                }
             })
             .collect();
-        json!({
-            "ok": true,
-            "state": if self.paused { "paused" } else { "running" },
-            "checkpoint": format!("{:?}", self.machine.state()),
-            "checkpoints": self.checkpoints,
-            "uptime_ms": self.start.elapsed().as_millis() as u64,
-            "records": self.output.dev.drained().iter().sum::<u64>(),
-            "vcpus": vcpus,
-        })
+        VmStatus {
+            ok: true,
+            state: if self.paused {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
+            checkpoint: format!("{:?}", self.machine.state()),
+            checkpoints: self.checkpoints,
+            uptime_ms: self.start.elapsed().as_millis() as u64,
+            records: self.output.dev.drained().iter().sum::<u64>(),
+            vcpus,
+            ft,
+        }
     }
 
+    /// Answers a request other than `status` (which [`Vmx::status`] answers, with the
+    /// replication layer's part). Returns the answer, and the path of a snapshot that
+    /// powered the VM off.
     pub(crate) fn handle_request(&mut self, req: Request) -> (Value, Option<PathBuf>) {
-        let err = |e: Error| json!({"ok": false, "error": e.to_string()});
+        let err = |e: Error| Answer::refused(e);
         match req {
-            Request::Status => (self.status(), None),
+            Request::Status => (reply(&self.status(None)), None),
             Request::Pause => (
-                self.pause()
-                    .map(|_| json!({"ok": true}))
-                    .unwrap_or_else(err),
+                self.pause().map(|_| Answer::done()).unwrap_or_else(err),
                 None,
             ),
             Request::Resume => (
-                self.unpause()
-                    .map(|_| json!({"ok": true}))
-                    .unwrap_or_else(err),
+                self.unpause().map(|_| Answer::done()).unwrap_or_else(err),
                 None,
             ),
             Request::Snapshot {
@@ -1013,7 +1031,7 @@ impl Vmx {
             } => {
                 if self.all_done() {
                     return (
-                        json!({"ok": false, "error": "the guest has finished; nothing to snapshot"}),
+                        Answer::refused("the guest has finished; nothing to snapshot"),
                         None,
                     );
                 }
@@ -1023,7 +1041,7 @@ impl Vmx {
                     SaveEnd::Continue
                 };
                 match self.checkpoint(&path, end, compress) {
-                    Ok(v) => (v, stop.then_some(path)),
+                    Ok(done) => (reply(&done), stop.then_some(path)),
                     Err(e) => (err(e), None),
                 }
             }
@@ -1067,21 +1085,18 @@ impl Vmx {
     }
 
     /// Answers pending control requests while the VM is not in its run loop (a standby):
-    /// `status` gets `extra` as its `ft` member; everything else is refused.
-    pub fn poll_control(&mut self, extra: &Value) {
-        while let Ok((req, reply)) = self.ctl_rx.try_recv() {
+    /// `status` gets `ft` as its `ft` member; everything else is refused.
+    pub fn poll_control(&mut self, ft: &impl Serialize) {
+        while let Ok((req, answer_to)) = self.ctl_rx.try_recv() {
             let answer = match req {
                 Request::Status => {
-                    let mut v = self.status();
-                    v["state"] = json!("standby");
-                    v["ft"] = extra.clone();
-                    v
+                    let mut st = self.status(serde_json::to_value(ft).ok());
+                    st.state = RunState::Standby;
+                    reply(&st)
                 }
-                _ => {
-                    json!({"ok": false, "error": "this is a standby: it runs no guest until it takes over"})
-                }
+                _ => Answer::refused("this is a standby: it runs no guest until it takes over"),
             };
-            let _ = reply.send(answer);
+            let _ = answer_to.send(answer);
         }
     }
 }
@@ -1148,9 +1163,35 @@ impl Drop for SaveSession<'_> {
     }
 }
 
+/// What `tandem verify` found: a snapshot whose every checksum held.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Always true (a failed check is an error).
+    pub ok: bool,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Bytes of it saved (the rest was zero).
+    pub memory_used_bytes: u64,
+    /// The files the snapshot is made of besides the state file (memory, disk copies).
+    pub files: Vec<PathBuf>,
+    /// The state file's sections, in order.
+    pub sections: Vec<SectionInfo>,
+}
+
+/// One section of a verified state file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SectionInfo {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: u32,
+    /// Its payload size.
+    pub bytes: u64,
+}
+
 /// Checks a snapshot: the state file's integrity and every memory chunk's checksum. Names
 /// the files the snapshot is made of besides the state file.
-pub fn verify(path: &Path) -> Result<Value> {
+pub fn verify(path: &Path) -> Result<VerifyReport> {
     let snap = Snapshot::read_file(path)?;
     let mem = MemState::of(&snap)?;
     let index = &mem.index;
@@ -1168,17 +1209,21 @@ pub fn verify(path: &Path) -> Result<Value> {
             data_files.push(files::resolve(path, &d.file)?);
         }
     }
-    let sections: Vec<Value> = snap
+    let sections = snap
         .iter()
-        .map(|s: &Section| json!({"name": s.name, "version": s.version, "bytes": s.data.len()}))
+        .map(|s: &Section| SectionInfo {
+            name: s.name.clone(),
+            version: s.version,
+            bytes: s.data.len() as u64,
+        })
         .collect();
-    Ok(json!({
-        "ok": true,
-        "memory_bytes": index.size,
-        "memory_used_bytes": index.used_bytes(),
-        "files": data_files,
-        "sections": sections,
-    }))
+    Ok(VerifyReport {
+        ok: true,
+        memory_bytes: index.size,
+        memory_used_bytes: index.used_bytes(),
+        files: data_files,
+        sections,
+    })
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::select;
 
-use crate::control::Request;
+use crate::control::{self, Request};
 use crate::machine::{Outcome, Vmx};
 use crate::replication::{Replication, Unreplicated};
 use crate::{Error, Result};
@@ -47,13 +47,10 @@ impl Vmx {
                 }
                 recv(self.ctl_rx) -> env => {
                     if let Ok((req, reply)) = env {
-                        let is_status = matches!(req, Request::Status);
-                        let (mut answer, stopped) = self.handle_request(req);
-                        if is_status {
-                            if let Some(s) = ft.status() {
-                                answer["ft"] = s;
-                            }
-                        }
+                        let (answer, stopped) = match req {
+                            Request::Status => (control::reply(&self.status(ft.status())), None),
+                            req => self.handle_request(req),
+                        };
                         let _ = reply.send(answer);
                         if let Some(path) = stopped {
                             return Ok(Outcome::Suspended { path, report: self.report()? });

@@ -1,9 +1,10 @@
-//! What a VM runs and what a run reports: [`GuestSpec`], [`OutputTarget`], [`RunReport`].
+//! What a VM runs and what a run reports: [`GuestSpec`], [`OutputTarget`], [`RunReport`],
+//! [`RunEnd`].
 
 use std::path::PathBuf;
 
 use devices::DigestReport;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use workloads::Workload;
 
 /// What code the guest runs.
@@ -37,7 +38,7 @@ pub enum OutputTarget {
 }
 
 /// Counters of one vCPU at the end of a run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VcpuReport {
     /// Records drained.
     pub records: u64,
@@ -50,7 +51,7 @@ pub struct VcpuReport {
 }
 
 /// What a run did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunReport {
     /// The digest of the output stream.
     pub digest: DigestReport,
@@ -63,7 +64,7 @@ pub struct RunReport {
 }
 
 /// What the heartbeat saw.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatReport {
     /// Interval the guest asked for (0: off).
     pub interval_ms: u32,
@@ -73,6 +74,34 @@ pub struct HeartbeatReport {
     pub guest_version: u32,
     /// Flatlines and reawakenings, with ms since power-on.
     pub events: Vec<(f64, devices::vmmdev::HeartbeatEvent)>,
+}
+
+/// How a run ended, as `--json` prints it: the [`RunReport`] itself, or
+/// `{"suspended": path, "report": …}` (a replica that took over and was suspended prints no
+/// report).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RunEnd {
+    /// Every vCPU finished.
+    Finished(RunReport),
+    /// Saved and powered off.
+    Suspended {
+        /// The snapshot.
+        suspended: PathBuf,
+        /// Output so far.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        report: Option<RunReport>,
+    },
+}
+
+impl RunEnd {
+    /// The run's report, if it has one.
+    pub fn report(&self) -> Option<&RunReport> {
+        match self {
+            RunEnd::Finished(r) => Some(r),
+            RunEnd::Suspended { report, .. } => report.as_ref(),
+        }
+    }
 }
 
 impl RunReport {

@@ -127,12 +127,13 @@ fn protected(
         .unwrap_or_default();
     let run = model::stall_run(&records)
         .ok_or("the sink did not receive a complete probe run".to_string())?;
-    let result = pair.result("primary").ok_or("no result from the primary")?;
-    let ft = &result["ft"];
-    let p50 = ft["pause_ms"]["p50"].as_f64().unwrap_or(f64::NAN);
-    let p99 = ft["pause_ms"]["p99"].as_f64().unwrap_or(f64::NAN);
-    let throttles = ft["counters"]["throttles"].as_u64().unwrap_or(0);
-    Ok((run, p50, p99, throttles))
+    let ft = pair
+        .result("primary")
+        .and_then(|r| r.ft)
+        .ok_or("the primary left no status")?;
+    let pause = ft.pause_ms.clone().unwrap_or_default();
+    let throttles = ft.primary_counters().map_or(0, |c| c.throttles);
+    Ok((run, pause.p50, pause.p99, throttles))
 }
 
 fn gap_ms(run: &StallRun, p: f64) -> f64 {

@@ -51,9 +51,10 @@ fn messages() -> Vec<Message> {
             vcpus: 4,
         },
         Message::EpochBegin { fence, pages: 2000 },
-        Message::VcpuState {
+        Message::DeviceState {
             fence,
-            vcpu: 1,
+            name: "vcpu/1".into(),
+            version: 1,
             data: vec![0xaa; 300],
         },
         Message::DeviceState {

@@ -273,12 +273,13 @@ fn snapshot_once(dir: &std::path::Path, mem_mib: u64) -> Result<(f64, u64, f64),
     let asker = std::thread::spawn(move || {
         loop {
             std::thread::sleep(Duration::from_millis(50));
-            let s = control::request(&sock, &Request::Status, Duration::from_secs(10))?;
-            if s["records"].as_u64().unwrap_or(0) >= needed {
+            let s: control::VmStatus =
+                control::request_as(&sock, &Request::Status, Duration::from_secs(10))?;
+            if s.records >= needed {
                 break;
             }
         }
-        control::request(
+        control::request_as::<control::SnapshotDone>(
             &sock,
             &Request::Snapshot {
                 path: snap2,
@@ -292,12 +293,10 @@ fn snapshot_once(dir: &std::path::Path, mem_mib: u64) -> Result<(f64, u64, f64),
     let reply = asker
         .join()
         .map_err(|_| "control thread panicked")?
-        .map_err(|e| e.to_string())?;
-    let save_ms = reply["ms"]
-        .as_f64()
-        .ok_or(format!("snapshot failed: {reply}"))?;
+        .map_err(|e| format!("snapshot failed: {e}"))?;
+    let save_ms = reply.ms;
     let v = vmx::machine::verify(&snap).map_err(|e| e.to_string())?;
-    let used = v["memory_used_bytes"].as_u64().unwrap_or(0);
+    let used = v.memory_used_bytes;
     let t = Instant::now();
     let restored = vmx::power_on(
         vmx::Boot::Restore {

@@ -6,9 +6,9 @@ use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use ft::status::{EndReport, FtStatus, LastSync, Role};
 use ft::{percentile, unix_ms};
-use serde_json::Value;
-use testkit::pair::{Pair, PairConfig};
+use testkit::pair::{Pair, PairConfig, Status};
 
 /// The `dirty` guest's length when `run-pair` kills the primary and no `iters=` is given.
 const KILL_DEFAULT_ITERS: &str = "iters=20M";
@@ -102,33 +102,45 @@ fn mib(b: f64) -> String {
     format!("{:.1} MiB", b / (1 << 20) as f64)
 }
 
-fn status_line(t: f64, s: &Value, sink_records: u64, last: &mut (f64, u64)) -> String {
-    let ft = &s["ft"];
-    let sent = ft["bytes_sent"]["pages"].as_f64().unwrap_or(0.0)
-        + ft["bytes_sent"]["state"].as_f64().unwrap_or(0.0);
+/// An optional number as the status line always showed it (`null` when absent).
+fn show<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "null".into(), |v| v.to_string())
+}
+
+fn status_line(t: f64, ft: &FtStatus, sink_records: u64, last: &mut (f64, u64)) -> String {
+    let sent = ft
+        .bytes_sent
+        .as_ref()
+        .map_or(0.0, |b| (b.pages + b.state) as f64);
     let rate = if t > last.0 {
         (sink_records.saturating_sub(last.1)) as f64 / (t - last.0)
     } else {
         0.0
     };
     *last = (t, sink_records);
-    let sync = match ft["sync"]["phase"].as_str() {
-        Some(p) => format!(
-            " | SYNC {p} {}/{} pages",
-            ft["sync"]["sent_pages"], ft["sync"]["round_pages"]
+    let sync = match &ft.sync {
+        Some(sy) => format!(
+            " | SYNC {} {}/{} pages",
+            sy.phase,
+            show(sy.sent_pages),
+            show(sy.round_pages)
         ),
-        None if ft["protected"] == false => " | UNPROTECTED".to_string(),
+        None if ft.protected == Some(false) => " | UNPROTECTED".to_string(),
         None => String::new(),
     };
+    let pause = ft.pause_ms.clone().unwrap_or_default();
     format!(
         "t={t:5.1}s {} gen {} epoch {} ack {}{sync} | pause p50 {:.2} ms p99 {:.2} ms | lag {:.1} ms | sent {} | sink {} records ({:.0}/s)",
-        ft["role"].as_str().unwrap_or("?"),
-        ft["generation"],
-        ft["epoch"],
-        ft["last_ack"],
-        ft["pause_ms"]["p50"].as_f64().unwrap_or(0.0),
-        ft["pause_ms"]["p99"].as_f64().unwrap_or(0.0),
-        ft["lag_ms"].as_f64().unwrap_or(0.0),
+        match ft.role {
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+        },
+        show(ft.generation),
+        show(ft.epoch),
+        show(ft.last_ack),
+        pause.p50,
+        pause.p99,
+        ft.lag_ms.unwrap_or(0.0),
         mib(sent),
         sink_records,
         rate,
@@ -137,12 +149,12 @@ fn status_line(t: f64, s: &Value, sink_records: u64, last: &mut (f64, u64)) -> S
 
 /// What one pair run produced.
 pub struct PairRun {
-    /// The primary's last status (or final JSON).
-    pub primary: Value,
+    /// The primary's last replication status (or its final one).
+    pub primary: Option<FtStatus>,
     /// The primary's run report (when it finished).
-    pub primary_report: Value,
-    /// The standby's final JSON.
-    pub standby: Value,
+    pub primary_report: Option<vmx::RunReport>,
+    /// What the standby printed at its end.
+    pub standby: Option<EndReport>,
     /// Kill → the standby's guest running, ms.
     pub failover_ms: Option<f64>,
     /// The sink's verdict.
@@ -153,8 +165,17 @@ pub struct PairRun {
     pub dir: PathBuf,
     /// With --rejoin: new standby started → the survivor protected again, ms.
     pub reprotect_ms: Option<f64>,
-    /// With --rejoin: the survivor's account of the sync, and the new standby's final JSON.
-    pub rejoin: Value,
+    /// With --rejoin: the survivor's account of the sync, and the new standby's end.
+    pub rejoin: Rejoin,
+}
+
+/// With --rejoin: how the survivor was protected again.
+#[derive(Default)]
+pub struct Rejoin {
+    /// The survivor's account of the sync.
+    pub sync: Option<LastSync>,
+    /// What the new standby printed at its end.
+    pub new_standby: Option<EndReport>,
 }
 
 /// Runs one pair; `live` prints the status line.
@@ -205,7 +226,7 @@ pub fn run_pair_once(
     let t0 = Instant::now();
     let tty = std::io::stdout().is_terminal();
     let mut killed_at = None;
-    let mut last_primary = Value::Null;
+    let mut last_primary: Option<Status> = None;
     let mut last = (0.0, 0u64);
     let mut next_print = 0.0;
     let mut rejoin_started: Option<Instant> = None;
@@ -260,19 +281,21 @@ PROTECTED again {ms:.0} ms after the new standby started"
             "primary"
         };
         if let Some(s) = pair.status(who) {
-            if who == "primary" && rejoin_started.is_none() {
-                last_primary = s.clone();
-            }
-            if live && t >= next_print && s["ft"].is_object() {
-                let line = status_line(t, &s, pair.sink_report().accepted, &mut last);
-                if tty {
-                    print!("\r{line}\x1b[K");
-                    let _ = std::io::stdout().flush();
-                    next_print = t + 0.2;
-                } else {
-                    println!("{line}");
-                    next_print = t + 1.0;
+            if live && t >= next_print {
+                if let Some(ft) = &s.ft {
+                    let line = status_line(t, ft, pair.sink_report().accepted, &mut last);
+                    if tty {
+                        print!("\r{line}\x1b[K");
+                        let _ = std::io::stdout().flush();
+                        next_print = t + 0.2;
+                    } else {
+                        println!("{line}");
+                        next_print = t + 1.0;
+                    }
                 }
+            }
+            if who == "primary" && rejoin_started.is_none() {
+                last_primary = Some(s);
             }
         }
         let primary_done = !pair.primary_running();
@@ -293,27 +316,32 @@ PROTECTED again {ms:.0} ms after the new standby started"
     }
     // After a rejoin the survivor (the standby that took over) is in the primary role.
     let (standby, result, rejoin) = if rejoin_started.is_some() {
-        let survivor = pair.result("primary").unwrap_or(Value::Null);
-        let rejoin = serde_json::json!({
-            "sync": survivor["ft"]["last_sync"],
-            "new_standby": pair.result("standby"),
-        });
+        let survivor = pair.result("primary");
+        let rejoin = Rejoin {
+            sync: survivor
+                .as_ref()
+                .and_then(|s| s.ft.as_ref())
+                .and_then(|ft| ft.last_sync.clone()),
+            new_standby: pair.result("standby"),
+        };
         (survivor, None, rejoin)
     } else {
         (
-            pair.result("standby").unwrap_or(Value::Null),
+            pair.result("standby"),
             pair.result("primary"),
-            Value::Null,
+            Rejoin::default(),
         )
     };
-    let primary_report = result.as_ref().map_or(Value::Null, |p| p["report"].clone());
-    let primary = result
-        .map(|p| p["ft"].clone())
-        .unwrap_or(last_primary["ft"].clone());
+    let primary_report = result.as_ref().and_then(|p| p.run_report().cloned());
+    let primary = match result {
+        Some(p) => p.ft,
+        None => last_primary.and_then(|s| s.ft),
+    };
     let failover_ms = killed_at.filter(|k| !k.is_nan()).and_then(|k| {
-        standby["failover"]["resumed_unix_ms"]
-            .as_f64()
-            .map(|r| r - k)
+        standby
+            .as_ref()
+            .and_then(|s| s.failover.as_ref())
+            .map(|f| f.resumed_unix_ms - k)
     });
     let want = w.reference_all(a.vcpus);
     let got = pair.sink_stream();
@@ -341,62 +369,56 @@ PROTECTED again {ms:.0} ms after the new standby started"
 pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
     let bin = build_tandem()?;
     let r = run_pair_once(&bin, &a, true)?;
-    let p = &r.primary;
+    let p = r.primary.as_ref();
+    let c = p
+        .and_then(FtStatus::primary_counters)
+        .cloned()
+        .unwrap_or_default();
+    let pause = p.and_then(|p| p.pause_ms.clone()).unwrap_or_default();
+    let sent = p.and_then(|p| p.bytes_sent.clone()).unwrap_or_default();
     println!("── summary ──────────────────────────────────────────────");
     println!(
         "primary: {} epochs acknowledged, {} full sync(s), {} NACKs, throttled {} times",
-        p["counters"]["epochs"],
-        p["counters"]["full_syncs"],
-        p["counters"]["nacks"],
-        p["counters"]["throttles"]
+        c.epochs, c.full_syncs, c.nacks, c.throttles
     );
     println!(
         "epoch pause: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} epochs",
-        p["pause_ms"]["p50"].as_f64().unwrap_or(0.0),
-        p["pause_ms"]["p99"].as_f64().unwrap_or(0.0),
-        p["pause_ms"]["max"].as_f64().unwrap_or(0.0),
-        p["pause_ms"]["count"]
+        pause.p50, pause.p99, pause.max, pause.count
     );
     println!(
         "sent: pages {} (of {} dirty), state {}, held output {}",
-        mib(p["bytes_sent"]["pages"].as_f64().unwrap_or(0.0)),
-        mib(p["counters"]["mem_bytes"].as_f64().unwrap_or(0.0)),
-        mib(p["bytes_sent"]["state"].as_f64().unwrap_or(0.0)),
-        mib(p["bytes_sent"]["records"].as_f64().unwrap_or(0.0)),
+        mib(sent.pages as f64),
+        mib(c.mem_bytes as f64),
+        mib(sent.state as f64),
+        mib(sent.records as f64),
     );
-    if r.standby["took_over"] == true {
-        let f = &r.standby["failover"];
-        println!(
+    let standby = r.standby.as_ref();
+    match standby.and_then(|s| s.failover.as_ref()) {
+        Some(f) if standby.is_some_and(|s| s.took_over == Some(true)) => println!(
             "failover: {} → generation {} from epoch {}; kill → guest running {:.1} ms \
              (silence at detection {:.1} ms, activation {:.1} ms)",
-            f["reason"].as_str().unwrap_or("?"),
-            f["generation"],
-            f["from_epoch"],
+            f.reason,
+            f.generation,
+            f.from_epoch,
             r.failover_ms.unwrap_or(f64::NAN),
-            f["silence_ms"].as_f64().unwrap_or(0.0),
-            f["activation_ms"].as_f64().unwrap_or(0.0)
-        );
-    } else {
-        println!(
+            f.silence_ms,
+            f.activation_ms
+        ),
+        _ => println!(
             "failover: none (the primary finished; the standby committed {} epochs)",
-            r.standby["commits"]
-        );
+            show(standby.and_then(|s| s.commits))
+        ),
     }
     if a.rejoin {
-        let sync = &r.rejoin["sync"];
+        let sync = r.rejoin.sync.as_ref();
         match r.reprotect_ms {
             Some(ms) => {
-                let rounds: Vec<String> = sync["precopy"]["rounds"]
-                    .as_array()
-                    .map(|v| {
-                        v.iter()
-                            .map(|r| {
-                                format!(
-                                    "{} pages in {:.0} ms",
-                                    r["pages"],
-                                    r["ms"].as_f64().unwrap_or(0.0)
-                                )
-                            })
+                let rounds: Vec<String> = sync
+                    .and_then(|s| s.precopy.as_ref())
+                    .map(|p| {
+                        p.rounds
+                            .iter()
+                            .map(|r| format!("{} pages in {:.0} ms", r.pages, r.ms))
                             .collect()
                     })
                     .unwrap_or_default();
@@ -404,9 +426,9 @@ pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
                     "re-protection: new standby started → protected {ms:.0} ms (join → the \
                      standby's commit {:.0} ms); pre-copy rounds: {}; the new standby committed \
                      {} epochs and saw the guest finish",
-                    sync["joined_to_protected_ms"].as_f64().unwrap_or(f64::NAN),
+                    sync.map_or(f64::NAN, |s| s.joined_to_protected_ms),
                     rounds.join(", "),
-                    r.rejoin["new_standby"]["commits"]
+                    show(r.rejoin.new_standby.as_ref().and_then(|s| s.commits))
                 );
             }
             None => println!("re-protection: NOT reached before the guest finished"),
@@ -465,8 +487,9 @@ pub fn bench(out: &mut String) -> Result<(), String> {
                 String::from_utf8_lossy(&o.stderr)
             ));
         }
-        let rep: Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
-        let base_ms = rep["vcpus"][0]["run_ms"].as_f64().unwrap_or(1.0);
+        let rep: vmx::RunReport =
+            serde_json::from_slice(&o.stdout).map_err(|e| format!("tandem run --json: {e}"))?;
+        let base_ms = rep.vcpus.first().map_or(1.0, |v| v.run_ms);
         let base = iters as f64 / (base_ms / 1e3);
         let row = format!("| {ws} | off | {base:.3e} | – | – | – | – | – | – | – |\n");
         print!("{row}");
@@ -484,18 +507,21 @@ pub fn bench(out: &mut String) -> Result<(), String> {
             };
             let r = run_pair_once(&bin, &a, false)?;
             let _ = std::fs::remove_dir_all(&r.dir);
-            let ft = &r.primary;
+            let ft = r.primary.clone().ok_or("the primary left no status")?;
+            let c = ft.primary_counters().cloned().unwrap_or_default();
+            let pause = ft.pause_ms.clone().unwrap_or_default();
             if r.exact != Some(true) {
                 return Err(format!("ws {ws}, {interval} ms: the stream is not exact"));
             }
             // Guest run time (start to done) from the primary's report.
-            let wall_ms = r.primary_report["vcpus"][0]["run_ms"]
-                .as_f64()
+            let wall_ms = r
+                .primary_report
+                .as_ref()
+                .and_then(|p| p.vcpus.first())
+                .map(|v| v.run_ms)
                 .ok_or("the primary's report has no run time")?;
-            let epochs = (ft["counters"]["epochs"].as_f64().unwrap_or(1.0)
-                - ft["counters"]["full_syncs"].as_f64().unwrap_or(0.0))
-            .max(1.0);
-            let mem = ft["counters"]["mem_bytes"].as_f64().unwrap_or(0.0);
+            let epochs = (c.epochs as f64 - c.full_syncs as f64).max(1.0);
+            let mem = c.mem_bytes as f64;
             let tput = iters as f64 / (wall_ms / 1e3);
             let row = format!(
                 "| {ws} | {} Hz | {tput:.3e} | {:.1} % | {:.1} | {:.0} | {:.3} | {:.3} | {:.3} | {} |\n",
@@ -503,10 +529,10 @@ pub fn bench(out: &mut String) -> Result<(), String> {
                 (1.0 - tput / base) * 100.0,
                 mem / (wall_ms / 1e3) / 1e6,
                 mem / 4096.0 / epochs,
-                ft["pause_ms"]["p50"].as_f64().unwrap_or(0.0),
-                ft["pause_ms"]["p99"].as_f64().unwrap_or(0.0),
-                ft["pause_ms"]["save_step_p50"].as_f64().unwrap_or(0.0),
-                ft["counters"]["throttles"],
+                pause.p50,
+                pause.p99,
+                pause.save_step_p50,
+                c.throttles,
             );
             print!("{row}");
             text.push_str(&row);
@@ -534,9 +560,10 @@ pub fn bench(out: &mut String) -> Result<(), String> {
         if let Some(ms) = r.failover_ms {
             fo.push(ms);
             act.push(
-                r.standby["failover"]["activation_ms"]
-                    .as_f64()
-                    .unwrap_or(0.0),
+                r.standby
+                    .as_ref()
+                    .and_then(|s| s.failover.as_ref())
+                    .map_or(0.0, |f| f.activation_ms),
             );
         }
     }
@@ -636,28 +663,31 @@ pub fn bench_reprotect(out: &mut String) -> Result<(), String> {
         pair.start_primary().map_err(|e| e.to_string())?;
         pair.wait_protected(patience)
             .ok_or("the primary was never protected")?;
-        let row = |path: &str, walls: &mut Vec<f64>, joins: &[f64], st: &Value| {
-            let rounds: Vec<String> = st["ft"]["last_sync"]["precopy"]["rounds"]
-                .as_array()
-                .map(|v| v.iter().map(|r| r["pages"].to_string()).collect())
+        let row = |path: &str, walls: &mut Vec<f64>, joins: &[f64], st: Option<&Status>| {
+            let sync = st
+                .and_then(|s| s.ft.as_ref())
+                .and_then(|ft| ft.last_sync.as_ref());
+            let rounds: Vec<String> = sync
+                .and_then(|s| s.precopy.as_ref())
+                .map(|p| p.rounds.iter().map(|r| r.pages.to_string()).collect())
                 .unwrap_or_default();
             format!(
                 "| {mem} MiB | {path} | {:.0} | {:.0} | {} | {} |\n",
                 percentile(walls, 50.0),
                 percentile(joins, 50.0),
                 rounds.join(" → "),
-                st["ft"]["last_sync"]["completing_pages"]
+                show(sync.map(|s| s.completing_pages))
             )
         };
         let (mut walls, mut joins) = (Vec::new(), Vec::new());
-        let mut last = Value::Null;
+        let mut last: Option<Status> = None;
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(500));
             pair.kill_standby();
             let t = Instant::now();
             while pair
                 .status("primary")
-                .is_none_or(|s| s["ft"]["protected"] == true)
+                .is_none_or(|s| s.ft.is_some_and(|ft| ft.protected == Some(true)))
             {
                 if t.elapsed() > patience {
                     return Err("the primary never noticed the lost standby".into());
@@ -666,17 +696,19 @@ pub fn bench_reprotect(out: &mut String) -> Result<(), String> {
             }
             let t = Instant::now();
             pair.restart_standby().map_err(|e| e.to_string())?;
-            last = pair
+            let st = pair
                 .wait_protected(patience)
                 .ok_or("never protected again")?;
             walls.push(t.elapsed().as_secs_f64() * 1e3);
             joins.push(
-                last["ft"]["last_sync"]["joined_to_protected_ms"]
-                    .as_f64()
-                    .unwrap_or(f64::NAN),
+                st.ft
+                    .as_ref()
+                    .and_then(|ft| ft.last_sync.as_ref())
+                    .map_or(f64::NAN, |s| s.joined_to_protected_ms),
             );
+            last = Some(st);
         }
-        let r = row("redial", &mut walls, &joins, &last);
+        let r = row("redial", &mut walls, &joins, last.as_ref());
         print!("{r}");
         text.push_str(&r);
         let (mut walls, mut joins) = (Vec::new(), Vec::new());
@@ -685,9 +717,9 @@ pub fn bench_reprotect(out: &mut String) -> Result<(), String> {
             let c = pair.kill_and_rejoin(patience)?;
             walls.push(c.reprotect_ms);
             joins.push(c.join_to_protected_ms);
-            last = pair.status("primary").unwrap_or(Value::Null);
+            last = pair.status("primary");
         }
-        let r = row("join", &mut walls, &joins, &last);
+        let r = row("join", &mut walls, &joins, last.as_ref());
         print!("{r}");
         text.push_str(&r);
         drop(pair);

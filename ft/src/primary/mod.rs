@@ -37,7 +37,7 @@ use vmx::machine::{Captured, Vmx};
 use crate::arbiter::Arbiter;
 use crate::link::{self, Link, LinkEvent, SendStats};
 use crate::status::{
-    BytesSent, Counters, FtStatus, LastSync, PauseMs, PrimaryCounters, Role, SyncStatus,
+    BytesSent, Counters, FtStatus, LastSync, Notes, PauseMs, PrimaryCounters, Role, SyncStatus,
 };
 use crate::{percentile, precopy, unix_ms, Error, Result};
 use machine::{Action, Answer, CaptureKind, Event, FenceReason, Guest, Machine};
@@ -141,14 +141,14 @@ pub struct Protector {
     /// The pre-copied joiner's channel, until the link starts over it.
     precopied: Option<Box<Channel<TcpStream>>>,
     resync: Option<Resync>,
-    sync_status: Arc<Mutex<Value>>,
+    sync_status: Arc<Mutex<Option<precopy::RoundProgress>>>,
     last_sync: Option<LastSync>,
     /// Set while a redial thread should look for a standby.
     want_standby: Arc<AtomicBool>,
     /// Counters.
     pub stats: FtStats,
     /// Extra facts for `status` (e.g. the failover that made this primary).
-    pub notes: Value,
+    pub notes: Option<Notes>,
     /// Faults to inject into every link this primary starts (tests only).
     pub hooks: link::TestHooks,
     /// The sink's key, for reconnecting as a new generation (None: a plaintext sink).
@@ -179,11 +179,11 @@ impl Protector {
             joiner: None,
             precopied: None,
             resync: None,
-            sync_status: Arc::new(Mutex::new(Value::Null)),
+            sync_status: Arc::new(Mutex::new(None)),
             last_sync: None,
             want_standby: Arc::new(AtomicBool::new(true)),
             stats: FtStats::default(),
-            notes: Value::Null,
+            notes: None,
             hooks: link::TestHooks::default(),
             sink_key: None,
         }
@@ -313,7 +313,7 @@ impl Protector {
                 if self.machine.resyncing().is_none() {
                     return Ok(());
                 }
-                self.set_sync_status(Value::Null);
+                self.set_sync_status(None);
                 match result {
                     Err(e) => {
                         log::error!("re-protection by {peer} failed: {e}; still UNPROTECTED");
@@ -764,7 +764,7 @@ impl Protector {
         ))
     }
 
-    fn set_sync_status(&self, v: Value) {
+    fn set_sync_status(&self, v: Option<precopy::RoundProgress>) {
         if let Ok(mut s) = self.sync_status.lock() {
             *s = v;
         }
@@ -772,23 +772,24 @@ impl Protector {
 
     fn sync_phase(&self) -> Option<SyncStatus> {
         if let Some(peer) = self.machine.resyncing() {
-            let v = self
-                .sync_status
-                .lock()
-                .map(|s| s.clone())
-                .unwrap_or_default();
-            let num = |k: &str| v.get(k).and_then(Value::as_u64);
-            return Some(SyncStatus {
-                phase: v
-                    .get("phase")
-                    .and_then(Value::as_str)
-                    .unwrap_or("pre-copy starting")
-                    .to_string(),
-                peer: peer.to_string(),
-                epoch: None,
-                round_pages: num("round_pages"),
-                sent_pages: num("sent_pages"),
-                elapsed_ms: num("elapsed_ms"),
+            let progress = self.sync_status.lock().ok().and_then(|s| s.clone());
+            return Some(match progress {
+                Some(p) => SyncStatus {
+                    phase: p.phase,
+                    peer: peer.to_string(),
+                    epoch: None,
+                    round_pages: Some(p.round_pages),
+                    sent_pages: Some(p.sent_pages),
+                    elapsed_ms: Some(p.elapsed_ms),
+                },
+                None => SyncStatus {
+                    phase: "pre-copy starting".into(),
+                    peer: peer.to_string(),
+                    epoch: None,
+                    round_pages: None,
+                    sent_pages: None,
+                    elapsed_ms: None,
+                },
             });
         }
         self.machine.completing().map(|(peer, epoch)| SyncStatus {

@@ -27,7 +27,8 @@ use transport::{Fence, Message, PageRange};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::machine::{Action, Event, Machine, Receiving};
-use crate::epoch::{pages_digest, Replica};
+use crate::epoch::Replica;
+use checkpoint::digest::pages_digest;
 
 /// The harness builds a replica only for memories up to this size (larger ones fail to
 /// build, as a VM that cannot be built would).
@@ -382,9 +383,10 @@ pub fn epoch_ops(
     let mut ops = vec![Op::Message(Message::EpochBegin { fence: f, pages: n })];
     ops.extend(pages_ops(pages));
     for v in 0..vcpus {
-        ops.push(Op::Message(Message::VcpuState {
+        ops.push(Op::Message(Message::DeviceState {
             fence: f,
-            vcpu: v,
+            name: format!("vcpu/{v}"),
+            version: 1,
             data: vec![v as u8; 64],
         }));
     }

@@ -60,7 +60,7 @@
 //! | any live           | EpochBegin                      | receive the epoch (an open epoch is discarded;   |
 //! |                    |                                 | an open round is refused), or poison it: before  |
 //! |                    |                                 | the full sync, refusal, out of order, too big    |
-//! | any live           | Pages / VcpuState / DeviceState | into the open epoch or round (errors poison)     |
+//! | any live           | Pages / DeviceState             | into the open epoch or round (errors poison)     |
 //! | any live           | EpochEnd, poisoned epoch        | Nack `Malformed` (reason)                        |
 //! | any live           | EpochEnd without its beginning  | Nack `OutOfOrder`                                |
 //! | any live           | EpochEnd, fails verification    | Nack `Malformed`                                 |
@@ -79,11 +79,11 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::{json, Value};
 use transport::message::NackCode;
 use transport::{Fence, Message, PageRange};
 
 use crate::epoch::{Base, Staged, Staging};
+use crate::status::{Counters as StatusCounters, FtStatus, Role};
 use crate::Error;
 
 /// Largest guest memory a standby accepts in a `FullSync`.
@@ -301,23 +301,7 @@ pub enum Action {
 }
 
 /// What the standby counted.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Counters {
-    /// Epochs committed.
-    pub commits: u64,
-    /// Epochs refused (`Stale` refusals not counted).
-    pub nacks: u64,
-    /// Epochs abandoned before their end.
-    pub partial_epochs_discarded: u64,
-    /// Pre-copy rounds verified.
-    pub precopy_rounds: u64,
-    /// Pages in them.
-    pub precopy_pages: u64,
-    /// Page payload bytes received.
-    pub bytes_received: u64,
-    /// Frames received.
-    pub frames: u64,
-}
+pub use crate::status::StandbyCounters as Counters;
 
 pub use crate::epoch::XorBase;
 
@@ -406,7 +390,7 @@ impl Machine {
     }
 
     /// The standby's status (control socket, final stats).
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> FtStatus {
         let c = &self.counters;
         let phase = if self.committed.is_some() {
             "protecting".to_string()
@@ -419,13 +403,26 @@ impl Machine {
         } else {
             "waiting for the full sync".to_string()
         };
-        json!({
-            "role": "standby",
-            "phase": phase,
-            "generation": self.generation,
-            "committed_epoch": self.committed.map(|f| f.epoch.0),
-            "counters": c,
-        })
+        FtStatus {
+            role: Role::Standby,
+            protected: None,
+            unprotected_because: None,
+            generation: self.generation,
+            phase: Some(phase),
+            committed_epoch: self.committed.map(|f| f.epoch.0),
+            epoch: None,
+            last_ack: None,
+            in_flight: None,
+            lag_ms: None,
+            interval_ms: None,
+            pause_ms: None,
+            bytes_sent: None,
+            counters: StatusCounters::Standby(c.clone()),
+            notes: None,
+            sync: None,
+            last_sync: None,
+            reprotections: None,
+        }
     }
 
     /// Takes one event; returns what to do, in order.
@@ -600,7 +597,6 @@ impl Machine {
                 digest,
             } => self.precopy_end(fence, round, ranges, digest),
             Message::EpochBegin { fence, pages } => self.epoch_begin(fence, pages),
-            Message::VcpuState { vcpu, data, .. } => self.section(&format!("vcpu/{vcpu}"), 1, data),
             Message::DeviceState {
                 name,
                 version,

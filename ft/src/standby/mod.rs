@@ -29,13 +29,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver};
-use serde::Serialize;
-use serde_json::{json, Value};
 use transport::{Channel, Intent, Message, Psk, Received};
 
 use self::machine::{Action, Event, Machine, Shape};
 use super::epoch::{Base, Replica, Staged};
 use super::{unix_ms, Protector};
+use crate::status::{EndReport, FtStatus, Notes};
 use crate::{Error, Result};
 use ::sink::SinkClient;
 use vmx::groups::MachineConfig;
@@ -59,24 +58,7 @@ pub struct StandbyConfig {
     pub sink_key: Option<Psk>,
 }
 
-/// What a failover took.
-#[derive(Clone, Debug, Serialize)]
-pub struct FailoverReport {
-    /// Why the primary was declared dead.
-    pub reason: String,
-    /// Time since the last frame from the primary when it was declared dead.
-    pub silence_ms: f64,
-    /// Declared dead → guest running.
-    pub activation_ms: f64,
-    /// When the guest ran again (Unix ms).
-    pub resumed_unix_ms: f64,
-    /// The generation this standby took.
-    pub generation: u64,
-    /// The epoch it resumed from.
-    pub from_epoch: u64,
-    /// Output records inherited from the retained epochs and released.
-    pub inherited_released: u64,
-}
+pub use crate::status::FailoverReport;
 
 /// How a standby ended.
 #[derive(Debug)]
@@ -86,7 +68,7 @@ pub enum StandbyOutcome {
         /// Epochs committed.
         commits: u64,
         /// The stats.
-        stats: Value,
+        stats: FtStatus,
     },
     /// The primary was declared dead but won the next generation first: it is alive, and
     /// this standby stood down without running anything.
@@ -94,7 +76,7 @@ pub enum StandbyOutcome {
         /// Why.
         reason: String,
         /// Replication stats.
-        stats: Value,
+        stats: FtStatus,
     },
     /// The primary died; this standby took over and ran the guest.
     TookOver {
@@ -103,10 +85,47 @@ pub enum StandbyOutcome {
         /// How the run ended.
         outcome: Box<Outcome>,
         /// Replication stats before the takeover.
-        stats: Value,
+        stats: Box<FtStatus>,
         /// The protector's final status.
-        primary: Value,
+        primary: Box<FtStatus>,
     },
+}
+
+impl StandbyOutcome {
+    /// What the `tandem standby` process prints at its end.
+    pub fn end_report(&self) -> EndReport {
+        match self {
+            StandbyOutcome::PrimaryFinished { commits, stats } => EndReport {
+                commits: Some(*commits),
+                stats: Some(stats.clone()),
+                ..EndReport::standby(false)
+            },
+            StandbyOutcome::StoodDown { reason, stats } => EndReport {
+                stood_down: Some(reason.clone()),
+                stats: Some(stats.clone()),
+                ..EndReport::standby(false)
+            },
+            StandbyOutcome::TookOver {
+                failover,
+                outcome,
+                stats,
+                primary,
+            } => EndReport {
+                failover: Some(failover.clone()),
+                replication: Some(FtStatus::clone(stats)),
+                ft: Some(FtStatus::clone(primary)),
+                // A suspended takeover prints where to, not the report (as it always has).
+                report: Some(match outcome.as_ref() {
+                    Outcome::Finished(r) => vmx::RunEnd::Finished(r.clone()),
+                    Outcome::Suspended { path, .. } => vmx::RunEnd::Suspended {
+                        suspended: path.clone(),
+                        report: None,
+                    },
+                }),
+                ..EndReport::standby(true)
+            },
+        }
+    }
 }
 
 /// The standby's receiving stream: notes when bytes arrive (ms since `t0`).
@@ -232,7 +251,7 @@ impl Standby {
         let mut last_frame = Instant::now();
         let mut actions: VecDeque<Action> = VecDeque::new();
         // Set when the machine leaves the protocol: the link is shut, the stats taken.
-        let mut ended: Option<(Value, Duration, Instant)> = None;
+        let mut ended: Option<(FtStatus, Duration, Instant)> = None;
         let mut fatal: Option<Error> = None;
         // A frame other than pages was handled: look at the control socket.
         let mut handled = false;
@@ -415,7 +434,7 @@ impl Standby {
         replica: Replica,
         generation: u64,
         reason: String,
-        stats: Value,
+        stats: FtStatus,
         silence: Duration,
         detected: Instant,
     ) -> Result<StandbyOutcome> {
@@ -454,7 +473,9 @@ impl Standby {
              {:.1} ms after the primary was declared dead",
             failover.activation_ms
         );
-        ft.notes = json!({"failover": &failover});
+        ft.notes = Some(Notes {
+            failover: Some(failover.clone()),
+        });
         if let Some(l) = self.listener.take() {
             ft.accept_joins(l, self.cfg.psk.clone());
         }
@@ -462,8 +483,8 @@ impl Standby {
         Ok(StandbyOutcome::TookOver {
             failover,
             outcome: Box::new(outcome),
-            stats,
-            primary: ft.status(),
+            stats: Box::new(stats),
+            primary: Box::new(ft.ft_status()),
         })
     }
 

@@ -78,8 +78,11 @@ fn refused(h: &Harness) -> Option<String> {
 #[test]
 fn awaiting_full_sync_that_fits_starts_syncing() {
     let h = syncing();
-    assert_eq!(h.machine.status()["generation"], 1);
-    assert_eq!(h.machine.status()["phase"], "waiting for the full sync");
+    assert_eq!(h.machine.status().generation, Some(1));
+    assert_eq!(
+        h.machine.status().phase.as_deref(),
+        Some("waiting for the full sync")
+    );
 }
 
 #[test]
@@ -221,8 +224,8 @@ fn syncing_verified_epoch_commits_acks_and_protects() {
     assert!(
         matches!(h.machine.state(), State::Protecting { committed, .. } if *committed == fence(1, 1))
     );
-    assert_eq!(h.machine.status()["phase"], "protecting");
-    assert_eq!(h.machine.status()["committed_epoch"], 1);
+    assert_eq!(h.machine.status().phase.as_deref(), Some("protecting"));
+    assert_eq!(h.machine.status().committed_epoch, Some(1));
 }
 
 #[test]
@@ -242,7 +245,7 @@ fn syncing_damaged_epochs_are_nacked_and_change_nothing() {
     assert!(nack_reason(&mut h, ops).1.contains("truncated"));
     // Missing vCPU state (2 vCPUs would be needed: a second sync of 1 vCPU keeps the shape).
     let mut ops = epoch_ops(fence(1, 1), &page(1), 1, None);
-    ops.retain(|o| !matches!(o, Op::Message(Message::VcpuState { .. })));
+    ops.retain(|o| !matches!(o, Op::Message(Message::DeviceState { name, .. }) if name.starts_with("vcpu/")));
     assert!(nack_reason(&mut h, ops).1.contains("no state for vCPU 0"));
     // The end of another epoch than began.
     let mut ops = epoch_ops(fence(1, 1), &page(1), 1, None);
@@ -412,8 +415,10 @@ fn syncing_pre_copy_rounds_verify_into_the_base_and_count() {
     assert!(run(&mut h, round_ops(fence(1, 1), 1, &page(2))).is_empty());
     assert_eq!(h.machine.counters().precopy_rounds, 2);
     assert_eq!(h.machine.counters().precopy_pages, 2);
-    assert!(h.machine.status()["phase"]
-        .as_str()
+    assert!(h
+        .machine
+        .status()
+        .phase
         .unwrap()
         .contains("2 pre-copy rounds"));
     assert_eq!(
@@ -469,9 +474,10 @@ fn syncing_state_inside_a_pre_copy_round_breaks_the_sync() {
     let mut ops = round_ops(fence(1, 1), 0, &page(1));
     ops.insert(
         1,
-        msg(Message::VcpuState {
+        msg(Message::DeviceState {
             fence: fence(1, 1),
-            vcpu: 0,
+            name: "vcpu/0".into(),
+            version: 1,
             data: vec![1],
         }),
     );
@@ -749,7 +755,7 @@ fn scripts_round_trip_and_seeds_run_to_their_ends() {
         );
         super::harness::fuzz(&bytes);
     }
-    assert_eq!(digest(&[]), crate::epoch::pages_digest(&[]));
+    assert_eq!(digest(&[]), checkpoint::digest::pages_digest(&[]));
 }
 
 #[test]
@@ -785,5 +791,116 @@ fn print_script() {
     for op in decode_script(&b) {
         let s = format!("{op:?}");
         println!("{}", &s[..s.len().min(300)]);
+    }
+}
+
+/// What `tandem standby` prints at its end keeps the keys of the old `json!` output, for every
+/// way a standby ends, and reads back as the same [`EndReport`].
+#[test]
+fn end_reports_keep_their_layouts_and_read_back() {
+    use super::{FailoverReport, StandbyOutcome};
+    use crate::status::{EndReport, Role};
+    use std::collections::BTreeSet;
+
+    let keys = |e: &EndReport| -> BTreeSet<String> {
+        let v = serde_json::to_value(e).unwrap();
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    let set = |k: &[&str]| -> BTreeSet<String> { k.iter().map(|s| s.to_string()).collect() };
+    let stats = protecting().machine.status();
+    let report = vmx::RunReport {
+        digest: devices::DigestReport {
+            vcpus: vec![(3, "ab".into(), None)],
+            total: "cd".into(),
+        },
+        wall_ms: 12.5,
+        vcpus: vec![],
+        heartbeat: Default::default(),
+    };
+    let failover = FailoverReport {
+        reason: "silence".into(),
+        silence_ms: 200.0,
+        activation_ms: 4.5,
+        resumed_unix_ms: 1.0e12,
+        generation: 2,
+        from_epoch: 1,
+        inherited_released: 7,
+    };
+    let cases = [
+        (
+            StandbyOutcome::PrimaryFinished {
+                commits: 1,
+                stats: stats.clone(),
+            },
+            set(&["role", "took_over", "commits", "stats"]),
+        ),
+        (
+            StandbyOutcome::StoodDown {
+                reason: "the primary won generation 2".into(),
+                stats: stats.clone(),
+            },
+            set(&["role", "took_over", "stood_down", "stats"]),
+        ),
+        (
+            StandbyOutcome::TookOver {
+                failover: failover.clone(),
+                outcome: Box::new(vmx::Outcome::Finished(report.clone())),
+                stats: Box::new(stats.clone()),
+                primary: Box::new(stats.clone()),
+            },
+            set(&[
+                "role",
+                "took_over",
+                "failover",
+                "replication",
+                "ft",
+                "report",
+            ]),
+        ),
+        (
+            StandbyOutcome::TookOver {
+                failover,
+                outcome: Box::new(vmx::Outcome::Suspended {
+                    path: "/tmp/s".into(),
+                    report,
+                }),
+                stats: Box::new(stats.clone()),
+                primary: Box::new(stats),
+            },
+            set(&[
+                "role",
+                "took_over",
+                "failover",
+                "replication",
+                "ft",
+                "report",
+            ]),
+        ),
+    ];
+    for (outcome, want) in cases {
+        let e = outcome.end_report();
+        assert_eq!(e.role, Role::Standby);
+        assert_eq!(keys(&e), want, "{e}");
+        let text = serde_json::to_string_pretty(&e).unwrap();
+        let back: EndReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(
+            back.took_over,
+            Some(matches!(outcome, StandbyOutcome::TookOver { .. }))
+        );
+        if let StandbyOutcome::TookOver { outcome: o, .. } = &outcome {
+            let v = serde_json::to_value(&e).unwrap();
+            match o.as_ref() {
+                // A finished takeover's report is the run report; a suspended one says where.
+                vmx::Outcome::Finished(_) => {
+                    assert_eq!(back.run_report().unwrap().digest.total, "cd");
+                    assert!(v["report"].get("digest").is_some());
+                }
+                vmx::Outcome::Suspended { .. } => {
+                    assert!(back.run_report().is_none());
+                    assert_eq!(v["report"], serde_json::json!({"suspended": "/tmp/s"}));
+                }
+            }
+        }
     }
 }
