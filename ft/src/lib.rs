@@ -326,6 +326,7 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, status::FtStatus)> {
         ft = ft.with_arbiter(arb.clone(), cfg.sink.clone());
     }
     vmx.hold_output(true);
+    ft.cards = vmx.has_cards();
     if let Some(peer) = &cfg.peer {
         match connect(peer, cfg.psk.as_ref(), cfg.connect_patience) {
             Ok(ch) => {

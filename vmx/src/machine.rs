@@ -126,6 +126,9 @@ pub struct Captured {
     pub sections: Vec<Section>,
     /// Output drained during the epoch, per vCPU (held until the epoch is acknowledged).
     pub records: Vec<Vec<Record>>,
+    /// Frames the network cards sent during the epoch, taken while the guest was stunned
+    /// (held until the epoch is acknowledged): (window, frames). Not sent to the standby.
+    pub frames: Vec<(u32, devices::virtio::HeldFrames)>,
     /// How long the guest was stopped.
     pub pause: Duration,
     /// Of that, the monitor's SAVE step (dirty log, page copies, vCPU and module state).
@@ -378,6 +381,7 @@ impl PowerOn {
             output,
             vmmdev: VmmDevGroup::default(),
             virtio: VirtioGroup::empty(output_mem),
+            epoch_frames: Vec::new(),
             heartbeat_events: Vec::new(),
             unclaimed_ports: Vec::new(),
             machine: Machine::default(),
@@ -518,6 +522,8 @@ pub struct Vmx {
     pub(crate) output: OutputGroup,
     pub(crate) vmmdev: VmmDevGroup,
     pub(crate) virtio: VirtioGroup,
+    /// Frames taken at the last epoch's SAVE (see [`Captured::frames`]).
+    epoch_frames: Vec<(u32, devices::virtio::HeldFrames)>,
     pub(crate) heartbeat_events: Vec<(f64, HeartbeatEvent)>,
     pub(crate) unclaimed_ports: Vec<u16>,
     pub(crate) machine: Machine,
@@ -786,6 +792,9 @@ impl Vmx {
                 log::debug!("deleted {}", p.display());
             }
         } else if let SaveTarget::Epoch(mem) = &target {
+            // Output commit: the frames the cards sent up to this stun belong to this epoch;
+            // take them now, before the guest runs again and sends the next epoch's.
+            self.epoch_frames = self.virtio.take_held_frames();
             let pages: usize = mem
                 .runs
                 .lock()
@@ -901,12 +910,14 @@ impl Vmx {
         let pause = t0.elapsed();
         let runs = std::mem::take(&mut *mem.runs.lock().unwrap_or_else(|p| p.into_inner()));
         let records = self.take_held();
+        let frames = std::mem::take(&mut self.epoch_frames);
         Ok(Captured {
             epoch,
             full,
             runs,
             sections: snap.iter().cloned().collect(),
             records,
+            frames,
             pause,
             save_step: self.last_save_step,
         })
@@ -915,6 +926,11 @@ impl Vmx {
     /// Holds drained output (replication: released only once its epoch is acknowledged)
     /// instead of writing it to the text output at once.
     pub fn hold_output(&mut self, on: bool) {
+        self.virtio.set_holding(on);
+        if !on {
+            let frames = self.virtio.take_held_frames();
+            self.virtio.release_frames(frames);
+        }
         if on {
             let n = self.vm.vcpu_count() as usize;
             self.output
@@ -932,6 +948,23 @@ impl Vmx {
         match &mut self.output.sinks.hold {
             Some(h) => std::mem::replace(h, vec![Vec::new(); n]),
             None => vec![Vec::new(); n],
+        }
+    }
+
+    /// Whether the VM has network cards (whose frames output commit holds).
+    pub fn has_cards(&self) -> bool {
+        self.virtio.has_net()
+    }
+
+    /// Takes the frames the network cards held since the last call (output commit).
+    pub fn take_held_frames(&mut self) -> Vec<(u32, devices::virtio::HeldFrames)> {
+        self.virtio.take_held_frames()
+    }
+
+    /// Sends frames taken by [`Vmx::take_held_frames`] out through their cards.
+    pub fn release_frames(&mut self, frames: Vec<(u32, devices::virtio::HeldFrames)>) {
+        if !frames.is_empty() {
+            self.virtio.release_frames(frames);
         }
     }
 

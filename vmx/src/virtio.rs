@@ -44,9 +44,11 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use checkpoint::{Error as CptError, Group, Persist};
+use devices::virtio::hold::DEFAULT_HOLD_BYTES;
 use devices::virtio::{
     persist, Block, EventFdInterrupt, Interrupt, MmioTransport, Net, VirtioState,
 };
+use devices::virtio::{FrameHold, HeldFrames, HoldStats};
 use guest_abi::boot::{MmioDevice, VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 use guest_abi::layout::{mmio_window, MAX_MMIO_DEVICES, MMIO_BASE, MMIO_GSI_BASE, MMIO_SIZE};
 use monitor::{GuestMem, MmioBus, Vm};
@@ -162,6 +164,8 @@ pub struct Slot {
     irq: Arc<EventFdInterrupt>,
     /// The transport; `None` on a restoring VM until RESTORE rebuilds it.
     dev: Mutex<Option<Transport>>,
+    /// A card's output-commit buffer (it outlives transports rebuilt by a restore).
+    hold: Option<Arc<FrameHold>>,
 }
 
 impl Slot {
@@ -375,16 +379,24 @@ impl VirtioGroup {
                 source: e,
             })?);
             vm.register_irqfd(irq.eventfd(), MMIO_GSI_BASE + index)?;
+            let hold =
+                matches!(spec, DeviceSpec::Net(_)).then(|| FrameHold::new(DEFAULT_HOLD_BYTES));
             let dev = if restoring {
                 None
             } else {
-                Some(new_transport(spec, mem.clone(), irq.clone())?)
+                Some(new_transport(
+                    spec,
+                    mem.clone(),
+                    irq.clone(),
+                    hold.as_ref(),
+                )?)
             };
             slots.push(Arc::new(Slot {
                 index,
                 spec: spec.clone(),
                 irq,
                 dev: Mutex::new(dev),
+                hold,
             }));
         }
         group.slots = Arc::new(slots);
@@ -403,7 +415,51 @@ impl VirtioGroup {
         &self.slots
     }
 
-    fn has_net(&self) -> bool {
+    /// Output commit: hold every card's transmitted frames (on) or pass them through (off;
+    /// frames already held stay until released).
+    pub fn set_holding(&self, on: bool) {
+        for h in self.slots.iter().filter_map(|s| s.hold.as_ref()) {
+            h.set_holding(on);
+        }
+    }
+
+    /// Takes the frames every card has held since the last call: (window, frames).
+    pub fn take_held_frames(&self) -> Vec<(u32, HeldFrames)> {
+        self.slots
+            .iter()
+            .filter_map(|s| Some((s.index, s.hold.as_ref()?.take())))
+            .filter(|(_, f)| !f.is_empty())
+            .collect()
+    }
+
+    /// Writes frames taken by [`VirtioGroup::take_held_frames`] to their cards' back ends.
+    pub fn release_frames(&self, frames: Vec<(u32, HeldFrames)>) {
+        for (index, f) in frames {
+            match self
+                .slots
+                .iter()
+                .find(|s| s.index == index)
+                .and_then(|s| s.hold.as_ref())
+            {
+                Some(h) => h.release(f),
+                None => log::warn!(
+                    "{} held frames for card {index}, which has no hold",
+                    f.len()
+                ),
+            }
+        }
+    }
+
+    /// Every card's output-commit counters: (window, counters).
+    pub fn hold_stats(&self) -> Vec<(u32, HoldStats)> {
+        self.slots
+            .iter()
+            .filter_map(|s| Some((s.index, s.hold.as_ref()?.stats())))
+            .collect()
+    }
+
+    /// Whether any device is a network card.
+    pub fn has_net(&self) -> bool {
         self.slots
             .iter()
             .any(|s| matches!(s.spec, DeviceSpec::Net(_)))
@@ -527,10 +583,22 @@ pub fn restore_disks(
     Ok(lines)
 }
 
+/// Puts a card's transmitted frames through its output-commit buffer.
+fn behind_hold(mut t: MmioTransport<Net>, hold: Option<&Arc<FrameHold>>) -> MmioTransport<Net> {
+    if let Some(hold) = hold {
+        if let Some(tap) = t.device().tap() {
+            hold.set_output(Box::new(tap.clone()));
+        }
+        t.device_mut().set_sink(hold.sink());
+    }
+    t
+}
+
 fn new_transport(
     spec: &DeviceSpec,
     mem: GuestMem,
     irq: Arc<EventFdInterrupt>,
+    hold: Option<&Arc<FrameHold>>,
 ) -> Result<Transport> {
     let irq: Arc<dyn Interrupt> = irq;
     let r = match spec {
@@ -539,7 +607,7 @@ fn new_transport(
             .map(Transport::Block),
         DeviceSpec::Net(c) => Net::open(c.clone())
             .and_then(|d| MmioTransport::new(d, mem, irq))
-            .map(Transport::Net),
+            .map(|t| Transport::Net(behind_hold(t, hold))),
     };
     // A device that cannot be built is a configuration to change (exit 2).
     r.map_err(|e| Error::Usage(e.to_string()))
@@ -595,9 +663,10 @@ impl Group for VirtioGroup {
                 DeviceSpec::Block(_) => Transport::Block(
                     persist::restore_block(&saved, self.mem.clone(), irq, None).map_err(cpt_err)?,
                 ),
-                DeviceSpec::Net(_) => Transport::Net(
+                DeviceSpec::Net(_) => Transport::Net(behind_hold(
                     persist::restore_net(&saved, self.mem.clone(), irq, None).map_err(cpt_err)?,
-                ),
+                    s.hold.as_ref(),
+                )),
             };
             *g = Some(t);
         }

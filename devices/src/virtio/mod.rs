@@ -54,6 +54,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod hold;
 pub mod mmio;
 pub mod net;
 pub mod persist;
@@ -70,6 +71,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockConfig};
+pub use hold::{FrameHold, HeldFrames, HoldStats};
 pub use mmio::MmioTransport;
 pub use net::{FrameSink, FrameSource, Net, NetBackend, NetConfig};
 pub use persist::{DeviceState, VirtioState, VIRTIO_STATE_VERSION};

@@ -50,6 +50,11 @@ pub const MAX_FRAME_LEN: usize = 65536;
 pub trait FrameSink: Send {
     /// One ethernet frame from the guest (the virtio-net header already stripped).
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// Whether it takes another frame now; while it does not, the device leaves the guest's
+    /// frames in the TX queue (output commit's bound, see [`super::hold`]).
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// Where received frames come from.
@@ -184,6 +189,8 @@ pub struct NetStats {
     /// TX chains dropped: a fault, a short header, writable buffers, a frame too long, or
     /// the sink failed.
     pub tx_dropped: u64,
+    /// Times the device stopped taking TX frames because output commit held its bound.
+    pub tx_deferred: u64,
     /// Frames put into RX buffers.
     pub rx_frames: u64,
     /// Their bytes (without the header).
@@ -320,6 +327,10 @@ impl Net {
     fn process_tx(&mut self, mem: &GuestMem, queue: &mut Queue) -> Result<bool> {
         let mut used = false;
         for _ in 0..queue.size() {
+            if !self.backend.sink.ready() {
+                self.stats.tx_deferred += 1;
+                break;
+            }
             let Some(dc) = chain::pop(queue, mem, TX_QUEUE)? else {
                 break;
             };

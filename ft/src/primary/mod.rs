@@ -32,6 +32,7 @@ use serde_json::Value;
 use transport::{Channel, Intent, Message, Psk};
 
 use ::sink::SinkClient;
+use devices::virtio::HeldFrames;
 use vmx::machine::{Captured, Vmx};
 
 use crate::arbiter::Arbiter;
@@ -113,8 +114,13 @@ struct Resync {
 struct InFlight {
     epoch: u64,
     records: Vec<Vec<Record>>,
+    /// Frames the guest's cards sent during the epoch (output commit): (window, frames).
+    frames: Vec<(u32, HeldFrames)>,
     captured: Instant,
 }
+
+/// How often an unprotected VM's held network frames are flushed (output released at once).
+pub const FRAME_FLUSH: Duration = Duration::from_millis(5);
 
 /// The primary's replication inside the vmx run loop: executes what its [`Machine`] decides.
 pub struct Protector {
@@ -133,9 +139,14 @@ pub struct Protector {
     /// The cost of the epoch being acknowledged.
     ack_stats: Option<SendStats>,
     next_tick: Option<Instant>,
+    /// The VM has network cards: while output is released at once, their held frames are
+    /// flushed every [`FRAME_FLUSH`] (frames come without a doorbell).
+    pub cards: bool,
     throttled_since: Option<Instant>,
     /// Drained output taken from the VM while the machine decides whether it goes out.
     drained: Vec<Vec<Record>>,
+    /// Frames taken with `drained`, released with it.
+    drained_frames: Vec<(u32, HeldFrames)>,
     /// A joiner's channel, until it is refused or pre-copied.
     joiner: Option<Box<Channel<TcpStream>>>,
     /// The pre-copied joiner's channel, until the link starts over it.
@@ -174,8 +185,10 @@ impl Protector {
             in_flight: None,
             ack_stats: None,
             next_tick: None,
+            cards: false,
             throttled_since: None,
             drained: Vec::new(),
+            drained_frames: Vec::new(),
             joiner: None,
             precopied: None,
             resync: None,
@@ -415,8 +428,9 @@ impl Protector {
         if self.machine.releases_at_once() {
             let held = vmx.take_held();
             append(&mut self.drained, held);
+            self.drained_frames.extend(vmx.take_held_frames());
         }
-        self.drained.iter().any(|h| !h.is_empty())
+        self.drained.iter().any(|h| !h.is_empty()) || !self.drained_frames.is_empty()
     }
 
     /// Feeds `ev` to the machine and executes what it says, feeding answers back.
@@ -485,11 +499,15 @@ impl Protector {
                         self.stats.xor_cache_bytes = s.xor_cache_bytes;
                     }
                 }
+                vmx.release_frames(f.frames);
                 self.release(vmx, f.records)?;
             }
             Action::ReleaseHeld => {
                 let mut records = std::mem::take(&mut self.drained);
                 append(&mut records, vmx.take_held());
+                let mut frames = std::mem::take(&mut self.drained_frames);
+                frames.extend(vmx.take_held_frames());
+                vmx.release_frames(frames);
                 self.release(vmx, records)?;
             }
             Action::Stun => {
@@ -720,9 +738,14 @@ impl Protector {
         } else {
             self.stats.mem_bytes += bytes;
         }
+        // Frames of this epoch (taken by the capture while the guest was stunned: nothing of a
+        // later epoch is among them), after any taken for a release that did not happen.
+        let mut frames = std::mem::take(&mut self.drained_frames);
+        frames.append(&mut cap.frames);
         self.in_flight = Some(InFlight {
             epoch: cap.epoch,
             records: cap.records.clone(),
+            frames,
             captured: Instant::now(),
         });
         self.next_tick = Some(Instant::now() + self.interval);
@@ -878,7 +901,10 @@ impl vmx::Replication for Protector {
         self.aux_rx.clone()
     }
     fn deadline(&self) -> Option<Instant> {
-        self.link.as_ref().and(self.next_tick)
+        let epoch = self.link.as_ref().and(self.next_tick);
+        let frames =
+            (self.cards && self.machine.releases_at_once()).then(|| Instant::now() + FRAME_FLUSH);
+        epoch.into_iter().chain(frames).min()
     }
     fn on_event(&mut self, ev: LinkEvent, vmx: &mut Vmx) -> Result<()> {
         self.event(ev, vmx)
@@ -887,7 +913,15 @@ impl vmx::Replication for Protector {
         Protector::on_aux(self, a, vmx)
     }
     fn tick(&mut self, vmx: &mut Vmx) -> Result<()> {
-        Protector::tick(self, vmx)
+        if self.cards && self.machine.releases_at_once() {
+            Protector::after_output(self, vmx)?;
+        }
+        // The frame flush may come before the epoch is due: only a due epoch ticks.
+        let due = self.link.is_some() && self.next_tick.is_some_and(|t| t <= Instant::now());
+        if due {
+            Protector::tick(self, vmx)?;
+        }
+        Ok(())
     }
     fn after_output(&mut self, vmx: &mut Vmx) -> Result<()> {
         Protector::after_output(self, vmx)

@@ -455,6 +455,7 @@ impl Standby {
             ft = ft.with_arbiter(arb.clone(), self.cfg.sink.clone());
         }
         vmx.hold_output(true);
+        ft.cards = vmx.has_cards();
         let inherited = replica.inherited_output(vcpus);
         let before = ft.stats.released;
         ft.release_inherited(&mut vmx, inherited)?;
