@@ -552,3 +552,103 @@ fn kv_clients_stay_connected_through_a_failover_and_lose_no_acknowledged_write()
     drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn redis_benchmark_completes_against_a_protected_kv_through_a_kill_of_the_primary() {
+    require_kvm();
+    if Command::new("redis-benchmark")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no redis-benchmark (install Debian's redis-tools)");
+        return;
+    }
+    if let Some(why) = tap_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tandem-kv-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("kv.elf");
+    std::fs::write(&image, guest_images::KV).unwrap();
+    let name = format!("tkvb{}", std::process::id() % 10000);
+    let _tap = Tap::new(&name, "10.77.31.1/24").expect("make a TAP");
+    let cfg = testkit::pair::PairConfig {
+        bin: tandem_bin().clone(),
+        dir: dir.clone(),
+        guest: vec![
+            "--image".into(),
+            image.display().to_string(),
+            "--vcpus".into(),
+            "1".into(),
+            "--mem-mib".into(),
+            "128".into(),
+            "--net".into(),
+            format!("tap={name}"),
+            "--guest-arg".into(),
+            "ip=10.77.31.2/24".into(),
+            "--guest-arg".into(),
+            "aof=0".into(),
+        ],
+        interval_ms: 20,
+        primary_env: vec![],
+        log: "info".into(),
+        hosts: Default::default(),
+    };
+    let mut pair = testkit::pair::Pair::start_standby(cfg).expect("sink and standby");
+    pair.start_primary().expect("primary");
+    assert!(
+        pair.wait_protected(Duration::from_secs(30)).is_some(),
+        "not protected: {}",
+        pair.log("primary")
+    );
+    let bench = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "10.77.31.2",
+            "-t",
+            "set,get,incr,lpush",
+            "-n",
+            "4000",
+            "-c",
+            "20",
+            "-q",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("redis-benchmark");
+    std::thread::sleep(Duration::from_millis(1500));
+    pair.kill_primary();
+    assert!(
+        pair.wait_takeover(Duration::from_secs(30)).is_some(),
+        "no takeover: {}",
+        pair.log("standby")
+    );
+    let out = bench.wait_with_output().expect("redis-benchmark ends");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "{}",
+        text.replace('\r', "\n")
+            .lines()
+            .filter(|l| l.contains("requests per second"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(out.status.success(), "redis-benchmark failed: {text}");
+    assert!(
+        !text.contains("Error") && !text.contains("ERR"),
+        "redis-benchmark saw errors: {text}"
+    );
+    for t in ["SET", "GET", "INCR", "LPUSH"] {
+        assert!(text.contains(&format!("{t}: ")), "no {t} result: {text}");
+    }
+    drop(pair);
+    let _ = std::fs::remove_dir_all(&dir);
+}

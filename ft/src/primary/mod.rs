@@ -120,7 +120,7 @@ struct InFlight {
 }
 
 /// How often an unprotected VM's held network frames are flushed (output released at once).
-pub const FRAME_FLUSH: Duration = Duration::from_millis(5);
+pub const FRAME_FLUSH: Duration = Duration::from_millis(1);
 
 /// The primary's replication inside the vmx run loop: executes what its [`Machine`] decides.
 pub struct Protector {
