@@ -177,6 +177,17 @@ struct StandbyArgs {
     /// pre-copy while its guest runs, then protects itself with it.
     #[arg(long, value_name = "ADDR")]
     join: Option<String>,
+    /// This host's image for the primary's disk, repeatable, in the primary's order (default:
+    /// the primary's paths). The guest continues on it after a takeover; disk contents are
+    /// not replicated yet, so it must hold what the primary's held.
+    #[arg(long = "disk", value_name = "FILE[,readonly]", value_parser = parse_disk)]
+    disks: Vec<vmx::virtio::BlockConfig>,
+    /// This host's TAP for the primary's network card, repeatable, in the primary's order
+    /// (default: the primary's TAP names). The guest keeps its MAC; after a takeover each card
+    /// is announced from here (three RARP broadcasts, as QEMU's announce-self) so bridges
+    /// learn the new port. Put it on the same L2 segment as the primary's.
+    #[arg(long = "net", value_name = "tap=NAME", value_parser = parse_net)]
+    nets: Vec<vmx::virtio::NetConfig>,
     #[command(flatten)]
     link: LinkArgs,
     #[command(flatten)]
@@ -464,6 +475,8 @@ fn standby(args: StandbyArgs) -> Result<(), Error> {
         opts: args.common.options(),
         arbiter: args.link.arbiter()?,
         sink_key: args.link.sink_key()?,
+        disks: args.disks.clone(),
+        nets: args.nets.clone(),
     };
     let sb = match (&args.join, &args.listen) {
         (Some(primary), listen) => ft::standby::Standby::join(primary, listen.as_deref(), cfg)?,

@@ -47,6 +47,8 @@ pub struct Hosts {
     pub sink_listen: String,
     /// A standby's listen address.
     pub standby_listen: String,
+    /// Extra arguments of every standby (e.g. its own `--net tap=NAME`).
+    pub standby_args: Vec<String>,
 }
 
 impl Default for Hosts {
@@ -56,6 +58,7 @@ impl Default for Hosts {
             standby_prefix: Vec::new(),
             sink_listen: "127.0.0.1:0".into(),
             standby_listen: "127.0.0.1:0".into(),
+            standby_args: Vec::new(),
         }
     }
 }
@@ -220,6 +223,7 @@ impl Pair {
     fn spawn_standby(&mut self, name: &str, args: Vec<String>) -> std::io::Result<()> {
         let mut args = args;
         args.extend(self.role_args(name));
+        args.extend(self.cfg.hosts.standby_args.iter().cloned());
         let mut sb = Self::spawn(&self.cfg, &self.cfg.hosts.standby_prefix, name, &args)?;
         self.standby_addr = first_line(&self.file(&format!("{name}.out")), &mut sb, name)?;
         self.standby = Some(sb);

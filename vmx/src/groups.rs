@@ -27,6 +27,25 @@ pub struct MachineConfig {
     pub nets: Vec<devices::virtio::NetConfig>,
 }
 
+impl MachineConfig {
+    /// The same machine, whatever back ends its devices use on this host: equal but for
+    /// the disks' image paths and the cards' TAP names (a standby runs the primary's machine
+    /// on its own replicas and TAPs).
+    pub fn same_machine(&self, other: &MachineConfig) -> bool {
+        let strip = |c: &MachineConfig| {
+            let mut c = c.clone();
+            for d in &mut c.disks {
+                d.path = Default::default();
+            }
+            for n in &mut c.nets {
+                n.tap = String::new();
+            }
+            c
+        };
+        strip(self) == strip(other)
+    }
+}
+
 /// [`MachineConfig`] as version 1 saved it (no devices).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineConfigV1 {
@@ -85,7 +104,7 @@ impl Group for ConfigGroup {
     }
     fn restore(&mut self, version: u32, data: &[u8]) -> Result<(), CptError> {
         let saved = ConfigPersist::decode(version, data)?;
-        if saved != self.0 {
+        if !saved.same_machine(&self.0) {
             return Err(CptError::component(
                 "config",
                 format!("saved {saved:?}, VM built as {:?}", self.0),
@@ -98,6 +117,34 @@ impl Group for ConfigGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_s_own_back_ends_are_the_same_machine_and_anything_else_is_not() {
+        let primary = MachineConfig {
+            vcpus: 1,
+            mem_mib: 64,
+            entry: 0x20_0000,
+            guest: "kv".into(),
+            disks: vec![devices::virtio::BlockConfig::parse("/a/disk").unwrap()],
+            nets: vec![devices::virtio::NetConfig::parse("tap=tapA").unwrap()],
+        };
+        let mut standby = primary.clone();
+        standby.disks[0].path = "/b/replica".into();
+        standby.nets[0].tap = "tapB".into();
+        assert!(primary.same_machine(&standby));
+        let mut other = standby.clone();
+        other.nets[0].mac = Some([2, 0, 0, 0, 0, 1]);
+        assert!(
+            !primary.same_machine(&other),
+            "the guest's MAC is the machine's"
+        );
+        let mut other = standby.clone();
+        other.disks[0].readonly = true;
+        assert!(!primary.same_machine(&other));
+        let mut other = standby;
+        other.mem_mib = 128;
+        assert!(!primary.same_machine(&other));
+    }
 
     #[test]
     fn config_v1_without_devices_still_loads() {

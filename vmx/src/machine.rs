@@ -951,6 +951,12 @@ impl Vmx {
         }
     }
 
+    /// Announces every network card's MAC from where it now is (after a failover); see
+    /// [`VirtioGroup::announce`]. Returns how many cards were announced.
+    pub fn announce(&self) -> usize {
+        self.virtio.announce()
+    }
+
     /// Whether the VM has network cards (whose frames output commit holds).
     pub fn has_cards(&self) -> bool {
         self.virtio.has_net()

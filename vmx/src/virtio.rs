@@ -45,10 +45,11 @@ use std::time::Instant;
 
 use checkpoint::{Error as CptError, Group, Persist};
 use devices::virtio::hold::DEFAULT_HOLD_BYTES;
+use devices::virtio::persist::DeviceState;
 use devices::virtio::{
     persist, Block, EventFdInterrupt, Interrupt, MmioTransport, Net, VirtioState,
 };
-use devices::virtio::{FrameHold, HeldFrames, HoldStats};
+use devices::virtio::{FrameHold, HeldFrames, HoldStats, NetBackend};
 use guest_abi::boot::{MmioDevice, VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 use guest_abi::layout::{mmio_window, MAX_MMIO_DEVICES, MMIO_BASE, MMIO_GSI_BASE, MMIO_SIZE};
 use monitor::{GuestMem, MmioBus, Vm};
@@ -458,6 +459,44 @@ impl VirtioGroup {
             .collect()
     }
 
+    /// Tells the network where each card now is, as QEMU's announce-self does: three RARP
+    /// broadcasts from the card's MAC (at once, after 50 and after 150 ms, on a thread), so
+    /// bridges and switches learn the new port before the guest's peers send to the old one.
+    /// Returns how many cards were announced.
+    pub fn announce(&self) -> usize {
+        let cards: Vec<(Arc<devices::virtio::Tap>, [u8; 6])> = self
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let g = s.lock();
+                match g.as_ref()? {
+                    Transport::Net(t) => Some((t.device().tap()?.clone(), t.device().mac())),
+                    Transport::Block(_) => None,
+                }
+            })
+            .collect();
+        let n = cards.len();
+        if n == 0 {
+            return 0;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("announce".into())
+            .spawn(move || {
+                for (i, wait) in [0u64, 50, 100].into_iter().enumerate() {
+                    std::thread::sleep(std::time::Duration::from_millis(wait));
+                    for (tap, mac) in &cards {
+                        if let Err(e) = tap.write_frame(&rarp(*mac)) {
+                            log::warn!("announce {i} of {}: {e}", fmt_mac(mac));
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot announce the cards: {e}");
+        }
+        n
+    }
+
     /// Whether any device is a network card.
     pub fn has_net(&self) -> bool {
         self.slots
@@ -613,6 +652,37 @@ fn new_transport(
     r.map_err(|e| Error::Usage(e.to_string()))
 }
 
+/// A RARP "reverse request" broadcast from `mac` (what QEMU's announce-self sends), padded
+/// to the 60-byte Ethernet minimum:
+///
+/// ```text
+///  ff:ff:ff:ff:ff:ff │ mac │ 0x8035 │ htype 1 │ ptype 0x0800 │ hlen 6 │ plen 4 │ op 3 │
+///  sha mac │ spa 0.0.0.0 │ tha mac │ tpa 0.0.0.0 │ zero padding
+/// ```
+pub fn rarp(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x8035u16.to_be_bytes());
+    f.extend_from_slice(&1u16.to_be_bytes());
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&3u16.to_be_bytes());
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0);
+    f
+}
+
+fn fmt_mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 fn cpt_err(e: impl std::fmt::Display) -> CptError {
     CptError::component("virtio", e.to_string())
 }
@@ -659,11 +729,29 @@ impl Group for VirtioGroup {
             // Close the old image and TAP first: a TAP opens once.
             *g = None;
             let irq: Arc<dyn Interrupt> = s.irq.clone();
-            let t = match &s.spec {
-                DeviceSpec::Block(_) => Transport::Block(
+            // The configured back end where it differs from the saved one (a standby's own
+            // TAP or disk replica); otherwise the saved one.
+            let t = match (&s.spec, &saved.device) {
+                (DeviceSpec::Block(c), DeviceState::Block(b)) if c.path != b.path => {
+                    let image =
+                        devices::virtio::block::open_image(&c.path, b.readonly).map_err(cpt_err)?;
+                    Transport::Block(
+                        persist::restore_block(&saved, self.mem.clone(), irq, Some(image))
+                            .map_err(cpt_err)?,
+                    )
+                }
+                (DeviceSpec::Block(_), _) => Transport::Block(
                     persist::restore_block(&saved, self.mem.clone(), irq, None).map_err(cpt_err)?,
                 ),
-                DeviceSpec::Net(_) => Transport::Net(behind_hold(
+                (DeviceSpec::Net(c), DeviceState::Net(n)) if c.tap != n.tap => {
+                    let backend = NetBackend::open_tap(&c.tap).map_err(cpt_err)?;
+                    Transport::Net(behind_hold(
+                        persist::restore_net(&saved, self.mem.clone(), irq, Some(backend))
+                            .map_err(cpt_err)?,
+                        s.hold.as_ref(),
+                    ))
+                }
+                (DeviceSpec::Net(_), _) => Transport::Net(behind_hold(
                     persist::restore_net(&saved, self.mem.clone(), irq, None).map_err(cpt_err)?,
                     s.hold.as_ref(),
                 )),
@@ -709,5 +797,28 @@ impl Group for VirtioGroup {
 impl Drop for VirtioGroup {
     fn drop(&mut self) {
         self.stop_rx();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announce_is_a_rarp_reverse_request_from_the_card_s_mac() {
+        let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+        let f = rarp(mac);
+        assert_eq!(f.len(), 60, "padded to the Ethernet minimum");
+        assert_eq!(&f[0..6], &[0xff; 6], "broadcast");
+        assert_eq!(&f[6..12], &mac, "from the card");
+        assert_eq!(&f[12..14], &[0x80, 0x35], "RARP");
+        assert_eq!(
+            &f[14..22],
+            &[0, 1, 0x08, 0, 6, 4, 0, 3],
+            "Ethernet/IPv4, reverse request"
+        );
+        assert_eq!(&f[22..28], &mac, "sender hardware address");
+        assert_eq!(&f[32..38], &mac, "target hardware address");
+        assert!(f[38..].iter().all(|&b| b == 0));
     }
 }

@@ -421,7 +421,8 @@ fn bounce(buf: &mut Vec<u8>) -> &mut [u8] {
     buf
 }
 
-fn open_image(path: &Path, readonly: bool) -> Result<File> {
+/// Opens a raw image as a device would (read-only or read-write).
+pub fn open_image(path: &Path, readonly: bool) -> Result<File> {
     OpenOptions::new()
         .read(true)
         .write(!readonly)

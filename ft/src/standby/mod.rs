@@ -56,6 +56,11 @@ pub struct StandbyConfig {
     pub arbiter: Option<std::sync::Arc<dyn super::arbiter::Arbiter>>,
     /// The output sink's key (None: a plaintext sink, testing only).
     pub sink_key: Option<Psk>,
+    /// This host's back ends for the primary's disks (the replicas), in the primary's order;
+    /// empty: the primary's own paths.
+    pub disks: Vec<devices::virtio::BlockConfig>,
+    /// This host's TAPs for the primary's cards, in order; empty: the primary's TAP names.
+    pub nets: Vec<devices::virtio::NetConfig>,
 }
 
 pub use crate::status::FailoverReport;
@@ -460,6 +465,10 @@ impl Standby {
         let before = ft.stats.released;
         ft.release_inherited(&mut vmx, inherited)?;
         vmx.activate(replica.state.clone())?;
+        let cards = vmx.announce();
+        if cards > 0 {
+            log::info!("announced {cards} network card(s) from this host (RARP)");
+        }
         let failover = FailoverReport {
             reason,
             silence_ms: silence.as_secs_f64() * 1e3,
@@ -506,6 +515,32 @@ impl Standby {
             config.vcpus,
             config.guest
         );
+        let mut config = config;
+        if !self.cfg.disks.is_empty() {
+            if self.cfg.disks.len() != config.disks.len() {
+                return Err(Error::Epoch(format!(
+                    "the primary has {} disk(s) and this standby was given {} --disk: give one \
+                     per disk of the primary, in its order (or none to use its paths)",
+                    config.disks.len(),
+                    self.cfg.disks.len()
+                )));
+            }
+            config.disks = self.cfg.disks.clone();
+        }
+        if !self.cfg.nets.is_empty() {
+            if self.cfg.nets.len() != config.nets.len() {
+                return Err(Error::Epoch(format!(
+                    "the primary has {} network card(s) and this standby was given {} --net: \
+                     give one per card of the primary, in its order (or none to use its TAPs)",
+                    config.nets.len(),
+                    self.cfg.nets.len()
+                )));
+            }
+            // The guest keeps its MAC; only the TAP is this host's.
+            for (mine, theirs) in config.nets.iter_mut().zip(&self.cfg.nets) {
+                mine.tap = theirs.tap.clone();
+            }
+        }
         let opts = Options {
             paused: true,
             ..self.cfg.opts.clone()
