@@ -32,6 +32,14 @@ pub enum SectionId<'a> {
     Group(&'a str),
     /// The group manifest.
     Manifest,
+    /// Replication: part `part` of the blocks disk `disk` was written during one epoch
+    /// (applied to the standby's replica at the commit, never kept as state).
+    DiskWrites {
+        /// The disk's device window.
+        disk: u32,
+        /// The part (a control message holds at most 16 MiB).
+        part: u32,
+    },
     /// Any other section.
     Other(&'a str),
 }
@@ -46,6 +54,16 @@ impl<'a> SectionId<'a> {
             if let Ok(id) = n.parse::<u32>() {
                 if id.to_string() == n {
                     return SectionId::Vcpu(id);
+                }
+            }
+        }
+        if let Some((d, p)) = name
+            .strip_prefix("disk-writes/")
+            .and_then(|n| n.split_once('/'))
+        {
+            if let (Ok(disk), Ok(part)) = (d.parse::<u32>(), p.parse::<u32>()) {
+                if disk.to_string() == d && part.to_string() == p {
+                    return SectionId::DiskWrites { disk, part };
                 }
             }
         }
@@ -71,6 +89,7 @@ impl fmt::Display for SectionId<'_> {
             SectionId::Module(m) => write!(f, "module/{m}"),
             SectionId::Group(g) => write!(f, "group/{g}"),
             SectionId::Manifest => write!(f, "groups"),
+            SectionId::DiskWrites { disk, part } => write!(f, "disk-writes/{disk}/{part}"),
             SectionId::Other(o) => write!(f, "{o}"),
         }
     }
@@ -155,6 +174,21 @@ mod tests {
             assert_eq!(version, 1);
             let n: u32 = postcard::from_bytes(data).map_err(|e| Error::Corrupt(e.to_string()))?;
             Ok((n, "upgraded".into()))
+        }
+    }
+
+    #[test]
+    fn disk_writes_sections_round_trip_and_near_misses_are_other() {
+        let id = SectionId::DiskWrites { disk: 3, part: 12 };
+        assert_eq!(id.name(), "disk-writes/3/12");
+        assert_eq!(SectionId::parse("disk-writes/3/12"), id);
+        for other in [
+            "disk-writes/3",
+            "disk-writes/03/1",
+            "disk-writes/x/1",
+            "disk-writes/1/2/3",
+        ] {
+            assert_eq!(SectionId::parse(other), SectionId::Other(other), "{other}");
         }
     }
 

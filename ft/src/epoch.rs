@@ -357,6 +357,8 @@ impl Base {
 /// last committed epoch.
 pub struct Replica {
     mem: GuestMem,
+    /// The replicas of the primary's writable disks: (window, image, size in bytes).
+    disks: Vec<(u32, std::fs::File, u64)>,
     /// The last committed epoch.
     pub fence: Fence,
     /// Its state.
@@ -382,6 +384,7 @@ impl Replica {
     pub fn new(mem: GuestMem) -> Self {
         Replica {
             mem,
+            disks: Vec::new(),
             fence: Fence::default(),
             state: Snapshot::default(),
             retained: VecDeque::new(),
@@ -394,17 +397,48 @@ impl Replica {
         &self.mem
     }
 
-    /// Applies a verified epoch: its pages and its state together. Every range was
-    /// bound-checked against this memory when it was decoded, so the writes cannot fail
-    /// half-way.
+    /// Opens the disk replicas (window, image path) the epochs' `disk-writes/<i>` sections
+    /// are written into.
+    pub fn with_disks(mut self, images: &[(u32, std::path::PathBuf)]) -> Result<Self> {
+        for (i, path) in images {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| {
+                    Error::Epoch(format!(
+                        "cannot open the disk replica {}: {e} (give the standby --disk FILE \
+                         of the primary's size)",
+                        path.display()
+                    ))
+                })?;
+            let len = f
+                .metadata()
+                .map_err(|e| Error::Epoch(format!("disk replica {}: {e}", path.display())))?
+                .len();
+            self.disks.push((*i, f, len));
+        }
+        Ok(self)
+    }
+
+    /// Applies a verified epoch: its pages, its disk writes and its state together. Every
+    /// range was bound-checked against this memory when it was decoded and every disk write
+    /// is decoded and checked against its replica before anything is written, so a bad epoch
+    /// changes nothing.
     pub fn commit(&mut self, staged: Staged) -> Result<()> {
+        let (sections, disks) = self.split_disk_writes(&staged)?;
         staged
             .ranges
             .par_iter()
             .try_for_each(|(gpa, data)| self.mem.write_slice(data, GuestAddress(*gpa)))
             .map_err(|e| Error::Epoch(format!("commit: {e}")))?;
+        for (d, w) in disks {
+            w.apply(&self.disks[d].1).map_err(|e| {
+                Error::Epoch(format!("writing disk replica {}: {e}", self.disks[d].0))
+            })?;
+        }
         self.fence = staged.fence;
-        self.state = staged.sections;
+        self.state = sections;
         self.retained
             .push_back((staged.fence.epoch.0, staged.records));
         while self.retained.len() > RETAINED_EPOCHS {
@@ -412,6 +446,43 @@ impl Replica {
         }
         self.commits += 1;
         Ok(())
+    }
+
+    /// Checks an epoch's disk writes against this replica's disks without writing anything
+    /// (a hostile primary's bad section is refused before the commit).
+    pub fn check(&self, staged: &Staged) -> Result<()> {
+        self.split_disk_writes(staged).map(|_| ())
+    }
+
+    /// The epoch's state without its disk writes, and the decoded, checked disk writes
+    /// (index into the replica's disks, writes).
+    #[allow(clippy::type_complexity)]
+    fn split_disk_writes(
+        &self,
+        staged: &Staged,
+    ) -> Result<(Snapshot, Vec<(usize, devices::virtio::block::DiskWrites)>)> {
+        let mut sections = Snapshot::default();
+        let mut disks = Vec::new();
+        for s in staged.sections.iter() {
+            let checkpoint::SectionId::DiskWrites { disk: i, .. } =
+                checkpoint::SectionId::parse(&s.name)
+            else {
+                sections
+                    .push(s.clone())
+                    .map_err(|e| Error::Epoch(format!("commit: {e}")))?;
+                continue;
+            };
+            let Some(d) = self.disks.iter().position(|d| d.0 == i) else {
+                return Err(Error::Epoch(format!(
+                    "the epoch writes disk {i}, and this standby has no replica of it (give \
+                     it --disk)"
+                )));
+            };
+            let w = devices::virtio::block::DiskWrites::decode(&s.data, self.disks[d].2)
+                .map_err(|e| Error::Epoch(format!("disk {i}: {e}")))?;
+            disks.push((d, w));
+        }
+        Ok((sections, disks))
     }
 
     /// Commits the epoch that completes a full sync: the pre-copied image (if any) goes in

@@ -471,15 +471,38 @@ fn client(
     h
 }
 
-/// Runs kv protected (20 ms epochs, `aof=0`: the disk is not replicated yet) on `net` (the
-/// primary's `--net`), with `standby_args`, starts four clients on `ip`, SIGKILLs the primary
-/// after 1.5 s and checks every client's history after 2.5 s more.
-fn failover_with_clients(tag: &str, net: &str, ip: &str, standby_args: Vec<String>) {
+/// Runs kv protected (20 ms epochs) on `net` (the primary's `--net`), with `standby_args`,
+/// starts four clients on `ip`, SIGKILLs the primary after 1.5 s and checks every client's
+/// history after 2.5 s more. With `disk`, kv keeps its append-only log on a disk of the
+/// primary's, the standby gets its own replica (`--disk`), and after the run the replica,
+/// read from the host, must replay to exactly the acknowledged history.
+fn failover_with_clients(
+    tag: &str,
+    net: &str,
+    ip: &str,
+    mut standby_args: Vec<String>,
+    disk: bool,
+) {
     let dir = std::env::temp_dir().join(format!("tandem-kv-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let image = dir.join("kv.elf");
     std::fs::write(&image, guest_images::KV).unwrap();
+    let mut disk_args = vec!["--guest-arg".to_string(), "aof=0".to_string()];
+    if disk {
+        for name in ["primary.disk", "replica.disk"] {
+            let f = std::fs::File::create(dir.join(name)).unwrap();
+            f.set_len(16 << 20).unwrap();
+        }
+        disk_args = vec![
+            "--disk".into(),
+            dir.join("primary.disk").display().to_string(),
+        ];
+        standby_args.extend([
+            "--disk".to_string(),
+            dir.join("replica.disk").display().to_string(),
+        ]);
+    }
     let hosts = testkit::pair::Hosts {
         standby_args,
         ..Default::default()
@@ -498,9 +521,10 @@ fn failover_with_clients(tag: &str, net: &str, ip: &str, standby_args: Vec<Strin
             net.into(),
             "--guest-arg".into(),
             format!("ip={ip}/24"),
-            "--guest-arg".into(),
-            "aof=0".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(disk_args)
+        .collect(),
         interval_ms: 20,
         primary_env: vec![],
         log: "info".into(),
@@ -530,6 +554,7 @@ fn failover_with_clients(tag: &str, net: &str, ip: &str, standby_args: Vec<Strin
     );
     std::thread::sleep(Duration::from_millis(2500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut histories = Vec::new();
     for (id, t) in clients.into_iter().enumerate() {
         let h = t
             .join()
@@ -545,9 +570,64 @@ fn failover_with_clients(tag: &str, net: &str, ip: &str, standby_args: Vec<Strin
             "client {id}: INCR rises by one, across the failover"
         );
         assert!(h.counter.len() > 10, "client {id} made progress");
+        histories.push(h);
+    }
+    if disk {
+        // The survivor's disk, read from the host: its log replays to exactly what the
+        // clients were told (every reply was sent after its write was flushed).
+        let mut store = kvstore::Store::new(1 << 30);
+        let mut f = FileDisk(std::fs::File::open(dir.join("replica.disk")).unwrap());
+        let (_, opened) = kvstore::Log::open(&mut f, 1, |args| {
+            let mut out = Vec::new();
+            store.execute(args, &kvstore::ServerInfo::default(), &mut out);
+        })
+        .expect("the replica holds a log");
+        assert!(!opened.created, "the replica holds the guest's log");
+        for (id, h) in histories.iter().enumerate() {
+            let counter = store.get(format!("counter:{id}").as_bytes());
+            assert_eq!(
+                counter,
+                Some(&kvstore::Value::Str(
+                    h.counter.len().to_string().into_bytes()
+                )),
+                "client {id}: the replica's counter"
+            );
+            let list = match store.get(format!("list:{id}").as_bytes()) {
+                Some(kvstore::Value::List(l)) => l.iter().cloned().collect::<Vec<_>>(),
+                other => panic!("client {id}: the replica's list is {other:?}"),
+            };
+            let want: Vec<Vec<u8>> = h.pushed.iter().map(|p| p.clone().into_bytes()).collect();
+            assert_eq!(list, want, "client {id}: the replica's list");
+        }
+        eprintln!(
+            "{tag}: the replica's log replays {} records to exactly the acknowledged history",
+            opened.records
+        );
     }
     drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A disk image file, read-only here (the test reads the replica; `Log::open` writes only to
+/// cut a torn tail, which a flushed log does not have).
+struct FileDisk(std::fs::File);
+
+impl kvstore::Disk for FileDisk {
+    type Error = std::io::Error;
+    fn sectors(&self) -> u64 {
+        self.0.metadata().map(|m| m.len() / 512).unwrap_or(0)
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_exact_at(buf, sector * 512)
+    }
+    fn write(&mut self, _sector: u64, _buf: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other(
+            "the replica is read, not written, by the test",
+        ))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[test]
@@ -560,14 +640,21 @@ fn kv_clients_stay_connected_through_a_failover_and_lose_no_acknowledged_write()
     // A persistent TAP: the standby opens the same one when it takes over (one host here).
     let name = format!("tkvf{}", std::process::id() % 10000);
     let _tap = Tap::new(&name, "10.77.30.1/24").expect("make a TAP");
-    failover_with_clients("same-tap", &format!("tap={name}"), "10.77.30.2", vec![]);
+    failover_with_clients(
+        "same-tap",
+        &format!("tap={name}"),
+        "10.77.30.2",
+        vec![],
+        false,
+    );
 }
 
 /// Two TAPs on one bridge (the primary's host port and the standby's), the client behind the
-/// bridge: the standby takes over on its own TAP (`tandem standby --net`) and announces the
-/// guest's MAC there.
+/// bridge: the standby takes over on its own TAP (`tandem standby --net`) and its own disk
+/// replica (`--disk`), announces the guest's MAC there, and kv goes on appending its log to
+/// the replica.
 #[test]
-fn kv_clients_stay_connected_when_the_standby_takes_over_on_its_own_tap() {
+fn kv_clients_stay_connected_when_the_standby_takes_over_on_its_own_tap_and_disk() {
     require_kvm();
     if let Some(why) = tap_unavailable() {
         eprintln!("SKIPPED: {why}");
@@ -599,6 +686,7 @@ fn kv_clients_stay_connected_when_the_standby_takes_over_on_its_own_tap() {
         &format!("tap={a}"),
         "10.77.41.2",
         vec!["--net".into(), format!("tap={b}")],
+        true,
     );
 }
 

@@ -113,6 +113,9 @@ enum SaveTarget {
     Epoch(EpochMem),
 }
 
+/// Most data in one `disk-writes` section (a control message holds at most 16 MiB).
+pub const DISK_WRITES_PART_BYTES: u64 = 8 << 20;
+
 /// One captured replication epoch (copies; the guest already runs on).
 #[derive(Debug)]
 pub struct Captured {
@@ -382,6 +385,8 @@ impl PowerOn {
             vmmdev: VmmDevGroup::default(),
             virtio: VirtioGroup::empty(output_mem),
             epoch_frames: Vec::new(),
+            epoch_disks: Vec::new(),
+            epoch_full_disk: false,
             heartbeat_events: Vec::new(),
             unclaimed_ports: Vec::new(),
             machine: Machine::default(),
@@ -524,6 +529,10 @@ pub struct Vmx {
     pub(crate) virtio: VirtioGroup,
     /// Frames taken at the last epoch's SAVE (see [`Captured::frames`]).
     epoch_frames: Vec<(u32, devices::virtio::HeldFrames)>,
+    /// Disk writes taken at the last epoch's SAVE.
+    epoch_disks: Vec<(u32, devices::virtio::block::DiskWrites)>,
+    /// The epoch being captured sends every disk whole (a standby's first sync).
+    epoch_full_disk: bool,
     pub(crate) heartbeat_events: Vec<(f64, HeartbeatEvent)>,
     pub(crate) unclaimed_ports: Vec<u16>,
     pub(crate) machine: Machine,
@@ -795,6 +804,9 @@ impl Vmx {
             // Output commit: the frames the cards sent up to this stun belong to this epoch;
             // take them now, before the guest runs again and sends the next epoch's.
             self.epoch_frames = self.virtio.take_held_frames();
+            // Disk replication: the blocks written during this epoch travel with it.
+            let full_disk = self.epoch_full_disk || mem.full;
+            self.epoch_disks = self.virtio.take_disk_writes(full_disk)?;
             let pages: usize = mem
                 .runs
                 .lock()
@@ -886,7 +898,11 @@ impl Vmx {
     /// engine with MainMem copying the dirty pages (every page if `full`) and resetting the
     /// dirty log, then continue. The guest runs again before this returns; the pages and state
     /// are copies.
-    pub fn capture_epoch(&mut self, epoch: u64, full: bool) -> Result<Captured> {
+    ///
+    /// Disks travel with the epoch as `disk-writes/<i>` sections (the blocks written since the
+    /// last capture, read back while stunned), whole with `full_disk` or `full`.
+    pub fn capture_epoch(&mut self, epoch: u64, full: bool, full_disk: bool) -> Result<Captured> {
+        self.epoch_full_disk = full_disk;
         let t0 = Instant::now();
         let mem = EpochMem {
             full,
@@ -911,11 +927,26 @@ impl Vmx {
         let runs = std::mem::take(&mut *mem.runs.lock().unwrap_or_else(|p| p.into_inner()));
         let records = self.take_held();
         let frames = std::mem::take(&mut self.epoch_frames);
+        let mut sections: Vec<Section> = snap.iter().cloned().collect();
+        for (disk, w) in std::mem::take(&mut self.epoch_disks) {
+            for (part, p) in w.split(DISK_WRITES_PART_BYTES).into_iter().enumerate() {
+                sections.push(Section {
+                    name: checkpoint::SectionId::DiskWrites {
+                        disk,
+                        part: part as u32,
+                    }
+                    .name(),
+                    version: 1,
+                    data: postcard::to_stdvec(&p)
+                        .map_err(|e| Error::Usage(format!("cannot encode disk writes: {e}")))?,
+                });
+            }
+        }
         Ok(Captured {
             epoch,
             full,
             runs,
-            sections: snap.iter().cloned().collect(),
+            sections,
             records,
             frames,
             pause,
@@ -955,6 +986,11 @@ impl Vmx {
     /// [`VirtioGroup::announce`]. Returns how many cards were announced.
     pub fn announce(&self) -> usize {
         self.virtio.announce()
+    }
+
+    /// The writable disks' images as configured here, by window (a standby's replicas).
+    pub fn disk_images(&self) -> Vec<(u32, PathBuf)> {
+        self.virtio.disk_images()
     }
 
     /// Whether the VM has network cards (whose frames output commit holds).

@@ -44,6 +44,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use checkpoint::{Error as CptError, Group, Persist};
+use devices::virtio::block::DiskWrites;
 use devices::virtio::hold::DEFAULT_HOLD_BYTES;
 use devices::virtio::persist::DeviceState;
 use devices::virtio::{
@@ -495,6 +496,39 @@ impl VirtioGroup {
             log::warn!("cannot announce the cards: {e}");
         }
         n
+    }
+
+    /// Replication: what each writable disk's guest wrote since the last call (every non-zero
+    /// block with `full`), read back with the guest stunned: (window, writes).
+    pub fn take_disk_writes(&self, full: bool) -> Result<Vec<(u32, DiskWrites)>> {
+        let mut out = Vec::new();
+        for s in self.slots.iter() {
+            let mut g = s.lock();
+            if let Some(Transport::Block(t)) = g.as_mut() {
+                if t.device().config().readonly {
+                    continue;
+                }
+                let w = t.device_mut().take_writes(full).map_err(|e| Error::Io {
+                    path: t.device().config().path.display().to_string(),
+                    source: e,
+                })?;
+                if full || !w.runs.is_empty() {
+                    out.push((s.index, w));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The disks' images as configured here, by window (a standby's replicas).
+    pub fn disk_images(&self) -> Vec<(u32, PathBuf)> {
+        self.slots
+            .iter()
+            .filter_map(|s| match &s.spec {
+                DeviceSpec::Block(c) if !c.readonly => Some((s.index, c.path.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Whether any device is a network card.

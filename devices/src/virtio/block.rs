@@ -90,6 +90,99 @@ impl BlockConfig {
     }
 }
 
+/// What one disk's guest wrote during one replication epoch: whole 4 KiB blocks
+/// ([`DIRTY_BLOCK_SIZE`]) read back from the image while the guest was stunned; for a full
+/// sync (`full`), every block that is not all zeros, and the standby's replica starts from an
+/// all-zero image of `capacity` bytes.
+///
+/// ```text
+///  section disk-writes/<i>, postcard:  full bool │ capacity u64 │ runs: [ (offset u64, bytes) ]
+///  every run: offset a multiple of 4096, length a non-zero multiple of 512, inside capacity
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskWrites {
+    /// A full sync: the replica is rebuilt from these runs alone.
+    pub full: bool,
+    /// The disk's size in bytes.
+    pub capacity: u64,
+    /// (byte offset, bytes) of each run of written blocks, in offset order.
+    pub runs: Vec<(u64, Vec<u8>)>,
+}
+
+impl DiskWrites {
+    /// Decodes and checks a section from a (hostile) primary against a replica of `capacity`
+    /// bytes: every run starting on a block, whole sectors, non-empty and inside the disk.
+    pub fn decode(data: &[u8], capacity: u64) -> Result<Self> {
+        let w: DiskWrites =
+            postcard::from_bytes(data).map_err(|e| Error::State(format!("disk writes: {e}")))?;
+        if w.capacity != capacity {
+            return Err(Error::State(format!(
+                "disk writes for a disk of {} bytes, the replica has {capacity}: give the \
+                 standby a --disk of the primary's size",
+                w.capacity
+            )));
+        }
+        for (off, bytes) in &w.runs {
+            let len = bytes.len() as u64;
+            let end = off.checked_add(len);
+            if off % DIRTY_BLOCK_SIZE != 0
+                || len == 0
+                || len % SECTOR_SIZE != 0
+                || end.is_none_or(|e| e > capacity)
+            {
+                return Err(Error::State(format!(
+                    "disk writes: a run of {len} bytes at {off} is not whole sectors from a block \
+                     boundary inside the \
+                     {capacity}-byte disk"
+                )));
+            }
+        }
+        Ok(w)
+    }
+
+    /// Splits into parts of at most `max` bytes of data each (runs stay whole; a run is at
+    /// most 1 MiB); only the first part of a full sync says `full`. At least one part.
+    pub fn split(self, max: u64) -> Vec<DiskWrites> {
+        let mut parts = vec![DiskWrites {
+            full: self.full,
+            capacity: self.capacity,
+            runs: Vec::new(),
+        }];
+        let mut bytes = 0u64;
+        for run in self.runs {
+            let len = run.1.len() as u64;
+            if bytes + len > max && bytes > 0 {
+                parts.push(DiskWrites {
+                    full: false,
+                    capacity: self.capacity,
+                    runs: Vec::new(),
+                });
+                bytes = 0;
+            }
+            bytes += len;
+            parts.last_mut().expect("one part at least").runs.push(run);
+        }
+        parts
+    }
+
+    /// Bytes of data.
+    pub fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.1.len() as u64).sum()
+    }
+
+    /// Writes the runs into `file` (after zeroing it, for a full sync).
+    pub fn apply(&self, file: &File) -> std::io::Result<()> {
+        if self.full {
+            file.set_len(0)?;
+            file.set_len(self.capacity)?;
+        }
+        for (off, bytes) in &self.runs {
+            file.write_all_at(bytes, *off)?;
+        }
+        Ok(())
+    }
+}
+
 /// Counters of a block device.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockStats {
@@ -265,6 +358,62 @@ impl Block {
     /// Counters.
     pub fn stats(&self) -> &BlockStats {
         &self.stats
+    }
+
+    /// What the guest wrote since the last call (every non-zero block with `full`), read back
+    /// from the image (call with the guest stunned), for a replication epoch; resets the
+    /// dirty bitmap.
+    pub fn take_writes(&mut self, full: bool) -> std::io::Result<DiskWrites> {
+        let written = self.take_dirty_blocks();
+        let capacity = self.capacity_sectors() * SECTOR_SIZE;
+        let blocks: Vec<u64> = if full {
+            (0..capacity.div_ceil(DIRTY_BLOCK_SIZE)).collect()
+        } else {
+            written
+        };
+        let mut w = DiskWrites {
+            full,
+            capacity,
+            runs: Vec::new(),
+        };
+        let mut i = 0;
+        while i < blocks.len() {
+            // A run of consecutive blocks, at most 1 MiB.
+            let start = blocks[i];
+            let mut n = 1;
+            while i + n < blocks.len() && blocks[i + n] == start + n as u64 && n < 256 {
+                n += 1;
+            }
+            i += n;
+            let off = start * DIRTY_BLOCK_SIZE;
+            if off >= capacity {
+                continue;
+            }
+            let len = (n as u64 * DIRTY_BLOCK_SIZE).min(capacity - off);
+            let mut buf = vec![0u8; len as usize];
+            self.file.read_exact_at(&mut buf, off)?;
+            if !full {
+                w.runs.push((off, buf));
+                continue;
+            }
+            // A full sync sends only the blocks that are not all zeros (the replica starts
+            // from zeros).
+            let bs = DIRTY_BLOCK_SIZE as usize;
+            let mut k = 0;
+            while k < buf.len() {
+                if buf[k..(k + bs).min(buf.len())].iter().all(|&x| x == 0) {
+                    k += bs;
+                    continue;
+                }
+                let from = k;
+                while k < buf.len() && buf[k..(k + bs).min(buf.len())].iter().any(|&x| x != 0) {
+                    k += bs;
+                }
+                let to = k.min(buf.len());
+                w.runs.push((off + from as u64, buf[from..to].to_vec()));
+            }
+        }
+        Ok(w)
     }
 
     /// The 4 KiB blocks written since the last call, ascending; starts a new interval.

@@ -684,7 +684,10 @@ impl Protector {
     /// Captures `epoch`, accounts for it, keeps its records until it is acknowledged, and arms
     /// the epoch timer. [`Action::Send`] hands it to the link.
     fn capture(&mut self, vmx: &mut Vmx, epoch: u64, kind: CaptureKind) -> Result<()> {
-        let mut cap = vmx.capture_epoch(epoch, kind == CaptureKind::Full)?;
+        // A standby's first sync (full, or the epoch completing a pre-copy) gets every disk
+        // whole; later epochs the blocks written since the last.
+        let mut cap =
+            vmx.capture_epoch(epoch, kind == CaptureKind::Full, kind != CaptureKind::Epoch)?;
         if !self.drained.is_empty() {
             // Output taken for a release that did not happen belongs to this epoch.
             let mut records = std::mem::take(&mut self.drained);

@@ -406,10 +406,16 @@ impl Standby {
         let fence = staged.fence;
         if vmx.is_none() {
             match self.build(&staged.sections, (shape.mem_bytes, shape.vcpus)) {
-                Ok(v) => {
-                    *replica = Some(Replica::new(v.vm().memory().clone()));
-                    *vmx = Some(v);
-                }
+                Ok(v) => match Replica::new(v.vm().memory().clone()).with_disks(&v.disk_images()) {
+                    Ok(r) => {
+                        *replica = Some(r);
+                        *vmx = Some(v);
+                    }
+                    Err(e) => {
+                        let why = e.to_string();
+                        return (Event::CommitRefused { fence, why, base }, None);
+                    }
+                },
                 Err(e) => {
                     let why = e.to_string();
                     return (Event::CommitRefused { fence, why, base }, None);
@@ -417,6 +423,12 @@ impl Standby {
             }
         }
         let r = replica.as_mut().expect("built with the VM");
+        // Disk writes this replica cannot take are refused like a VM that cannot be built:
+        // nothing is written.
+        if let Err(e) = r.check(&staged) {
+            let why = e.to_string();
+            return (Event::CommitRefused { fence, why, base }, None);
+        }
         // Bounds were checked; a failure here means the replica is unusable.
         match r.complete(base, staged) {
             Ok(()) => (Event::Committed { fence }, None),

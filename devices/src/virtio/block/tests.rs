@@ -763,3 +763,89 @@ fn transports_can_move_between_threads() {
     send::<MmioTransport<crate::virtio::Net>>();
     send::<MmioTransport<Box<dyn crate::virtio::VirtioDevice>>>();
 }
+
+#[test]
+fn disk_writes_from_a_hostile_primary_are_refused_and_good_ones_apply_in_parts() {
+    let cap = 64 * 1024;
+    let enc = |w: &DiskWrites| postcard::to_stdvec(w).unwrap();
+    let good = DiskWrites {
+        full: true,
+        capacity: cap,
+        runs: vec![
+            (0, vec![1u8; 4096]),
+            (8192, vec![2u8; 8192]),
+            (60 * 1024, vec![3u8; 512]),
+        ],
+    };
+    assert_eq!(DiskWrites::decode(&enc(&good), cap).unwrap(), good);
+    for (runs, why) in [
+        (vec![(100u64, vec![0u8; 4096])], "unaligned"),
+        (vec![(0, vec![])], "empty"),
+        (vec![(0, vec![0u8; 100])], "not whole sectors"),
+        (vec![(cap - 4096, vec![0u8; 8192])], "past the end"),
+        (vec![(u64::MAX - 4095, vec![0u8; 4096])], "overflow"),
+    ] {
+        let bad = DiskWrites {
+            full: false,
+            capacity: cap,
+            runs,
+        };
+        assert!(DiskWrites::decode(&enc(&bad), cap).is_err(), "{why}");
+    }
+    assert!(
+        DiskWrites::decode(&enc(&good), cap * 2).is_err(),
+        "another disk's size"
+    );
+    assert!(DiskWrites::decode(b"\xff\xff\xff", cap).is_err(), "garbage");
+    // Parts: only the first zeroes the replica.
+    let parts = good.clone().split(8192);
+    assert_eq!(parts.len(), 3, "4 KiB | 8 KiB | 512 B under an 8 KiB bound");
+    assert!(parts[0].full && parts[1..].iter().all(|p| !p.full));
+    let dir = std::env::temp_dir().join(format!("tandem-diskwrites-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("replica");
+    std::fs::write(&path, vec![9u8; cap as usize]).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    for p in &parts {
+        p.apply(&f).unwrap();
+    }
+    let got = std::fs::read(&path).unwrap();
+    let mut want = vec![0u8; cap as usize];
+    want[..4096].fill(1);
+    want[8192..16384].fill(2);
+    want[60 * 1024..60 * 1024 + 512].fill(3);
+    assert_eq!(got, want, "a full sync rebuilds the replica from zeros");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn take_writes_reads_back_exactly_the_blocks_written_since_the_last_take() {
+    let dir = std::env::temp_dir().join(format!("tandem-takewrites-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("disk");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(1 << 20).unwrap();
+    let mut b = Block::new(BlockConfig {
+        path: path.clone(),
+        readonly: false,
+    })
+    .unwrap();
+    assert!(b.take_writes(false).unwrap().runs.is_empty());
+    b.dirty.mark(4096 * 3, 4096 * 2);
+    f.write_all_at(&[7u8; 8192], 4096 * 3).unwrap();
+    let w = b.take_writes(false).unwrap();
+    assert_eq!(w.runs, vec![(4096 * 3, vec![7u8; 8192])]);
+    assert!(b.take_writes(false).unwrap().runs.is_empty(), "taken");
+    let full = b.take_writes(true).unwrap();
+    assert!(full.full);
+    assert_eq!(
+        full.runs,
+        vec![(4096 * 3, vec![7u8; 8192])],
+        "zero blocks left out"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
