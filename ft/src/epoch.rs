@@ -536,6 +536,71 @@ mod tests {
         st.section("group/config", 1, vec![7]).unwrap();
     }
 
+    #[test]
+    fn disk_writes_commit_with_the_pages_and_a_bad_one_changes_nothing() {
+        use devices::virtio::block::DiskWrites;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replica");
+        std::fs::write(&path, vec![5u8; 64 * 1024]).unwrap();
+        let mut r = Replica::new(mem())
+            .with_disks(&[(0, path.clone())])
+            .unwrap();
+        let staged = |e: u64, writes: &DiskWrites, page: u8| Staged {
+            fence: fence(e),
+            ranges: vec![(0, vec![page; 4096])],
+            sections: {
+                let mut s = Snapshot::default();
+                s.push(Section {
+                    name: "vcpu/0".into(),
+                    version: 1,
+                    data: vec![1],
+                })
+                .unwrap();
+                s.push(Section {
+                    name: checkpoint::SectionId::DiskWrites { disk: 0, part: 0 }.name(),
+                    version: 1,
+                    data: postcard::to_stdvec(writes).unwrap(),
+                })
+                .unwrap();
+                s
+            },
+            records: vec![],
+        };
+        let good = DiskWrites {
+            full: true,
+            capacity: 64 * 1024,
+            runs: vec![(4096, vec![9u8; 4096])],
+        };
+        r.commit(staged(1, &good, 1)).unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        assert!(
+            disk[..4096].iter().all(|&b| b == 0),
+            "a full sync zeroes the replica"
+        );
+        assert!(disk[4096..8192].iter().all(|&b| b == 9));
+        assert!(
+            r.state.get("disk-writes/0/0").is_none(),
+            "disk writes are not state"
+        );
+        assert!(r.state.get("vcpu/0").is_some());
+        // Past the end of the disk: refused by check and by commit, nothing written.
+        let bad = DiskWrites {
+            full: false,
+            capacity: 64 * 1024,
+            runs: vec![(60 * 1024, vec![1u8; 8192])],
+        };
+        let before = hash(r.memory());
+        assert!(r.check(&staged(2, &bad, 2)).is_err());
+        assert!(r.commit(staged(2, &bad, 2)).is_err());
+        assert_eq!(hash(r.memory()), before, "memory untouched");
+        assert_eq!(std::fs::read(&path).unwrap(), disk, "disk untouched");
+        assert_eq!(r.fence, fence(1));
+        // A disk this replica does not have.
+        let mut other = Replica::new(mem());
+        assert!(other.check(&staged(1, &good, 1)).is_err());
+        assert!(other.commit(staged(1, &good, 1)).is_err());
+    }
+
     fn hash(m: &GuestMem) -> [u8; 32] {
         let mut b = vec![0u8; 1 << 20];
         m.read_slice(&mut b, GuestAddress(0)).unwrap();

@@ -295,6 +295,16 @@ impl Harness {
                         self.replica = Some(Replica::new(mem));
                     }
                     let r = self.replica.as_mut().expect("built");
+                    // As the standby does: disk writes the replica cannot take are refused
+                    // before anything is written (this replica has no disks).
+                    if let Err(e) = r.check(&staged) {
+                        queue.extend(self.machine.on(Event::CommitRefused {
+                            fence,
+                            why: e.to_string(),
+                            base,
+                        }));
+                        continue;
+                    }
                     r.complete(base, staged)
                         .expect("a verified epoch always commits into a memory of its shape");
                     committed_now = Some(fence);
