@@ -7,9 +7,12 @@
 //!   │ Pages[ranges…] ×n  (zstd / zero / raw) ────────────▶ │ decode + bound-check into staging
 //!   │ DeviceState{"vcpu/0" …, "module/…", "group/…"} ────▶ │ staging sections
 //!   │ DeviceState{"records/<v>"} (held output) ──────────▶ │ staging records
+//!   │ DeviceState{"disk-writes/<d>/<p>"} (written blocks) ▶ │ staging sections
 //!   │ EpochEnd{fence, ranges, digest} ───────────────────▶ │ verify count + digest + state
-//!   │                                                      │ COMMIT: pages → memory, state
-//!   │                                                      │ replaces state (all or nothing)
+//!   │                                                      │ check disk writes vs replicas
+//!   │                                                      │ COMMIT: pages → memory, blocks →
+//!   │                                                      │ disk replicas, state replaces
+//!   │                                                      │ state (all or nothing)
 //!   │ ◀─────────────────────────────── Ack{fence} / Nack{code, why}
 //! ```
 //!
