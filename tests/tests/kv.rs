@@ -789,3 +789,92 @@ fn redis_benchmark_completes_against_a_protected_kv_through_a_kill_of_the_primar
     drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Twenty SIGKILLs of whichever process is primary, each followed by a fresh standby joining
+/// the survivor (pre-copy), while four clients issue INCR and RPUSH without pause: every
+/// connection stays open through all of them, INCR rises by exactly one each time, and every
+/// acknowledged RPUSH is in the list, in order. (One host, one shared TAP, memory only.)
+#[test]
+fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
+    require_kvm();
+    if let Some(why) = tap_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tandem-kv-kills-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("kv.elf");
+    std::fs::write(&image, guest_images::KV).unwrap();
+    let name = format!("tkvk{}", std::process::id() % 10000);
+    let _tap = Tap::new(&name, "10.77.32.1/24").expect("make a TAP");
+    let cfg = testkit::pair::PairConfig {
+        bin: tandem_bin().clone(),
+        dir: dir.clone(),
+        guest: vec![
+            "--image".into(),
+            image.display().to_string(),
+            "--vcpus".into(),
+            "1".into(),
+            "--mem-mib".into(),
+            "64".into(),
+            "--net".into(),
+            format!("tap={name}"),
+            "--guest-arg".into(),
+            "ip=10.77.32.2/24".into(),
+            "--guest-arg".into(),
+            "aof=0".into(),
+        ],
+        interval_ms: 20,
+        primary_env: vec![],
+        log: "info".into(),
+        hosts: Default::default(),
+    };
+    let mut pair = testkit::pair::Pair::start_standby(cfg).expect("sink and standby");
+    pair.start_primary().expect("primary");
+    assert!(
+        pair.wait_protected(Duration::from_secs(30)).is_some(),
+        "not protected: {}",
+        pair.log("primary")
+    );
+    let addr: SocketAddr = "10.77.32.2:6379".parse().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|id| {
+            let stop = stop.clone();
+            std::thread::spawn(move || client(addr, id, stop))
+        })
+        .collect();
+    let mut rng_state = u64::from(std::process::id()) | 1;
+    for cycle in 1..=20 {
+        // 200–700 ms of protected running between kills.
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        std::thread::sleep(Duration::from_millis(200 + rng_state % 500));
+        let c = pair
+            .kill_and_rejoin(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
+        eprintln!(
+            "kill {cycle}: failover {:.1} ms, protected again after {:.0} ms",
+            c.failover_ms, c.reprotect_ms
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (id, t) in clients.into_iter().enumerate() {
+        let h = t.join().unwrap_or_else(|_| panic!("client {id} failed"));
+        eprintln!(
+            "client {id}: {} INCRs acknowledged through 20 kills, longest gap between replies {:?}",
+            h.counter.len(),
+            h.longest_gap
+        );
+        let want: Vec<i64> = (1..=h.counter.len() as i64).collect();
+        assert_eq!(
+            h.counter, want,
+            "client {id}: INCR rises by one through every kill"
+        );
+    }
+    drop(pair);
+    let _ = std::fs::remove_dir_all(&dir);
+}
