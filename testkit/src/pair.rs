@@ -47,7 +47,9 @@ pub struct Hosts {
     pub sink_listen: String,
     /// A standby's listen address.
     pub standby_listen: String,
-    /// Extra arguments of every standby (e.g. its own `--net tap=NAME`).
+    /// Extra arguments of every standby (e.g. its own `--net tap=NAME`); `{node}` in them
+    /// becomes the standby's node name (`standby`, `standby2`, …), e.g. for a disk replica
+    /// of its own: `--disk DIR/{node}.disk`.
     pub standby_args: Vec<String>,
 }
 
@@ -223,7 +225,13 @@ impl Pair {
     fn spawn_standby(&mut self, name: &str, args: Vec<String>) -> std::io::Result<()> {
         let mut args = args;
         args.extend(self.role_args(name));
-        args.extend(self.cfg.hosts.standby_args.iter().cloned());
+        args.extend(
+            self.cfg
+                .hosts
+                .standby_args
+                .iter()
+                .map(|a| a.replace("{node}", name)),
+        );
         let mut sb = Self::spawn(&self.cfg, &self.cfg.hosts.standby_prefix, name, &args)?;
         self.standby_addr = first_line(&self.file(&format!("{name}.out")), &mut sb, name)?;
         self.standby = Some(sb);
@@ -327,6 +335,12 @@ impl Pair {
         }
         self.primary = Some(cmd.spawn()?);
         Ok(())
+    }
+
+    /// The node name of the process that is primary now (`primary`, or the standby that took
+    /// over last).
+    pub fn primary_node(&self) -> &str {
+        &self.primary_name
     }
 
     /// Waits until the standby has taken over (its `status` says it is the primary).

@@ -421,7 +421,11 @@ fn redis_cli_talks_to_kv() {
 struct History {
     counter: Vec<i64>,
     pushed: Vec<String>,
+    /// The last value SET and acknowledged (and read back by GET).
+    last_set: Option<String>,
     longest_gap: Duration,
+    /// Gaps between two replies longer than 50 ms: (start, length).
+    gaps: Vec<(Instant, Duration)>,
 }
 
 /// A client that keeps issuing INCR and RPUSH on its own keys until `stop`, recording what was
@@ -437,7 +441,9 @@ fn client(
     let mut h = History {
         counter: Vec::new(),
         pushed: Vec::new(),
+        last_set: None,
         longest_gap: Duration::ZERO,
+        gaps: Vec::new(),
     };
     let mut last = Instant::now();
     let mut i = 0u64;
@@ -452,8 +458,21 @@ fn client(
         let item = format!("c{id}-{i}");
         let r = c.request(&format!("RPUSH list:{id} {item}"));
         assert!(r.starts_with(b":"), "client {id}: RPUSH answered {r:?}");
-        h.pushed.push(item);
-        h.longest_gap = h.longest_gap.max(last.elapsed());
+        h.pushed.push(item.clone());
+        let r = c.request(&format!("SET key:{id} {item}"));
+        assert_eq!(r, b"+OK\r\n", "client {id}: SET");
+        h.last_set = Some(item.clone());
+        let r = c.request(&format!("GET key:{id}"));
+        assert_eq!(
+            r,
+            format!("${}\r\n{item}\r\n", item.len()).into_bytes(),
+            "client {id}: GET returns the value just acknowledged"
+        );
+        let gap = last.elapsed();
+        h.longest_gap = h.longest_gap.max(gap);
+        if gap > Duration::from_millis(50) {
+            h.gaps.push((last, gap));
+        }
         last = Instant::now();
         i += 1;
     }
@@ -573,39 +592,55 @@ fn failover_with_clients(
         histories.push(h);
     }
     if disk {
-        // The survivor's disk, read from the host: its log replays to exactly what the
-        // clients were told (every reply was sent after its write was flushed).
-        let mut store = kvstore::Store::new(1 << 30);
-        let mut f = FileDisk(std::fs::File::open(dir.join("replica.disk")).unwrap());
-        let (_, opened) = kvstore::Log::open(&mut f, 1, |args| {
-            let mut out = Vec::new();
-            store.execute(args, &kvstore::ServerInfo::default(), &mut out);
-        })
-        .expect("the replica holds a log");
-        assert!(!opened.created, "the replica holds the guest's log");
-        for (id, h) in histories.iter().enumerate() {
-            let counter = store.get(format!("counter:{id}").as_bytes());
-            assert_eq!(
-                counter,
-                Some(&kvstore::Value::Str(
-                    h.counter.len().to_string().into_bytes()
-                )),
-                "client {id}: the replica's counter"
-            );
-            let list = match store.get(format!("list:{id}").as_bytes()) {
-                Some(kvstore::Value::List(l)) => l.iter().cloned().collect::<Vec<_>>(),
-                other => panic!("client {id}: the replica's list is {other:?}"),
-            };
-            let want: Vec<Vec<u8>> = h.pushed.iter().map(|p| p.clone().into_bytes()).collect();
-            assert_eq!(list, want, "client {id}: the replica's list");
-        }
-        eprintln!(
-            "{tag}: the replica's log replays {} records to exactly the acknowledged history",
-            opened.records
-        );
+        check_replica(tag, &dir.join("replica.disk"), &histories);
     }
     drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The survivor's disk, read from the host: kv's log on it replays to exactly what the clients
+/// were told (every reply was sent after its write was flushed, and nothing else is there).
+fn check_replica(tag: &str, path: &Path, histories: &[History]) {
+    let mut store = kvstore::Store::new(1 << 30);
+    let mut f = FileDisk(std::fs::File::open(path).unwrap());
+    let (_, opened) = kvstore::Log::open(&mut f, 1, |args| {
+        let mut out = Vec::new();
+        store.execute(args, &kvstore::ServerInfo::default(), &mut out);
+    })
+    .expect("the replica holds a log");
+    assert!(!opened.created, "the replica holds the guest's log");
+    for (id, h) in histories.iter().enumerate() {
+        assert_eq!(
+            store.get(format!("counter:{id}").as_bytes()),
+            Some(&kvstore::Value::Str(
+                h.counter.len().to_string().into_bytes()
+            )),
+            "client {id}: the replica's counter"
+        );
+        let list = match store.get(format!("list:{id}").as_bytes()) {
+            Some(kvstore::Value::List(l)) => l.iter().cloned().collect::<Vec<_>>(),
+            other => panic!("client {id}: the replica's list is {other:?}"),
+        };
+        let want: Vec<Vec<u8>> = h.pushed.iter().map(|p| p.clone().into_bytes()).collect();
+        assert_eq!(list, want, "client {id}: the replica's list");
+        assert_eq!(
+            store.get(format!("key:{id}").as_bytes()),
+            h.last_set
+                .as_ref()
+                .map(|v| kvstore::Value::Str(v.clone().into_bytes()))
+                .as_ref(),
+            "client {id}: the replica's last SET"
+        );
+    }
+    assert_eq!(
+        store.len(),
+        histories.len() * 3,
+        "nothing that was never sent"
+    );
+    eprintln!(
+        "{tag}: the replica's log replays {} records to exactly the acknowledged history",
+        opened.records
+    );
 }
 
 /// A disk image file, read-only here (the test reads the replica; `Log::open` writes only to
@@ -791,9 +826,11 @@ fn redis_benchmark_completes_against_a_protected_kv_through_a_kill_of_the_primar
 }
 
 /// Twenty SIGKILLs of whichever process is primary, each followed by a fresh standby joining
-/// the survivor (pre-copy), while four clients issue INCR and RPUSH without pause: every
-/// connection stays open through all of them, INCR rises by exactly one each time, and every
-/// acknowledged RPUSH is in the list, in order. (One host, one shared TAP, memory only.)
+/// the survivor (pre-copy, with its own disk replica), while eight clients issue INCR, RPUSH,
+/// SET and GET without pause: every connection stays open through all of them, INCR rises by
+/// exactly one each time, every acknowledged RPUSH is in the list in order, every GET returns
+/// the SET just acknowledged, and the last survivor's disk, read from the host, replays to
+/// exactly the acknowledged history. (One host, one shared TAP.)
 #[test]
 fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
     require_kvm();
@@ -808,6 +845,13 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
     std::fs::write(&image, guest_images::KV).unwrap();
     let name = format!("tkvk{}", std::process::id() % 10000);
     let _tap = Tap::new(&name, "10.77.32.1/24").expect("make a TAP");
+    // A disk for the primary and a replica for every standby that will ever run.
+    let mut nodes = vec!["primary".to_string(), "standby".to_string()];
+    nodes.extend((2..=22).map(|n| format!("standby{n}")));
+    for n in &nodes {
+        let f = std::fs::File::create(dir.join(format!("{n}.disk"))).unwrap();
+        f.set_len(16 << 20).unwrap();
+    }
     let cfg = testkit::pair::PairConfig {
         bin: tandem_bin().clone(),
         dir: dir.clone(),
@@ -822,13 +866,19 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
             format!("tap={name}"),
             "--guest-arg".into(),
             "ip=10.77.32.2/24".into(),
-            "--guest-arg".into(),
-            "aof=0".into(),
+            "--disk".into(),
+            dir.join("primary.disk").display().to_string(),
         ],
         interval_ms: 20,
         primary_env: vec![],
         log: "info".into(),
-        hosts: Default::default(),
+        hosts: testkit::pair::Hosts {
+            standby_args: vec![
+                "--disk".into(),
+                dir.join("{node}.disk").display().to_string(),
+            ],
+            ..Default::default()
+        },
     };
     let mut pair = testkit::pair::Pair::start_standby(cfg).expect("sink and standby");
     pair.start_primary().expect("primary");
@@ -839,19 +889,21 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
     );
     let addr: SocketAddr = "10.77.32.2:6379".parse().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
+    let clients: Vec<_> = (0..8)
         .map(|id| {
             let stop = stop.clone();
             std::thread::spawn(move || client(addr, id, stop))
         })
         .collect();
     let mut rng_state = u64::from(std::process::id()) | 1;
+    let mut kills = Vec::new();
     for cycle in 1..=20 {
         // 200–700 ms of protected running between kills.
         rng_state ^= rng_state << 13;
         rng_state ^= rng_state >> 7;
         rng_state ^= rng_state << 17;
         std::thread::sleep(Duration::from_millis(200 + rng_state % 500));
+        kills.push(Instant::now());
         let c = pair
             .kill_and_rejoin(Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
@@ -862,6 +914,7 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
     }
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut histories = Vec::new();
     for (id, t) in clients.into_iter().enumerate() {
         let h = t.join().unwrap_or_else(|_| panic!("client {id} failed"));
         eprintln!(
@@ -874,7 +927,26 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
             h.counter, want,
             "client {id}: INCR rises by one through every kill"
         );
+        histories.push(h);
     }
+    // Client-visible outage of each kill: the longest gap between two replies, over all
+    // clients, that spans the kill.
+    for (k, at) in kills.iter().enumerate() {
+        let outage = histories
+            .iter()
+            .flat_map(|h| h.gaps.iter())
+            .filter(|(start, len)| *start <= *at && *at <= *start + *len)
+            .map(|(_, len)| *len)
+            .max()
+            .unwrap_or_default();
+        eprintln!("kill {}: client-visible outage {outage:?}", k + 1);
+    }
+    let survivor = pair.primary_node().to_string();
+    check_replica(
+        "20 kills",
+        &dir.join(format!("{survivor}.disk")),
+        &histories,
+    );
     drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
 }
