@@ -434,6 +434,7 @@ fn client(
     addr: SocketAddr,
     id: usize,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> History {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -455,6 +456,7 @@ fn client(
             .and_then(|t| t.trim_end().parse().ok())
             .unwrap_or_else(|| panic!("client {id}: INCR answered {text:?}"));
         h.counter.push(v);
+        progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let item = format!("c{id}-{i}");
         let r = c.request(&format!("RPUSH list:{id} {item}"));
         assert!(r.starts_with(b":"), "client {id}: RPUSH answered {r:?}");
@@ -495,12 +497,27 @@ fn client(
 /// history after 2.5 s more. With `disk`, kv keeps its append-only log on a disk of the
 /// primary's, the standby gets its own replica (`--disk`), and after the run the replica,
 /// read from the host, must replay to exactly the acknowledged history.
-fn failover_with_clients(
+fn failover_with_clients(tag: &str, net: &str, ip: &str, standby_args: Vec<String>, disk: bool) {
+    failover_with(tag, net, ip, standby_args, disk, Fault::Kill)
+}
+
+/// How the primary is made to fail.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL.
+    Kill,
+    /// SIGSTOP for 2 s (the standby takes over meanwhile), then SIGCONT: the old primary must
+    /// fence itself and answer no client.
+    Stop,
+}
+
+fn failover_with(
     tag: &str,
     net: &str,
     ip: &str,
     mut standby_args: Vec<String>,
     disk: bool,
+    fault: Fault,
 ) {
     let dir = std::env::temp_dir().join(format!("tandem-kv-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -561,16 +578,34 @@ fn failover_with_clients(
     let clients: Vec<_> = (0..4)
         .map(|id| {
             let stop = stop.clone();
-            std::thread::spawn(move || client(addr, id, stop))
+            std::thread::spawn(move || client(addr, id, stop, Default::default()))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
-    pair.kill_primary();
+    match fault {
+        Fault::Kill => {
+            pair.kill_primary();
+        }
+        Fault::Stop => pair.signal_primary("STOP"),
+    }
     assert!(
         pair.wait_takeover(Duration::from_secs(30)).is_some(),
         "no takeover: {}",
         pair.log("standby")
     );
+    if fault == Fault::Stop {
+        std::thread::sleep(Duration::from_millis(2000));
+        pair.signal_primary("CONT");
+        let st = pair
+            .wait_primary(Duration::from_secs(30))
+            .expect("the woken primary exits");
+        assert_eq!(
+            st.code(),
+            Some(3),
+            "the woken primary fences itself (exit 3): {}",
+            pair.log("primary")
+        );
+    }
     std::thread::sleep(Duration::from_millis(2500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut histories = Vec::new();
@@ -697,25 +732,7 @@ fn kv_clients_stay_connected_when_the_standby_takes_over_on_its_own_tap_and_disk
     }
     let n = std::process::id() % 10000;
     let (br, a, b) = (format!("tbr{n}"), format!("tka{n}"), format!("tkb{n}"));
-    struct Link(String);
-    impl Drop for Link {
-        fn drop(&mut self) {
-            let _ = ip(&["link", "del", &self.0]);
-        }
-    }
-    let _ = ip(&["link", "del", &br]);
-    ip(&["link", "add", &br, "type", "bridge"]).expect("a bridge");
-    let _br = Link(br.clone());
-    ip(&["addr", "add", "10.77.41.1/24", "dev", &br]).unwrap();
-    ip(&["link", "set", &br, "up"]).unwrap();
-    let mut links = Vec::new();
-    for t in [&a, &b] {
-        let _ = ip(&["link", "del", t]);
-        ip(&["tuntap", "add", "name", t, "mode", "tap"]).expect("a TAP");
-        links.push(Link(t.clone()));
-        ip(&["link", "set", t, "master", &br]).unwrap();
-        ip(&["link", "set", t, "up"]).unwrap();
-    }
+    let _links = bridge(&br, "10.77.41.1/24", &[&a, &b]);
     failover_with_clients(
         "own-tap",
         &format!("tap={a}"),
@@ -825,6 +842,56 @@ fn redis_benchmark_completes_against_a_protected_kv_through_a_kill_of_the_primar
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SIGSTOP of the primary (the standby on its own TAP and disk replica takes over), then
+/// SIGCONT: the woken primary fences itself, the clients only ever hear one side (INCR exact,
+/// GET returns the SET just acknowledged), and the replica replays to exactly what they were
+/// told.
+#[test]
+fn a_stopped_kv_primary_is_replaced_and_only_one_side_ever_answers() {
+    require_kvm();
+    if let Some(why) = tap_unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let n = std::process::id() % 10000;
+    let (br, a, b) = (format!("tbs{n}"), format!("tsa{n}"), format!("tsb{n}"));
+    let _links = bridge(&br, "10.77.42.1/24", &[&a, &b]);
+    failover_with(
+        "stop",
+        &format!("tap={a}"),
+        "10.77.42.2",
+        vec!["--net".into(), format!("tap={b}")],
+        true,
+        Fault::Stop,
+    );
+}
+
+/// A link deleted on drop.
+struct Link(String);
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.0]);
+    }
+}
+
+/// A bridge with an address and TAPs on it.
+fn bridge(br: &str, cidr: &str, taps: &[&str]) -> Vec<Link> {
+    let _ = ip(&["link", "del", br]);
+    ip(&["link", "add", br, "type", "bridge"]).expect("a bridge");
+    let mut links = vec![Link(br.to_string())];
+    ip(&["addr", "add", cidr, "dev", br]).unwrap();
+    ip(&["link", "set", br, "up"]).unwrap();
+    for t in taps {
+        let _ = ip(&["link", "del", t]);
+        ip(&["tuntap", "add", "name", t, "mode", "tap"]).expect("a TAP");
+        links.push(Link(t.to_string()));
+        ip(&["link", "set", t, "master", br]).unwrap();
+        ip(&["link", "set", t, "up"]).unwrap();
+    }
+    links
+}
+
 /// Twenty SIGKILLs of whichever process is primary, each followed by a fresh standby joining
 /// the survivor (pre-copy, with its own disk replica), while eight clients issue INCR, RPUSH,
 /// SET and GET without pause: every connection stays open through all of them, INCR rises by
@@ -889,12 +956,21 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
     );
     let addr: SocketAddr = "10.77.32.2:6379".parse().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>> =
+        (0..8).map(|_| Default::default()).collect();
     let clients: Vec<_> = (0..8)
         .map(|id| {
             let stop = stop.clone();
-            std::thread::spawn(move || client(addr, id, stop))
+            let p = progress[id].clone();
+            std::thread::spawn(move || client(addr, id, stop, p))
         })
         .collect();
+    let seen = |p: &[std::sync::Arc<std::sync::atomic::AtomicU64>]| -> Vec<u64> {
+        p.iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    };
+    let mut at_last_kill = seen(&progress);
     let mut rng_state = u64::from(std::process::id()) | 1;
     let mut kills = Vec::new();
     for cycle in 1..=20 {
@@ -902,7 +978,23 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
         rng_state ^= rng_state << 13;
         rng_state ^= rng_state >> 7;
         rng_state ^= rng_state << 17;
+        // Each kill comes once every client has been answered since the last one (so a
+        // client's retransmission back-off does not pile up across kills), then after
+        // 200–700 ms more.
+        let t0 = Instant::now();
+        while seen(&progress)
+            .iter()
+            .zip(&at_last_kill)
+            .any(|(now, then)| now <= then)
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "cycle {cycle}: a client got no reply for 60 s after the last kill"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::thread::sleep(Duration::from_millis(200 + rng_state % 500));
+        at_last_kill = seen(&progress);
         kills.push(Instant::now());
         let c = pair
             .kill_and_rejoin(Duration::from_secs(30))

@@ -686,6 +686,9 @@ fn new_transport(
     r.map_err(|e| Error::Usage(e.to_string()))
 }
 
+/// How long a restore waits for a busy TAP.
+const TAP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A RARP "reverse request" broadcast from `mac` (what QEMU's announce-self sends), padded
 /// to the 60-byte Ethernet minimum:
 ///
@@ -777,18 +780,23 @@ impl Group for VirtioGroup {
                 (DeviceSpec::Block(_), _) => Transport::Block(
                     persist::restore_block(&saved, self.mem.clone(), irq, None).map_err(cpt_err)?,
                 ),
-                (DeviceSpec::Net(c), DeviceState::Net(n)) if c.tap != n.tap => {
-                    let backend = NetBackend::open_tap(&c.tap).map_err(cpt_err)?;
+                // The configured TAP (a standby's own, or the saved one). A TAP a dying
+                // process still holds (a standby taking over on the killed primary's host)
+                // is waited for, briefly.
+                (DeviceSpec::Net(c), _) => {
+                    let tap = devices::virtio::Tap::open_patiently(&c.tap, TAP_PATIENCE)
+                        .map_err(cpt_err)?;
                     Transport::Net(behind_hold(
-                        persist::restore_net(&saved, self.mem.clone(), irq, Some(backend))
-                            .map_err(cpt_err)?,
+                        persist::restore_net(
+                            &saved,
+                            self.mem.clone(),
+                            irq,
+                            Some(NetBackend::tap(tap)),
+                        )
+                        .map_err(cpt_err)?,
                         s.hold.as_ref(),
                     ))
                 }
-                (DeviceSpec::Net(_), _) => Transport::Net(behind_hold(
-                    persist::restore_net(&saved, self.mem.clone(), irq, None).map_err(cpt_err)?,
-                    s.hold.as_ref(),
-                )),
             };
             *g = Some(t);
         }

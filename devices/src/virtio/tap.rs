@@ -35,6 +35,23 @@ pub struct Tap {
 }
 
 impl Tap {
+    /// Like [`Tap::open`], but while the TAP is busy (EBUSY: a process that is dying still
+    /// holds it, as when a standby on the same host takes over from a killed primary) tries
+    /// again for up to `patience`.
+    pub fn open_patiently(name: &str, patience: std::time::Duration) -> Result<Self> {
+        let t0 = std::time::Instant::now();
+        loop {
+            match Self::open(name) {
+                Err(Error::Tap { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && t0.elapsed() < patience =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Opens (creating it if needed, which takes CAP_NET_ADMIN) the TAP interface `name`;
     /// `name` may contain `%d` for the kernel to pick a number.
     pub fn open(name: &str) -> Result<Self> {
