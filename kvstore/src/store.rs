@@ -9,12 +9,12 @@
 //!
 //! | command | reply |
 //! |---|---|
-//! | PING [msg], ECHO msg | `+PONG` / bulk |
-//! | SET k v [NX\|XX] [GET] [KEEPTTL] | `+OK`, nil when NX/XX refused, the old value with GET |
-//! | GET k, MSET k v …, DEL k …, EXISTS k …, INCR k | bulk/nil, `+OK`, `:n` |
-//! | LPUSH/RPUSH k v …, LPOP/RPOP k [n], LRANGE k a b, LLEN k | `:len`, bulk/array, array, `:n` |
-//! | DBSIZE, FLUSHALL [SYNC\|ASYNC], SELECT 0, QUIT | `:n`, `+OK` |
-//! | CONFIG GET pattern …, COMMAND [COUNT\|DOCS], INFO [section] | what clients need to start |
+//! | `PING [msg]`, `ECHO msg` | `+PONG` / bulk |
+//! | `SET k v [NX\|XX] [GET] [KEEPTTL]` | `+OK`, nil when NX/XX refused, the old value with GET |
+//! | `GET k`, `MSET k v …`, `DEL k …`, `EXISTS k …`, `INCR k` | bulk/nil, `+OK`, `:n` |
+//! | `LPUSH/RPUSH k v …`, `LPOP/RPOP k [n]`, `LRANGE k a b`, `LLEN k` | `:len`, bulk/array, array, `:n` |
+//! | `DBSIZE`, `FLUSHALL [SYNC\|ASYNC]`, `SELECT 0`, `QUIT` | `:n`, `+OK` |
+//! | `CONFIG GET pattern …`, `COMMAND [COUNT\|DOCS]`, `INFO [section]` | what clients need to start |
 //!
 //! Keys never expire: SET's EX/PX/EXAT/PXAT options get `-ERR syntax error`. Anything else gets
 //! Redis's `-ERR unknown command …`.
