@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use monitor::{ModuleTable, Vm, VmConfig};
 
 mod bench_io;
+mod bench_kv;
 mod bench_stall;
 mod fuzz;
 mod modgraph;
@@ -93,6 +94,9 @@ enum Bench {
     Faults,
     /// What a protected guest sees: its throughput kept and its stalls, per hot set and rate.
     Stall,
+    /// The kv guest under redis-benchmark, unprotected and protected, against a host
+    /// redis-server; the client-visible outage per failover (needs root and redis-tools).
+    Kv,
     /// virtio-blk and virtio-net against the host doing the same I/O (needs root).
     Io,
 }
@@ -420,6 +424,9 @@ fn main() {
             }
             if all || which == Some(Bench::Stall) {
                 r = r.and_then(|_| bench_stall::bench(&mut out));
+            }
+            if all || which == Some(Bench::Kv) {
+                r = r.and_then(|_| bench_kv::bench(&mut out));
             }
             if all || which == Some(Bench::Io) {
                 r = r.and_then(|_| bench_io::bench(&mut out));
