@@ -167,3 +167,73 @@ fn drain(
     }
     Ok(sink.report())
 }
+
+/// TAP interfaces for the tests that put a guest on a network (root only).
+pub mod tap {
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Runs `ip ARGS`; the error says what failed.
+    pub fn ip(args: &[&str]) -> Result<(), String> {
+        let o = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+    }
+
+    /// Why TAP tests cannot run here, if they cannot.
+    pub fn unavailable() -> Option<String> {
+        let root = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|u| u.split_whitespace().nth(1).map(|u| u == "0"))
+            })
+            .unwrap_or(false);
+        if !root {
+            return Some("not root (creating a TAP needs CAP_NET_ADMIN)".into());
+        }
+        if !Path::new("/dev/net/tun").exists() {
+            return Some("no /dev/net/tun".into());
+        }
+        if Command::new("ip").arg("-V").output().is_err() {
+            return Some("no `ip` command (iproute2)".into());
+        }
+        None
+    }
+
+    /// A persistent TAP with an address on this host, deleted on drop.
+    pub struct Tap {
+        /// Its name.
+        pub name: String,
+    }
+
+    impl Tap {
+        /// Creates `name` (replacing a leftover of that name) with `host_cidr` on it, up.
+        pub fn new(name: &str, host_cidr: &str) -> Result<Tap, String> {
+            let _ = ip(&["link", "del", name]);
+            ip(&["tuntap", "add", "name", name, "mode", "tap"])?;
+            let tap = Tap {
+                name: name.to_string(),
+            };
+            ip(&["addr", "add", host_cidr, "dev", name])?;
+            ip(&["link", "set", name, "up"])?;
+            Ok(tap)
+        }
+    }
+
+    impl Drop for Tap {
+        fn drop(&mut self) {
+            let _ = ip(&["link", "del", &self.name]);
+        }
+    }
+}

@@ -13,68 +13,8 @@ use std::time::{Duration, Instant};
 
 use guest_images::kind;
 use kvstore::resp::{encode_request, reply_len, split_args};
+use tandem_tests::tap::{ip, unavailable as tap_unavailable, Tap};
 use tandem_tests::{require_kvm, tandem_bin};
-
-/// A TAP with an address on this host, removed on drop.
-struct Tap {
-    name: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let o = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ))
-    }
-}
-
-impl Tap {
-    fn new(name: &str, host_cidr: &str) -> Result<Tap, String> {
-        let _ = ip(&["link", "del", name]);
-        ip(&["tuntap", "add", "name", name, "mode", "tap"])?;
-        let tap = Tap {
-            name: name.to_string(),
-        };
-        ip(&["addr", "add", host_cidr, "dev", name])?;
-        ip(&["link", "set", name, "up"])?;
-        Ok(tap)
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.name]);
-    }
-}
-
-/// Why a TAP cannot be made here, if it cannot.
-fn tap_unavailable() -> Option<String> {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false);
-    if !root {
-        return Some("not root (creating a TAP needs CAP_NET_ADMIN)".into());
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("no /dev/net/tun".into());
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("no `ip` command (iproute2)".into());
-    }
-    None
-}
 
 /// A running kv guest: its TAP, disk, process and address.
 struct Kv {

@@ -5,58 +5,18 @@
 //! unprotected run answers in well under one).
 
 use std::net::UdpSocket;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tandem_tests::tap::{unavailable as tap_unavailable, Tap};
 use tandem_tests::{require_kvm, tandem_bin};
 use testkit::pair::{Pair, PairConfig};
 
-struct Tap(String);
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let o = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ))
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.0]);
-    }
-}
-
 fn tap(name: &str, cidr: &str) -> Option<Tap> {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|u| u.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root || !Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED: a TAP needs root and /dev/net/tun");
+    if let Some(why) = tap_unavailable() {
+        eprintln!("SKIPPED: {why}");
         return None;
     }
-    let _ = ip(&["link", "del", name]);
-    if let Err(e) = ip(&["tuntap", "add", "name", name, "mode", "tap"]) {
-        eprintln!("SKIPPED: {e}");
-        return None;
-    }
-    let t = Tap(name.to_string());
-    ip(&["addr", "add", cidr, "dev", name]).expect("address the TAP");
-    ip(&["link", "set", name, "up"]).expect("bring the TAP up");
-    Some(t)
+    Some(Tap::new(name, cidr).unwrap_or_else(|e| panic!("{e}")))
 }
 
 fn echo_rtts(sock: &UdpSocket, to: &str, n: usize) -> Vec<Duration> {

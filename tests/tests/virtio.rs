@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use checkpoint::Trace;
 use devices::{DigestSink, Record};
 use guest_images::{kind, model};
+use tandem_tests::tap::unavailable as tap_unavailable;
 use tandem_tests::{require_kvm, tandem, tandem_bin, tandem_ok, total_digest};
 use testkit::netlab::NetNs;
 
@@ -379,27 +380,6 @@ impl Drop for Running {
             let _ = c.wait();
         }
     }
-}
-
-/// Why TAP tests cannot run here, if they cannot.
-fn tap_unavailable() -> Option<String> {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).map(str::to_string))
-        });
-    if uid.as_deref() != Some("0") {
-        return Some("not root (creating a TAP needs CAP_NET_ADMIN)".into());
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("no /dev/net/tun".into());
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("no `ip` command (iproute2)".into());
-    }
-    None
 }
 
 #[test]
