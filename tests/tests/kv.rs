@@ -441,6 +441,48 @@ fn failover_with_clients(tag: &str, net: &str, ip: &str, standby_args: Vec<Strin
     failover_with(tag, net, ip, standby_args, disk, Fault::Kill)
 }
 
+/// Starts kv protected (20 ms epochs) from `image` in `dir` on `--net` `net`, with `ip_arg`
+/// (`ip=…`), `extra` guest arguments and `hosts`, and waits until the primary is protected.
+fn protected_kv(
+    dir: &Path,
+    image: &Path,
+    net: String,
+    ip_arg: String,
+    extra: Vec<String>,
+    hosts: testkit::pair::Hosts,
+) -> testkit::pair::Pair {
+    let mut guest: Vec<String> = vec![
+        "--image".into(),
+        image.display().to_string(),
+        "--vcpus".into(),
+        "1".into(),
+        "--mem-mib".into(),
+        "128".into(),
+        "--net".into(),
+        net,
+        "--guest-arg".into(),
+        ip_arg,
+    ];
+    guest.extend(extra);
+    let cfg = testkit::pair::PairConfig {
+        bin: tandem_bin().clone(),
+        dir: dir.to_path_buf(),
+        guest,
+        interval_ms: 20,
+        primary_env: vec![],
+        log: "info".into(),
+        hosts,
+    };
+    let mut pair = testkit::pair::Pair::start_standby(cfg).expect("sink and standby");
+    pair.start_primary().expect("primary");
+    assert!(
+        pair.wait_protected(Duration::from_secs(30)).is_some(),
+        "not protected: {}",
+        pair.log("primary")
+    );
+    pair
+}
+
 /// How the primary is made to fail.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -483,35 +525,13 @@ fn failover_with(
         standby_args,
         ..Default::default()
     };
-    let cfg = testkit::pair::PairConfig {
-        bin: tandem_bin().clone(),
-        dir: dir.clone(),
-        guest: vec![
-            "--image".into(),
-            image.display().to_string(),
-            "--vcpus".into(),
-            "1".into(),
-            "--mem-mib".into(),
-            "128".into(),
-            "--net".into(),
-            net.into(),
-            "--guest-arg".into(),
-            format!("ip={ip}/24"),
-        ]
-        .into_iter()
-        .chain(disk_args)
-        .collect(),
-        interval_ms: 20,
-        primary_env: vec![],
-        log: "info".into(),
+    let mut pair = protected_kv(
+        &dir,
+        &image,
+        net.into(),
+        format!("ip={ip}/24"),
+        disk_args,
         hosts,
-    };
-    let mut pair = testkit::pair::Pair::start_standby(cfg).expect("sink and standby");
-    pair.start_primary().expect("primary");
-    assert!(
-        pair.wait_protected(Duration::from_secs(30)).is_some(),
-        "not protected: {}",
-        pair.log("primary")
     );
     let addr: SocketAddr = format!("{ip}:6379").parse().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -704,34 +724,13 @@ fn redis_benchmark_completes_against_a_protected_kv_through_a_kill_of_the_primar
     std::fs::write(&image, guest_images::KV).unwrap();
     let name = format!("tkvb{}", std::process::id() % 10000);
     let _tap = Tap::new(&name, "10.77.31.1/24").expect("make a TAP");
-    let cfg = testkit::pair::PairConfig {
-        bin: tandem_bin().clone(),
-        dir: dir.clone(),
-        guest: vec![
-            "--image".into(),
-            image.display().to_string(),
-            "--vcpus".into(),
-            "1".into(),
-            "--mem-mib".into(),
-            "128".into(),
-            "--net".into(),
-            format!("tap={name}"),
-            "--guest-arg".into(),
-            "ip=10.77.31.2/24".into(),
-            "--guest-arg".into(),
-            "aof=0".into(),
-        ],
-        interval_ms: 20,
-        primary_env: vec![],
-        log: "info".into(),
-        hosts: Default::default(),
-    };
-    let mut pair = testkit::pair::Pair::start_standby(cfg).expect("sink and standby");
-    pair.start_primary().expect("primary");
-    assert!(
-        pair.wait_protected(Duration::from_secs(30)).is_some(),
-        "not protected: {}",
-        pair.log("primary")
+    let mut pair = protected_kv(
+        &dir,
+        &image,
+        format!("tap={name}"),
+        "ip=10.77.31.2/24".into(),
+        vec!["--guest-arg".into(), "aof=0".into()],
+        Default::default(),
     );
     let bench = Command::new("redis-benchmark")
         .args([
@@ -859,40 +858,22 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
         let f = std::fs::File::create(dir.join(format!("{n}.disk"))).unwrap();
         f.set_len(16 << 20).unwrap();
     }
-    let cfg = testkit::pair::PairConfig {
-        bin: tandem_bin().clone(),
-        dir: dir.clone(),
-        guest: vec![
-            "--image".into(),
-            image.display().to_string(),
-            "--vcpus".into(),
-            "1".into(),
-            "--mem-mib".into(),
-            "64".into(),
-            "--net".into(),
-            format!("tap={name}"),
-            "--guest-arg".into(),
-            "ip=10.77.32.2/24".into(),
+    let mut pair = protected_kv(
+        &dir,
+        &image,
+        format!("tap={name}"),
+        "ip=10.77.32.2/24".into(),
+        vec![
             "--disk".into(),
             dir.join("primary.disk").display().to_string(),
         ],
-        interval_ms: 20,
-        primary_env: vec![],
-        log: "info".into(),
-        hosts: testkit::pair::Hosts {
+        testkit::pair::Hosts {
             standby_args: vec![
                 "--disk".into(),
                 dir.join("{node}.disk").display().to_string(),
             ],
             ..Default::default()
         },
-    };
-    let mut pair = testkit::pair::Pair::start_standby(cfg).expect("sink and standby");
-    pair.start_primary().expect("primary");
-    assert!(
-        pair.wait_protected(Duration::from_secs(30)).is_some(),
-        "not protected: {}",
-        pair.log("primary")
     );
     let addr: SocketAddr = "10.77.32.2:6379".parse().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
