@@ -290,6 +290,51 @@ impl NetLab {
         Ok(())
     }
 
+    /// Gives each host a TAP named `tap` for a VM, bridged onto the lab's segment (the way a
+    /// hypervisor host bridges its VMs onto the LAN): in each host a bridge takes the host's
+    /// veth and the TAP, and the host's address moves to that bridge. The same VM's card can
+    /// then be brought up on either host, and the partition rules ([`NetLab::set`], which
+    /// match host addresses in the output hook) never touch the VM's bridged frames.
+    ///
+    /// ```text
+    ///   host a: [ vbr: <a>n veth + TAP `tap` ]──┐           ┌──[ vbr: <b>n veth + TAP `tap` ] host b
+    ///                                            └─ bridge ─┘ (root; clients: NetLab::client)
+    /// ```
+    pub fn vm_taps(&self, tap: &str) -> Result<(), String> {
+        for (ns, ip) in [(&self.a, &self.a_ip), (&self.b, &self.b_ip)] {
+            let veth = format!("{ns}n");
+            let cidr = format!("{ip}/24");
+            run(&["ip", "-n", ns, "tuntap", "add", "name", tap, "mode", "tap"])?;
+            run(&["ip", "-n", ns, "link", "add", "vbr", "type", "bridge"])?;
+            run(&["ip", "-n", ns, "addr", "del", &cidr, "dev", &veth])?;
+            run(&["ip", "-n", ns, "link", "set", &veth, "master", "vbr"])?;
+            run(&["ip", "-n", ns, "link", "set", tap, "master", "vbr", "up"])?;
+            run(&["ip", "-n", ns, "addr", "add", &cidr, "dev", "vbr"])?;
+            run(&["ip", "-n", ns, "link", "set", "vbr", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// A third host on the lab's segment for clients (`<tag>c`, address 10.233.`n`.3), with no
+    /// fault rules: [`NetNs::enter`] makes its sockets. Deleted on drop (its veth with it).
+    pub fn client(&self) -> Result<NetNs, String> {
+        let name = format!("{}c", self.tag);
+        let host_end = format!("{name}h");
+        let _ = run(&["ip", "link", "del", &host_end]);
+        let ns = NetNs::new(&name)?;
+        let ip = format!(
+            "{}.3/24",
+            self.a_ip.rsplit_once('.').map_or("", |(net, _)| net)
+        );
+        run(&[
+            "ip", "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ])?;
+        run(&["ip", "link", "set", &host_end, "master", &self.bridge, "up"])?;
+        ns.ip(&["addr", "add", &ip, "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        Ok(ns)
+    }
+
     /// The lab's tag.
     pub fn tag(&self) -> &str {
         &self.tag

@@ -377,6 +377,16 @@ fn client(
     progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> History {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    client_on(s, id, stop, progress)
+}
+
+/// [`client`] on a connection made elsewhere (e.g. in a client network namespace).
+fn client_on(
+    s: TcpStream,
+    id: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> History {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut c = Client::new(s);
     let mut h = History {
@@ -568,11 +578,30 @@ fn failover_with(
     }
     std::thread::sleep(Duration::from_millis(2500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let histories = join_clients(tag, clients, &pair);
+    if disk {
+        check_replica(tag, &dir.join("replica.disk"), &histories);
+    }
+    drop(pair);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Joins the clients (each has checked its list itself) and checks that INCR rose by exactly
+/// one at each reply, across whatever happened.
+fn join_clients(
+    tag: &str,
+    clients: Vec<std::thread::JoinHandle<History>>,
+    pair: &testkit::pair::Pair,
+) -> Vec<History> {
     let mut histories = Vec::new();
     for (id, t) in clients.into_iter().enumerate() {
-        let h = t
-            .join()
-            .unwrap_or_else(|_| panic!("client {id} failed: {}", pair.log("standby")));
+        let h = t.join().unwrap_or_else(|_| {
+            panic!(
+                "client {id} failed\n--- primary ---\n{}\n--- standby ---\n{}",
+                pair.log("primary"),
+                pair.log("standby")
+            )
+        });
         eprintln!(
             "{tag}: client {id}: {} INCRs acknowledged, longest gap between replies {:?}",
             h.counter.len(),
@@ -586,11 +615,7 @@ fn failover_with(
         assert!(h.counter.len() > 10, "client {id} made progress");
         histories.push(h);
     }
-    if disk {
-        check_replica(tag, &dir.join("replica.disk"), &histories);
-    }
-    drop(pair);
-    let _ = std::fs::remove_dir_all(&dir);
+    histories
 }
 
 /// The survivor's disk, read from the host: kv's log on it replays to exactly what the clients
@@ -960,6 +985,127 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
         &dir.join(format!("{survivor}.disk")),
         &histories,
     );
+    drop(pair);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A 3 s partition between the primary's host and the standby's (network namespaces; each
+/// host has the VM's TAP bridged onto one segment; the clients in a third namespace; the
+/// arbiter and the sink reachable from both): exactly one side goes on answering. The
+/// clients' connections stay open and their histories exact (INCR by one, lists exact, GET
+/// the SET just acknowledged), the other side fences itself (or stands down), and the
+/// survivor's disk replays to exactly what the clients were told.
+#[test]
+fn a_partition_between_the_hosts_leaves_exactly_one_kv_answering() {
+    require_kvm();
+    let lab = match testkit::netlab::NetLab::new("tkvp", 65) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot make test hosts here: {e}");
+            return;
+        }
+    };
+    lab.vm_taps("kvtap").expect("the VM's TAP on both hosts");
+    let client_host = lab.client().expect("a client host");
+    let dir = std::env::temp_dir().join(format!("tandem-kv-part-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("kv.elf");
+    std::fs::write(&image, guest_images::KV).unwrap();
+    for name in ["primary.disk", "replica.disk"] {
+        let f = std::fs::File::create(dir.join(name)).unwrap();
+        f.set_len(16 << 20).unwrap();
+    }
+    let hosts = testkit::pair::Hosts {
+        primary_prefix: lab.prefix(&lab.a),
+        standby_prefix: lab.prefix(&lab.b),
+        sink_listen: format!("{}:0", lab.root_ip),
+        standby_listen: format!("{}:0", lab.b_ip),
+        standby_args: vec![
+            "--net".into(),
+            "tap=kvtap".into(),
+            "--disk".into(),
+            dir.join("replica.disk").display().to_string(),
+        ],
+    };
+    let mut pair = protected_kv(
+        &dir,
+        &image,
+        "tap=kvtap".into(),
+        "ip=10.233.65.50/24".into(),
+        vec![
+            "--disk".into(),
+            dir.join("primary.disk").display().to_string(),
+        ],
+        hosts,
+    );
+    let addr: SocketAddr = "10.233.65.50:6379".parse().unwrap();
+    let streams = client_host
+        .enter(|| {
+            (0..4)
+                .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .expect("the client host")
+        .expect("connect to kv from the client host");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(id, s)| {
+            let stop = stop.clone();
+            std::thread::spawn(move || client_on(s, id, stop, Default::default()))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.set(testkit::netlab::Fault::Partition)
+        .expect("partition");
+    let t0 = Instant::now();
+    let mut took_over = None;
+    while t0.elapsed() < Duration::from_secs(3) {
+        if took_over.is_none() && pair.wait_takeover(Duration::ZERO).is_some() {
+            took_over = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lab.clear().expect("heal the partition");
+    let survivor = match took_over {
+        Some(after) => {
+            // The standby claimed the next generation: the old primary, cut off from it,
+            // must have lost its own claim and fenced (exit 3), releasing nothing.
+            let st = pair
+                .wait_primary(Duration::from_secs(30))
+                .expect("the old primary ends");
+            eprintln!(
+                "partition: the standby took over {:.0} ms into it; the old primary exited with {st}",
+                after.as_secs_f64() * 1e3
+            );
+            assert_eq!(
+                st.code(),
+                Some(3),
+                "the old primary fences itself: {}",
+                pair.log("primary")
+            );
+            "replica.disk"
+        }
+        None => {
+            // The primary won the next generation: the standby stands down and the guest
+            // runs on, unprotected, where it was.
+            let st = pair
+                .wait_standby(Duration::from_secs(30))
+                .expect("the standby stands down");
+            eprintln!("partition: the primary kept the VM; the standby exited with {st}");
+            assert!(
+                pair.wait_primary(Duration::ZERO).is_none(),
+                "the primary goes on"
+            );
+            "primary.disk"
+        }
+    };
+    std::thread::sleep(Duration::from_millis(2000));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let histories = join_clients("partition", clients, &pair);
+    check_replica("partition", &dir.join(survivor), &histories);
     drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
 }
