@@ -7,7 +7,10 @@
 //!   an arbiter directory, kills and rejoins them, reads their status and the sink's verdict.
 //! * [`netlab`]: two test hosts in network namespaces on a bridge, with packet loss,
 //!   partitions (nftables) and delay (a relay), for the network-fault tests.
+//! * [`kv`]: clients of the `kv` guest that keep the history a failover check needs, and the
+//!   replay of its log from a disk image.
 #![forbid(unsafe_code)]
 
+pub mod kv;
 pub mod netlab;
 pub mod pair;

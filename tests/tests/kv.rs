@@ -12,9 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use guest_images::kind;
-use kvstore::resp::{encode_request, reply_len, split_args};
+use kvstore::resp::{encode_request, split_args};
 use tandem_tests::tap::{ip, unavailable as tap_unavailable, Tap};
 use tandem_tests::{require_kvm, tandem_bin};
+use testkit::kv::{replay_disk, run_client, History, Progress};
 
 /// A running kv guest: its TAP, disk, process and address.
 struct Kv {
@@ -145,40 +146,23 @@ impl Drop for Kv {
     }
 }
 
-/// A client connection that reads replies one at a time (pipelined replies stay buffered).
-struct Client {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
+/// A client connection whose errors fail the test.
+struct Client(testkit::kv::Conn);
 
 impl Client {
     fn new(s: TcpStream) -> Client {
-        Client { s, buf: Vec::new() }
+        Client(testkit::kv::Conn::new(s))
     }
 
     /// Sends one request (inline syntax, sent as RESP2) and reads its whole reply.
     fn request(&mut self, line: &str) -> Vec<u8> {
-        let args = split_args(line.as_bytes()).expect("a request line");
-        let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
-        let mut req = Vec::new();
-        encode_request(&refs, &mut req);
-        self.s.write_all(&req).expect("send");
-        self.reply()
+        self.0
+            .request(line)
+            .unwrap_or_else(|e| panic!("{line}: {e}"))
     }
 
     fn reply(&mut self) -> Vec<u8> {
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(n) = reply_len(&self.buf).expect("a RESP2 reply") {
-                return self.buf.drain(..n).collect();
-            }
-            match self.s.read(&mut chunk) {
-                Ok(0) => panic!("kv closed the connection mid-reply"),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => panic!("read a reply: {e}"),
-            }
-        }
+        self.0.reply().unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -214,12 +198,14 @@ fn kv_answers_the_conformance_script_byte_for_byte_as_the_reference_does() {
     for i in 0..500 {
         encode_request(&[b"RPUSH", b"pipe", i.to_string().as_bytes()], &mut batch);
     }
-    s.s.write_all(&batch).unwrap();
+    s.0.stream().write_all(&batch).unwrap();
     for i in 0..500 {
         assert_eq!(s.reply(), format!(":{}\r\n", i + 1).into_bytes());
     }
     // Inline requests as telnet users type them.
-    s.s.write_all(b"LLEN pipe\r\nECHO \"a b\"\n").unwrap();
+    s.0.stream()
+        .write_all(b"LLEN pipe\r\nECHO \"a b\"\n")
+        .unwrap();
     assert_eq!(s.reply(), b":500\r\n");
     assert_eq!(s.reply(), b"$3\r\na b\r\n");
 }
@@ -299,7 +285,7 @@ fn a_hostile_client_is_refused_and_closed_while_64_others_are_served() {
     for (i, c) in clients.iter_mut().enumerate() {
         assert_eq!(c.request(&format!("SET c{i} {i}")), b"+OK\r\n");
     }
-    let mut bad = kv.connect().s;
+    let mut bad = kv.connect().0.into_stream();
     bad.write_all(b"*1\r\n$99999999999\r\n").unwrap();
     let mut got = Vec::new();
     bad.read_to_end(&mut got).expect("kv closes the connection");
@@ -357,89 +343,15 @@ fn redis_cli_talks_to_kv() {
     assert!(cli(&["NOSUCH"]).starts_with("ERR unknown command 'NOSUCH'"));
 }
 
-/// One client connection's view through the failover: every reply it got, in order.
-struct History {
-    counter: Vec<i64>,
-    pushed: Vec<String>,
-    /// The last value SET and acknowledged (and read back by GET).
-    last_set: Option<String>,
-    longest_gap: Duration,
-    /// Gaps between two replies longer than 50 ms: (start, length).
-    gaps: Vec<(Instant, Duration)>,
-}
-
-/// A client that keeps issuing INCR and RPUSH on its own keys until `stop`, recording what was
-/// acknowledged. Any connection error ends the test (a reset or an EOF is a failure).
+/// A client of [`testkit::kv::run_client`] on a new connection to `addr`.
 fn client(
     addr: SocketAddr,
     id: usize,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    progress: std::sync::Arc<Progress>,
 ) -> History {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    client_on(s, id, stop, progress)
-}
-
-/// [`client`] on a connection made elsewhere (e.g. in a client network namespace).
-fn client_on(
-    s: TcpStream,
-    id: usize,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) -> History {
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut c = Client::new(s);
-    let mut h = History {
-        counter: Vec::new(),
-        pushed: Vec::new(),
-        last_set: None,
-        longest_gap: Duration::ZERO,
-        gaps: Vec::new(),
-    };
-    let mut last = Instant::now();
-    let mut i = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let r = c.request(&format!("INCR counter:{id}"));
-        let text = String::from_utf8(r).unwrap();
-        let v: i64 = text
-            .strip_prefix(':')
-            .and_then(|t| t.trim_end().parse().ok())
-            .unwrap_or_else(|| panic!("client {id}: INCR answered {text:?}"));
-        h.counter.push(v);
-        progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let item = format!("c{id}-{i}");
-        let r = c.request(&format!("RPUSH list:{id} {item}"));
-        assert!(r.starts_with(b":"), "client {id}: RPUSH answered {r:?}");
-        h.pushed.push(item.clone());
-        let r = c.request(&format!("SET key:{id} {item}"));
-        assert_eq!(r, b"+OK\r\n", "client {id}: SET");
-        h.last_set = Some(item.clone());
-        let r = c.request(&format!("GET key:{id}"));
-        assert_eq!(
-            r,
-            format!("${}\r\n{item}\r\n", item.len()).into_bytes(),
-            "client {id}: GET returns the value just acknowledged"
-        );
-        let gap = last.elapsed();
-        h.longest_gap = h.longest_gap.max(gap);
-        if gap > Duration::from_millis(50) {
-            h.gaps.push((last, gap));
-        }
-        last = Instant::now();
-        i += 1;
-    }
-    // After the failover: the list holds exactly what was acknowledged, in order.
-    let all = c.request(&format!("LRANGE list:{id} 0 -1"));
-    let mut want = format!("*{}\r\n", h.pushed.len()).into_bytes();
-    for p in &h.pushed {
-        want.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
-    }
-    assert_eq!(
-        String::from_utf8_lossy(&all),
-        String::from_utf8_lossy(&want),
-        "client {id}: the list after the failover"
-    );
-    h
+    run_client(s, id, &stop, &progress)
 }
 
 /// Runs kv protected (20 ms epochs) on `net` (the primary's `--net`), with `standby_args`,
@@ -595,23 +507,19 @@ fn join_clients(
 ) -> Vec<History> {
     let mut histories = Vec::new();
     for (id, t) in clients.into_iter().enumerate() {
-        let h = t.join().unwrap_or_else(|_| {
-            panic!(
-                "client {id} failed\n--- primary ---\n{}\n--- standby ---\n{}",
-                pair.log("primary"),
-                pair.log("standby")
-            )
-        });
+        let h = t.join().expect("a client thread");
         eprintln!(
             "{tag}: client {id}: {} INCRs acknowledged, longest gap between replies {:?}",
             h.counter.len(),
             h.longest_gap
         );
-        let want: Vec<i64> = (1..=h.counter.len() as i64).collect();
-        assert_eq!(
-            h.counter, want,
-            "client {id}: INCR rises by one, across the failover"
-        );
+        if let Err(e) = h.check(id) {
+            panic!(
+                "{tag}: {e}\n--- primary ---\n{}\n--- standby ---\n{}",
+                pair.log("primary"),
+                pair.log("standby")
+            );
+        }
         assert!(h.counter.len() > 10, "client {id} made progress");
         histories.push(h);
     }
@@ -621,68 +529,10 @@ fn join_clients(
 /// The survivor's disk, read from the host: kv's log on it replays to exactly what the clients
 /// were told (every reply was sent after its write was flushed, and nothing else is there).
 fn check_replica(tag: &str, path: &Path, histories: &[History]) {
-    let mut store = kvstore::Store::new(1 << 30);
-    let mut f = FileDisk(std::fs::File::open(path).unwrap());
-    let (_, opened) = kvstore::Log::open(&mut f, 1, |args| {
-        let mut out = Vec::new();
-        store.execute(args, &kvstore::ServerInfo::default(), &mut out);
-    })
-    .expect("the replica holds a log");
-    assert!(!opened.created, "the replica holds the guest's log");
-    for (id, h) in histories.iter().enumerate() {
-        assert_eq!(
-            store.get(format!("counter:{id}").as_bytes()),
-            Some(&kvstore::Value::Str(
-                h.counter.len().to_string().into_bytes()
-            )),
-            "client {id}: the replica's counter"
-        );
-        let list = match store.get(format!("list:{id}").as_bytes()) {
-            Some(kvstore::Value::List(l)) => l.iter().cloned().collect::<Vec<_>>(),
-            other => panic!("client {id}: the replica's list is {other:?}"),
-        };
-        let want: Vec<Vec<u8>> = h.pushed.iter().map(|p| p.clone().into_bytes()).collect();
-        assert_eq!(list, want, "client {id}: the replica's list");
-        assert_eq!(
-            store.get(format!("key:{id}").as_bytes()),
-            h.last_set
-                .as_ref()
-                .map(|v| kvstore::Value::Str(v.clone().into_bytes()))
-                .as_ref(),
-            "client {id}: the replica's last SET"
-        );
-    }
-    assert_eq!(
-        store.len(),
-        histories.len() * 3,
-        "nothing that was never sent"
-    );
+    let records = replay_disk(path, histories).unwrap_or_else(|e| panic!("{tag}: {e}"));
     eprintln!(
-        "{tag}: the replica's log replays {} records to exactly the acknowledged history",
-        opened.records
+        "{tag}: the replica's log replays {records} records to exactly the acknowledged history"
     );
-}
-
-/// A disk image file, read-only here (the test reads the replica; `Log::open` writes only to
-/// cut a torn tail, which a flushed log does not have).
-struct FileDisk(std::fs::File);
-
-impl kvstore::Disk for FileDisk {
-    type Error = std::io::Error;
-    fn sectors(&self) -> u64 {
-        self.0.metadata().map(|m| m.len() / 512).unwrap_or(0)
-    }
-    fn read(&mut self, sector: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_exact_at(buf, sector * 512)
-    }
-    fn write(&mut self, _sector: u64, _buf: &[u8]) -> std::io::Result<()> {
-        Err(std::io::Error::other(
-            "the replica is read, not written, by the test",
-        ))
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[test]
@@ -902,8 +752,7 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
     );
     let addr: SocketAddr = "10.77.32.2:6379".parse().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let progress: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>> =
-        (0..8).map(|_| Default::default()).collect();
+    let progress: Vec<std::sync::Arc<Progress>> = (0..8).map(|_| Default::default()).collect();
     let clients: Vec<_> = (0..8)
         .map(|id| {
             let stop = stop.clone();
@@ -911,9 +760,9 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
             std::thread::spawn(move || client(addr, id, stop, p))
         })
         .collect();
-    let seen = |p: &[std::sync::Arc<std::sync::atomic::AtomicU64>]| -> Vec<u64> {
+    let seen = |p: &[std::sync::Arc<Progress>]| -> Vec<u64> {
         p.iter()
-            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|c| c.rounds.load(std::sync::atomic::Ordering::Relaxed))
             .collect()
     };
     let mut at_last_kill = seen(&progress);
@@ -954,29 +803,21 @@ fn kv_clients_stay_connected_through_twenty_kills_of_the_primary() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut histories = Vec::new();
     for (id, t) in clients.into_iter().enumerate() {
-        let h = t.join().unwrap_or_else(|_| panic!("client {id} failed"));
+        let h = t.join().expect("a client thread");
         eprintln!(
             "client {id}: {} INCRs acknowledged through 20 kills, longest gap between replies {:?}",
             h.counter.len(),
             h.longest_gap
         );
-        let want: Vec<i64> = (1..=h.counter.len() as i64).collect();
-        assert_eq!(
-            h.counter, want,
-            "client {id}: INCR rises by one through every kill"
-        );
+        if let Err(e) = h.check(id) {
+            panic!("20 kills: {e}");
+        }
         histories.push(h);
     }
     // Client-visible outage of each kill: the longest gap between two replies, over all
     // clients, that spans the kill.
     for (k, at) in kills.iter().enumerate() {
-        let outage = histories
-            .iter()
-            .flat_map(|h| h.gaps.iter())
-            .filter(|(start, len)| *start <= *at && *at <= *start + *len)
-            .map(|(_, len)| *len)
-            .max()
-            .unwrap_or_default();
+        let outage = testkit::kv::outage_at(&histories, *at);
         eprintln!("kill {}: client-visible outage {outage:?}", k + 1);
     }
     let survivor = pair.primary_node().to_string();
@@ -1054,7 +895,7 @@ fn a_partition_between_the_hosts_leaves_exactly_one_kv_answering() {
         .enumerate()
         .map(|(id, s)| {
             let stop = stop.clone();
-            std::thread::spawn(move || client_on(s, id, stop, Default::default()))
+            std::thread::spawn(move || run_client(s, id, &stop, &Progress::default()))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
