@@ -185,15 +185,23 @@ fn rounds(
     let mut i = 0u64;
     let collect = progress.collect_latencies.load(Ordering::Relaxed);
     let mut lat = Vec::with_capacity(4);
-    let timed = |c: &mut Conn, line: &str, lat: &mut Vec<Duration>| {
+    // One request: its latency, and the gap since the previous reply.
+    let mut timed = |c: &mut Conn, line: &str, lat: &mut Vec<Duration>, h: &mut History| {
         let t = Instant::now();
-        let r = c.request(line);
-        lat.push(t.elapsed());
-        r
+        let r = c.request(line)?;
+        let now = Instant::now();
+        lat.push(now - t);
+        let gap = now - last;
+        h.longest_gap = h.longest_gap.max(gap);
+        if gap > Duration::from_millis(50) {
+            h.gaps.push((last, gap));
+        }
+        last = now;
+        Ok::<_, String>(r)
     };
     while !stop.load(Ordering::Relaxed) {
         lat.clear();
-        let r = timed(c, &format!("INCR counter:{id}"), &mut lat)?;
+        let r = timed(c, &format!("INCR counter:{id}"), &mut lat, h)?;
         let text = String::from_utf8_lossy(&r).into_owned();
         let v: i64 = text
             .strip_prefix(':')
@@ -201,17 +209,17 @@ fn rounds(
             .ok_or_else(|| format!("INCR answered {text:?}"))?;
         h.counter.push(v);
         let item = format!("c{id}-{i}");
-        let r = timed(c, &format!("RPUSH list:{id} {item}"), &mut lat)?;
+        let r = timed(c, &format!("RPUSH list:{id} {item}"), &mut lat, h)?;
         if !r.starts_with(b":") {
             return Err(format!("RPUSH answered {:?}", String::from_utf8_lossy(&r)));
         }
         h.pushed.push(item.clone());
-        let r = timed(c, &format!("SET key:{id} {item}"), &mut lat)?;
+        let r = timed(c, &format!("SET key:{id} {item}"), &mut lat, h)?;
         if r != b"+OK\r\n" {
             return Err(format!("SET answered {:?}", String::from_utf8_lossy(&r)));
         }
         h.last_set = Some(item.clone());
-        let r = timed(c, &format!("GET key:{id}"), &mut lat)?;
+        let r = timed(c, &format!("GET key:{id}"), &mut lat, h)?;
         let want = format!("${}\r\n{item}\r\n", item.len());
         if r != want.as_bytes() {
             return Err(format!(
@@ -219,12 +227,6 @@ fn rounds(
                 String::from_utf8_lossy(&r)
             ));
         }
-        let gap = last.elapsed();
-        h.longest_gap = h.longest_gap.max(gap);
-        if gap > Duration::from_millis(50) {
-            h.gaps.push((last, gap));
-        }
-        last = Instant::now();
         i += 1;
         progress.rounds.fetch_add(1, Ordering::Relaxed);
         progress.requests.fetch_add(4, Ordering::Relaxed);

@@ -48,7 +48,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 /// Links deleted on drop.
-struct Links(Vec<String>);
+pub(crate) struct Links(Vec<String>);
 
 impl Drop for Links {
     fn drop(&mut self) {
@@ -58,7 +58,8 @@ impl Drop for Links {
     }
 }
 
-fn lab(tag: &str) -> Result<(Links, String, String), String> {
+/// A bridge with `host_cidr` and two TAPs on it (the primary's and the standby's).
+pub(crate) fn lab(tag: &str, host_cidr: &str) -> Result<(Links, String, String), String> {
     let pid = std::process::id() % 10000;
     let (br, a, b) = (
         format!("xb{tag}{pid}"),
@@ -68,7 +69,7 @@ fn lab(tag: &str) -> Result<(Links, String, String), String> {
     let _ = ip(&["link", "del", &br]);
     ip(&["link", "add", &br, "type", "bridge"])?;
     let mut links = Links(vec![br.clone()]);
-    ip(&["addr", "add", HOST_CIDR, "dev", &br])?;
+    ip(&["addr", "add", host_cidr, "dev", &br])?;
     ip(&["link", "set", &br, "up"])?;
     for t in [&a, &b] {
         let _ = ip(&["link", "del", t]);
@@ -80,12 +81,14 @@ fn lab(tag: &str) -> Result<(Links, String, String), String> {
     Ok((links, a, b))
 }
 
-fn disk(path: &Path) -> Result<(), String> {
+/// A new 64 MiB disk image.
+pub(crate) fn disk(path: &Path) -> Result<(), String> {
     let f = std::fs::File::create(path).map_err(|e| e.to_string())?;
     f.set_len(64 << 20).map_err(|e| e.to_string())
 }
 
-fn wait_for_kv(addr: &SocketAddr) -> Result<(), String> {
+/// Waits (30 s at most) until kv at `addr` answers PING.
+pub(crate) fn wait_for_kv(addr: &SocketAddr) -> Result<(), String> {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
         if let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_millis(200)) {
@@ -244,7 +247,7 @@ pub fn bench(out: &mut String) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let image = dir.join("kv.elf");
     std::fs::write(&image, guest_images::KV).map_err(|e| e.to_string())?;
-    let (_links, a, b) = lab("k").map_err(|e| format!("{e} (bench kv needs root)"))?;
+    let (_links, a, b) = lab("k", HOST_CIDR).map_err(|e| format!("{e} (bench kv needs root)"))?;
     let addr: SocketAddr = format!("{GUEST_IP}:6379").parse().expect("address");
     let mut text = format!(
         "### kv under redis-benchmark (`cargo xtask bench kv`)\n\n\

@@ -26,6 +26,7 @@ mod bench_stall;
 mod fuzz;
 mod modgraph;
 mod pair;
+mod pair_kv;
 mod transport_bench;
 
 #[derive(Parser)]

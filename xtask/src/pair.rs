@@ -22,9 +22,18 @@ pub struct RunPairArgs {
     /// Epoch interval in ms.
     #[arg(long, default_value_t = 50)]
     pub interval_ms: u64,
-    /// Workload guest: counter or dirty.
+    /// The guest: `counter` or `dirty` (workloads whose record stream the sink checks), or
+    /// `kv` (the Redis-compatible server on a TAP and a disk, driven by `--clients`
+    /// connections whose history is checked at the end; needs root).
     #[arg(long, default_value = "dirty")]
     pub guest: String,
+    /// `--guest kv`: client connections (each INCR, RPUSH, SET, GET on keys of its own).
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// `--guest kv`: how long the clients run, in seconds (default 10, or until 5 s after the
+    /// kill). The kill of `--kill-primary-after-ms` counts from the clients' start.
+    #[arg(long)]
+    pub secs: Option<u64>,
     /// vCPUs.
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
@@ -367,6 +376,9 @@ PROTECTED again {ms:.0} ms after the new standby started"
 
 /// `cargo xtask run-pair`.
 pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
+    if a.guest == "kv" {
+        return crate::pair_kv::run(&a);
+    }
     let bin = build_tandem()?;
     let r = run_pair_once(&bin, &a, true)?;
     let p = r.primary.as_ref();
@@ -504,6 +516,8 @@ pub fn bench(out: &mut String) -> Result<(), String> {
                 guest_args: args.clone(),
                 keep: false,
                 rejoin: false,
+                clients: 8,
+                secs: None,
             };
             let r = run_pair_once(&bin, &a, false)?;
             let _ = std::fs::remove_dir_all(&r.dir);
@@ -551,6 +565,8 @@ pub fn bench(out: &mut String) -> Result<(), String> {
             guest_args: vec!["iters=12M".into()],
             keep: false,
             rejoin: false,
+            clients: 8,
+            secs: None,
         };
         let r = run_pair_once(&bin, &a, false)?;
         let _ = std::fs::remove_dir_all(&r.dir);
