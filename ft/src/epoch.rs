@@ -38,6 +38,9 @@ use crate::{Error, Result};
 pub const MAX_SECTIONS: usize = 4096;
 /// Most state bytes in one epoch.
 pub const MAX_STATE_BYTES: usize = 256 << 20;
+/// Most disk bytes a pre-copy's rounds may carry in all (they wait in the standby's memory
+/// with the base until the completing epoch commits).
+pub const MAX_BASE_DISK_BYTES: u64 = 1 << 30;
 /// Most records of one vCPU in one epoch.
 pub const MAX_RECORDS: usize = 4 << 20;
 /// Committed epochs whose output a standby keeps (the primary releases an epoch's output
@@ -182,17 +185,26 @@ impl Staging {
     }
 
     /// Ends a pre-copy round (pages only): fence, range count and digest must match.
+    /// The round's disk sections (`disk-writes/<d>/<p>`, the only state a round may carry)
+    /// come back beside its pages.
+    #[allow(clippy::type_complexity)]
     pub fn end_pages(
         self,
         fence: Fence,
         ranges: u64,
         digest: [u8; 32],
-    ) -> Result<Vec<(u64, Vec<u8>)>> {
+    ) -> Result<(Vec<(u64, Vec<u8>)>, Vec<Section>)> {
         self.check_pages(fence, ranges, digest)?;
-        if !self.sections.names().is_empty() || !self.records.is_empty() {
+        let disk = |s: &Section| {
+            matches!(
+                checkpoint::SectionId::parse(&s.name),
+                checkpoint::SectionId::DiskWrites { .. }
+            )
+        };
+        if !self.sections.iter().all(disk) || !self.records.is_empty() {
             return Err(malformed("state inside a pre-copy round"));
         }
-        Ok(self.ranges)
+        Ok((self.ranges, self.sections.iter().cloned().collect()))
     }
 
     /// What arrived so far: the range count and the digest of the pages (what an end that
@@ -271,6 +283,10 @@ pub struct Base {
     size: u64,
     chunks: Vec<Option<Box<[u8]>>>,
     touched: Vec<u64>,
+    /// The rounds' disk writes (`disk-writes/<d>/<p>` sections), in the order they came.
+    disks: Vec<Section>,
+    /// Their bytes.
+    disk_bytes: u64,
     /// Rounds applied.
     pub rounds: u32,
     /// Pages received over all rounds.
@@ -283,6 +299,7 @@ impl std::fmt::Debug for Base {
             .field("size", &self.size)
             .field("rounds", &self.rounds)
             .field("pages", &self.pages)
+            .field("disk_bytes", &self.disk_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -296,9 +313,30 @@ impl Base {
             size: mem_size,
             chunks: std::iter::repeat_with(|| None).take(chunks).collect(),
             touched: vec![0; pages.div_ceil(64) as usize],
+            disks: Vec::new(),
+            disk_bytes: 0,
             rounds: 0,
             pages: 0,
         }
+    }
+
+    /// Keeps a verified round's disk sections (decoded and checked against the replica's
+    /// disks when the completing epoch commits), at most [`MAX_BASE_DISK_BYTES`] in all.
+    pub fn keep_disks(&mut self, sections: Vec<Section>) -> Result<()> {
+        let bytes: u64 = sections.iter().map(|s| s.data.len() as u64).sum();
+        if self.disk_bytes + bytes > MAX_BASE_DISK_BYTES {
+            return Err(malformed(format!(
+                "a pre-copy of more than {MAX_BASE_DISK_BYTES} bytes of disk"
+            )));
+        }
+        self.disk_bytes += bytes;
+        self.disks.extend(sections);
+        Ok(())
+    }
+
+    /// Disk bytes kept.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk_bytes
     }
 
     /// Writes a verified round's pages (bounds were checked when they were decoded).
@@ -453,8 +491,36 @@ impl Replica {
 
     /// Checks an epoch's disk writes against this replica's disks without writing anything
     /// (a hostile primary's bad section is refused before the commit).
-    pub fn check(&self, staged: &Staged) -> Result<()> {
+    pub fn check(&self, base: Option<&Base>, staged: &Staged) -> Result<()> {
+        if let Some(b) = base {
+            self.decode_disk_writes(&b.disks)?;
+        }
         self.split_disk_writes(staged).map(|_| ())
+    }
+
+    /// Decodes and checks disk-writes sections against this replica's disks.
+    fn decode_disk_writes(
+        &self,
+        sections: &[Section],
+    ) -> Result<Vec<(usize, devices::virtio::block::DiskWrites)>> {
+        let mut out = Vec::new();
+        for s in sections {
+            let checkpoint::SectionId::DiskWrites { disk: i, .. } =
+                checkpoint::SectionId::parse(&s.name)
+            else {
+                return Err(Error::Epoch(format!("{:?} is not a disk's writes", s.name)));
+            };
+            let Some(d) = self.disks.iter().position(|d| d.0 == i) else {
+                return Err(Error::Epoch(format!(
+                    "the primary writes disk {i}, and this standby has no replica of it (give \
+                     it --disk)"
+                )));
+            };
+            let w = devices::virtio::block::DiskWrites::decode(&s.data, self.disks[d].2)
+                .map_err(|e| Error::Epoch(format!("disk {i}: {e}")))?;
+            out.push((d, w));
+        }
+        Ok(out)
     }
 
     /// The epoch's state without its disk writes, and the decoded, checked disk writes
@@ -465,38 +531,41 @@ impl Replica {
         staged: &Staged,
     ) -> Result<(Snapshot, Vec<(usize, devices::virtio::block::DiskWrites)>)> {
         let mut sections = Snapshot::default();
-        let mut disks = Vec::new();
+        let mut disk_sections = Vec::new();
         for s in staged.sections.iter() {
-            let checkpoint::SectionId::DiskWrites { disk: i, .. } =
-                checkpoint::SectionId::parse(&s.name)
-            else {
+            if matches!(
+                checkpoint::SectionId::parse(&s.name),
+                checkpoint::SectionId::DiskWrites { .. }
+            ) {
+                disk_sections.push(s.clone());
+            } else {
                 sections
                     .push(s.clone())
                     .map_err(|e| Error::Epoch(format!("commit: {e}")))?;
-                continue;
-            };
-            let Some(d) = self.disks.iter().position(|d| d.0 == i) else {
-                return Err(Error::Epoch(format!(
-                    "the epoch writes disk {i}, and this standby has no replica of it (give \
-                     it --disk)"
-                )));
-            };
-            let w = devices::virtio::block::DiskWrites::decode(&s.data, self.disks[d].2)
-                .map_err(|e| Error::Epoch(format!("disk {i}: {e}")))?;
-            disks.push((d, w));
+            }
         }
-        Ok((sections, disks))
+        Ok((sections, self.decode_disk_writes(&disk_sections)?))
     }
 
     /// Commits the epoch that completes a full sync: the pre-copied image (if any) goes in
     /// first, then the epoch itself (see [`Replica::commit`]).
+    /// The base's disk rounds go into the replica's disks in the order they came (round 0
+    /// rebuilds a disk from zeros), before the epoch's own writes.
     pub fn complete(&mut self, base: Option<Base>, staged: Staged) -> Result<()> {
         if let Some(b) = base {
+            let disks = self.decode_disk_writes(&b.disks)?;
             b.write_into(&self.mem)?;
+            for (d, w) in disks {
+                w.apply(&self.disks[d].1).map_err(|e| {
+                    Error::Epoch(format!("writing disk replica {}: {e}", self.disks[d].0))
+                })?;
+            }
             log::info!(
-                "pre-copied image of {} rounds, {} pages, written into the replica",
+                "pre-copied image of {} rounds, {} pages and {} KiB of disk, written into the \
+                 replica",
                 b.rounds,
-                b.pages
+                b.pages,
+                b.disk_bytes >> 10
             );
         }
         self.commit(staged)
@@ -593,15 +662,116 @@ mod tests {
             runs: vec![(60 * 1024, vec![1u8; 8192])],
         };
         let before = hash(r.memory());
-        assert!(r.check(&staged(2, &bad, 2)).is_err());
+        assert!(r.check(None, &staged(2, &bad, 2)).is_err());
         assert!(r.commit(staged(2, &bad, 2)).is_err());
         assert_eq!(hash(r.memory()), before, "memory untouched");
         assert_eq!(std::fs::read(&path).unwrap(), disk, "disk untouched");
         assert_eq!(r.fence, fence(1));
         // A disk this replica does not have.
         let mut other = Replica::new(mem());
-        assert!(other.check(&staged(1, &good, 1)).is_err());
+        assert!(other.check(None, &staged(1, &good, 1)).is_err());
         assert!(other.commit(staged(1, &good, 1)).is_err());
+    }
+
+    /// A pre-copy's disk rounds stay with the base until the completing epoch commits, then
+    /// go in order (round 0 rebuilds the disk from zeros), before the epoch's own writes; a
+    /// bad one is refused by the check, before anything is written.
+    #[test]
+    fn precopied_disk_rounds_go_in_with_the_completing_epoch_in_order() {
+        use devices::virtio::block::DiskWrites;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replica");
+        std::fs::write(&path, vec![5u8; 64 * 1024]).unwrap();
+        let mut r = Replica::new(mem())
+            .with_disks(&[(0, path.clone())])
+            .unwrap();
+        let section = |w: &DiskWrites| Section {
+            name: checkpoint::SectionId::DiskWrites { disk: 0, part: 0 }.name(),
+            version: 1,
+            data: postcard::to_stdvec(w).unwrap(),
+        };
+        // Round 0 (full) and round 1, each a verified round with one page and a disk part.
+        let mut base = Base::new(1 << 20);
+        for (round, w) in [
+            DiskWrites {
+                full: true,
+                capacity: 64 * 1024,
+                runs: vec![(0, vec![1u8; 8192])],
+            },
+            DiskWrites {
+                full: false,
+                capacity: 64 * 1024,
+                runs: vec![(4096, vec![2u8; 4096])],
+            },
+        ]
+        .iter()
+        .enumerate()
+        {
+            let page = vec![round as u8 + 1; 4096];
+            let mut st = Staging::begin(fence(1), 1, 1 << 20).unwrap();
+            st.pages(&[encode_range(0, &page, None)]).unwrap();
+            let s = section(w);
+            st.section(&s.name, s.version, s.data).unwrap();
+            let (pages, disks) = st
+                .end_pages(fence(1), 1, pages_digest(&[(0, &page)]))
+                .unwrap();
+            assert_eq!(
+                disks.len(),
+                1,
+                "the round's disk part comes back beside its pages"
+            );
+            base.apply(pages).unwrap();
+            base.keep_disks(disks).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            vec![5u8; 64 * 1024],
+            "nothing yet"
+        );
+        // The completing epoch writes block 2.
+        let mut sections = Snapshot::default();
+        sections
+            .push(section(&DiskWrites {
+                full: false,
+                capacity: 64 * 1024,
+                runs: vec![(8192, vec![3u8; 4096])],
+            }))
+            .unwrap();
+        let staged = Staged {
+            fence: fence(1),
+            ranges: vec![],
+            sections,
+            records: vec![],
+        };
+        // A base with a disk part past the disk's end is refused before anything is written.
+        let mut bad = Base::new(1 << 20);
+        bad.keep_disks(vec![section(&DiskWrites {
+            full: false,
+            capacity: 64 * 1024,
+            runs: vec![(64 * 1024, vec![1u8; 4096])],
+        })])
+        .unwrap();
+        assert!(r.check(Some(&bad), &staged).is_err());
+        r.check(Some(&base), &staged).unwrap();
+        r.complete(Some(base), staged).unwrap();
+        let disk = std::fs::read(&path).unwrap();
+        assert!(disk[..4096].iter().all(|&b| b == 1), "round 0");
+        assert!(
+            disk[4096..8192].iter().all(|&b| b == 2),
+            "round 1 over round 0"
+        );
+        assert!(
+            disk[8192..12288].iter().all(|&b| b == 3),
+            "the epoch's own write"
+        );
+        assert!(
+            disk[12288..].iter().all(|&b| b == 0),
+            "round 0 rebuilt from zeros"
+        );
+        // Any other state inside a round is refused.
+        let mut st = Staging::begin(fence(1), 0, 1 << 20).unwrap();
+        st.section("vcpu/0", 1, vec![1]).unwrap();
+        assert!(st.end_pages(fence(1), 0, pages_digest(&[])).is_err());
     }
 
     fn hash(m: &GuestMem) -> [u8; 32] {
@@ -732,7 +902,7 @@ mod tests {
         let digest = pages_digest(&[(0x1000, &data), (0x3000, &zero)]);
         let mut st = Staging::begin(fence(1), 2, 1 << 20).unwrap();
         st.pages(&ranges).unwrap();
-        base.apply(st.end_pages(fence(1), 2, digest).unwrap())
+        base.apply(st.end_pages(fence(1), 2, digest).unwrap().0)
             .unwrap();
         // A damaged round is refused whole.
         let mut st = Staging::begin(fence(1), 1, 1 << 20).unwrap();
@@ -747,7 +917,8 @@ mod tests {
         st.pages(&[encode_range(0x1000, &zero, None)]).unwrap();
         base.apply(
             st.end_pages(fence(1), 1, pages_digest(&[(0x1000, &zero)]))
-                .unwrap(),
+                .unwrap()
+                .0,
         )
         .unwrap();
         assert_eq!((base.rounds, base.pages), (2, 3));

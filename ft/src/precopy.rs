@@ -18,6 +18,16 @@
 //! Reading pages while the guest writes them is safe because the dirty log is reset *before*
 //! a round reads: a page changed while (or after) it was read is dirty again and goes out in
 //! the next round or in epoch E. Nothing of the base counts until E commits.
+//!
+//! Disks go in the same rounds (`[disk]` above): each round ends with `DeviceState` sections
+//! `disk-writes/<d>/<p>` (a [`devices::virtio::block::DiskWrites`] each, at most
+//! [`vmx::machine::DISK_WRITES_PART_BYTES`] of data) before its `PreCopyEnd`. Round 0 carries
+//! every non-zero block (`full`: the replica is rebuilt from zeros), later rounds the blocks
+//! written since the round before, and epoch E those written during the last round — taken
+//! with the guest stunned. The dirty blocks are taken under the device's lock *before* the
+//! blocks are read (see [`vmx::virtio::DiskTracker`]), the same rule as for pages. The
+//! standby keeps the disk rounds with the base and writes them into its replica, before E's
+//! own writes, only when E commits.
 
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
@@ -44,6 +54,8 @@ pub struct RoundReport {
     pub pages: u64,
     /// Bytes on the wire (after compression).
     pub wire_bytes: u64,
+    /// Disk bytes sent in the round.
+    pub disk_bytes: u64,
     /// How long the round took.
     pub ms: f64,
 }
@@ -74,6 +86,7 @@ pub struct RoundProgress {
 /// epoch that will complete the sync). `status` shows the phase while it runs.
 pub fn run(
     log: &DirtyLog,
+    disks: Option<&vmx::virtio::DiskTracker>,
     tx: &mut Channel<TcpStream>,
     fence: Fence,
     vcpus: u32,
@@ -97,11 +110,13 @@ pub fn run(
     for round in 0..MAX_ROUNDS {
         let runs = dirty.runs();
         let n: u64 = runs.iter().map(|r| r.1).sum();
-        let r = send_round(log, tx, fence, round, &runs, n, status, t0).map_err(net)?;
+        let r = send_round(log, disks, tx, fence, round, &runs, n, status, t0)?;
         log::info!(
-            "pre-copy round {round}: {n} pages ({} MiB, {} KiB on the wire) in {:.0} ms",
+            "pre-copy round {round}: {n} pages ({} MiB, {} KiB on the wire) and {} KiB of disk \
+             in {:.0} ms",
             (n * 4096) >> 20,
             r.wire_bytes >> 10,
+            r.disk_bytes >> 10,
             r.ms
         );
         report.rounds.push(r);
@@ -123,6 +138,7 @@ pub fn run(
 #[allow(clippy::too_many_arguments)]
 fn send_round(
     log: &DirtyLog,
+    disks: Option<&vmx::virtio::DiskTracker>,
     tx: &mut Channel<TcpStream>,
     fence: Fence,
     round: u32,
@@ -130,8 +146,49 @@ fn send_round(
     pages: u64,
     status: &Mutex<Option<RoundProgress>>,
     t0: Instant,
-) -> transport::Result<RoundReport> {
+) -> Result<RoundReport, String> {
+    let net = |e: transport::Error| format!("pre-copy to the new standby: {e}");
     let start = Instant::now();
+    let (wire, disk_bytes) = send_round_parts(
+        log, disks, tx, fence, round, runs, pages, status, t0,
+    )
+    .map_err(|e| match e {
+        RoundError::Net(e) => net(e),
+        RoundError::Disk(e) => format!("pre-copy: reading a disk: {e}"),
+    })?;
+    Ok(RoundReport {
+        pages,
+        wire_bytes: wire,
+        disk_bytes,
+        ms: start.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Why a round failed.
+enum RoundError {
+    Net(transport::Error),
+    Disk(String),
+}
+
+impl From<transport::Error> for RoundError {
+    fn from(e: transport::Error) -> Self {
+        RoundError::Net(e)
+    }
+}
+
+/// Sends one round: its pages, then its disk sections; (page bytes on the wire, disk bytes).
+#[allow(clippy::too_many_arguments)]
+fn send_round_parts(
+    log: &DirtyLog,
+    disks: Option<&vmx::virtio::DiskTracker>,
+    tx: &mut Channel<TcpStream>,
+    fence: Fence,
+    round: u32,
+    runs: &[(u64, u64)],
+    pages: u64,
+    status: &Mutex<Option<RoundProgress>>,
+    t0: Instant,
+) -> Result<(u64, u64), RoundError> {
     tx.send(&Message::PreCopy {
         fence,
         round,
@@ -175,23 +232,46 @@ fn send_round(
         i = j;
     }
     progress(pages * 4096, pages * 4096);
+    // The disks: every non-zero block in round 0, then what was written since.
+    let mut disk_bytes = 0;
+    if let Some(d) = disks {
+        for (disk, w) in d
+            .take(round == 0)
+            .map_err(|e| RoundError::Disk(e.to_string()))?
+        {
+            disk_bytes += w.bytes();
+            for (part, p) in w
+                .split(vmx::machine::DISK_WRITES_PART_BYTES)
+                .into_iter()
+                .enumerate()
+            {
+                tx.send(&Message::DeviceState {
+                    fence,
+                    name: checkpoint::SectionId::DiskWrites {
+                        disk,
+                        part: part as u32,
+                    }
+                    .name(),
+                    version: 1,
+                    data: postcard::to_stdvec(&p).map_err(|e| RoundError::Disk(e.to_string()))?,
+                })?;
+            }
+        }
+    }
     tx.send(&Message::PreCopyEnd {
         fence,
         round,
         ranges,
         digest: combine_hashes(hashes),
     })?;
-    Ok(RoundReport {
-        pages,
-        wire_bytes: wire,
-        ms: start.elapsed().as_secs_f64() * 1e3,
-    })
+    Ok((wire, disk_bytes))
 }
 
 /// Starts a pre-copy on its own thread; `done` gets the channel back (for the link) or why it
 /// failed.
 pub fn spawn(
     log: DirtyLog,
+    disks: Option<vmx::virtio::DiskTracker>,
     mut tx: Channel<TcpStream>,
     fence: Fence,
     vcpus: u32,
@@ -201,7 +281,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("pre-copy".into())
         .spawn(move || {
-            let r = run(&log, &mut tx, fence, vcpus, &status);
+            let r = run(&log, disks.as_ref(), &mut tx, fence, vcpus, &status);
             done(r.map(|rep| (tx, rep)));
         })
         .map(|_| ())

@@ -988,6 +988,11 @@ impl Vmx {
         self.virtio.announce()
     }
 
+    /// A handle that takes the disks' writes while the guest runs (a pre-copy's disk rounds).
+    pub fn disk_tracker(&self) -> Result<crate::virtio::DiskTracker> {
+        self.virtio.disk_tracker()
+    }
+
     /// The writable disks' images as configured here, by window (a standby's replicas).
     pub fn disk_images(&self) -> Vec<(u32, PathBuf)> {
         self.virtio.disk_images()

@@ -177,6 +177,61 @@ impl Slot {
     }
 }
 
+/// The writable disks of a running VM, for a pre-copy that reads them while the guest runs.
+///
+/// ```text
+///  take(full):  per disk: lock the device ─ take its dirty blocks (all, with full) ─ unlock
+///               then read those blocks from a read-only handle of the image, unlocked
+/// ```
+///
+/// Block requests are served whole under the device's lock (on the vCPU thread), so a write
+/// is either finished before the take (and read here) or marks its block after it (and goes
+/// out in the next take or in the completing epoch, taken with the guest stunned).
+pub struct DiskTracker {
+    disks: Vec<(Arc<Slot>, std::fs::File)>,
+}
+
+impl DiskTracker {
+    /// Whether there is a disk to track.
+    pub fn is_empty(&self) -> bool {
+        self.disks.is_empty()
+    }
+
+    /// The blocks each disk's guest wrote since the last take (every non-zero block with
+    /// `full`, which also starts the tracking afresh): (window, writes); a disk with nothing
+    /// to send is left out unless `full`.
+    pub fn take(&self, full: bool) -> Result<Vec<(u32, DiskWrites)>> {
+        let mut out = Vec::new();
+        for (slot, file) in &self.disks {
+            let (blocks, capacity) = {
+                let mut g = slot.lock();
+                let Some(Transport::Block(t)) = g.as_mut() else {
+                    continue;
+                };
+                let blocks = t.device_mut().take_dirty_blocks();
+                let capacity = t.device().capacity_sectors() * devices::virtio::block::SECTOR_SIZE;
+                (blocks, capacity)
+            };
+            let w = devices::virtio::block::read_writes(
+                file,
+                capacity,
+                if full { None } else { Some(blocks) },
+            )
+            .map_err(|e| Error::Io {
+                path: match &slot.spec {
+                    DeviceSpec::Block(c) => c.path.display().to_string(),
+                    _ => String::new(),
+                },
+                source: e,
+            })?;
+            if full || !w.runs.is_empty() {
+                out.push((slot.index, w));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Routes MMIO exits to device windows (`MMIO_BASE + i·0x1000`, 4 KiB each).
 pub struct VirtioBus {
     slots: Arc<Vec<Arc<Slot>>>,
@@ -518,6 +573,25 @@ impl VirtioGroup {
             }
         }
         Ok(out)
+    }
+
+    /// A handle for taking the disks' writes while the guest runs (a pre-copy): see
+    /// [`DiskTracker`]. Each writable disk's image is opened again, read-only.
+    pub fn disk_tracker(&self) -> Result<DiskTracker> {
+        let mut disks = Vec::new();
+        for s in self.slots.iter() {
+            if let DeviceSpec::Block(c) = &s.spec {
+                if c.readonly {
+                    continue;
+                }
+                let file = std::fs::File::open(&c.path).map_err(|e| Error::Io {
+                    path: c.path.display().to_string(),
+                    source: e,
+                })?;
+                disks.push((s.clone(), file));
+            }
+        }
+        Ok(DiskTracker { disks })
     }
 
     /// The disks' images as configured here, by window (a standby's replicas).

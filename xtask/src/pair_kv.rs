@@ -167,10 +167,26 @@ pub fn run(a: &RunPairArgs) -> Result<(), String> {
             println!("\nthe standby took over; a fresh standby joins it");
         }
         if let Some(r) = reprotect {
-            if pair.wait_protected(Duration::ZERO).is_some() {
+            if let Some(st) = pair.wait_protected(Duration::ZERO) {
+                let sync = st.ft.and_then(|ft| ft.last_sync);
+                let rounds = sync
+                    .as_ref()
+                    .and_then(|s| s.precopy.as_ref())
+                    .map(|p| {
+                        p.rounds
+                            .iter()
+                            .map(|r| format!("{} pages in {:.0} ms", r.pages, r.ms))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
                 println!(
-                    "\nPROTECTED again {:.0} ms after the new standby started",
-                    r.elapsed().as_secs_f64() * 1e3
+                    "\nPROTECTED again {:.0} ms after the new standby started (pre-copy rounds: \
+                     {rounds}; completing epoch {} pages; pre-copy end → protected {:.0} ms)",
+                    r.elapsed().as_secs_f64() * 1e3,
+                    sync.as_ref().map_or(0, |s| s.completing_pages),
+                    sync.as_ref().map_or(f64::NAN, |s| s.joined_to_protected_ms
+                        - s.precopy.as_ref().map_or(0.0, |p| p.ms)),
                 );
                 reprotect = None;
             }

@@ -109,6 +109,66 @@ pub struct DiskWrites {
     pub runs: Vec<(u64, Vec<u8>)>,
 }
 
+/// Reads back from `file` (a disk of `capacity` bytes) the 4 KiB `blocks` as runs of
+/// [`DiskWrites`]; with `None`, a full sync: every block that is not all zeros. Used with the
+/// guest stunned ([`Block::take_writes`]), or while it runs by a pre-copy that took the
+/// dirty blocks under the device's lock first (a block the guest writes after that take is
+/// dirty again and goes out later).
+pub fn read_writes(
+    file: &File,
+    capacity: u64,
+    blocks: Option<Vec<u64>>,
+) -> std::io::Result<DiskWrites> {
+    let full = blocks.is_none();
+    let blocks: Vec<u64> = match blocks {
+        Some(b) => b,
+        None => (0..capacity.div_ceil(DIRTY_BLOCK_SIZE)).collect(),
+    };
+    let mut w = DiskWrites {
+        full,
+        capacity,
+        runs: Vec::new(),
+    };
+    let mut i = 0;
+    while i < blocks.len() {
+        // A run of consecutive blocks, at most 1 MiB.
+        let start = blocks[i];
+        let mut n = 1;
+        while i + n < blocks.len() && blocks[i + n] == start + n as u64 && n < 256 {
+            n += 1;
+        }
+        i += n;
+        let off = start * DIRTY_BLOCK_SIZE;
+        if off >= capacity {
+            continue;
+        }
+        let len = (n as u64 * DIRTY_BLOCK_SIZE).min(capacity - off);
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, off)?;
+        if !full {
+            w.runs.push((off, buf));
+            continue;
+        }
+        // A full sync sends only the blocks that are not all zeros (the replica starts
+        // from zeros).
+        let bs = DIRTY_BLOCK_SIZE as usize;
+        let mut k = 0;
+        while k < buf.len() {
+            if buf[k..(k + bs).min(buf.len())].iter().all(|&x| x == 0) {
+                k += bs;
+                continue;
+            }
+            let from = k;
+            while k < buf.len() && buf[k..(k + bs).min(buf.len())].iter().any(|&x| x != 0) {
+                k += bs;
+            }
+            let to = k.min(buf.len());
+            w.runs.push((off + from as u64, buf[from..to].to_vec()));
+        }
+    }
+    Ok(w)
+}
+
 impl DiskWrites {
     /// Decodes and checks a section from a (hostile) primary against a replica of `capacity`
     /// bytes: every run starting on a block, whole sectors, non-empty and inside the disk.
@@ -366,54 +426,11 @@ impl Block {
     pub fn take_writes(&mut self, full: bool) -> std::io::Result<DiskWrites> {
         let written = self.take_dirty_blocks();
         let capacity = self.capacity_sectors() * SECTOR_SIZE;
-        let blocks: Vec<u64> = if full {
-            (0..capacity.div_ceil(DIRTY_BLOCK_SIZE)).collect()
-        } else {
-            written
-        };
-        let mut w = DiskWrites {
-            full,
+        read_writes(
+            &self.file,
             capacity,
-            runs: Vec::new(),
-        };
-        let mut i = 0;
-        while i < blocks.len() {
-            // A run of consecutive blocks, at most 1 MiB.
-            let start = blocks[i];
-            let mut n = 1;
-            while i + n < blocks.len() && blocks[i + n] == start + n as u64 && n < 256 {
-                n += 1;
-            }
-            i += n;
-            let off = start * DIRTY_BLOCK_SIZE;
-            if off >= capacity {
-                continue;
-            }
-            let len = (n as u64 * DIRTY_BLOCK_SIZE).min(capacity - off);
-            let mut buf = vec![0u8; len as usize];
-            self.file.read_exact_at(&mut buf, off)?;
-            if !full {
-                w.runs.push((off, buf));
-                continue;
-            }
-            // A full sync sends only the blocks that are not all zeros (the replica starts
-            // from zeros).
-            let bs = DIRTY_BLOCK_SIZE as usize;
-            let mut k = 0;
-            while k < buf.len() {
-                if buf[k..(k + bs).min(buf.len())].iter().all(|&x| x == 0) {
-                    k += bs;
-                    continue;
-                }
-                let from = k;
-                while k < buf.len() && buf[k..(k + bs).min(buf.len())].iter().any(|&x| x != 0) {
-                    k += bs;
-                }
-                let to = k.min(buf.len());
-                w.runs.push((off + from as u64, buf[from..to].to_vec()));
-            }
-        }
-        Ok(w)
+            if full { None } else { Some(written) },
+        )
     }
 
     /// The 4 KiB blocks written since the last call, ascending; starts a new interval.

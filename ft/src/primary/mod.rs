@@ -604,8 +604,17 @@ impl Protector {
                 });
                 let tx = self.aux_tx.clone();
                 let who = peer.clone();
+                let disks = match vmx.disk_tracker() {
+                    Ok(d) => (!d.is_empty()).then_some(d),
+                    Err(e) => {
+                        return Ok(Some(Event::PreCopyFailed {
+                            reason: format!("cannot read the disks for the pre-copy: {e}"),
+                        }))
+                    }
+                };
                 let started = precopy::spawn(
                     dirty,
+                    disks,
                     *chan,
                     fence,
                     vmx.vm().vcpu_count(),
@@ -684,10 +693,11 @@ impl Protector {
     /// Captures `epoch`, accounts for it, keeps its records until it is acknowledged, and arms
     /// the epoch timer. [`Action::Send`] hands it to the link.
     fn capture(&mut self, vmx: &mut Vmx, epoch: u64, kind: CaptureKind) -> Result<()> {
-        // A standby's first sync (full, or the epoch completing a pre-copy) gets every disk
-        // whole; later epochs the blocks written since the last.
+        // A standby's first full sync gets every disk whole; the epoch completing a pre-copy
+        // (whose rounds carried the disks) and later epochs the blocks written since the last
+        // take.
         let mut cap =
-            vmx.capture_epoch(epoch, kind == CaptureKind::Full, kind != CaptureKind::Epoch)?;
+            vmx.capture_epoch(epoch, kind == CaptureKind::Full, kind == CaptureKind::Full)?;
         if !self.drained.is_empty() {
             // Output taken for a release that did not happen belongs to this epoch.
             let mut records = std::mem::take(&mut self.drained);

@@ -297,7 +297,7 @@ impl Harness {
                     let r = self.replica.as_mut().expect("built");
                     // As the standby does: disk writes the replica cannot take are refused
                     // before anything is written (this replica has no disks).
-                    if let Err(e) = r.check(&staged) {
+                    if let Err(e) = r.check(base.as_ref(), &staged) {
                         queue.extend(self.machine.on(Event::CommitRefused {
                             fence,
                             why: e.to_string(),

@@ -554,7 +554,7 @@ impl Machine {
                     };
                 }
             }
-            // State has no place in a round: the round's end refuses it.
+            // A round carries disk writes only: its end refuses any other state.
             Receiving::Round { staging, .. } => {
                 if let Err(e) = staging.section(name, version, data) {
                     self.rx = Receiving::Idle;
@@ -702,13 +702,16 @@ impl Machine {
                 "pre-copy round {round} ends round {expect}"
             )))
         } else {
-            staging.end_pages(fence, ranges, digest).and_then(|pages| {
-                let n = pages.iter().map(|p| p.1.len() as u64 / 4096).sum::<u64>();
-                if let PreCopy::Open(b) = &mut sync.precopy {
-                    b.apply(pages)?;
-                }
-                Ok(n)
-            })
+            staging
+                .end_pages(fence, ranges, digest)
+                .and_then(|(pages, disks)| {
+                    let n = pages.iter().map(|p| p.1.len() as u64 / 4096).sum::<u64>();
+                    if let PreCopy::Open(b) = &mut sync.precopy {
+                        b.apply(pages)?;
+                        b.keep_disks(disks)?;
+                    }
+                    Ok(n)
+                })
         };
         match applied {
             Ok(n) => {

@@ -425,7 +425,7 @@ impl Standby {
         let r = replica.as_mut().expect("built with the VM");
         // Disk writes this replica cannot take are refused like a VM that cannot be built:
         // nothing is written.
-        if let Err(e) = r.check(&staged) {
+        if let Err(e) = r.check(base.as_ref(), &staged) {
             let why = e.to_string();
             return (Event::CommitRefused { fence, why, base }, None);
         }
