@@ -32,6 +32,7 @@
 pub mod arbiter;
 pub mod epoch;
 pub mod link;
+pub mod metrics;
 pub mod precopy;
 pub mod primary;
 pub mod standby;
@@ -180,6 +181,8 @@ pub struct PrimaryConfig {
     pub hooks: link::TestHooks,
     /// The output sink's key (None: a plaintext sink, testing only).
     pub sink_key: Option<transport::Psk>,
+    /// Metrics to feed (`--metrics`; None: none served).
+    pub metrics: Option<metrics::Metrics>,
 }
 
 /// Connects to a standby (retrying for `patience`), authenticates, and asks to be protected.
@@ -322,6 +325,9 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, status::FtStatus)> {
     let mut ft = Protector::new(generation, cfg.interval, sink);
     ft.hooks = cfg.hooks.clone();
     ft.sink_key = cfg.sink_key.clone();
+    if let Some(m) = &cfg.metrics {
+        ft.set_metrics(m);
+    }
     if let Some(arb) = &cfg.arbiter {
         ft = ft.with_arbiter(arb.clone(), cfg.sink.clone());
     }

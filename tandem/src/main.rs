@@ -107,9 +107,33 @@ struct LinkArgs {
     /// primaries after a network partition.
     #[arg(long, value_name = "DIR")]
     arbiter: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT; text format 0.0.4):
+    /// role, generation, epochs committed, bytes sent, throttles, replication lag, a histogram
+    /// of the guest-visible pause per epoch, failovers, re-protections. They are read from
+    /// the same status `tandem ctl SOCKET status` shows. Bind to a private address: the
+    /// endpoint has no authentication.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 impl LinkArgs {
+    /// Serves `--metrics` for a process starting in `role` (before anything else starts, so
+    /// that a busy port stops it at once).
+    fn metrics(&self, role: ft::status::Role) -> Result<Option<ft::metrics::Metrics>, Error> {
+        let Some(addr) = &self.metrics else {
+            return Ok(None);
+        };
+        let m = ft::metrics::Metrics::new(role);
+        match m.serve(addr) {
+            Ok(_) => Ok(Some(m)),
+            Err(Error::Io { path, source }) => Err(Error::Io {
+                path: format!("--metrics {path}"),
+                source,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
     fn arbiter(&self) -> Result<Option<std::sync::Arc<dyn ft::arbiter::Arbiter>>, Error> {
         match &self.arbiter {
             Some(d) => Ok(Some(std::sync::Arc::new(ft::arbiter::FileArbiter::new(d)?))),
@@ -430,6 +454,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
 }
 
 fn primary(args: PrimaryArgs) -> Result<(), Error> {
+    let metrics = args.link.metrics(ft::status::Role::Primary)?;
     let boot = match &args.restore {
         Some(path) => Boot::Restore {
             path: path.clone(),
@@ -449,6 +474,7 @@ fn primary(args: PrimaryArgs) -> Result<(), Error> {
         connect_patience: Duration::from_secs(10),
         hooks: fault_hooks(),
         sink_key: args.link.sink_key()?,
+        metrics,
     };
     let (outcome, ft) = ft::run_primary(cfg)?;
     if args.common.json {
@@ -468,6 +494,7 @@ fn primary(args: PrimaryArgs) -> Result<(), Error> {
 
 fn standby(args: StandbyArgs) -> Result<(), Error> {
     use std::io::Write;
+    let metrics = args.link.metrics(ft::status::Role::Standby)?;
     let cfg = ft::standby::StandbyConfig {
         psk: args.link.psk()?,
         interval: Duration::from_millis(args.link.interval_ms),
@@ -477,6 +504,7 @@ fn standby(args: StandbyArgs) -> Result<(), Error> {
         sink_key: args.link.sink_key()?,
         disks: args.disks.clone(),
         nets: args.nets.clone(),
+        metrics,
     };
     let sb = match (&args.join, &args.listen) {
         (Some(primary), listen) => ft::standby::Standby::join(primary, listen.as_deref(), cfg)?,

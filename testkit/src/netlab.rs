@@ -461,6 +461,7 @@ pub fn run_fault(
         sink_listen: format!("{}:0", lab.root_ip),
         standby_listen: format!("{}:0", lab.b_ip),
         standby_args: base.hosts.standby_args.clone(),
+        primary_args: base.hosts.primary_args.clone(),
     };
     let mut pair = Pair::start_standby(cfg).map_err(|e| format!("starting the pair: {e}"))?;
     let _relay = match delay {

@@ -51,6 +51,8 @@ pub struct Hosts {
     /// becomes the standby's node name (`standby`, `standby2`, …), e.g. for a disk replica
     /// of its own: `--disk DIR/{node}.disk`.
     pub standby_args: Vec<String>,
+    /// Extra arguments of the first primary (e.g. `--metrics ADDR`).
+    pub primary_args: Vec<String>,
 }
 
 impl Default for Hosts {
@@ -61,6 +63,7 @@ impl Default for Hosts {
             sink_listen: "127.0.0.1:0".into(),
             standby_listen: "127.0.0.1:0".into(),
             standby_args: Vec::new(),
+            primary_args: Vec::new(),
         }
     }
 }
@@ -323,6 +326,7 @@ impl Pair {
         let name = self.primary_name.clone();
         args.extend(self.role_args(&name));
         args.push("--json".into());
+        args.extend(self.cfg.hosts.primary_args.iter().cloned());
         args.extend(self.cfg.guest.iter().cloned());
         let mut cmd = Self::command(&self.cfg, &self.cfg.hosts.primary_prefix);
         cmd.args(&args)

@@ -37,6 +37,7 @@ use vmx::machine::{Captured, Vmx};
 
 use crate::arbiter::Arbiter;
 use crate::link::{self, Link, LinkEvent, SendStats};
+use crate::metrics::Metrics;
 use crate::status::{
     BytesSent, Counters, FtStatus, LastSync, Notes, PauseMs, PrimaryCounters, Role, SyncStatus,
 };
@@ -101,6 +102,8 @@ pub enum Aux {
         /// Who.
         peer: String,
     },
+    /// A metrics scrape wants the status (see [`crate::metrics`]).
+    Status(Sender<FtStatus>),
 }
 
 /// What the driver remembers of the re-sync the machine runs.
@@ -164,6 +167,8 @@ pub struct Protector {
     pub hooks: link::TestHooks,
     /// The sink's key, for reconnecting as a new generation (None: a plaintext sink).
     pub sink_key: Option<transport::Psk>,
+    /// The process's metrics (`--metrics`), if served.
+    metrics: Option<Metrics>,
 }
 
 impl Protector {
@@ -199,7 +204,19 @@ impl Protector {
             notes: None,
             hooks: link::TestHooks::default(),
             sink_key: None,
+            metrics: None,
         }
+    }
+
+    /// Feeds `metrics`: every epoch's pause, and this protector's status for every scrape
+    /// (asked through the run loop, like the control socket's `status`).
+    pub fn set_metrics(&mut self, metrics: &Metrics) {
+        let tx = self.aux_tx.clone();
+        metrics.set_source(
+            Role::Primary,
+            Box::new(move |reply| tx.send(Aux::Status(reply)).is_ok()),
+        );
+        self.metrics = Some(metrics.clone());
     }
 
     /// Arbitrates role changes with `arbiter`; `sink_addr` is where to reconnect as a new
@@ -321,6 +338,10 @@ impl Protector {
                 );
                 self.joiner = None;
                 r
+            }
+            Aux::Status(reply) => {
+                let _ = reply.send(self.ft_status());
+                Ok(())
             }
             Aux::PreCopied { result, peer } => {
                 if self.machine.resyncing().is_none() {
@@ -739,6 +760,9 @@ impl Protector {
         }
         if !cap.full {
             self.stats.pauses_ms.push(pause_ms);
+            if let Some(m) = &self.metrics {
+                m.observe_pause(cap.pause);
+            }
             if self.stats.save_steps_ms.len() >= PAUSE_WINDOW {
                 self.stats.save_steps_ms.remove(0);
             }

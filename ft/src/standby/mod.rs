@@ -34,7 +34,7 @@ use transport::{Channel, Intent, Message, Psk, Received};
 use self::machine::{Action, Event, Machine, Shape};
 use super::epoch::{Base, Replica, Staged};
 use super::{unix_ms, Protector};
-use crate::status::{EndReport, FtStatus, Notes};
+use crate::status::{EndReport, FtStatus, Notes, Role};
 use crate::{Error, Result};
 use ::sink::SinkClient;
 use vmx::groups::MachineConfig;
@@ -61,6 +61,9 @@ pub struct StandbyConfig {
     pub disks: Vec<devices::virtio::BlockConfig>,
     /// This host's TAPs for the primary's cards, in order; empty: the primary's TAP names.
     pub nets: Vec<devices::virtio::NetConfig>,
+    /// Metrics to feed (`--metrics`; None: none served): the standby's status, then, after
+    /// a takeover, the new primary's.
+    pub metrics: Option<crate::metrics::Metrics>,
 }
 
 pub use crate::status::FailoverReport;
@@ -251,6 +254,11 @@ impl Standby {
             })?;
 
         let mut m = Machine::new(self.cfg.arbiter.as_ref().map(|a| a.describe()));
+        let scrapes = self
+            .cfg
+            .metrics
+            .as_ref()
+            .map(|metrics| metrics.requests(Role::Standby));
         let mut vmx: Option<Vmx> = None;
         let mut replica: Option<Replica> = None;
         let mut last_frame = Instant::now();
@@ -339,6 +347,9 @@ impl Standby {
             }
             if let Some(e) = fatal.take() {
                 return Err(e);
+            }
+            if let Some(r) = &scrapes {
+                crate::metrics::answer(r, || m.status());
             }
             if std::mem::take(&mut handled) {
                 if let Some(v) = &mut vmx {
@@ -468,6 +479,9 @@ impl Standby {
         };
         let mut ft = Protector::new(generation, self.cfg.interval, sink);
         ft.sink_key = self.cfg.sink_key.clone();
+        if let Some(metrics) = &self.cfg.metrics {
+            ft.set_metrics(metrics);
+        }
         if let Some(arb) = &self.cfg.arbiter {
             ft = ft.with_arbiter(arb.clone(), self.cfg.sink.clone());
         }
