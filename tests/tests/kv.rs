@@ -868,6 +868,7 @@ fn a_partition_between_the_hosts_leaves_exactly_one_kv_answering() {
             "--disk".into(),
             dir.join("replica.disk").display().to_string(),
         ],
+        ..Default::default()
     };
     let mut pair = protected_kv(
         &dir,
