@@ -31,6 +31,7 @@
 
 pub mod arbiter;
 pub mod epoch;
+pub mod inputs;
 pub mod link;
 pub mod metrics;
 pub mod precopy;

@@ -17,6 +17,7 @@ use transport::pages::{encode_range, encode_range_uncompressed};
 
 use super::epoch::RECORDS_PREFIX;
 use checkpoint::digest::{combine_hashes, range_hash};
+use devices::virtio::InputFrame;
 use vmx::machine::Captured;
 
 /// Faults a test can inject into the primary's link. Production code never sets them: the
@@ -124,8 +125,13 @@ enum Job {
 pub struct Link {
     jobs: Sender<Job>,
     events: Receiver<LinkEvent>,
+    inputs: Sender<InputFrame>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Received frames the link may queue for the standby (input replication); more are dropped
+/// by the card's tap, not waited for.
+pub const INPUT_QUEUE: usize = 4096;
 
 /// Fixed facts of a link.
 #[derive(Clone, Debug)]
@@ -167,9 +173,10 @@ impl Link {
             })?;
         let (jobs_tx, jobs_rx) = bounded(1);
         let (ev_tx, ev_rx) = unbounded();
+        let (in_tx, in_rx) = bounded(INPUT_QUEUE);
         let thread = std::thread::Builder::new()
             .name("link-sender".into())
-            .spawn(move || sender(tx, rep_rx, jobs_rx, ev_tx, cfg))
+            .spawn(move || sender(tx, rep_rx, jobs_rx, in_rx, ev_tx, cfg))
             .map_err(|source| crate::Error::Thread {
                 what: "replication link",
                 source,
@@ -177,8 +184,15 @@ impl Link {
         Ok(Link {
             jobs: jobs_tx,
             events: ev_rx,
+            inputs: in_tx,
             thread: Some(thread),
         })
+    }
+
+    /// Where the cards' received frames go (input replication): the sender sends each as an
+    /// `Input` message at the first moment it is not in the middle of an epoch.
+    pub fn inputs(&self) -> Sender<InputFrame> {
+        self.inputs.clone()
     }
 
     /// Hands an epoch over (the previous one must have been acknowledged).
@@ -202,10 +216,27 @@ impl Link {
 
 type Replies = Receiver<Result<Received, String>>;
 
+/// Sends one received frame as an `Input` message.
+fn send_input(
+    tx: &mut Channel<TcpStream>,
+    generation: u64,
+    f: InputFrame,
+) -> transport::Result<()> {
+    tx.send(&Message::Input {
+        fence: Fence {
+            generation: Generation(generation),
+            epoch: Epoch(f.epoch),
+        },
+        card: f.card,
+        frame: f.frame,
+    })
+}
+
 fn sender(
     mut tx: Channel<TcpStream>,
     replies: Replies,
     jobs: Receiver<Job>,
+    inputs: Receiver<InputFrame>,
     events: Sender<LinkEvent>,
     cfg: LinkConfig,
 ) {
@@ -229,7 +260,7 @@ fn sender(
                 Ok(Job::Epoch(cap)) => {
                     last = cap.epoch;
                     let first = std::mem::replace(&mut first_epoch, false);
-                    match send_epoch(&mut tx, &replies, &events, &cap, &cfg, &mut codec, &mut cache, first) {
+                    match send_epoch(&mut tx, &replies, &inputs, &events, &cap, &cfg, &mut codec, &mut cache, first) {
                         Ok(stats) => {
                             let _ = events.send(LinkEvent::Acked { epoch: cap.epoch, stats });
                         }
@@ -245,6 +276,13 @@ fn sender(
                     return;
                 }
                 Err(_) => return,
+            },
+            recv(inputs) -> f => {
+                if let Ok(f) = f {
+                    if let Err(e) = send_input(&mut tx, cfg.generation, f) {
+                        return lost(format!("sending a received frame failed: {e}"));
+                    }
+                }
             },
             recv(replies) -> r => {
                 let why = match r {
@@ -291,6 +329,7 @@ impl CodecChoice {
 fn send_epoch(
     tx: &mut Channel<TcpStream>,
     replies: &Replies,
+    inputs: &Receiver<InputFrame>,
     events: &Sender<LinkEvent>,
     cap: &Captured,
     cfg: &LinkConfig,
@@ -419,14 +458,23 @@ fn send_epoch(
         };
         // Heartbeats go on while the acknowledgement travels: a slow link must not look like
         // a dead primary to the standby.
+        // Received frames go out meanwhile (input replication).
         let waiting = Instant::now();
         let reply = loop {
             let left = patience.saturating_sub(waiting.elapsed());
-            match replies.recv_timeout(left.min(cfg.interval)) {
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) if !left.is_zero() => {
+            select! {
+                recv(replies) -> r => break r.map_err(|_| ()),
+                recv(inputs) -> f => {
+                    if let Ok(f) = f {
+                        send_input(tx, cfg.generation, f).map_err(net)?;
+                    }
+                }
+                default(left.min(cfg.interval)) => {
+                    if left.is_zero() {
+                        break Err(());
+                    }
                     tx.send(&Message::Heartbeat { fence }).map_err(net)?;
                 }
-                r => break r,
             }
         };
         match reply {

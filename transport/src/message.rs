@@ -27,6 +27,7 @@
 //!   12   Intent         intent (varint: 0 Protect, 1 Join)
 //!   13   PreCopy        fence, round u32, pages u64
 //!   14   PreCopyEnd     fence, round u32, ranges u64, digest [32]
+//!   15   Input          fence, card u32, frame bytes (14..=MAX_INPUT_FRAME B)
 //!   fence = generation u64, epoch u64
 //! ```
 //!
@@ -41,6 +42,8 @@ use crate::{Error, Result};
 pub const MAX_TEXT: usize = 4096;
 /// Largest state blob in a message.
 pub const MAX_STATE: usize = 8 << 20;
+/// Largest frame an `Input` message carries (a virtio-net frame, ethernet header included).
+pub const MAX_INPUT_FRAME: usize = 65536;
 
 /// Why a receiver refused something.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +173,19 @@ pub enum Message {
         /// SHA-256 over the round's decoded pages (as in `EpochEnd`).
         digest: [u8; 32],
     },
+    /// A frame the guest's network card `card` received, sent as it arrives (input
+    /// replication): `fence.epoch` is the epoch whose capture will include its effects. A
+    /// standby that takes over from committed epoch C delivers again the frames of epochs
+    /// after C, which its copy of the guest never saw (see `ft::inputs`).
+    Input {
+        /// Sender's generation, and the epoch the frame belongs to.
+        fence: Fence,
+        /// The card's device window.
+        card: u32,
+        /// The ethernet frame.
+        #[serde(with = "serde_bytes")]
+        frame: Vec<u8>,
+    },
 }
 
 /// What a client of a replication listener comes for.
@@ -202,6 +218,7 @@ impl Message {
             | Message::EpochEnd { fence, .. }
             | Message::PreCopy { fence, .. }
             | Message::PreCopyEnd { fence, .. }
+            | Message::Input { fence, .. }
             | Message::Ack { fence }
             | Message::Nack { fence, .. }
             | Message::Heartbeat { fence } => Some(*fence),
@@ -264,6 +281,15 @@ impl Message {
                 blob(data)
             }
             Message::Nack { message, .. } => text("nack message", message),
+            Message::Input { frame, .. } => {
+                if frame.len() < 14 || frame.len() > MAX_INPUT_FRAME {
+                    return Err(Error::Message(format!(
+                        "an input frame of {} bytes (14..={MAX_INPUT_FRAME})",
+                        frame.len()
+                    )));
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -352,6 +378,12 @@ mod tests {
                     digest,
                 }
             ),
+            (
+                fence(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 14..300)
+            )
+                .prop_map(|(fence, card, frame)| Message::Input { fence, card, frame }),
         ]
     }
 
@@ -384,6 +416,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("limit"));
+        // Input frames: an ethernet header at least, a virtio-net frame at most.
+        for len in [0, 13, MAX_INPUT_FRAME + 1] {
+            let m = Message::Input {
+                fence: Fence::default(),
+                card: 0,
+                frame: vec![0; len],
+            };
+            assert!(Message::decode(&m.encode()).is_err(), "{len}");
+        }
         // A length prefix that promises more than the input holds.
         let lie = [6u8, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f];
         assert!(Message::decode(&lie).is_err());
@@ -469,6 +510,14 @@ mod tests {
                     round: 0,
                     ranges: 0,
                     digest: [0; 32],
+                },
+            ),
+            (
+                15,
+                Message::Input {
+                    fence: f,
+                    card: 0,
+                    frame: vec![0; 14],
                 },
             ),
         ];

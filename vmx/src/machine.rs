@@ -387,6 +387,7 @@ impl PowerOn {
             epoch_frames: Vec::new(),
             epoch_disks: Vec::new(),
             epoch_full_disk: false,
+            epoch_number: 0,
             heartbeat_events: Vec::new(),
             unclaimed_ports: Vec::new(),
             machine: Machine::default(),
@@ -533,6 +534,8 @@ pub struct Vmx {
     epoch_disks: Vec<(u32, devices::virtio::block::DiskWrites)>,
     /// The epoch being captured sends every disk whole (a standby's first sync).
     epoch_full_disk: bool,
+    /// The epoch being captured (input replication tags frames with the next one).
+    epoch_number: u64,
     pub(crate) heartbeat_events: Vec<(f64, HeartbeatEvent)>,
     pub(crate) unclaimed_ports: Vec<u16>,
     pub(crate) machine: Machine,
@@ -804,6 +807,8 @@ impl Vmx {
             // Output commit: the frames the cards sent up to this stun belong to this epoch;
             // take them now, before the guest runs again and sends the next epoch's.
             self.epoch_frames = self.virtio.take_held_frames();
+            // Input replication: frames delivered from here on belong to the next epoch.
+            self.virtio.set_input_epoch(self.epoch_number + 1);
             // Disk replication: the blocks written during this epoch travel with it.
             let full_disk = self.epoch_full_disk || mem.full;
             self.epoch_disks = self.virtio.take_disk_writes(full_disk)?;
@@ -903,6 +908,7 @@ impl Vmx {
     /// last capture, read back while stunned), whole with `full_disk` or `full`.
     pub fn capture_epoch(&mut self, epoch: u64, full: bool, full_disk: bool) -> Result<Captured> {
         self.epoch_full_disk = full_disk;
+        self.epoch_number = epoch;
         let t0 = Instant::now();
         let mem = EpochMem {
             full,
@@ -986,6 +992,33 @@ impl Vmx {
     /// [`VirtioGroup::announce`]. Returns how many cards were announced.
     pub fn announce(&self) -> usize {
         self.virtio.announce()
+    }
+
+    /// Input replication: copy every frame delivered to the cards to `out` (tagged with the
+    /// epoch whose capture will include it), or stop with `None`.
+    pub fn copy_inputs(&self, out: Option<crossbeam_channel::Sender<devices::virtio::InputFrame>>) {
+        self.virtio.copy_inputs(out);
+    }
+
+    /// Input replication: (frames copied, frames missed).
+    pub fn input_stats(&self) -> (u64, u64) {
+        self.virtio.input_stats()
+    }
+
+    /// Delivers frames again to their cards, in order, before anything from the TAPs (a
+    /// standby that took over). Returns how many were queued.
+    pub fn inject_inputs(&self, frames: Vec<(u32, Vec<u8>)>) -> usize {
+        let mut by_card: Vec<(u32, Vec<Vec<u8>>)> = Vec::new();
+        for (card, f) in frames {
+            match by_card.iter_mut().find(|(c, _)| *c == card) {
+                Some((_, v)) => v.push(f),
+                None => by_card.push((card, vec![f])),
+            }
+        }
+        by_card
+            .into_iter()
+            .map(|(card, fs)| self.virtio.inject(card, fs))
+            .sum()
     }
 
     /// A handle that takes the disks' writes while the guest runs (a pre-copy's disk rounds).

@@ -50,7 +50,7 @@ use devices::virtio::persist::DeviceState;
 use devices::virtio::{
     persist, Block, EventFdInterrupt, Interrupt, MmioTransport, Net, VirtioState,
 };
-use devices::virtio::{FrameHold, HeldFrames, HoldStats, NetBackend};
+use devices::virtio::{FrameHold, HeldFrames, HoldStats, InputFrame, InputTap, NetBackend};
 use guest_abi::boot::{MmioDevice, VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 use guest_abi::layout::{mmio_window, MAX_MMIO_DEVICES, MMIO_BASE, MMIO_GSI_BASE, MMIO_SIZE};
 use monitor::{GuestMem, MmioBus, Vm};
@@ -168,6 +168,8 @@ pub struct Slot {
     dev: Mutex<Option<Transport>>,
     /// A card's output-commit buffer (it outlives transports rebuilt by a restore).
     hold: Option<Arc<FrameHold>>,
+    /// A card's input copy (input replication; it outlives transports too).
+    input: Option<Arc<InputTap>>,
 }
 
 impl Slot {
@@ -438,6 +440,7 @@ impl VirtioGroup {
             vm.register_irqfd(irq.eventfd(), MMIO_GSI_BASE + index)?;
             let hold =
                 matches!(spec, DeviceSpec::Net(_)).then(|| FrameHold::new(DEFAULT_HOLD_BYTES));
+            let input = matches!(spec, DeviceSpec::Net(_)).then(|| InputTap::new(index));
             let dev = if restoring {
                 None
             } else {
@@ -446,6 +449,7 @@ impl VirtioGroup {
                     mem.clone(),
                     irq.clone(),
                     hold.as_ref(),
+                    input.as_ref(),
                 )?)
             };
             slots.push(Arc::new(Slot {
@@ -454,6 +458,7 @@ impl VirtioGroup {
                 irq,
                 dev: Mutex::new(dev),
                 hold,
+                input,
             }));
         }
         group.slots = Arc::new(slots);
@@ -470,6 +475,58 @@ impl VirtioGroup {
     /// The device windows.
     pub fn slots(&self) -> &[Arc<Slot>] {
         &self.slots
+    }
+
+    /// Input replication: copy every frame delivered to a card to `out` from now on (see
+    /// [`devices::virtio::inputs`]); `None` stops it.
+    pub fn copy_inputs(&self, out: Option<crossbeam_channel::Sender<InputFrame>>) {
+        for i in self.slots.iter().filter_map(|s| s.input.as_ref()) {
+            match &out {
+                Some(tx) => i.start(tx.clone()),
+                None => i.stop(),
+            }
+        }
+    }
+
+    /// Input replication: frames delivered from now on belong to `epoch` (called with the
+    /// guest stunned, net RX stopped).
+    pub fn set_input_epoch(&self, epoch: u64) {
+        for i in self.slots.iter().filter_map(|s| s.input.as_ref()) {
+            i.set_epoch(epoch);
+        }
+    }
+
+    /// Input replication: (frames copied, frames missed) over every card.
+    pub fn input_stats(&self) -> (u64, u64) {
+        self.slots
+            .iter()
+            .filter_map(|s| s.input.as_ref())
+            .map(|i| i.stats())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    /// Delivers `frames` to card `card` again, before anything from its TAP (a standby that
+    /// took over: what its copy of the guest never saw), and serves its RX queue at once.
+    /// Returns how many frames were queued.
+    pub fn inject(&self, card: u32, frames: Vec<Vec<u8>>) -> usize {
+        let Some(slot) = self.slots.iter().find(|s| s.index == card) else {
+            log::warn!(
+                "{} input frames for card {card}, which does not exist",
+                frames.len()
+            );
+            return 0;
+        };
+        let n = frames.len();
+        let mut g = slot.lock();
+        let Some(Transport::Net(t)) = g.as_mut() else {
+            log::warn!("{n} input frames for device {card}, which is not a network card");
+            return 0;
+        };
+        t.device_mut().inject(frames);
+        // Frames go now if the guest has RX buffers (the used-ring interrupt with them);
+        // otherwise as it posts some.
+        t.poll();
+        n
     }
 
     /// Output commit: hold every card's transmitted frames (on) or pass them through (off;
@@ -730,13 +787,21 @@ pub fn restore_disks(
     Ok(lines)
 }
 
-/// Puts a card's transmitted frames through its output-commit buffer.
-fn behind_hold(mut t: MmioTransport<Net>, hold: Option<&Arc<FrameHold>>) -> MmioTransport<Net> {
+/// Puts a card's transmitted frames through its output-commit buffer, and copies its
+/// received ones to its input tap.
+fn behind_hold(
+    mut t: MmioTransport<Net>,
+    hold: Option<&Arc<FrameHold>>,
+    input: Option<&Arc<InputTap>>,
+) -> MmioTransport<Net> {
     if let Some(hold) = hold {
         if let Some(tap) = t.device().tap() {
             hold.set_output(Box::new(tap.clone()));
         }
         t.device_mut().set_sink(hold.sink());
+    }
+    if let Some(input) = input {
+        t.device_mut().set_input_tap(input.clone());
     }
     t
 }
@@ -746,6 +811,7 @@ fn new_transport(
     mem: GuestMem,
     irq: Arc<EventFdInterrupt>,
     hold: Option<&Arc<FrameHold>>,
+    input: Option<&Arc<InputTap>>,
 ) -> Result<Transport> {
     let irq: Arc<dyn Interrupt> = irq;
     let r = match spec {
@@ -754,7 +820,7 @@ fn new_transport(
             .map(Transport::Block),
         DeviceSpec::Net(c) => Net::open(c.clone())
             .and_then(|d| MmioTransport::new(d, mem, irq))
-            .map(|t| Transport::Net(behind_hold(t, hold))),
+            .map(|t| Transport::Net(behind_hold(t, hold, input))),
     };
     // A device that cannot be built is a configuration to change (exit 2).
     r.map_err(|e| Error::Usage(e.to_string()))
@@ -869,6 +935,7 @@ impl Group for VirtioGroup {
                         )
                         .map_err(cpt_err)?,
                         s.hold.as_ref(),
+                        s.input.as_ref(),
                     ))
                 }
             };

@@ -55,6 +55,7 @@
 pub mod block;
 pub mod chain;
 pub mod hold;
+pub mod inputs;
 pub mod mmio;
 pub mod net;
 pub mod persist;
@@ -72,6 +73,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockConfig};
 pub use hold::{FrameHold, HeldFrames, HoldStats};
+pub use inputs::{InputFrame, InputTap};
 pub use mmio::MmioTransport;
 pub use net::{FrameSink, FrameSource, Net, NetBackend, NetConfig};
 pub use persist::{DeviceState, VirtioState, VIRTIO_STATE_VERSION};

@@ -213,6 +213,10 @@ pub struct Net {
     backend: NetBackend,
     rx_buf: Vec<u8>,
     rx_pending: usize,
+    /// Frames to deliver before the back end's (input replay after a failover).
+    injected: std::collections::VecDeque<Vec<u8>>,
+    /// Where delivered frames are copied (input replication), if anywhere.
+    input_tap: Option<Arc<super::inputs::InputTap>>,
     tx_buf: Vec<u8>,
     stats: NetStats,
 }
@@ -241,6 +245,8 @@ impl Net {
             backend,
             rx_buf: vec![0; MAX_FRAME_LEN + 1],
             rx_pending: 0,
+            injected: std::collections::VecDeque::new(),
+            input_tap: None,
             tx_buf: Vec::new(),
             stats: NetStats::default(),
         }
@@ -281,6 +287,24 @@ impl Net {
     /// Replaces where transmitted frames go (e.g. an output-commit buffer in front of the TAP).
     pub fn set_sink(&mut self, sink: Box<dyn FrameSink>) {
         self.backend.sink = sink;
+    }
+
+    /// Copies every frame delivered to the guest to `tap` (input replication).
+    pub fn set_input_tap(&mut self, tap: Arc<super::inputs::InputTap>) {
+        self.input_tap = Some(tap);
+    }
+
+    /// Queues frames to deliver to the guest before anything from the back end (a standby
+    /// delivering again what its copy of the guest never saw); they go as RX buffers come.
+    /// Frames longer than [`MAX_FRAME_LEN`] or shorter than an ethernet header are dropped.
+    pub fn inject(&mut self, frames: impl IntoIterator<Item = Vec<u8>>) {
+        for f in frames {
+            if (14..=MAX_FRAME_LEN).contains(&f.len()) {
+                self.injected.push_back(f);
+            } else {
+                self.stats.rx_dropped_oversize += 1;
+            }
+        }
     }
 
     fn tx_one(&mut self, mem: &GuestMem, c: &Chain) {
@@ -381,6 +405,9 @@ impl Net {
         }
         self.stats.rx_frames += 1;
         self.stats.rx_bytes += frame as u64;
+        if let Some(t) = &self.input_tap {
+            t.delivered(&self.rx_buf[..frame]);
+        }
         need as u32
     }
 
@@ -424,6 +451,12 @@ impl Net {
                 if !chain::has_available(queue, mem, RX_QUEUE)? {
                     return Ok((used, true));
                 }
+                if let Some(f) = self.injected.pop_front() {
+                    self.rx_buf[..f.len()].copy_from_slice(&f);
+                    self.rx_pending = f.len();
+                }
+            }
+            if self.rx_pending == 0 {
                 match self.backend.source.recv(&mut self.rx_buf) {
                     Ok(0) => break,
                     Ok(n) if n > MAX_FRAME_LEN => {
@@ -496,6 +529,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.rx_pending = 0;
+        self.injected.clear();
     }
 
     fn save_device(&self) -> DeviceState {

@@ -246,7 +246,7 @@ impl Protector {
     /// Starts protecting over `link`: captures a full sync now (the guest may be paused or
     /// running) and hands it to the link. Output is held from here on.
     pub fn protect(&mut self, vmx: &mut Vmx, link: Link) -> Result<()> {
-        self.install(link);
+        self.install(vmx, link);
         self.drive(vmx, Event::Connected)
     }
 
@@ -467,8 +467,10 @@ impl Protector {
         Ok(())
     }
 
-    fn install(&mut self, link: Link) {
+    fn install(&mut self, vmx: &Vmx, link: Link) {
         self.events = link.events();
+        // Input replication: the cards' received frames go to the standby as they come.
+        vmx.copy_inputs(Some(link.inputs()));
         self.link = Some(link);
     }
 
@@ -586,6 +588,7 @@ impl Protector {
                      {}); its output is released at once",
                     self.machine.generation()
                 );
+                vmx.copy_inputs(None);
                 self.link = None;
                 self.events = never();
             }
@@ -671,7 +674,7 @@ impl Protector {
                 };
                 return Ok(Some(match started {
                     Ok(link) => {
-                        self.install(link);
+                        self.install(vmx, link);
                         Event::LinkUp
                     }
                     Err(e) => {
@@ -806,6 +809,7 @@ impl Protector {
     /// Stops the guest and releases nothing: another VM is primary.
     fn fence(&mut self, vmx: &mut Vmx, why: &str) -> Error {
         let _ = vmx.suspend();
+        vmx.copy_inputs(None);
         self.link = None;
         self.in_flight = None;
         let dropped: usize = std::mem::take(&mut self.drained)

@@ -321,6 +321,8 @@ pub struct Machine {
     committed: Option<Fence>,
     /// The generation of the accepted `FullSync` (stays known after the protocol ended).
     generation: Option<u64>,
+    /// Frames the primary's guest received that no committed epoch includes yet.
+    inputs: crate::inputs::InputLog,
 }
 
 fn precopy_refuse(p: &mut PreCopy, why: impl Into<String>) {
@@ -340,7 +342,14 @@ impl Machine {
             committed: None,
             generation: None,
             xor_base: None,
+            inputs: crate::inputs::InputLog::default(),
         }
+    }
+
+    /// The frames the primary's guest received after committed epoch `epoch`, in arrival
+    /// order, as (card, frame): what a standby taking over from `epoch` delivers again.
+    pub fn take_inputs_after(&mut self, epoch: u64) -> Vec<(u32, Vec<u8>)> {
+        self.inputs.take_after(epoch)
     }
 
     /// Where XOR deltas find their base: the committed image (the replica's memory). Without
@@ -609,6 +618,12 @@ impl Machine {
                 digest,
             } => self.epoch_end(fence, ranges, digest, out),
             Message::Heartbeat { .. } => {}
+            Message::Input { fence, card, frame } => {
+                // Only the current generation's frames (older ones were refused above).
+                if self.generation == Some(fence.generation.0) {
+                    self.inputs.keep(fence.epoch.0, card, frame);
+                }
+            }
             Message::Goodbye => self.finish(out),
             other => log::warn!("unexpected {other:?} from the primary: ignored"),
         }
@@ -834,6 +849,7 @@ impl Machine {
             other => other,
         };
         self.committed = Some(fence);
+        self.inputs.committed(fence.epoch.0);
         self.counters.commits += 1;
         out.push(Action::Ack(fence));
         if self.counters.commits == 1 {

@@ -340,8 +340,10 @@ impl Standby {
                         let vmx = vmx.take().expect("a takeover needs the replica VM");
                         let replica = replica.take().expect("a takeover needs the replica");
                         debug_assert_eq!(replica.fence, from);
-                        return self
-                            .take_over(vmx, replica, generation, reason, stats, silence, detected);
+                        let inputs = m.take_inputs_after(from.epoch.0);
+                        return self.take_over(
+                            vmx, replica, generation, reason, stats, silence, detected, inputs,
+                        );
                     }
                 }
             }
@@ -465,6 +467,7 @@ impl Standby {
         stats: FtStatus,
         silence: Duration,
         detected: Instant,
+        inputs: Vec<(u32, Vec<u8>)>,
     ) -> Result<StandbyOutcome> {
         let vcpus = vmx.vm().vcpu_count();
         let sink = match &self.cfg.sink {
@@ -494,6 +497,15 @@ impl Standby {
         let cards = vmx.announce();
         if cards > 0 {
             log::info!("announced {cards} network card(s) from this host (RARP)");
+        }
+        // Input replication: what the primary's guest received after the committed epoch,
+        // its copy here never saw; its senders would wait for their retransmission timers.
+        let replayed = vmx.inject_inputs(inputs);
+        if replayed > 0 {
+            log::info!(
+                "delivered again {replayed} frame(s) the primary received after epoch {}",
+                replica.fence.epoch.0
+            );
         }
         let failover = FailoverReport {
             reason,

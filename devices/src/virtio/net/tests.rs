@@ -244,6 +244,42 @@ fn rx_reads_frames_only_while_the_guest_has_buffers() {
     assert_eq!(d.used(RX_QUEUE), vec![(2, 112)]);
 }
 
+/// Input replication: every delivered frame is copied to the tap with the epoch set at the
+/// time; injected frames go to the guest before the back end's, and bad ones are dropped.
+#[test]
+fn delivered_frames_are_copied_and_injected_frames_go_first() {
+    let (w, mut d) = drv();
+    let tap = crate::virtio::InputTap::new(4);
+    let (tx, rx) = crossbeam_channel::bounded(16);
+    tap.start(tx);
+    tap.set_epoch(9);
+    d.t.device_mut().set_input_tap(tap.clone());
+    let (a, b, c) = (frame(60, 1), frame(80, 2), frame(70, 3));
+    w.inject(c.clone());
+    d.t.device_mut().inject([
+        a.clone(),
+        vec![0; 10],
+        vec![0; MAX_FRAME_LEN + 1],
+        b.clone(),
+    ]);
+    post(&mut d, 3, 2048);
+    assert_eq!(
+        d.used(RX_QUEUE),
+        vec![(0, 12 + 60), (1, 12 + 80), (2, 12 + 70)]
+    );
+    assert_eq!(d.get(rx_buf(0) + 12, 60), a, "injected first");
+    assert_eq!(d.get(rx_buf(1) + 12, 80), b);
+    assert_eq!(d.get(rx_buf(2) + 12, 70), c, "then the back end's");
+    let copied: Vec<(u64, u32, Vec<u8>)> =
+        rx.try_iter().map(|f| (f.epoch, f.card, f.frame)).collect();
+    assert_eq!(copied, vec![(9, 4, a), (9, 4, b), (9, 4, c)]);
+    assert_eq!(
+        d.t.device().stats().rx_dropped_oversize,
+        2,
+        "bad injected frames"
+    );
+}
+
 /// The RX used ring's flags (bit 0: VRING_USED_F_NO_NOTIFY).
 fn rx_used_flags(d: &Driver<Net>) -> u16 {
     let b = d.get(d.qs[RX_QUEUE].used, 2);
