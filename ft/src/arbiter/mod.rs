@@ -28,20 +28,107 @@
 //! caching of opens (oplocks/leases) or on eventually consistent object-store mounts (s3fs,
 //! gcsfuse), where two clients can both "create" the same name.
 //!
-//! ## A coordination service (etcd)
-//! The trait admits one without changing callers: `claim(g)` is an etcd transaction
-//! `If(Version(key "/tandem/<vm>/generation/<g>") == 0) Then(Put(key, who, lease))` — it
-//! succeeds for exactly one client; `current()` is a range read of `/tandem/<vm>/generation/`
-//! with `sort(key, descend), limit 1`. The winner keeps its lease alive (KeepAlive at a third
-//! of the TTL) and uses the key's `create_revision` as its fencing token: the output sink, or
-//! any storage the VM writes, rejects tokens older than the newest it has seen, exactly as the
-//! sink here rejects older generations. Tandem does not build consensus of its own.
+//! ## The etcd arbiter
+//! [`EtcdArbiter`] (`--arbiter etcd://HOST:PORT[,HOST:PORT…]/PREFIX[?ttl=SECS]`) keeps the
+//! claims in an etcd cluster, so that no shared file system is needed and the arbiter
+//! survives the loss of a minority of its members. Tandem builds no consensus of its own.
+//!
+//! ```text
+//!  claimant (primary or standby)                      etcd (Raft: a majority decides)
+//!    │ claim(g)                                          │
+//!    │── lease/grant {TTL} ─────────────────────────────▶│ lease L
+//!    │── kv/txn  If CreateRevision(P/generation/<g>)==0 ▶│ exactly one txn succeeds
+//!    │           Then Put(P/generation/<g>, {who, L})    │   (the claim: no lease, it stays)
+//!    │                Put(P/holder/<g>, who, lease L)    │   (the holder: gone with L)
+//!    │           Else Range(P/generation/<g>)            │
+//!    │◀── succeeded; header.revision = fencing token ────│ = the key's create revision
+//!    │── kv/range P/generation/ desc, limit 1 ──────────▶│ won only if nothing newer exists
+//!    │                                                   │
+//!    │ keep-alive thread, every TTL/3:                   │
+//!    │── lease/keepalive {L} ───────────────────────────▶│ TTL left (0: L expired)
+//!    │                                                   │
+//!    │ primary, before releasing any output:             │
+//!    │   check_lease(g): L renewed less than TTL ago?    │   no, and no renewal now
+//!    │   (unprotected) still(g): ── kv/range ───────────▶│   gets through: FENCE
+//!    │      newest == g? ◀───────────────────────────────│
+//! ```
+//!
+//! * `claim(g)`: a lease of the TTL (default [`etcd::DEFAULT_TTL`]), then one transaction:
+//!   create `PREFIX/generation/<g as %020>` only if its create revision is 0. It succeeds
+//!   for exactly one client, whichever endpoint each asked. A claimant whose transaction
+//!   went through but whose answer was lost retries; the retry's `Else` branch reads the key
+//!   and recognises the claimant's own lease in it. The claim is won only if no newer
+//!   generation exists (as for the file arbiter). The key's create revision is the fencing
+//!   token ([`EtcdArbiter::token`], logged): it grows with every claim, so storage or a sink
+//!   can refuse writers with an older one, as the sink here refuses older generations.
+//! * The generation key is *not* bound to the lease: a key deleted at the lease's expiry
+//!   could be claimed again, by a second claimant of the same generation, and `current()`
+//!   would go back. The holder's liveness is the second key, `PREFIX/holder/<g>`, put in
+//!   the same transaction and bound to the lease (`etcdctl get --prefix PREFIX/holder/`
+//!   shows who holds what, for as long as it keeps its lease).
+//! * Lease: a thread renews it every third of the TTL. **Self-fencing**: the primary asks
+//!   [`Arbiter::check_lease`] before it releases any output (protected or not); once etcd
+//!   says the lease expired, or no renewal has got through for a whole TTL and one more try
+//!   fails, the answer is an error and the primary fences (stops the guest, releases nothing,
+//!   exits 3). A primary cut off from etcd (or paused, or starved) therefore stops releasing
+//!   within about a TTL. An unprotected primary also asks `still(g)`, a linearizable read,
+//!   before each release; an error there fences it too: it cannot tell whether a standby won.
+//! * `current()`: a range read of `PREFIX/generation/` sorted by key, descending, limit 1.
+//!   `granted(g)`: the key for `g` exists, or `g` ≤ current.
+//! * Every request goes to one endpoint at a time, with a
+//!   [`etcd::REQUEST_TIMEOUT`] (500 ms); a refused connection, a timeout or a "no leader"
+//!   moves on to the next endpoint, round after round, until the TTL has passed (then the
+//!   error says which endpoints did not answer). Replies are read to at most 1 MiB.
+//! * The TTL trades how long a primary cut off from etcd goes on releasing against false
+//!   fencing: it must cover an etcd leader election (etcd's default election timeout is
+//!   1 s) with room to spare, hence 5 s by default; `?ttl=2` fences faster on a cluster
+//!   with short elections.
+//!
+//! etcd is reached through its JSON gateway over plain HTTP (etcd 3.4 and later serve it on
+//! the client URL): no gRPC stack, no `protoc` at build time. Use it on a trusted network,
+//! or put the etcd client port behind a TLS proxy on each host; TLS and etcd authentication
+//! are not supported yet.
+
+pub mod etcd;
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::{Error, Result};
+pub use etcd::{EtcdArbiter, EtcdSpec};
+
+/// The arbiter that `--arbiter ARG` names: `etcd://HOST:PORT[,HOST:PORT…]/PREFIX[?ttl=SECS]`
+/// is an [`EtcdArbiter`], a path is a [`FileArbiter`] in that directory (created if missing).
+/// Neither asks anything of etcd or the directory's contents yet.
+pub fn from_arg(arg: &str) -> Result<Arc<dyn Arbiter>> {
+    if arg.starts_with("etcd://") {
+        return Ok(Arc::new(EtcdArbiter::new(arg.parse()?)));
+    }
+    if let Some((scheme, _)) = arg.split_once("://") {
+        if !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        {
+            return Err(Error::ArbiterSpec {
+                arg: arg.into(),
+                why: format!(
+                    "{scheme}:// is no arbiter tandem knows: give etcd://HOST:PORT[,HOST:PORT…]/PREFIX \
+                     or a directory both hosts share"
+                ),
+            });
+        }
+    }
+    if arg.is_empty() {
+        return Err(Error::ArbiterSpec {
+            arg: arg.into(),
+            why: "empty: give a directory both hosts share or etcd://HOST:PORT/PREFIX".into(),
+        });
+    }
+    Ok(Arc::new(FileArbiter::new(Path::new(arg))?))
+}
 
 /// Decides which VM is primary.
 pub trait Arbiter: Send + Sync + std::fmt::Debug {
@@ -57,6 +144,15 @@ pub trait Arbiter: Send + Sync + std::fmt::Debug {
     /// hears a releaser of that generation). Default: it is not newer than the newest.
     fn granted(&self, generation: u64) -> Result<bool> {
         Ok(generation >= 1 && generation <= self.current()?)
+    }
+    /// Whether this process may still act as the primary of `generation` (its claim is not
+    /// lost), asked before every release of output: an error means no, and the primary fences.
+    /// An arbiter with leases ([`EtcdArbiter`]) says no once the lease it won `generation`
+    /// with has expired, or has gone unrenewed for its TTL; this is cheap unless renewals are
+    /// failing. Default (the file arbiter, no leases): yes.
+    fn check_lease(&self, generation: u64) -> Result<()> {
+        let _ = generation;
+        Ok(())
     }
     /// For logs.
     fn describe(&self) -> String;
