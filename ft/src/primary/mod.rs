@@ -849,9 +849,10 @@ impl Protector {
     fn fence(&mut self, vmx: &mut Vmx, why: &str) -> Error {
         let _ = vmx.suspend();
         self.link = None;
-        self.in_flight = None;
+        let in_flight = self.in_flight.take().map(|f| f.records).unwrap_or_default();
         let dropped: usize = std::mem::take(&mut self.drained)
             .iter()
+            .chain(in_flight.iter())
             .chain(vmx.take_held().iter())
             .map(|h| h.len())
             .sum();
