@@ -1,14 +1,15 @@
 //! The etcd arbiter against a real etcd: a 3-member cluster on loopback (Debian's
 //! `etcd-server`), claim races, a protected pair failing over through it, a primary cut off
-//! from it fencing itself, and a member lost under a running pair. Tests skip, saying why,
-//! where `etcd` is not installed.
+//! from it fencing itself, a paused primary waking fenced, and a member lost under a running
+//! pair; and, without etcd, the errors of a bad or unreachable `--arbiter etcd://…`. Tests that
+//! need etcd skip, saying why, where `etcd` is not installed.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ft::arbiter::{Arbiter, EtcdArbiter};
 use tandem_tests::etcd::{unavailable, Cluster};
-use tandem_tests::{require_kvm, tandem_bin, workload};
+use tandem_tests::{require_kvm, tandem, tandem_bin, workload};
 use testkit::pair::{check_exact, Hosts, Pair, PairConfig};
 
 /// The pair tests take both cores, and etcd wants some too: one test at a time.
@@ -430,6 +431,68 @@ fn a_paused_primary_is_replaced_and_wakes_fenced() {
     eprintln!(
         "paused primary: the standby ran as generation 2 {took:?} after the stop; the old one \
          woke {TTL}+1 s later and fenced; {records} records exact\n{fenced}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// No etcd needed: a bad `--arbiter` is a usage error (exit 2) saying what is wrong, and an
+/// etcd that does not answer stops a primary before its VM starts, within the TTL, saying
+/// which endpoints did not answer.
+#[test]
+fn bad_or_unreachable_etcd_arbiters_get_clear_errors() {
+    let dir = tempdir("cli");
+    let out = dir.join("sink.txt").display().to_string();
+    let report = dir.join("sink.json").display().to_string();
+    for (arg, says) in [
+        ("etcd://127.0.0.1/vm", "has no port"),
+        ("etcd://127.0.0.1:2379", "no key prefix"),
+        ("etcd://127.0.0.1:2379/vm?ttl=0", "1 to 600 seconds"),
+        ("zk://127.0.0.1:2181/vm", "zk:// is no arbiter"),
+    ] {
+        let o = tandem(&[
+            "sink",
+            "--listen",
+            "127.0.0.1:0",
+            "--out",
+            &out,
+            "--report",
+            &report,
+            "--insecure-plaintext",
+            "--arbiter",
+            arg,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{arg}: {err}");
+        assert!(
+            err.contains(says) && err.contains("etcd://HOST:PORT"),
+            "{arg}: {err}"
+        );
+    }
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let t0 = Instant::now();
+    let o = tandem(&[
+        "primary",
+        "--insecure-plaintext",
+        "--arbiter",
+        &format!("etcd://{closed}/tandem/none?ttl=1"),
+        "--guest",
+        "counter",
+    ]);
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("etcd at {closed} did not answer"))
+            && err.contains("is etcd running"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    eprintln!(
+        "unreachable etcd: the primary gave up after {took:?}: {}",
+        err.trim()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
