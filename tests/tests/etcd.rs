@@ -285,9 +285,10 @@ fn a_primary_cut_off_from_etcd_fences_itself_within_the_ttl() {
         plog.contains("FENCED") && plog.contains("the etcd lease of generation 1"),
         "{plog}"
     );
-    // The lease was renewed at most a TTL before the cut; then one last try (≤ 0.5 s).
+    // The lease was last renewed before the cut; a TTL after that renewal, one last try
+    // (≤ 0.5 s) and the fence. The rest is slack for a loaded machine.
     assert!(
-        fenced_after < Duration::from_secs(TTL) + Duration::from_millis(1500),
+        fenced_after < Duration::from_secs(TTL + 2),
         "the primary went on {fenced_after:?} after losing etcd\n{plog}"
     );
     // The standby takes over through the members it reaches and finishes the guest.

@@ -85,7 +85,11 @@ impl FromStr for EtcdSpec {
             )));
         }
         let mut ttl = DEFAULT_TTL;
-        for kv in query.into_iter().flat_map(|q| q.split('&')) {
+        for kv in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|kv| !kv.is_empty())
+        {
             match kv.split_once('=') {
                 Some(("ttl", v)) => {
                     let secs: u64 = v.parse().map_err(|_| {
@@ -953,7 +957,7 @@ mod tests {
             s.to_string(),
             "etcd://127.0.0.1:2379,h2:2380,[::1]:2381/tandem/vm1?ttl=2"
         );
-        let d: EtcdSpec = "etcd://e:2379/x".parse().unwrap();
+        let d: EtcdSpec = "etcd://e:2379/x?".parse().unwrap();
         assert_eq!(d.ttl, DEFAULT_TTL);
         assert_eq!(d.to_string(), "etcd://e:2379/x");
         for (arg, says) in [

@@ -82,7 +82,9 @@
 //! * The TTL trades how long a primary cut off from etcd goes on releasing against false
 //!   fencing: it must cover an etcd leader election (etcd's default election timeout is
 //!   1 s) with room to spare, hence 5 s by default; `?ttl=2` fences faster on a cluster
-//!   with short elections.
+//!   with short elections. The price of self-fencing: while etcd has no majority for longer
+//!   than the TTL, a primary fences even if its standby is healthy, and the standby cannot
+//!   claim its generation either; the pair is then down until etcd is back.
 //!
 //! etcd is reached through its JSON gateway over plain HTTP (etcd 3.4 and later serve it on
 //! the client URL): no gRPC stack, no `protoc` at build time. Use it on a trusted network,
