@@ -80,6 +80,51 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// `--arbiter` names no arbiter this build knows, or names one badly.
+    #[error("--arbiter {arg:?}: {why}")]
+    ArbiterSpec {
+        /// The argument.
+        arg: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// No etcd endpoint answered in time.
+    #[error(
+        "etcd at {endpoints} did not answer {what} within {waited_ms} ms (last: {detail}): is \
+         etcd running and reachable from this host? check the endpoints in --arbiter"
+    )]
+    EtcdUnreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The request.
+        what: &'static str,
+        /// How long it was tried.
+        waited_ms: u64,
+        /// The last endpoint's failure.
+        detail: String,
+    },
+    /// etcd answered something that cannot be used.
+    #[error(
+        "etcd at {endpoint} answered {what} unexpectedly: {detail} (tandem needs etcd 3.4 or \
+         later, whose JSON gateway serves the client URL given in --arbiter)"
+    )]
+    EtcdReply {
+        /// The endpoint that answered.
+        endpoint: String,
+        /// The request.
+        what: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The etcd lease a generation was won with is lost or unconfirmed: this process may no
+    /// longer act as that generation's primary.
+    #[error("the etcd lease of generation {generation} {why}")]
+    EtcdLease {
+        /// The generation.
+        generation: u64,
+        /// Why.
+        why: String,
+    },
     /// A replication thread could not be started.
     #[error("cannot start the {what} thread: {source}")]
     Thread {
@@ -121,11 +166,12 @@ impl From<::sink::Error> for Error {
 }
 
 impl Error {
-    /// The process exit code: 3 for a fenced primary, otherwise what [`vmx::Error::exit_code`]
-    /// says (2 for usage errors), 1 for everything else.
+    /// The process exit code: 3 for a fenced primary, 2 for a bad `--arbiter`, otherwise what
+    /// [`vmx::Error::exit_code`] says (2 for usage errors), 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Fenced(_) => 3,
+            Error::ArbiterSpec { .. } => 2,
             Error::Vmx(e) => e.exit_code(),
             _ => 1,
         }

@@ -101,12 +101,17 @@ struct LinkArgs {
     /// The output sink (`tandem sink`) to release guest output to.
     #[arg(long, value_name = "ADDR")]
     sink: Option<String>,
-    /// A directory both hosts share where role changes are arbitrated (file arbiter): a
-    /// standby resumes, and a primary that lost its standby goes on, only after winning the
-    /// next generation there; the loser fences itself. Without it nothing prevents two
-    /// primaries after a network partition.
-    #[arg(long, value_name = "DIR")]
-    arbiter: Option<PathBuf>,
+    /// Where role changes are arbitrated: a standby resumes, and a primary that lost its
+    /// standby goes on, only after winning the next generation there; the loser fences itself.
+    /// Either DIR, a directory both hosts share (file arbiter; see ft::arbiter for the file
+    /// systems where it is safe), or etcd://HOST:PORT[,HOST:PORT…]/PREFIX[?ttl=SECS], an etcd
+    /// 3.4+ cluster's client endpoints and a key prefix of this VM's own (e.g.
+    /// etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379/tandem/vm1). With etcd, the winner
+    /// holds a lease of SECS seconds (default 5); a primary whose lease expired or went
+    /// unrenewed that long fences itself before releasing anything more. Without --arbiter
+    /// nothing prevents two primaries after a network partition.
+    #[arg(long, value_name = "DIR|etcd://HOST:PORT[,…]/PREFIX")]
+    arbiter: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT; text format 0.0.4):
     /// role, generation, epochs committed, bytes sent, throttles, replication lag, a histogram
     /// of the guest-visible pause per epoch, failovers, re-protections. They are read from
@@ -135,10 +140,10 @@ impl LinkArgs {
     }
 
     fn arbiter(&self) -> Result<Option<std::sync::Arc<dyn ft::arbiter::Arbiter>>, Error> {
-        match &self.arbiter {
-            Some(d) => Ok(Some(std::sync::Arc::new(ft::arbiter::FileArbiter::new(d)?))),
-            None => Ok(None),
-        }
+        self.arbiter
+            .as_deref()
+            .map(ft::arbiter::from_arg)
+            .transpose()
     }
 
     /// The sink key, if one was given.
@@ -245,10 +250,11 @@ struct SinkArgs {
     /// Hear anyone who reaches the port, unauthenticated (testing only).
     #[arg(long, conflicts_with = "key_file")]
     insecure_plaintext: bool,
-    /// Refuse a releaser whose generation this arbiter directory never granted (the one the
-    /// primaries and standbys use).
-    #[arg(long, value_name = "DIR")]
-    arbiter: Option<PathBuf>,
+    /// Refuse a releaser whose generation this arbiter never granted: the primaries' and
+    /// standbys' --arbiter, DIR or etcd://HOST:PORT[,HOST:PORT…]/PREFIX (the sink only reads
+    /// it; it claims nothing and holds no lease).
+    #[arg(long, value_name = "DIR|etcd://HOST:PORT[,…]/PREFIX")]
+    arbiter: Option<String>,
 }
 
 /// Options shared by `run` and `restore`.
@@ -531,9 +537,8 @@ fn sink(args: SinkArgs) -> Result<(), Error> {
         None => None,
     };
     let granted: Option<sink::GenerationCheck> = match &args.arbiter {
-        Some(dir) => {
-            use ft::arbiter::Arbiter;
-            let arb = ft::arbiter::FileArbiter::new(dir)?;
+        Some(arg) => {
+            let arb = ft::arbiter::from_arg(arg)?;
             Some(std::sync::Arc::new(move |g| {
                 arb.granted(g).map_err(|e| e.to_string())
             }))

@@ -462,6 +462,8 @@ pub fn run_fault(
         standby_listen: format!("{}:0", lab.b_ip),
         standby_args: base.hosts.standby_args.clone(),
         primary_args: base.hosts.primary_args.clone(),
+        arbiter: base.hosts.arbiter.clone(),
+        primary_arbiter: base.hosts.primary_arbiter.clone(),
     };
     let mut pair = Pair::start_standby(cfg).map_err(|e| format!("starting the pair: {e}"))?;
     let _relay = match delay {

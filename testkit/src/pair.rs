@@ -1,6 +1,7 @@
 //! Runs a whole protected pair as processes on this machine: an output sink, a standby and a
-//! primary, on loopback with a fresh key. Used by `cargo xtask run-pair`, the benchmarks and
-//! the end-to-end tests.
+//! primary, on loopback with a fresh key, and a file arbiter in the pair's directory (unless
+//! [`Hosts::arbiter`] names another, such as etcd). Used by `cargo xtask run-pair`, the
+//! benchmarks and the end-to-end tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -53,6 +54,12 @@ pub struct Hosts {
     pub standby_args: Vec<String>,
     /// Extra arguments of the first primary (e.g. `--metrics ADDR`).
     pub primary_args: Vec<String>,
+    /// The `--arbiter` of the sink and of every standby (e.g. `etcd://HOST:PORT/PREFIX`);
+    /// None: a file arbiter in the pair's directory.
+    pub arbiter: Option<String>,
+    /// The first primary's `--arbiter` when it differs from the others' (e.g. fewer etcd
+    /// endpoints, to cut it off from etcd alone); None: the same.
+    pub primary_arbiter: Option<String>,
 }
 
 impl Default for Hosts {
@@ -64,6 +71,8 @@ impl Default for Hosts {
             standby_listen: "127.0.0.1:0".into(),
             standby_args: Vec::new(),
             primary_args: Vec::new(),
+            arbiter: None,
+            primary_arbiter: None,
         }
     }
 }
@@ -178,7 +187,10 @@ impl Pair {
                 "--key-file".into(),
                 s(sink_key.clone()),
                 "--arbiter".into(),
-                s(cfg.dir.join("arbiter")),
+                cfg.hosts
+                    .arbiter
+                    .clone()
+                    .unwrap_or_else(|| s(cfg.dir.join("arbiter"))),
             ],
         )?;
         let sink_addr = first_line(&cfg.dir.join("sink.out"), &mut sink, "the sink")?;
@@ -210,7 +222,11 @@ impl Pair {
             "--sink-key-file".into(),
             s(self.file("sink.key")),
             "--arbiter".into(),
-            s(self.file("arbiter")),
+            self.cfg
+                .hosts
+                .arbiter
+                .clone()
+                .unwrap_or_else(|| s(self.file("arbiter"))),
             "--control".into(),
             s(self.file(&format!("{role}.sock"))),
         ]
@@ -325,6 +341,14 @@ impl Pair {
         let mut args: Vec<String> = vec!["primary".into(), "--peer".into(), peer.to_string()];
         let name = self.primary_name.clone();
         args.extend(self.role_args(&name));
+        if let Some(a) = &self.cfg.hosts.primary_arbiter {
+            let at = args
+                .iter()
+                .position(|x| x == "--arbiter")
+                .expect("role args")
+                + 1;
+            args[at] = a.clone();
+        }
         args.push("--json".into());
         args.extend(self.cfg.hosts.primary_args.iter().cloned());
         args.extend(self.cfg.guest.iter().cloned());

@@ -237,3 +237,234 @@ pub mod tap {
         }
     }
 }
+
+/// A real etcd cluster on loopback for the etcd arbiter's tests (Debian's `etcd-server`).
+pub mod etcd {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use serde_json::Value;
+
+    /// Why the etcd tests cannot run here, if they cannot.
+    pub fn unavailable() -> Option<String> {
+        match Command::new("etcd").arg("--version").output() {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "`etcd --version` failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Some(format!(
+                "no etcd ({e}): install Debian's etcd-server (etcd 3.4 or later)"
+            )),
+        }
+    }
+
+    /// One member.
+    pub struct Member {
+        /// Its name (`m0`, `m1`, …).
+        pub name: String,
+        /// Its client endpoint, `127.0.0.1:PORT`.
+        pub client: String,
+        /// Its peer endpoint.
+        pub peer: String,
+        child: Option<Child>,
+    }
+
+    /// A cluster of members on loopback ports, each with a data directory of its own; every
+    /// member is killed and the directories removed on drop.
+    pub struct Cluster {
+        /// The members, in the order of `--initial-cluster`.
+        pub members: Vec<Member>,
+        dir: PathBuf,
+    }
+
+    /// Free loopback ports (bound and let go: another process could take one meanwhile, which
+    /// a member then reports by exiting).
+    fn free_ports(n: usize) -> Vec<u16> {
+        let ls: Vec<_> = (0..n)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"))
+            .collect();
+        ls.iter()
+            .map(|l| l.local_addr().expect("local address").port())
+            .collect()
+    }
+
+    impl Cluster {
+        /// Starts `n` members (heartbeat 50 ms, election timeout 500 ms) and waits until the
+        /// cluster has a leader and every member answers a linearizable read.
+        pub fn start(tag: &str, n: usize) -> Result<Cluster, String> {
+            let dir =
+                std::env::temp_dir().join(format!("tandem-etcd-{}-{tag}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let ports = free_ports(2 * n);
+            let mut members: Vec<Member> = (0..n)
+                .map(|i| Member {
+                    name: format!("m{i}"),
+                    client: format!("127.0.0.1:{}", ports[2 * i]),
+                    peer: format!("127.0.0.1:{}", ports[2 * i + 1]),
+                    child: None,
+                })
+                .collect();
+            let initial = members
+                .iter()
+                .map(|m| format!("{}=http://{}", m.name, m.peer))
+                .collect::<Vec<_>>()
+                .join(",");
+            let token = format!("tandem-{}-{tag}", std::process::id());
+            for m in &mut members {
+                let log = std::fs::File::create(dir.join(format!("{}.log", m.name)))
+                    .map_err(|e| format!("etcd log: {e}"))?;
+                let child = Command::new("etcd")
+                    .args(["--name", &m.name])
+                    .arg("--data-dir")
+                    .arg(dir.join(&m.name))
+                    .args(["--listen-client-urls", &format!("http://{}", m.client)])
+                    .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+                    .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
+                    .args([
+                        "--initial-advertise-peer-urls",
+                        &format!("http://{}", m.peer),
+                    ])
+                    .args(["--initial-cluster", &initial])
+                    .args(["--initial-cluster-state", "new"])
+                    .args(["--initial-cluster-token", &token])
+                    .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+                    .args(["--logger", "zap", "--log-level", "warn"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .map_err(|e| format!("cannot start etcd: {e}"))?;
+                m.child = Some(child);
+            }
+            let mut c = Cluster { members, dir };
+            let t0 = Instant::now();
+            for i in 0..n {
+                loop {
+                    let ready = c.post(i, "/v3/kv/range", r#"{"key":"AA=="}"#).is_ok();
+                    if ready {
+                        break;
+                    }
+                    if let Some(st) = c.members[i]
+                        .child
+                        .as_mut()
+                        .and_then(|ch| ch.try_wait().ok().flatten())
+                    {
+                        return Err(format!(
+                            "etcd {} exited: {st}\n{}",
+                            c.members[i].name,
+                            c.log(i)
+                        ));
+                    }
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        return Err(format!(
+                            "etcd {} never served reads\n{}",
+                            c.members[i].name,
+                            c.log(i)
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Ok(c)
+        }
+
+        /// Member `i`'s log.
+        pub fn log(&self, i: usize) -> String {
+            std::fs::read_to_string(self.dir.join(format!("{}.log", self.members[i].name)))
+                .unwrap_or_default()
+        }
+
+        /// `--arbiter` for the members `which` (in that order), key prefix `prefix`, lease
+        /// TTL `ttl` seconds.
+        pub fn url(&self, which: &[usize], prefix: &str, ttl: u64) -> String {
+            let eps: Vec<_> = which
+                .iter()
+                .map(|&i| self.members[i].client.as_str())
+                .collect();
+            format!(
+                "etcd://{}/{}?ttl={ttl}",
+                eps.join(","),
+                prefix.trim_start_matches('/')
+            )
+        }
+
+        /// `url` with every member, in order.
+        pub fn url_all(&self, prefix: &str, ttl: u64) -> String {
+            let all: Vec<_> = (0..self.members.len()).collect();
+            self.url(&all, prefix, ttl)
+        }
+
+        /// SIGKILLs member `i`.
+        pub fn kill(&mut self, i: usize) {
+            if let Some(mut c) = self.members[i].child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+
+        /// Sends `sig` ("STOP", "CONT") to member `i`.
+        pub fn signal(&self, i: usize, sig: &str) {
+            if let Some(c) = &self.members[i].child {
+                let _ = Command::new("kill")
+                    .args([format!("-{sig}"), c.id().to_string()])
+                    .status();
+            }
+        }
+
+        /// The leader's index, as the first member that answers says.
+        pub fn leader(&self) -> Option<usize> {
+            let ids: Vec<Option<String>> = (0..self.members.len())
+                .map(|i| {
+                    let v = self.post(i, "/v3/maintenance/status", "{}").ok()?;
+                    Some(v["header"]["member_id"].as_str()?.to_string())
+                })
+                .collect();
+            let leader = (0..self.members.len()).find_map(|i| {
+                let v = self.post(i, "/v3/maintenance/status", "{}").ok()?;
+                Some(v["leader"].as_str()?.to_string())
+            })?;
+            ids.iter()
+                .position(|id| id.as_deref() == Some(leader.as_str()))
+        }
+
+        /// POSTs `body` to member `i`'s JSON gateway; the reply as JSON (HTTP/1.0, 2 s).
+        pub fn post(&self, i: usize, path: &str, body: &str) -> Result<Value, String> {
+            let addr = &self.members[i].client;
+            let sa = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+            let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(2))
+                .map_err(|e| format!("{addr}: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            write!(
+                s,
+                "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .map_err(|e| format!("{addr}: {e}"))?;
+            let mut reply = Vec::new();
+            s.take(1 << 20)
+                .read_to_end(&mut reply)
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let text = String::from_utf8_lossy(&reply);
+            let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP reply")?;
+            if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+                return Err(format!("{addr}: {}", head.lines().next().unwrap_or("")));
+            }
+            serde_json::from_str(body).map_err(|e| format!("{addr}: {e}: {body}"))
+        }
+    }
+
+    impl Drop for Cluster {
+        fn drop(&mut self) {
+            for i in 0..self.members.len() {
+                self.kill(i);
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -506,6 +506,7 @@ impl Protector {
                 }
             }
             Action::Release { epoch, acked } => {
+                self.confirm_claim(vmx)?;
                 let Some(f) = self.in_flight.take_if(|f| f.epoch == epoch) else {
                     log::error!("no records of epoch {epoch} to release");
                     return Ok(None);
@@ -526,6 +527,7 @@ impl Protector {
                 self.release(vmx, f.records)?;
             }
             Action::ReleaseHeld => {
+                self.confirm_claim(vmx)?;
                 let mut records = std::mem::take(&mut self.drained);
                 append(&mut records, vmx.take_held());
                 let mut frames = std::mem::take(&mut self.drained_frames);
@@ -553,7 +555,18 @@ impl Protector {
                 // The standby may be taking over right now: race it for the next generation
                 // before anything more leaves this VM.
                 let who = format!("primary pid {}", std::process::id());
-                let won = arb.claim(generation, &who)?;
+                let won = match arb.claim(generation, &who) {
+                    Ok(won) => won,
+                    // Undecided: the standby may have won. Nothing more may leave this VM.
+                    Err(e) => {
+                        let why = format!(
+                            "lost its standby and then could not claim generation {generation} \
+                             at the {} ({e}): the standby may have won it",
+                            arb.describe()
+                        );
+                        return Err(self.fence(vmx, &why));
+                    }
+                };
                 if won {
                     log::warn!(
                         "won generation {generation} at the {} after losing the standby",
@@ -564,8 +577,19 @@ impl Protector {
                 return Ok(Some(Event::Arbiter(answer)));
             }
             Action::AskStill { generation } => {
-                let newest = match &self.arbiter {
-                    Some(arb) => arb.still(generation)?,
+                let newest = match self.arbiter.clone() {
+                    Some(arb) => match arb.still(generation) {
+                        Ok(newest) => newest,
+                        // Unconfirmed is not newest: a standby may have won a newer generation.
+                        Err(e) => {
+                            let why = format!(
+                                "could not confirm at the {} that generation {generation} is \
+                                 still the newest ({e})",
+                                arb.describe()
+                            );
+                            return Err(self.fence(vmx, &why));
+                        }
+                    },
                     None => true,
                 };
                 return Ok(Some(Event::Arbiter(Answer::Still { newest })));
@@ -806,14 +830,33 @@ impl Protector {
         Ok(())
     }
 
+    /// Before a release: the arbiter must still back this VM's claim to its generation
+    /// ([`Arbiter::check_lease`]: an etcd lease lost or unrenewed for its TTL); if not, fences.
+    fn confirm_claim(&mut self, vmx: &mut Vmx) -> Result<()> {
+        let Some(arb) = self.arbiter.clone() else {
+            return Ok(());
+        };
+        match arb.check_lease(self.machine.generation()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let why = format!(
+                    "can no longer show its claim at the {} ({e})",
+                    arb.describe()
+                );
+                Err(self.fence(vmx, &why))
+            }
+        }
+    }
+
     /// Stops the guest and releases nothing: another VM is primary.
     fn fence(&mut self, vmx: &mut Vmx, why: &str) -> Error {
         let _ = vmx.suspend();
         vmx.copy_inputs(None);
         self.link = None;
-        self.in_flight = None;
+        let in_flight = self.in_flight.take().map(|f| f.records).unwrap_or_default();
         let dropped: usize = std::mem::take(&mut self.drained)
             .iter()
+            .chain(in_flight.iter())
             .chain(vmx.take_held().iter())
             .map(|h| h.len())
             .sum();
