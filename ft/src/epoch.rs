@@ -489,6 +489,16 @@ impl Replica {
         Ok(())
     }
 
+    /// Syncs the replica's disks (`fdatasync`): a standby taking over does so before it
+    /// releases anything, since from then on its copy is the only one.
+    pub fn sync_disks(&self) -> Result<()> {
+        for (i, f, _) in &self.disks {
+            f.sync_data()
+                .map_err(|e| Error::Epoch(format!("syncing disk replica {i}: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Checks an epoch's disk writes against this replica's disks without writing anything
     /// (a hostile primary's bad section is refused before the commit).
     pub fn check(&self, base: Option<&Base>, staged: &Staged) -> Result<()> {

@@ -1000,6 +1000,13 @@ impl Vmx {
         self.virtio.copy_inputs(out);
     }
 
+    /// Flushes under speculation (on while a standby protects the VM: its epochs make the
+    /// writes durable); off syncs every disk's unsynced writes first. See
+    /// [`devices::virtio::Block::set_speculative`].
+    pub fn set_speculative_flush(&self, on: bool) -> Result<()> {
+        self.virtio.set_speculative_flush(on)
+    }
+
     /// Input replication: (frames copied, frames missed).
     pub fn input_stats(&self) -> (u64, u64) {
         self.virtio.input_stats()

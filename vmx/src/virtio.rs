@@ -632,6 +632,21 @@ impl VirtioGroup {
         Ok(out)
     }
 
+    /// Flushes under speculation on every writable disk (see
+    /// [`devices::virtio::Block::set_speculative`]); turning it off syncs what is not yet.
+    pub fn set_speculative_flush(&self, on: bool) -> Result<()> {
+        for s in self.slots.iter() {
+            let mut g = s.lock();
+            if let Some(Transport::Block(t)) = g.as_mut() {
+                t.device_mut().set_speculative(on).map_err(|e| Error::Io {
+                    path: t.device().config().path.display().to_string(),
+                    source: e,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// A handle for taking the disks' writes while the guest runs (a pre-copy): see
     /// [`DiskTracker`]. Each writable disk's image is opened again, read-only.
     pub fn disk_tracker(&self) -> Result<DiskTracker> {

@@ -254,6 +254,8 @@ pub struct BlockStats {
     pub written_bytes: u64,
     /// Flushes.
     pub flushes: u64,
+    /// Of them, completed under speculation (no `fdatasync`: a standby protects the writes).
+    pub speculative_flushes: u64,
     /// Requests answered IOERR.
     pub errors: u64,
     /// Requests answered UNSUPP.
@@ -328,6 +330,11 @@ pub struct Block {
     dirty: DirtyBlocks,
     stats: BlockStats,
     buf: Vec<u8>,
+    /// Flushes complete without `fdatasync` (replication makes the writes durable: see
+    /// [`Block::set_speculative`]).
+    speculative: bool,
+    /// Writes since the last `fdatasync` (or an image whose state is not known to be synced).
+    unsynced: bool,
 }
 
 impl std::fmt::Debug for Block {
@@ -380,7 +387,26 @@ impl Block {
             dirty: DirtyBlocks::new(disk_bytes),
             stats: BlockStats::default(),
             buf: Vec::new(),
+            speculative: false,
+            // A device on an image written by someone else (a standby's replica) does not
+            // know whether it was synced: the first flush or leaving speculation syncs it.
+            unsynced: true,
         })
+    }
+
+    /// Flushes under speculation (Remus): while a standby protects the VM, a guest's flush
+    /// completes without `fdatasync` — what it makes durable is the epoch's disk writes, which
+    /// the standby commits before any output that depends on them is released. Turning
+    /// speculation off (the VM runs unprotected: its own image is the only copy) first syncs
+    /// every write made since the last sync, so that output released from then on depends
+    /// only on durable writes. Counted in [`BlockStats::speculative_flushes`].
+    pub fn set_speculative(&mut self, on: bool) -> std::io::Result<()> {
+        if !on && self.unsynced && !self.config.readonly {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        self.speculative = on;
+        Ok(())
     }
 
     /// A device from its saved state, on `image` or else on the saved path. The image must
@@ -500,6 +526,7 @@ impl Block {
                 }
                 let r = if write {
                     self.dirty.mark(offset, len);
+                    self.unsynced = true;
                     self.write_out(mem, &c.readable, offset, len)
                 } else {
                     self.read_in(mem, &c.writable, offset, len)
@@ -521,8 +548,15 @@ impl Block {
                 if self.config.readonly {
                     return (VIRTIO_BLK_S_OK as u8, 0);
                 }
+                if self.speculative {
+                    self.stats.speculative_flushes += 1;
+                    return (VIRTIO_BLK_S_OK as u8, 0);
+                }
                 match self.file.sync_data() {
-                    Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                    Ok(()) => {
+                        self.unsynced = false;
+                        (VIRTIO_BLK_S_OK as u8, 0)
+                    }
                     Err(e) => ioerr(&format!("fdatasync: {e}")),
                 }
             }

@@ -527,6 +527,9 @@ impl Protector {
                 self.release(vmx, f.records)?;
             }
             Action::ReleaseHeld => {
+                // Output released at once depends on writes this host alone holds: make them
+                // durable first (and flushes real from now on).
+                vmx.set_speculative_flush(false)?;
                 self.confirm_claim(vmx)?;
                 let mut records = std::mem::take(&mut self.drained);
                 append(&mut records, vmx.take_held());
@@ -746,6 +749,9 @@ impl Protector {
         // take.
         let mut cap =
             vmx.capture_epoch(epoch, kind == CaptureKind::Full, kind == CaptureKind::Full)?;
+        // From this epoch on the guest's writes reach the outside only through epochs the
+        // standby commits: its flushes need no fdatasync here.
+        vmx.set_speculative_flush(true)?;
         if !self.drained.is_empty() {
             // Output taken for a release that did not happen belongs to this epoch.
             let mut records = std::mem::take(&mut self.drained);

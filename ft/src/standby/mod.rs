@@ -490,6 +490,9 @@ impl Standby {
         }
         vmx.hold_output(true);
         ft.cards = vmx.has_cards();
+        // The committed disk writes were written without fdatasync (the primary held them
+        // too); this copy is the only one now.
+        replica.sync_disks()?;
         let inherited = replica.inherited_output(vcpus);
         let before = ft.stats.released;
         ft.release_inherited(&mut vmx, inherited)?;

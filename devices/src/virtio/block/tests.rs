@@ -849,3 +849,23 @@ fn take_writes_reads_back_exactly_the_blocks_written_since_the_last_take() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Under speculation a flush completes without `fdatasync` (counted); leaving it syncs what
+/// was written, and flushes are real again.
+#[test]
+fn speculative_flushes_complete_at_once_and_leaving_speculation_syncs() {
+    let (_f, mut d) = drv();
+    d.t.device_mut().set_speculative(true).unwrap();
+    assert_eq!(write_req(&mut d, 3, &[7u8; 512]), (OK, 1));
+    hdr(&d, VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(run(&mut d, &[(HDR, 16, false), (STATUS, 1, true)]), (OK, 1));
+    let s = d.t.device().stats().clone();
+    assert_eq!((s.flushes, s.speculative_flushes), (1, 1));
+    assert!(d.t.device().unsynced, "the write is not synced yet");
+    d.t.device_mut().set_speculative(false).unwrap();
+    assert!(!d.t.device().unsynced, "leaving speculation synced it");
+    hdr(&d, VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(run(&mut d, &[(HDR, 16, false), (STATUS, 1, true)]), (OK, 1));
+    let s = d.t.device().stats().clone();
+    assert_eq!((s.flushes, s.speculative_flushes), (2, 1));
+}
