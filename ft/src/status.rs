@@ -245,6 +245,19 @@ pub struct PauseMs {
     pub count: u64,
     /// Median of the monitor's SAVE step within a pause.
     pub save_step_p50: f64,
+    /// Median of each phase of a pause, in order (`vmx::machine::PAUSE_PHASES`): where the
+    /// time goes.
+    #[serde(default)]
+    pub phases_p50: Vec<PhaseMs>,
+}
+
+/// One phase of the epoch pause.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseMs {
+    /// The phase.
+    pub phase: String,
+    /// Its median, ms.
+    pub ms: f64,
 }
 
 /// Bytes a primary sent to its standby.
@@ -451,7 +464,10 @@ mod tests {
             .map(|k| k.as_str())
             .collect();
         pause.sort();
-        assert_eq!(pause, ["count", "max", "p50", "p99", "save_step_p50"]);
+        assert_eq!(
+            pause,
+            ["count", "max", "p50", "p99", "phases_p50", "save_step_p50"]
+        );
         assert_eq!(v["counters"].as_object().unwrap().len(), 11);
         assert_eq!(v["role"], "primary");
         let back: FtStatus = serde_json::from_value(v).unwrap();

@@ -136,7 +136,25 @@ pub struct Captured {
     pub pause: Duration,
     /// Of that, the monitor's SAVE step (dirty log, page copies, vCPU and module state).
     pub save_step: Duration,
+    /// Where the pause went, in order: (phase, time) — see [`PAUSE_PHASES`].
+    pub phases: Vec<(&'static str, Duration)>,
 }
+
+/// The phases of an epoch's pause, in order: stopping the vCPUs (`stun`), the checkpoint
+/// steps `save_sync` and `quiesce` (net RX stopped), the monitor's SAVE (`monitor_save`:
+/// dirty log, page copies, vCPU and module state), the groups' SAVE (`groups_save`), taking
+/// the held frames and the disks' writes (`devices`), `continue_sync` (net RX started again)
+/// and `unstun`.
+pub const PAUSE_PHASES: [&str; 8] = [
+    "stun",
+    "save_sync",
+    "quiesce",
+    "monitor_save",
+    "groups_save",
+    "devices",
+    "continue_sync",
+    "unstun",
+];
 
 /// How a run ended.
 #[derive(Debug)]
@@ -388,6 +406,7 @@ impl PowerOn {
             epoch_disks: Vec::new(),
             epoch_full_disk: false,
             epoch_number: 0,
+            pause_marks: Vec::new(),
             heartbeat_events: Vec::new(),
             unclaimed_ports: Vec::new(),
             machine: Machine::default(),
@@ -536,6 +555,8 @@ pub struct Vmx {
     epoch_full_disk: bool,
     /// The epoch being captured (input replication tags frames with the next one).
     epoch_number: u64,
+    /// When each phase of an epoch's pause ended (empty outside an epoch capture).
+    pause_marks: Vec<(&'static str, Instant)>,
     pub(crate) heartbeat_events: Vec<(f64, HeartbeatEvent)>,
     pub(crate) unclaimed_ports: Vec<u16>,
     pub(crate) machine: Machine,
@@ -754,10 +775,12 @@ impl Vmx {
         end: SaveEnd,
         stunned_here: bool,
     ) -> Result<Snapshot> {
+        self.mark("stun");
         // SAVE_SYNC
         self.machine.advance(CptState::SaveSync)?;
         self.monitor_step(CptState::SaveSync, CptArgs::default(), None)?;
         self.groups_sync(CptState::SaveSync)?;
+        self.mark("save_sync");
         // QUIESCE: the monitor, then every group stops what runs outside vCPU exits.
         self.machine.advance(CptState::Quiesce)?;
         self.monitor_step(CptState::Quiesce, CptArgs::default(), None)?;
@@ -768,6 +791,7 @@ impl Vmx {
                 format!("quiesce group {n}: {what}"),
             );
         }
+        self.mark("quiesce");
         // SAVE
         self.machine.advance(CptState::Save)?;
         let args = match &target {
@@ -804,6 +828,7 @@ impl Vmx {
                 log::debug!("deleted {}", p.display());
             }
         } else if let SaveTarget::Epoch(mem) = &target {
+            self.mark("groups_save");
             // Output commit: the frames the cards sent up to this stun belong to this epoch;
             // take them now, before the guest runs again and sends the next epoch's.
             self.epoch_frames = self.virtio.take_held_frames();
@@ -824,17 +849,20 @@ impl Vmx {
                 Side::Vmx,
                 format!("hand {pages} dirty pages and the state to the replicator"),
             );
+            self.mark("devices");
         }
         match end {
             SaveEnd::Continue => {
                 self.machine.advance(CptState::ContinueSync)?;
                 self.monitor_step(CptState::ContinueSync, CptArgs::default(), None)?;
                 self.groups_sync(CptState::ContinueSync)?;
+                self.mark("continue_sync");
                 if stunned_here {
                     self.monitor.unstun()?;
                     self.vmmdev.dev.resume_timer(Instant::now());
                     self.trace.push(CptState::ContinueSync, Side::Vmx, "unstun");
                 }
+                self.mark("unstun");
             }
             SaveEnd::PowerOff => {
                 self.trace.push(CptState::Save, Side::Vmx, "power off");
@@ -851,6 +879,7 @@ impl Vmx {
         let t_save = Instant::now();
         let out = self.monitor_step(CptState::Save, args, None)?;
         self.last_save_step = t_save.elapsed();
+        self.mark("monitor_save");
         let mut snap = Snapshot::default();
         for s in out.sections {
             snap.push(s)?;
@@ -910,6 +939,7 @@ impl Vmx {
         self.epoch_full_disk = full_disk;
         self.epoch_number = epoch;
         let t0 = Instant::now();
+        self.pause_marks = vec![("start", t0)];
         let mem = EpochMem {
             full,
             ..EpochMem::default()
@@ -928,8 +958,13 @@ impl Vmx {
         if self.opts.trace.is_none() {
             self.trace.0.truncate(trace_len);
         }
+        let marks = std::mem::take(&mut self.pause_marks);
         let snap = result?;
         let pause = t0.elapsed();
+        let phases = marks
+            .windows(2)
+            .map(|w| (w[1].0, w[1].1.saturating_duration_since(w[0].1)))
+            .collect();
         let runs = std::mem::take(&mut *mem.runs.lock().unwrap_or_else(|p| p.into_inner()));
         let records = self.take_held();
         let frames = std::mem::take(&mut self.epoch_frames);
@@ -957,6 +992,7 @@ impl Vmx {
             frames,
             pause,
             save_step: self.last_save_step,
+            phases,
         })
     }
 
@@ -1026,6 +1062,13 @@ impl Vmx {
             .into_iter()
             .map(|(card, fs)| self.virtio.inject(card, fs))
             .sum()
+    }
+
+    /// Notes the end of a pause phase (only while an epoch is being captured).
+    fn mark(&mut self, phase: &'static str) {
+        if !self.pause_marks.is_empty() {
+            self.pause_marks.push((phase, Instant::now()));
+        }
     }
 
     /// A handle that takes the disks' writes while the guest runs (a pre-copy's disk rounds).

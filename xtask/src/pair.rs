@@ -397,6 +397,17 @@ pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
         "epoch pause: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} epochs",
         pause.p50, pause.p99, pause.max, pause.count
     );
+    if !pause.phases_p50.is_empty() {
+        println!(
+            "  where it goes (p50 of each phase, ms): {}",
+            pause
+                .phases_p50
+                .iter()
+                .map(|p| format!("{} {:.3}", p.phase, p.ms))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!(
         "sent: pages {} (of {} dirty), state {}, held output {}",
         mib(sent.pages as f64),

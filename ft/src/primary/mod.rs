@@ -78,6 +78,8 @@ pub struct FtStats {
     pub pauses_ms: Vec<f64>,
     /// Of each pause, the monitor's SAVE step (dirty log, page copies, vCPU state), ms.
     pub save_steps_ms: Vec<f64>,
+    /// Of each pause, every phase (`vmx::machine::PAUSE_PHASES`), ms (the last 8,192).
+    pub phases_ms: Vec<(&'static str, Vec<f64>)>,
     /// Capture → acknowledgement of the last epoch.
     pub lag: Duration,
     /// Records released to the outside.
@@ -802,6 +804,20 @@ impl Protector {
             self.stats
                 .save_steps_ms
                 .push(cap.save_step.as_secs_f64() * 1e3);
+            for (phase, d) in &cap.phases {
+                let i = match self.stats.phases_ms.iter().position(|p| p.0 == *phase) {
+                    Some(i) => i,
+                    None => {
+                        self.stats.phases_ms.push((phase, Vec::new()));
+                        self.stats.phases_ms.len() - 1
+                    }
+                };
+                let v = &mut self.stats.phases_ms[i].1;
+                if v.len() >= PAUSE_WINDOW {
+                    v.remove(0);
+                }
+                v.push(d.as_secs_f64() * 1e3);
+            }
         }
         if cap.full {
             self.stats.full_sync_bytes += bytes;
@@ -937,6 +953,14 @@ impl Protector {
                 max: p.iter().cloned().fold(0.0, f64::max),
                 count: p.len() as u64,
                 save_step_p50: percentile(&s.save_steps_ms, 50.0),
+                phases_p50: s
+                    .phases_ms
+                    .iter()
+                    .map(|(phase, v)| crate::status::PhaseMs {
+                        phase: phase.to_string(),
+                        ms: percentile(v, 50.0),
+                    })
+                    .collect(),
             }),
             bytes_sent: Some(BytesSent {
                 pages: s.page_wire_bytes,
