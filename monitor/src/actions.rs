@@ -127,9 +127,13 @@ fn cpt_step(
             out.steps = vec!["restrict actions".into()];
         }
         CptState::Save => {
-            out.sections = vm.save_vcpus()?;
+            // The vCPUs read their state on their own threads while the modules (MainMem's
+            // page copy) run here: the two overlap within the pause.
+            let vcpus = vm.save_vcpus_begin()?;
+            let modules = vm.checkpoint_modules(args);
+            out.sections = vm.save_vcpus_end(vcpus)?;
             out.steps.push("save vCPU state".into());
-            let modules = vm.checkpoint_modules(args)?;
+            let modules = modules?;
             // Only the modules that saved state (MainMem copying an epoch's pages hands them
             // over in `args.epoch` instead, and is traced by vmx with the epoch).
             out.steps.extend(modules.iter().filter_map(|s| {

@@ -119,6 +119,9 @@ pub struct StunReport {
     pub at_ns: u64,
 }
 
+/// vCPU states being captured on their threads (see [`Vm::save_vcpus_begin`]).
+pub struct PendingVcpuStates(Vec<crossbeam_channel::Receiver<Result<crate::state::VcpuSnapshot>>>);
+
 /// A KVM virtual machine with its vCPU threads.
 pub struct Vm {
     shared: Arc<VmShared>,
@@ -455,7 +458,14 @@ impl Vm {
 
     /// Saves every vCPU's state (VM stunned or not started): sections `vcpu/<n>`.
     pub fn save_vcpus(&self) -> Result<Vec<Section>> {
-        // Every vCPU captures its own state on its own thread, all at once.
+        let pending = self.save_vcpus_begin()?;
+        self.save_vcpus_end(pending)
+    }
+
+    /// Asks every vCPU to capture its own state on its own thread, all at once, and returns
+    /// without waiting (the caller does other work of the stun meanwhile, e.g. the page copy);
+    /// [`Vm::save_vcpus_end`] collects the states.
+    pub fn save_vcpus_begin(&self) -> Result<PendingVcpuStates> {
         let mut waits = Vec::new();
         for id in 0..self.vcpu_count() {
             let (tx, rx) = bounded(1);
@@ -479,7 +489,13 @@ impl Vm {
             self.post(id as usize, CrossCall::Call(call))?;
             waits.push(rx);
         }
-        waits
+        Ok(PendingVcpuStates(waits))
+    }
+
+    /// The states asked for by [`Vm::save_vcpus_begin`], as `vcpu/<n>` sections.
+    pub fn save_vcpus_end(&self, pending: PendingVcpuStates) -> Result<Vec<Section>> {
+        pending
+            .0
             .into_iter()
             .enumerate()
             .map(|(id, rx)| {
