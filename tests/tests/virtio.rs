@@ -492,8 +492,8 @@ fn net_echo_answers_10000_udp_datagrams_from_a_client_in_a_netns() {
     let mut buf = [0u8; 2048];
     let t0 = Instant::now();
     let mut last = Instant::now();
-    // A snapshot that continues, in the middle of the traffic: QUIESCE stops the RX thread,
-    // CONTINUE_SYNC starts it again, and no datagram is lost.
+    // A snapshot that continues, in the middle of the traffic: QUIESCE pauses the RX thread,
+    // CONTINUE_SYNC resumes it, and no datagram is lost.
     let mut snapshot = None;
     while echoed < N {
         if echoed >= N / 3 && snapshot.is_none() {
@@ -551,9 +551,9 @@ fn net_echo_answers_10000_udp_datagrams_from_a_client_in_a_netns() {
             .map(|e| format!("{:?} {:?} {}", e.state, e.side, e.step))
             .collect();
     for want in [
-        "Quiesce Vmx quiesce group virtio: stopped 1 net RX thread(s)",
+        "Quiesce Vmx quiesce group virtio: paused 1 net RX thread(s)",
         "Save Vmx checkpoint group virtio",
-        "ContinueSync Vmx sync group virtio: started 1 net RX thread(s)",
+        "ContinueSync Vmx sync group virtio: resumed 1 net RX thread(s)",
     ] {
         assert!(
             steps.iter().any(|s| s == want),

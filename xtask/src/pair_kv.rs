@@ -293,6 +293,29 @@ pub fn run(a: &RunPairArgs) -> Result<(), String> {
             outage_at(&histories, k).as_secs_f64() * 1e3
         );
     }
+    let who = if killed.is_some() && !rejoined {
+        "standby"
+    } else {
+        "primary"
+    };
+    if let Some(p) = pair
+        .status(who)
+        .and_then(|s| s.ft)
+        .and_then(|ft| ft.pause_ms)
+        .filter(|p| p.count > 0)
+    {
+        println!(
+            "epoch pause: p50 {:.3} ms, p99 {:.3} ms over {} epochs; p50 of each phase (ms): {}",
+            p.p50,
+            p.p99,
+            p.count,
+            p.phases_p50
+                .iter()
+                .map(|p| format!("{} {:.3}", p.phase, p.ms))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let reset: Vec<String> = histories
         .iter()
         .enumerate()
