@@ -84,6 +84,9 @@ struct Cpt {
 /// Runs every module's sync; traces only the modules that did something.
 fn sync_steps(vm: &Vm, steps: &mut Vec<String>) -> Result<()> {
     let modules = vm.modules().clone();
+    if !modules.iter().any(|m| m.syncs()) {
+        return Ok(());
+    }
     let done = vm.call_on(0, move |ctx| modules.run(|m| m.sync(ctx)))??;
     steps.extend(
         done.into_iter()

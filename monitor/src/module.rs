@@ -45,6 +45,12 @@ pub trait Module: Send + Sync {
     fn sync(&self, _vcpu0: &mut VcpuContext) -> Result<Option<String>> {
         Ok(None)
     }
+    /// Whether [`Module::sync`] does anything. A module that overrides `sync` says so here;
+    /// when no module does, the sync steps skip the cross-call to the boot vCPU (two per
+    /// epoch, each a thread round trip inside the guest's pause).
+    fn syncs(&self) -> bool {
+        false
+    }
     /// Version of the state `checkpoint` writes.
     fn version(&self) -> u32 {
         1
