@@ -53,19 +53,19 @@ fn guest_cli(image: &Path, hot_kib: u64) -> Vec<String> {
 }
 
 fn parse_records(text: &str) -> Vec<guest_abi::Record> {
-    // `tandem run --output`: `vcpu seq kind value aux`.
+    // `tandem run --output`: `vcpu seq kind value aux`, the value in hex.
     text.lines()
         .filter_map(|l| {
-            let f: Vec<u64> = l
-                .split_whitespace()
-                .map(|w| w.parse().ok())
-                .collect::<Option<_>>()?;
-            (f.len() == 5).then(|| guest_abi::Record {
-                vcpu: f[0] as u32,
-                seq: f[1],
-                kind: f[2] as u32,
-                value: f[3],
-                aux: f[4],
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() != 5 {
+                return None;
+            }
+            Some(guest_abi::Record {
+                vcpu: f[0].parse().ok()?,
+                seq: f[1].parse().ok()?,
+                kind: f[2].parse().ok()?,
+                value: u64::from_str_radix(f[3], 16).ok()?,
+                aux: f[4].parse().ok()?,
             })
         })
         .collect()
