@@ -365,9 +365,10 @@ pub fn bench(out: &mut String) -> Result<(), String> {
     let row = format!(
         "\nClient-visible outage per failover (one connection doing INCR without pause, 20 ms \
          epochs, {KILLS} SIGKILLs of the primary, a fresh standby joining after each): p50 \
-         {:.0} ms, max {:.0} ms; kill → standby's guest running p50 {:.1} ms. The rest of the \
-         outage is the client's TCP retransmission timeout (≥ 200 ms on Linux): the request \
-         sent after the last committed epoch reached only the dead primary.\n",
+         {:.0} ms, max {:.0} ms; kill → standby's guest running p50 {:.1} ms. A request that \
+         reached only the dead primary is delivered again by the standby (input replication), \
+         so the client does not wait for its TCP retransmission timeout (≥ 200 ms on Linux); \
+         the rest is detection, activation and the first epoch's output commit.\n",
         outages[outages.len() / 2],
         outages[outages.len() - 1],
         failovers[failovers.len() / 2],
