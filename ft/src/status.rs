@@ -338,17 +338,23 @@ pub struct SyncStatus {
     pub elapsed_ms: Option<u64>,
 }
 
-/// The last re-sync that completed.
+/// The last sync of a new standby that completed (the standby of the start, or a joiner).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LastSync {
     /// The standby.
     pub peer: String,
-    /// Join → commit of the completing epoch, ms.
+    /// The standby of the start (not a re-protection).
+    #[serde(default)]
+    pub first: bool,
+    /// Join (or connection at start) → commit of the completing epoch, ms.
     pub joined_to_protected_ms: f64,
     /// The completing epoch.
     pub completing_epoch: u64,
     /// Its pages (dirtied during the last pre-copy round).
     pub completing_pages: u64,
+    /// How long its capture stopped the guest, ms (the only stop of the sync).
+    #[serde(default)]
+    pub completing_pause_ms: f64,
     /// The pre-copy rounds.
     pub precopy: Option<PreCopySummary>,
     /// When the standby protected the VM, ms since the Unix epoch.

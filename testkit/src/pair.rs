@@ -330,7 +330,8 @@ impl Pair {
         }
     }
 
-    /// Starts the primary (it connects to the standby and begins with a full sync).
+    /// Starts the primary (it connects to the standby and syncs it by pre-copy while its
+    /// guest runs).
     pub fn start_primary(&mut self) -> std::io::Result<()> {
         let peer = self.standby_addr.clone();
         self.start_primary_via(&peer)

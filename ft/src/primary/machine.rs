@@ -4,15 +4,13 @@
 //! the sink and the arbiter, and feeds their answers back as events.
 //!
 //! ```text
-//!                              Connected (a standby at start): full sync
-//!          ┌───────────────────────────────────────────────────────────────────────────┐
-//!          │                                                                           ▼
-//!   ┌─────────────┐  Joined   ┌───────────┐  LinkUp   ┌──────────────┐  Ack(E)   ┌──────────────┐
-//!   │ Unprotected │ ────────▶ │ Resyncing │ ────────▶ │ Completing   │ ────────▶ │ Protected    │
-//!   │  {reason}   │ ◀──────── │  {peer,   │           │  {peer, E,   │           │ {in_flight,  │
-//!   └─────────────┘  failed   │   step}   │           │   throttled} │           │  throttled}  │
-//!      ▲      ▲               └───────────┘           └──────────────┘           └──────────────┘
-//!      │      │                                              │ LinkLost                │    │
+//!                 Connected (the standby of the start) or Joined (a later one): pre-copy
+//!   ┌─────────────┐ ────────▶ ┌───────────┐  LinkUp   ┌──────────────┐  Ack(E)   ┌──────────────┐
+//!   │ Unprotected │           │ Resyncing │ ────────▶ │ Completing   │ ────────▶ │ Protected    │
+//!   │  {reason}   │ ◀──────── │  {peer,   │           │  {peer, E,   │  Synced   │ {in_flight,  │
+//!   └─────────────┘  failed   │   why,    │           │   throttled} │           │  throttled}  │
+//!      ▲      ▲               │   step}   │           └──────────────┘           └──────────────┘
+//!      │      │               └───────────┘                  │ LinkLost                │    │
 //!      │      │ Won              with an arbiter             ├─────────────────────────┘    │ GuestFinished
 //!      │  ┌──────────┐ ◀─────────────────────────────────────┤                              ▼
 //!      │  │ Claiming │                                       │                       ┌─────────────┐
@@ -29,18 +27,20 @@
 //! Within `Protected`: a tick with nothing in flight captures and sends the next epoch; a tick
 //! with epoch E in flight stuns the guest (throttled); Ack(E) releases E's output and, if the
 //! guest was stunned, captures the next epoch at once and lets the guest go. `Completing` is
-//! `Protected` with the epoch that completes a pre-copy in flight: its Ack makes the joiner
-//! the standby (`Reprotected`). The initial full sync is not a state of its own: `Connected`
-//! captures the full epoch and the machine is `Protected` with it in flight; acknowledgement,
-//! throttle and loss work exactly as for any other epoch.
+//! `Protected` with the epoch that completes a pre-copy in flight: its Ack makes the new
+//! standby the standby (`Synced`). There is no stunned full sync: the standby a primary
+//! connects to at start (`Connected`) is synced exactly like one that joins later, by a
+//! pre-copy while the guest runs (its output released at once meanwhile, as for any
+//! unprotected VM), and the guest's only stop is the completing epoch's capture; from that
+//! epoch on output waits for acknowledgements.
 //!
 //! "unprotect" is: DropLink, WantStandby, StopTimer, Release(in-flight epoch), ReleaseHeld,
 //! Resume (if throttled) — the standby is gone, what it would have acknowledged goes out now.
 //!
 //! | state                         | event                      | actions                                   | next                           |
 //! |-------------------------------|----------------------------|-------------------------------------------|--------------------------------|
-//! | Unprotected                   | Connected                  | HoldOutput, Capture(full), WantStandby(no), Send | Protected{E}            |
-//! | Unprotected                   | Joined, guest running      | WantStandby(no), StartPreCopy             | Resyncing(PreCopy)             |
+//! | Unprotected                   | Connected                  | WantStandby(no), StartPreCopy(start)      | Resyncing(PreCopy)             |
+//! | Unprotected                   | Joined, guest running      | WantStandby(no), StartPreCopy(rejoin)     | Resyncing(PreCopy)             |
 //! | Unprotected, Done             | Joined, guest finished     | Refuse(finished)                          | same                           |
 //! | Unprotected, Resyncing, Done  | OutputDrained(pending)     | AskStill (arbiter) / ReleaseHeld          | same                           |
 //! | Unprotected, Resyncing, Done  | Still(newest)              | ReleaseHeld                               | same                           |
@@ -54,7 +54,7 @@
 //! | Resyncing(Releasing)          | Still(newest)              | ReleaseHeld, StartLink                    | Resyncing(Linking)             |
 //! | Resyncing(Linking)            | LinkFailed                 | WantStandby(yes)                          | Unprotected                    |
 //! | Resyncing(Linking)            | LinkUp                     | Capture(completing), Send                 | Completing{E}                  |
-//! | Completing{E}                 | Ack(E)                     | Release(E), Reprotected, [Capture, Send, Resume] | Protected              |
+//! | Completing{E}                 | Ack(E)                     | Release(E), Synced, \[Capture, Send, Resume\] | Protected              |
 //! | Protected{None}               | Tick, guest running        | Capture, Send                             | Protected{E}                   |
 //! | Protected{E}, Completing      | Tick, guest running        | Stun, StopTimer                           | throttled                      |
 //! | Protected{E}, Completing      | Tick, guest paused/finished| StopTimer                                 | same                           |
@@ -69,7 +69,7 @@
 //! | Protected, Completing, Finishing | Joined                  | Refuse(already protected)                 | same                           |
 //! | Protected{None}               | GuestFinished              | Capture, Send                             | Finishing{E, last}             |
 //! | Protected{E}, Completing{E}   | GuestFinished              | —                                         | Finishing{E}                   |
-//! | Finishing{E}                  | Ack(E)                     | Release(E), \[Reprotected\], Capture, Send  | Finishing{E+1, last}           |
+//! | Finishing{E}                  | Ack(E)                     | Release(E), \[Synced\], Capture, Send       | Finishing{E+1, last}           |
 //! | Finishing{E} throttled        | Ack(E)                     | Release(E), Capture, Send, Resume         | Finishing{E+1}                 |
 //! | Finishing{E, last}            | Ack(E)                     | Release(E), Goodbye                       | Done                           |
 //! | Fenced                        | anything                   | —                                         | Fenced                         |
@@ -86,10 +86,12 @@ pub enum State {
         /// Why (None: never protected).
         reason: Option<String>,
     },
-    /// A standby joined and is being synced by pre-copy while the guest runs unprotected.
+    /// A standby is being synced by pre-copy while the guest runs unprotected.
     Resyncing {
         /// Who.
         peer: String,
+        /// Why: the standby of the start, or one that joined later.
+        why: SyncReason,
         /// Why the VM was unprotected (still the reason until the sync completes).
         reason: Option<String>,
         /// How far.
@@ -99,6 +101,8 @@ pub enum State {
     Completing {
         /// The new standby.
         peer: String,
+        /// Why it is being synced.
+        why: SyncReason,
         /// The completing epoch.
         epoch: u64,
         /// The guest is stunned until `epoch` is acknowledged.
@@ -120,7 +124,7 @@ pub enum State {
         /// The guest is stunned until `epoch` is acknowledged.
         throttled: bool,
         /// `epoch` completes the sync of this new standby.
-        completing: Option<String>,
+        completing: Option<(String, SyncReason)>,
     },
     /// The standby was lost; the arbiter is asked for the next generation. Output stays held.
     Claiming {
@@ -140,6 +144,15 @@ pub enum State {
     },
     /// The guest finished and the standby was told goodbye.
     Done,
+}
+
+/// Why a standby is being synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncReason {
+    /// The standby this primary connected to at start (its first protection).
+    Start,
+    /// A standby that joined (or was found by redialling) while the VM ran unprotected.
+    Rejoin,
 }
 
 /// Steps of a re-sync.
@@ -220,8 +233,11 @@ pub enum Answer {
 /// What happens to the primary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A standby's link is up at start: protect the VM with a full sync.
-    Connected,
+    /// The standby of the start answered: protect the VM by a pre-copy while it runs.
+    Connected {
+        /// Who.
+        peer: String,
+    },
     /// The epoch timer fired.
     Tick {
         /// The guest's state.
@@ -282,8 +298,6 @@ pub enum Event {
 /// What kind of epoch a capture is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CaptureKind {
-    /// Every page and all state: the first sync of a standby.
-    Full,
     /// The epoch that completes a pre-copy (the pages dirtied during its last round).
     Completing,
     /// An ordinary epoch: the dirty pages.
@@ -295,8 +309,6 @@ pub enum CaptureKind {
 /// cannot start) is always the last of its batch; the answer is the next event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Hold drained output (it is released on acknowledgement).
-    HoldOutput,
     /// Capture epoch `epoch` (stun, copy, unstun) with the held output; arm the epoch timer.
     Capture {
         /// The epoch.
@@ -355,6 +367,8 @@ pub enum Action {
     StartPreCopy {
         /// Who.
         peer: String,
+        /// Why.
+        why: SyncReason,
         /// Generation and the epoch that will complete the sync.
         fence: Fence,
     },
@@ -373,12 +387,14 @@ pub enum Action {
         /// Who.
         peer: String,
     },
-    /// The joiner committed the completing epoch: it protects the VM.
-    Reprotected {
+    /// The new standby committed the completing epoch: it protects the VM.
+    Synced {
         /// Who.
         peer: String,
         /// The completing epoch.
         epoch: u64,
+        /// Why it was synced.
+        why: SyncReason,
     },
     /// Tell the standby goodbye (the guest finished).
     Goodbye,
@@ -472,7 +488,7 @@ impl Machine {
         match &self.state {
             State::Completing { peer, epoch, .. } => Some((peer, *epoch)),
             State::Finishing {
-                completing: Some(peer),
+                completing: Some((peer, _)),
                 epoch,
                 ..
             } => Some((peer, *epoch)),
@@ -592,21 +608,9 @@ impl Machine {
                 S::Fenced { why }
             }
 
-            // Protection at start.
-            (S::Unprotected { .. }, Event::Connected) => {
-                acts.push(Action::HoldOutput);
-                let epoch = self.next_epoch;
-                self.next_epoch += 1;
-                acts.push(Action::Capture {
-                    epoch,
-                    kind: CaptureKind::Full,
-                });
-                acts.push(Action::WantStandby(false));
-                acts.push(Action::Send { epoch });
-                S::Protected {
-                    in_flight: Some(epoch),
-                    throttled: false,
-                }
+            // Protection at start: the same pre-copy as a joiner's, while the guest runs.
+            (S::Unprotected { reason }, Event::Connected { peer }) => {
+                self.start_precopy(peer, reason, SyncReason::Start, acts)
             }
 
             // The epoch timer.
@@ -640,6 +644,7 @@ impl Machine {
             (
                 S::Completing {
                     peer,
+                    why,
                     epoch,
                     throttled: false,
                 },
@@ -649,6 +654,7 @@ impl Machine {
                 acts.push(Action::StopTimer);
                 S::Completing {
                     peer,
+                    why,
                     epoch,
                     throttled: true,
                 }
@@ -672,6 +678,7 @@ impl Machine {
             (
                 S::Completing {
                     peer,
+                    why,
                     epoch: e,
                     throttled,
                 },
@@ -679,7 +686,7 @@ impl Machine {
             ) if e == epoch => {
                 self.last_ack = epoch;
                 acts.push(Action::Release { epoch, acked: true });
-                acts.push(Action::Reprotected { peer, epoch });
+                acts.push(Action::Synced { peer, epoch, why });
                 let in_flight = throttled.then(|| {
                     let e = self.capture(CaptureKind::Epoch, acts);
                     acts.push(Action::Resume);
@@ -701,8 +708,8 @@ impl Machine {
             ) if e == epoch => {
                 self.last_ack = epoch;
                 acts.push(Action::Release { epoch, acked: true });
-                if let Some(peer) = completing {
-                    acts.push(Action::Reprotected { peer, epoch });
+                if let Some((peer, why)) = completing {
+                    acts.push(Action::Synced { peer, epoch, why });
                 }
                 if throttled {
                     let e = self.capture(CaptureKind::Epoch, acts);
@@ -802,18 +809,7 @@ impl Machine {
                     peer,
                     guest_finished: false,
                 },
-            ) => {
-                acts.push(Action::WantStandby(false));
-                acts.push(Action::StartPreCopy {
-                    peer: peer.clone(),
-                    fence: self.fence_at(self.next_epoch),
-                });
-                S::Resyncing {
-                    peer,
-                    reason,
-                    step: ResyncStep::PreCopy,
-                }
-            }
+            ) => self.start_precopy(peer, reason, SyncReason::Rejoin, acts),
             (s, Event::Joined { peer, .. }) => {
                 self.refuse(peer, Refusal::Finished, acts);
                 s
@@ -845,6 +841,7 @@ impl Machine {
             (
                 S::Resyncing {
                     peer,
+                    why,
                     reason,
                     step: ResyncStep::PreCopy,
                 },
@@ -864,11 +861,17 @@ impl Machine {
                     acts.push(Action::StartLink { peer: peer.clone() });
                     ResyncStep::Linking
                 };
-                S::Resyncing { peer, reason, step }
+                S::Resyncing {
+                    peer,
+                    why,
+                    reason,
+                    step,
+                }
             }
             (
                 S::Resyncing {
                     peer,
+                    why,
                     reason,
                     step: ResyncStep::Releasing,
                 },
@@ -878,6 +881,7 @@ impl Machine {
                 acts.push(Action::StartLink { peer: peer.clone() });
                 S::Resyncing {
                     peer,
+                    why,
                     reason,
                     step: ResyncStep::Linking,
                 }
@@ -896,6 +900,7 @@ impl Machine {
             (
                 S::Resyncing {
                     peer,
+                    why,
                     step: ResyncStep::Linking,
                     ..
                 },
@@ -904,6 +909,7 @@ impl Machine {
                 let epoch = self.capture(CaptureKind::Completing, acts);
                 S::Completing {
                     peer,
+                    why,
                     epoch,
                     throttled: false,
                 }
@@ -980,6 +986,7 @@ impl Machine {
             (
                 S::Completing {
                     peer,
+                    why,
                     epoch,
                     throttled,
                 },
@@ -988,13 +995,35 @@ impl Machine {
                 epoch,
                 last: false,
                 throttled,
-                completing: Some(peer),
+                completing: Some((peer, why)),
             },
 
             (s, ev) => {
                 log::debug!("primary: {ev:?} changes nothing in {s:?}");
                 s
             }
+        }
+    }
+
+    /// Starts the pre-copy of a new standby (the one of the start, or a joiner).
+    fn start_precopy(
+        &mut self,
+        peer: String,
+        reason: Option<String>,
+        why: SyncReason,
+        acts: &mut Vec<Action>,
+    ) -> State {
+        acts.push(Action::WantStandby(false));
+        acts.push(Action::StartPreCopy {
+            peer: peer.clone(),
+            why,
+            fence: self.fence_at(self.next_epoch),
+        });
+        State::Resyncing {
+            peer,
+            why,
+            reason,
+            step: ResyncStep::PreCopy,
         }
     }
 
@@ -1041,10 +1070,22 @@ mod tests {
         }
     }
 
-    /// Protected, epoch 1 (the full sync) acknowledged, nothing in flight.
-    fn protected(arbiter: bool) -> Machine {
+    /// Synced with the standby of the start ("s"), up to its link: the completing epoch (1)
+    /// is next.
+    fn linked(arbiter: bool) -> Machine {
         let mut m = Machine::new(1, arbiter);
-        m.on(Event::Connected);
+        m.on(Event::Connected { peer: "s".into() });
+        m.on(Event::PreCopyDone {
+            guest_finished: false,
+            pending_output: false,
+        });
+        m
+    }
+
+    /// Protected, epoch 1 (the one completing the first sync) acknowledged, nothing in flight.
+    fn protected(arbiter: bool) -> Machine {
+        let mut m = linked(arbiter);
+        m.on(Event::LinkUp);
         m.on(ack(1));
         assert_eq!(
             m.state(),
@@ -1091,52 +1132,78 @@ mod tests {
     }
 
     #[test]
-    fn connected_holds_output_and_sends_a_full_sync() {
+    fn connected_starts_a_pre_copy_while_the_guest_runs() {
         let mut m = Machine::new(1, false);
         assert_eq!(
-            m.on(Event::Connected),
+            m.on(Event::Connected { peer: "s".into() }),
             vec![
-                Action::HoldOutput,
-                Action::Capture {
-                    epoch: 1,
-                    kind: CaptureKind::Full
-                },
                 Action::WantStandby(false),
-                Action::Send { epoch: 1 },
+                Action::StartPreCopy {
+                    peer: "s".into(),
+                    why: SyncReason::Start,
+                    fence: fence(1, 1)
+                },
             ]
         );
-        assert_eq!(
-            m.state(),
-            &State::Protected {
-                in_flight: Some(1),
-                throttled: false
-            }
-        );
-        assert!(m.protected());
+        assert_eq!(m.resyncing(), Some("s"));
+        // Not protected yet: output goes out at once, as before any standby.
+        assert!(!m.protected());
+        assert!(m.releases_at_once());
         assert_eq!(m.unprotected_because(), None);
+        assert_eq!(
+            m.on(Event::OutputDrained { pending: true }),
+            vec![Action::ReleaseHeld]
+        );
     }
 
     #[test]
     fn connected_while_protected_changes_nothing() {
         let mut m = with_in_flight(false);
         let before = m.state().clone();
-        assert_eq!(m.on(Event::Connected), vec![]);
+        assert_eq!(m.on(Event::Connected { peer: "s".into() }), vec![]);
         assert_eq!(m.state(), &before);
     }
 
     #[test]
-    fn ack_of_the_full_sync_releases_it() {
-        let mut m = Machine::new(1, false);
-        m.on(Event::Connected);
+    fn the_first_completing_epoch_holds_output_and_its_ack_protects() {
+        let mut m = linked(false);
+        // The only stop of the guest: the completing epoch's capture; output is held from it.
+        assert_eq!(
+            m.on(Event::LinkUp).as_slice(),
+            cap(1, CaptureKind::Completing)
+        );
+        assert!(m.protected());
+        assert!(!m.releases_at_once());
+        assert_eq!(m.on(Event::OutputDrained { pending: true }), vec![]);
         assert_eq!(
             m.on(ack(1)),
-            vec![Action::Release {
-                epoch: 1,
-                acked: true
-            }]
+            vec![
+                Action::Release {
+                    epoch: 1,
+                    acked: true
+                },
+                Action::Synced {
+                    peer: "s".into(),
+                    epoch: 1,
+                    why: SyncReason::Start
+                },
+            ]
         );
         assert_eq!(m.last_ack(), 1);
         assert_eq!(m.in_flight(), None);
+    }
+
+    #[test]
+    fn a_failed_first_sync_leaves_the_vm_unprotected_and_redialling() {
+        let mut m = Machine::new(1, false);
+        m.on(Event::Connected { peer: "s".into() });
+        assert_eq!(
+            m.on(Event::PreCopyFailed {
+                reason: "eof".into()
+            }),
+            vec![Action::WantStandby(true)]
+        );
+        assert_eq!(m.state(), &State::Unprotected { reason: None });
     }
 
     #[test]
@@ -1432,6 +1499,7 @@ mod tests {
                 Action::WantStandby(false),
                 Action::StartPreCopy {
                     peer: "b".into(),
+                    why: SyncReason::Rejoin,
                     fence: fence(1, 2)
                 },
             ]
@@ -1594,6 +1662,7 @@ mod tests {
             m.state(),
             &State::Completing {
                 peer: "b".into(),
+                why: SyncReason::Rejoin,
                 epoch: 2,
                 throttled: false
             }
@@ -1613,9 +1682,10 @@ mod tests {
                     epoch: 2,
                     acked: true
                 },
-                Action::Reprotected {
+                Action::Synced {
                     peer: "b".into(),
-                    epoch: 2
+                    epoch: 2,
+                    why: SyncReason::Rejoin
                 },
             ]
         );
@@ -1649,7 +1719,7 @@ mod tests {
             epoch: 2,
             acked: false
         }));
-        assert!(!acts.iter().any(|a| matches!(a, Action::Reprotected { .. })));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Synced { .. })));
         assert_eq!(
             m.state(),
             &State::Unprotected {
@@ -1737,9 +1807,10 @@ mod tests {
         let mut m = completing();
         m.on(Event::GuestFinished);
         let acts = m.on(ack(2));
-        assert!(acts.contains(&Action::Reprotected {
+        assert!(acts.contains(&Action::Synced {
             peer: "b".into(),
-            epoch: 2
+            epoch: 2,
+            why: SyncReason::Rejoin
         }));
         assert!(m.finishing());
     }

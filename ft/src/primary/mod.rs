@@ -42,7 +42,7 @@ use crate::status::{
     BytesSent, Counters, FtStatus, LastSync, Notes, PauseMs, PrimaryCounters, Role, SyncStatus,
 };
 use crate::{percentile, precopy, unix_ms, Error, Result};
-use machine::{Action, Answer, CaptureKind, Event, FenceReason, Guest, Machine};
+use machine::{Action, Answer, CaptureKind, Event, FenceReason, Guest, Machine, SyncReason};
 
 /// Pauses kept for the percentiles.
 const PAUSE_WINDOW: usize = 8192;
@@ -58,9 +58,9 @@ pub struct FtStats {
     pub xor_cache_bytes: u64,
     /// Epochs acknowledged.
     pub epochs: u64,
-    /// Dirty bytes captured by epochs (full syncs not counted).
+    /// Dirty bytes captured by epochs.
     pub mem_bytes: u64,
-    /// Bytes captured by full syncs.
+    /// Bytes read by the pre-copy rounds of full syncs.
     pub full_sync_bytes: u64,
     /// Page bytes on the wire.
     pub page_wire_bytes: u64,
@@ -106,11 +106,12 @@ pub enum Aux {
     Status(Sender<FtStatus>),
 }
 
-/// What the driver remembers of the re-sync the machine runs.
+/// What the driver remembers of the sync the machine runs.
 struct Resync {
     started: Instant,
     report: Option<precopy::PreCopyReport>,
     completing_pages: u64,
+    completing_pause_ms: f64,
 }
 
 /// The records and capture time of the epoch in flight.
@@ -243,11 +244,14 @@ impl Protector {
         self.machine.state()
     }
 
-    /// Starts protecting over `link`: captures a full sync now (the guest may be paused or
-    /// running) and hands it to the link. Output is held from here on.
-    pub fn protect(&mut self, vmx: &mut Vmx, link: Link) -> Result<()> {
-        self.install(vmx, link);
-        self.drive(vmx, Event::Connected)
+    /// Starts protecting the VM with the standby at the other end of `chan` (`peer`): the same
+    /// pre-copy as for a standby that joins, while the guest runs (or before it starts), then
+    /// the completing epoch; output is released at once until that epoch and held from it on.
+    pub fn protect(&mut self, vmx: &mut Vmx, chan: Channel<TcpStream>, peer: String) -> Result<()> {
+        self.joiner = Some(Box::new(chan));
+        let r = self.drive(vmx, Event::Connected { peer });
+        self.joiner = None;
+        r
     }
 
     /// Accepts standbys that join (`tandem standby --join`) on `listener`, from now on. A
@@ -354,6 +358,8 @@ impl Protector {
                         self.drive(vmx, Event::PreCopyFailed { reason: e })
                     }
                     Ok((chan, report)) => {
+                        self.stats.full_sync_bytes +=
+                            report.rounds.iter().map(|r| r.pages * 4096).sum::<u64>();
                         self.precopied = Some(chan);
                         if let Some(rs) = &mut self.resync {
                             rs.report = Some(report);
@@ -494,7 +500,6 @@ impl Protector {
     /// Does one action; returns the answer for the machine, if it has one.
     fn execute(&mut self, vmx: &mut Vmx, a: Action) -> Result<Option<Event>> {
         match a {
-            Action::HoldOutput => vmx.hold_output(true),
             Action::Capture { epoch, kind } => self.capture(vmx, epoch, kind)?,
             Action::Send { epoch } => {
                 let ok = match (self.captured.take(), &self.link) {
@@ -631,24 +636,32 @@ impl Protector {
                 return Err(self.fence(vmx, &why));
             }
             Action::WantStandby(on) => self.want_standby.store(on, Ordering::Relaxed),
-            Action::StartPreCopy { peer, fence } => {
+            Action::StartPreCopy { peer, why, fence } => {
                 let Some(chan) = self.joiner.take() else {
                     return Ok(Some(Event::PreCopyFailed {
                         reason: "no channel to the joiner".into(),
                     }));
                 };
                 let dirty = vmx.vm().dirty_log();
-                log::warn!(
-                    "RE-PROTECTION: standby {peer} joined; full sync of {} MiB by pre-copy \
-                     while the guest runs (generation {}, completing with epoch {})",
-                    vmx.vm().layout().mem_bytes >> 20,
-                    fence.generation.0,
-                    fence.epoch.0
-                );
+                let mib = vmx.vm().layout().mem_bytes >> 20;
+                let (g, e) = (fence.generation.0, fence.epoch.0);
+                match why {
+                    SyncReason::Start => log::info!(
+                        "role: primary (generation {g}); full sync of {mib} MiB to the standby \
+                         {peer} by pre-copy while the guest runs (output is released at once \
+                         until epoch {e} completes the sync, and held from it on)"
+                    ),
+                    SyncReason::Rejoin => log::warn!(
+                        "RE-PROTECTION: standby {peer} joined; full sync of {mib} MiB by \
+                         pre-copy while the guest runs (generation {g}, completing with epoch \
+                         {e})"
+                    ),
+                }
                 self.resync = Some(Resync {
                     started: Instant::now(),
                     report: None,
                     completing_pages: 0,
+                    completing_pause_ms: 0.0,
                 });
                 let tx = self.aux_tx.clone();
                 let who = peer.clone();
@@ -709,21 +722,32 @@ impl Protector {
                     }
                 }));
             }
-            Action::Reprotected { peer, epoch } => {
+            Action::Synced { peer, epoch, why } => {
                 let rs = self.resync.take();
                 let ms = rs
                     .as_ref()
                     .map_or(0.0, |r| r.started.elapsed().as_secs_f64() * 1e3);
-                log::warn!(
-                    "PROTECTED again: standby {peer} committed the full sync (epoch {epoch}) \
-                     {ms:.0} ms after it joined"
-                );
-                self.stats.reprotections += 1;
+                let pause = rs.as_ref().map_or(0.0, |r| r.completing_pause_ms);
+                match why {
+                    SyncReason::Start => log::info!(
+                        "PROTECTED: standby {peer} committed the full sync (epoch {epoch}) {ms:.0} \
+                         ms after the primary connected; the guest stopped {pause:.2} ms for it"
+                    ),
+                    SyncReason::Rejoin => {
+                        log::warn!(
+                            "PROTECTED again: standby {peer} committed the full sync (epoch \
+                             {epoch}) {ms:.0} ms after it joined"
+                        );
+                        self.stats.reprotections += 1;
+                    }
+                }
                 self.last_sync = Some(LastSync {
                     peer,
+                    first: why == SyncReason::Start,
                     joined_to_protected_ms: ms,
                     completing_epoch: epoch,
                     completing_pages: rs.as_ref().map_or(0, |r| r.completing_pages),
+                    completing_pause_ms: pause,
                     precopy: rs.as_ref().and_then(|r| r.report.as_ref()).map(Into::into),
                     protected_unix_ms: unix_ms(),
                 });
@@ -741,11 +765,9 @@ impl Protector {
     /// Captures `epoch`, accounts for it, keeps its records until it is acknowledged, and arms
     /// the epoch timer. [`Action::Send`] hands it to the link.
     fn capture(&mut self, vmx: &mut Vmx, epoch: u64, kind: CaptureKind) -> Result<()> {
-        // A standby's first full sync gets every disk whole; the epoch completing a pre-copy
-        // (whose rounds carried the disks) and later epochs the blocks written since the last
-        // take.
-        let mut cap =
-            vmx.capture_epoch(epoch, kind == CaptureKind::Full, kind == CaptureKind::Full)?;
+        // The pre-copy rounds carried memory and disks whole: every epoch, the completing one
+        // too, carries what was written since the last take.
+        let mut cap = vmx.capture_epoch(epoch, false, false)?;
         if !self.drained.is_empty() {
             // Output taken for a release that did not happen belongs to this epoch.
             let mut records = std::mem::take(&mut self.drained);
@@ -754,14 +776,6 @@ impl Protector {
         }
         let bytes = cap.runs.iter().map(|r| r.data.len() as u64).sum::<u64>();
         match kind {
-            CaptureKind::Full => {
-                log::info!(
-                    "role: primary (generation {}), full sync of {} MiB to the standby",
-                    self.machine.generation(),
-                    bytes >> 20
-                );
-                self.stats.full_syncs += 1;
-            }
             CaptureKind::Completing => {
                 let pages = bytes / 4096;
                 let (rounds, ms) = self
@@ -776,6 +790,7 @@ impl Protector {
                 );
                 if let Some(rs) = &mut self.resync {
                     rs.completing_pages = pages;
+                    rs.completing_pause_ms = cap.pause.as_secs_f64() * 1e3;
                 }
                 self.stats.full_syncs += 1;
             }
@@ -785,23 +800,17 @@ impl Protector {
         if self.stats.pauses_ms.len() >= PAUSE_WINDOW {
             self.stats.pauses_ms.remove(0);
         }
-        if !cap.full {
-            self.stats.pauses_ms.push(pause_ms);
-            if let Some(m) = &self.metrics {
-                m.observe_pause(cap.pause);
-            }
-            if self.stats.save_steps_ms.len() >= PAUSE_WINDOW {
-                self.stats.save_steps_ms.remove(0);
-            }
-            self.stats
-                .save_steps_ms
-                .push(cap.save_step.as_secs_f64() * 1e3);
+        self.stats.pauses_ms.push(pause_ms);
+        if let Some(m) = &self.metrics {
+            m.observe_pause(cap.pause);
         }
-        if cap.full {
-            self.stats.full_sync_bytes += bytes;
-        } else {
-            self.stats.mem_bytes += bytes;
+        if self.stats.save_steps_ms.len() >= PAUSE_WINDOW {
+            self.stats.save_steps_ms.remove(0);
         }
+        self.stats
+            .save_steps_ms
+            .push(cap.save_step.as_secs_f64() * 1e3);
+        self.stats.mem_bytes += bytes;
         // Frames of this epoch (taken by the capture while the guest was stunned: nothing of a
         // later epoch is among them), after any taken for a release that did not happen.
         let mut frames = std::mem::take(&mut self.drained_frames);
