@@ -393,6 +393,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
+        Cmd::RunPair(args) if args.guest == "kv" => pair_kv::run(&args),
         Cmd::RunPair(args) => pair::run_pair(args),
         Cmd::Soak { cycles, iters } => pair::soak(cycles, &iters),
         Cmd::Modgraph => modgraph::run(&pair::root()),

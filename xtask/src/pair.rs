@@ -381,11 +381,8 @@ PROTECTED again {ms:.0} ms after the new standby started"
     })
 }
 
-/// `cargo xtask run-pair`.
+/// `cargo xtask run-pair` with a workload guest (`--guest kv` is [`crate::pair_kv::run`]).
 pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
-    if a.guest == "kv" {
-        return crate::pair_kv::run(&a);
-    }
     let bin = build_tandem()?;
     let r = run_pair_once(&bin, &a, true)?;
     let p = r.primary.as_ref();
