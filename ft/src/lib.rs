@@ -36,6 +36,7 @@ pub mod epoch;
 pub mod inputs;
 pub mod link;
 pub mod metrics;
+pub mod migrate;
 pub mod precopy;
 pub mod primary;
 pub mod standby;
@@ -372,6 +373,7 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, status::FtStatus)> {
     let mut ft = Protector::new(generation, cfg.interval, sink);
     ft.hooks = cfg.hooks.clone();
     ft.sink_key = cfg.sink_key.clone();
+    ft.psk = cfg.psk.clone();
     if let Some(m) = &cfg.metrics {
         ft.set_metrics(m);
     }
