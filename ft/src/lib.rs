@@ -22,9 +22,11 @@
 //!   guest continues. Nothing is ever buffered beyond one epoch in flight plus the one being
 //!   filled, and the guest can never run more than one interval ahead of the standby.
 //! * [`standby`] runs the other side; the `sink` crate is the outside world.
-//! * Re-protection: an unprotected primary takes a new standby (one that joins through
+//! * Protection and re-protection: an unprotected primary takes a new standby (the one it
+//!   connects to at start, [`Protector::protect`], one that joins through
 //!   [`Protector::accept_joins`], or one found by [`Protector::redial`]) and syncs it by
-//!   [`precopy`] while the guest runs; the first epoch after the rounds completes the sync.
+//!   [`precopy`] while the guest runs; the first epoch after the rounds completes the sync, and
+//!   it is the guest's only stop.
 //! * [`arbiter`] decides role changes (no split brain). The `testkit` crate runs whole pairs of
 //!   processes for tests, `cargo xtask run-pair`, `soak` and the benchmarks.
 #![forbid(unsafe_code)]
@@ -34,6 +36,7 @@ pub mod epoch;
 pub mod inputs;
 pub mod link;
 pub mod metrics;
+pub mod migrate;
 pub mod precopy;
 pub mod primary;
 pub mod standby;
@@ -47,7 +50,6 @@ use transport::{Channel, Fence, Intent, Message, Psk, Received};
 
 use ::sink::SinkClient;
 use arbiter::Arbiter;
-use link::Link;
 use vmx::machine::{power_on, Boot, Options, Outcome};
 
 pub use primary::{Aux, FtStats, Protector};
@@ -358,7 +360,6 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, status::FtStatus)> {
     };
     let mut vmx = power_on(cfg.boot, &opts)?;
     let vcpus = vmx.vm().vcpu_count();
-    let mem_bytes = vmx.vm().layout().mem_bytes;
     let sink = match &cfg.sink {
         Some(a) => Some(SinkClient::connect(
             a,
@@ -372,6 +373,7 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, status::FtStatus)> {
     let mut ft = Protector::new(generation, cfg.interval, sink);
     ft.hooks = cfg.hooks.clone();
     ft.sink_key = cfg.sink_key.clone();
+    ft.psk = cfg.psk.clone();
     if let Some(m) = &cfg.metrics {
         ft.set_metrics(m);
     }
@@ -381,21 +383,9 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, status::FtStatus)> {
     vmx.hold_output(true);
     ft.cards = vmx.has_cards();
     if let Some(peer) = &cfg.peer {
+        // The guest starts at once; the standby is synced by pre-copy while it runs.
         match connect(peer, cfg.psk.as_ref(), cfg.connect_patience) {
-            Ok(ch) => {
-                let link = Link::start(
-                    ch,
-                    link::LinkConfig {
-                        generation,
-                        interval: cfg.interval,
-                        mem_bytes,
-                        vcpus,
-                        hooks: cfg.hooks.clone(),
-                        xor_cache_bytes: link::DEFAULT_XOR_CACHE_BYTES,
-                    },
-                )?;
-                ft.protect(&mut vmx, link)?;
-            }
+            Ok(ch) => ft.protect(&mut vmx, ch, peer.clone())?,
             Err(e) => log::error!("{e}: running UNPROTECTED"),
         }
     } else if cfg.listen.is_none() {

@@ -109,17 +109,27 @@ pub enum LinkEvent {
         /// The epoch.
         epoch: u64,
     },
-    /// The standby is gone (or refused the same epoch too often).
+    /// The standby is gone (or refused the same epoch too often, or refused a switch).
     Lost {
         /// Why.
         reason: String,
+    },
+    /// The standby took the VM over (a migration's switch) as `generation`; the link ended.
+    Switched {
+        /// Its generation.
+        generation: u64,
     },
 }
 
 enum Job {
     Epoch(Box<Captured>),
+    Switch(Fence),
     Goodbye,
 }
+
+/// How long a switching primary waits for the receiver's confirmation (it claims a
+/// generation at its arbiter first: etcd may take a lease's TTL).
+pub const SWITCH_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The running link.
 pub struct Link {
@@ -205,6 +215,12 @@ impl Link {
         self.events.clone()
     }
 
+    /// Tells the standby, which committed `fence.epoch`, to take the VM over (see
+    /// [`transport::Message::Switch`]); [`LinkEvent::Switched`] or [`LinkEvent::Lost`] follows.
+    pub fn switch(&self, fence: Fence) -> bool {
+        self.jobs.send(Job::Switch(fence)).is_ok()
+    }
+
     /// Says goodbye (the guest finished) and waits for the threads.
     pub fn goodbye(mut self) {
         let _ = self.jobs.send(Job::Goodbye);
@@ -270,6 +286,18 @@ fn sender(
                         }
                     }
                 }
+                Ok(Job::Switch(f)) => {
+                    match switch(&mut tx, &replies, &inputs, f, &cfg) {
+                        Ok(generation) => {
+                            let _ = events.send(LinkEvent::Switched { generation });
+                        }
+                        Err(reason) => {
+                            let _ = tx.get_ref().shutdown(std::net::Shutdown::Both);
+                            lost(reason);
+                        }
+                    }
+                    return;
+                }
                 Ok(Job::Goodbye) => {
                     let _ = tx.send(&Message::Goodbye);
                     let _ = tx.end();
@@ -297,6 +325,52 @@ fn sender(
                 if let Err(e) = tx.send(&Message::Heartbeat { fence: fence(last) }) {
                     return lost(format!("heartbeat failed: {e}"));
                 }
+            }
+        }
+    }
+}
+
+/// Sends the switch and waits for the standby's confirmation: `Ack` with the next generation
+/// and the same epoch. Received frames go on to it meanwhile (its copy of the guest must see
+/// them); heartbeats too. Returns the standby's generation.
+fn switch(
+    tx: &mut Channel<TcpStream>,
+    replies: &Replies,
+    inputs: &Receiver<InputFrame>,
+    fence: Fence,
+    cfg: &LinkConfig,
+) -> Result<u64, String> {
+    let net = |e: transport::Error| format!("switching to the standby: {e}");
+    tx.send(&Message::Switch { fence }).map_err(net)?;
+    let waiting = Instant::now();
+    loop {
+        let left = SWITCH_PATIENCE.saturating_sub(waiting.elapsed());
+        select! {
+            recv(replies) -> r => return match r {
+                Ok(Ok(Received::Message(Message::Ack { fence: f })))
+                    if f.epoch == fence.epoch && f.generation.0 == fence.generation.0 + 1 =>
+                {
+                    Ok(f.generation.0)
+                }
+                Ok(Ok(Received::Message(Message::Nack { message, .. }))) => {
+                    Err(format!("the standby refused the switch: {message}"))
+                }
+                Ok(Ok(other)) => Err(format!("unexpected {other:?} from the standby after the switch")),
+                Ok(Err(e)) => Err(format!("connection to the standby lost during the switch: {e}")),
+                Err(_) => Err("connection to the standby lost during the switch".into()),
+            },
+            recv(inputs) -> f => {
+                if let Ok(f) = f {
+                    send_input(tx, cfg.generation, f).map_err(net)?;
+                }
+            }
+            default(left.min(cfg.interval)) => {
+                if left.is_zero() {
+                    return Err(format!(
+                        "the standby did not confirm the switch within {SWITCH_PATIENCE:?}"
+                    ));
+                }
+                tx.send(&Message::Heartbeat { fence }).map_err(net)?;
             }
         }
     }

@@ -605,6 +605,7 @@ mod tests {
             sync: None,
             last_sync: None,
             reprotections: Some(1),
+            migration: None,
         }
     }
 
@@ -721,6 +722,7 @@ mod tests {
             sync: None,
             last_sync: None,
             reprotections: None,
+            migration: None,
         };
         let t = std::thread::spawn(move || {
             while !looping.load(std::sync::atomic::Ordering::Relaxed) {

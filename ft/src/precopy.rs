@@ -1,4 +1,5 @@
-//! Re-protection: a full sync to a new standby while the guest keeps running (pre-copy).
+//! The full sync of a new standby while the guest keeps running (pre-copy): the standby a
+//! primary connects to at start, and every one that joins later.
 //!
 //! ```text
 //!  primary (unprotected, guest running)                     new standby
@@ -269,6 +270,10 @@ fn send_round_parts(
 
 /// Starts a pre-copy on its own thread; `done` gets the channel back (for the link) or why it
 /// failed.
+///
+/// The pre-copy reads, codes and hashes all of memory while the guest runs: it codes on a
+/// pool of its own, `max(1, CPUs - vCPUs)` threads, so that it leaves the guest's share of
+/// the host's CPUs to the vCPUs instead of taking every core (epochs keep the shared pool).
 pub fn spawn(
     log: DirtyLog,
     disks: Option<vmx::virtio::DiskTracker>,
@@ -281,7 +286,19 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("pre-copy".into())
         .spawn(move || {
-            let r = run(&log, disks.as_ref(), &mut tx, fence, vcpus, &status);
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = cpus.saturating_sub(vcpus as usize).max(1);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("pre-copy-{i}"))
+                .build();
+            let r = match pool {
+                Ok(p) => p.install(|| run(&log, disks.as_ref(), &mut tx, fence, vcpus, &status)),
+                Err(e) => {
+                    log::warn!("pre-copy on the shared pool (no pool of its own: {e})");
+                    run(&log, disks.as_ref(), &mut tx, fence, vcpus, &status)
+                }
+            };
             done(r.map(|rep| (tx, rep)));
         })
         .map(|_| ())

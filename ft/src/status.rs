@@ -92,6 +92,61 @@ pub struct FtStatus {
     /// Primary: times a joined standby completed its full sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reprotections: Option<u64>,
+    /// Primary: the migration under way (`tandem ctl SOCK migrate ADDR`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+}
+
+/// A migration under way, in a primary's status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// The receiver's address.
+    pub to: String,
+    /// "connecting", "pre-copy", "converging", "switching".
+    pub phase: String,
+    /// Converging epochs acknowledged so far.
+    pub converging_epochs: u32,
+    /// The fraction of time the guest is stunned to slow it down.
+    pub throttle: f64,
+    /// Since the request, ms.
+    pub elapsed_ms: f64,
+}
+
+/// The answer to `tandem ctl SOCK migrate ADDR` when the VM moved (a failed migration is
+/// refused with the reason, `{"ok":false,"error":…}`, and the VM runs on where it was).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationDone {
+    /// Always true.
+    pub ok: bool,
+    /// Where the VM runs now.
+    pub to: String,
+    /// Its generation there.
+    pub generation: u64,
+    /// The guest stopped here for the last epoch → the receiver confirmed it took over, ms
+    /// (this side's view; the receiver's failover report has when its guest ran).
+    pub downtime_ms: f64,
+    /// When the guest stopped here, ms since the Unix epoch.
+    pub frozen_unix_ms: f64,
+    /// The request → the VM moved, ms.
+    pub total_ms: f64,
+    /// The receiver was this VM's standby already (no pre-copy).
+    pub switchover: bool,
+    /// The receiver's pre-copy rounds (none for a switchover).
+    pub precopy: Option<PreCopySummary>,
+    /// Converging epochs before the last.
+    pub converging_epochs: u32,
+    /// The last epoch's pages.
+    pub last_epoch_pages: u64,
+    /// Its capture, ms (the guest stopped from its start).
+    pub last_epoch_pause_ms: f64,
+    /// Its round trip as predicted from the measured link, ms.
+    pub predicted_ms: f64,
+    /// It was the last because the throttle reached its end, not because it fitted.
+    pub forced: bool,
+    /// The hardest throttle used (fraction of time the guest was stunned).
+    pub max_throttle: f64,
+    /// The budget asked for, ms.
+    pub max_downtime_ms: f64,
 }
 
 impl FtStatus {
@@ -205,6 +260,14 @@ impl EndReport {
     /// A primary whose guest finished.
     pub fn primary(report: vmx::RunReport, ft: FtStatus) -> Self {
         EndReport {
+            report: Some(vmx::RunEnd::Finished(report)),
+            ..EndReport::primary_status(ft)
+        }
+    }
+
+    /// A primary's end with its final status and no report yet.
+    pub fn primary_status(ft: FtStatus) -> Self {
+        EndReport {
             role: Role::Primary,
             took_over: None,
             commits: None,
@@ -213,7 +276,7 @@ impl EndReport {
             failover: None,
             replication: None,
             ft: Some(ft),
-            report: Some(vmx::RunEnd::Finished(report)),
+            report: None,
         }
     }
 
@@ -351,17 +414,23 @@ pub struct SyncStatus {
     pub elapsed_ms: Option<u64>,
 }
 
-/// The last re-sync that completed.
+/// The last sync of a new standby that completed (the standby of the start, or a joiner).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LastSync {
     /// The standby.
     pub peer: String,
-    /// Join → commit of the completing epoch, ms.
+    /// The standby of the start (not a re-protection).
+    #[serde(default)]
+    pub first: bool,
+    /// Join (or connection at start) → commit of the completing epoch, ms.
     pub joined_to_protected_ms: f64,
     /// The completing epoch.
     pub completing_epoch: u64,
     /// Its pages (dirtied during the last pre-copy round).
     pub completing_pages: u64,
+    /// How long its capture stopped the guest, ms (the only stop of the sync).
+    #[serde(default)]
+    pub completing_pause_ms: f64,
     /// The pre-copy rounds.
     pub precopy: Option<PreCopySummary>,
     /// When the standby protected the VM, ms since the Unix epoch.
@@ -430,6 +499,7 @@ mod tests {
             sync: None,
             last_sync: None,
             reprotections: Some(0),
+            migration: None,
         }
     }
 

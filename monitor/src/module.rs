@@ -96,6 +96,10 @@ pub struct CptArgs {
 pub struct EpochMem {
     /// Copy every page (full sync), not only the dirty ones.
     pub full: bool,
+    /// Re-arm every dirty page (leave none writable between epochs): the next epoch's set is
+    /// exactly what the guest wrote meanwhile, not a superset (a converging migration's
+    /// epochs; see [`crate::dirty`]).
+    pub precise: bool,
     /// The copied runs of contiguous pages, in address order (filled by MainMem).
     pub runs: Arc<Mutex<Vec<PageRun>>>,
 }
@@ -207,6 +211,8 @@ impl Module for MainMem {
             let runs = if epoch.full {
                 log.take()?;
                 crate::dirty::DirtyPages::all(log.pages()).runs()
+            } else if epoch.precise {
+                log.take()?.runs()
             } else {
                 log.take_epoch()?.runs()
             };

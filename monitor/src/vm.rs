@@ -407,6 +407,21 @@ impl Vm {
     /// waits for the first guard to go.
     pub fn stun(&self) -> Result<StunGuard<'_>> {
         let lock = self.stun_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.stun_locked(lock)
+    }
+
+    /// [`Vm::stun`], unless a stun is in force already (then `None` at once: the VM is stopped
+    /// anyway). For a caller that must never wait on another's stun, such as a throttle.
+    pub fn try_stun(&self) -> Result<Option<StunGuard<'_>>> {
+        let lock = match self.stun_lock.try_lock() {
+            Ok(l) => l,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
+        self.stun_locked(lock).map(Some)
+    }
+
+    fn stun_locked<'a>(&'a self, lock: MutexGuard<'a, ()>) -> Result<StunGuard<'a>> {
         let start = Instant::now();
         let at_ns = self.now_ns();
         let (tx, rx) = bounded(self.vcpus.len());

@@ -349,6 +349,21 @@ enum CtlCommand {
         #[arg(long)]
         compress: bool,
     },
+    /// Move the VM of this `tandem primary` to the `tandem standby --listen ADDR` at ADDR
+    /// (planned migration): a pre-copy while the guest runs, epochs that converge (the guest
+    /// is throttled harder while they do not shrink), a last epoch with the guest stopped,
+    /// then the standby takes over as the next generation through the arbiter and this
+    /// primary exits 0 ("moved to ADDR"). Waits for the outcome and prints it; a migration
+    /// that fails leaves the VM running here and says why (exit 1). When ADDR is this
+    /// primary's own standby it is a switchover (no pre-copy); another standby of this
+    /// primary is told goodbye first (the VM is unprotected until the receiver has its sync).
+    Migrate {
+        /// The receiver: a `tandem standby --listen ADDR` with the same key, sink and arbiter.
+        addr: String,
+        /// The longest the guest may stay stopped for the switch, in ms.
+        #[arg(long, default_value_t = 5, value_name = "MS")]
+        max_downtime_ms: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -483,19 +498,38 @@ fn primary(args: PrimaryArgs) -> Result<(), Error> {
         metrics,
     };
     let (outcome, ft) = ft::run_primary(cfg)?;
-    if args.common.json {
-        if let Outcome::Finished(report) = outcome {
-            let end = ft::status::EndReport::primary(report, ft);
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&end).expect("serialises")
-            );
-            return Ok(());
-        }
-    } else {
-        println!("replication: {ft}");
+    if let Outcome::Moved { to, generation, .. } = &outcome {
+        println!(
+            "moved to {to}: the VM runs there now, as generation {generation}; this primary \
+             stopped"
+        );
     }
-    finish(outcome, args.common.json)
+    if args.common.json {
+        let end = match outcome {
+            Outcome::Finished(report) => vmx::RunEnd::Finished(report),
+            Outcome::Moved {
+                to,
+                generation,
+                report,
+            } => vmx::RunEnd::Moved {
+                moved_to: to,
+                generation,
+                report: Some(report),
+            },
+            suspended @ Outcome::Suspended { .. } => return finish(suspended, true),
+        };
+        let end = ft::status::EndReport {
+            report: Some(end),
+            ..ft::status::EndReport::primary_status(ft)
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&end).expect("serialises")
+        );
+        return Ok(());
+    }
+    println!("replication: {ft}");
+    finish(outcome, false)
 }
 
 fn standby(args: StandbyArgs) -> Result<(), Error> {
@@ -590,6 +624,25 @@ fn finish(outcome: Outcome, json: bool) -> Result<(), Error> {
                 println!("suspended to {}\n{report}", path.display());
             }
         }
+        Outcome::Moved {
+            to,
+            generation,
+            report,
+        } => {
+            if json {
+                let end = vmx::RunEnd::Moved {
+                    moved_to: to,
+                    generation,
+                    report: Some(report),
+                };
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&end).expect("report serialises")
+                );
+            } else {
+                println!("moved to {to} (generation {generation}); output here:\n{report}");
+            }
+        }
     }
     Ok(())
 }
@@ -622,16 +675,28 @@ fn ctl(args: CtlArgs) -> Result<(), Error> {
                 compress,
             }
         }
+        CtlCommand::Migrate {
+            addr,
+            max_downtime_ms,
+        } => Request::Migrate {
+            addr,
+            max_downtime_ms: Some(max_downtime_ms),
+        },
     };
-    let reply = vmx::control::request(&args.socket, &req, Duration::from_secs(300))?;
+    // A migration of a large VM over a slow link takes long; everything else is quick.
+    let patience = match req {
+        Request::Migrate { .. } => Duration::from_secs(3600),
+        _ => Duration::from_secs(300),
+    };
+    let reply = vmx::control::request(&args.socket, &req, patience)?;
     println!("{reply}");
     let head: vmx::control::Answer = serde_json::from_value(reply)
         .map_err(|e| Error::Vmx(vmx::Error::Usage(format!("bad reply: {e}"))))?;
     if head.ok {
         Ok(())
     } else {
-        Err(Error::Vmx(vmx::Error::Step(
-            head.error.unwrap_or_else(|| "refused".into()),
+        Err(Error::Vmx(vmx::Error::Refused(
+            head.error.unwrap_or_else(|| "no reason given".into()),
         )))
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use guest_abi::Record;
 
-use ft::status::{EndReport, FtStatus, Role};
+use ft::status::{EndReport, FtStatus, MigrationDone, Role};
 use ft::unix_ms;
 use sink::{parse_output, SinkReport};
 use vmx::control::VmStatus;
@@ -96,6 +96,8 @@ pub struct Pair {
     sink: Child,
     standby: Option<Child>,
     primary: Option<Child>,
+    /// Processes no longer in a role that may still run (killed on drop).
+    retired: Vec<Child>,
     /// The sink's address.
     pub sink_addr: String,
     /// The standby's address.
@@ -162,6 +164,13 @@ impl Pair {
 
     /// Starts the sink and the standby and waits until both listen.
     pub fn start_standby(cfg: PairConfig) -> std::io::Result<Pair> {
+        let mut pair = Pair::start_sink(cfg)?;
+        pair.new_standby()?;
+        Ok(pair)
+    }
+
+    /// Starts the sink alone (no standby yet) and waits until it listens.
+    pub fn start_sink(cfg: PairConfig) -> std::io::Result<Pair> {
         std::fs::create_dir_all(&cfg.dir)?;
         let key = cfg.dir.join("key");
         transport::Psk::generate()
@@ -194,19 +203,18 @@ impl Pair {
             ],
         )?;
         let sink_addr = first_line(&cfg.dir.join("sink.out"), &mut sink, "the sink")?;
-        let mut pair = Pair {
+        Ok(Pair {
             cfg,
             sink,
             standby: None,
             primary: None,
+            retired: Vec::new(),
             sink_addr,
             standby_addr: String::new(),
             primary_name: "primary".into(),
             standby_name: "standby".into(),
             nodes: 1,
-        };
-        pair.new_standby()?;
-        Ok(pair)
+        })
     }
 
     /// The arguments primary and standby share: key, interval, sink, arbiter, control socket.
@@ -232,6 +240,11 @@ impl Pair {
         ]
     }
 
+    /// The pair's directory: every node's `<name>.out`, `.log` and `.sock` are in it.
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
     /// The node now in role `which` ("primary" or "standby"; anything else is a node name).
     pub fn node(&self, which: &str) -> String {
         match which {
@@ -239,6 +252,75 @@ impl Pair {
             "standby" => self.standby_name.clone(),
             other => other.to_string(),
         }
+    }
+
+    /// Starts a standby on a fresh port to receive a migration, beside the one the primary
+    /// may have (which stays reachable as `node(name)`, and is killed on drop); it becomes
+    /// the pair's standby. Returns its address.
+    pub fn new_receiver(&mut self) -> std::io::Result<String> {
+        if let Some(old) = self.standby.take() {
+            self.retired.push(old);
+        }
+        let name = self.next_name();
+        let args = vec![
+            "standby".into(),
+            "--listen".into(),
+            self.cfg.hosts.standby_listen.clone(),
+        ];
+        self.spawn_standby(&name, args)?;
+        Ok(self.standby_addr.clone())
+    }
+
+    /// Waits for the process that was the standby before [`Pair::new_receiver`] to exit.
+    pub fn wait_retired(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        let c = self.retired.last_mut()?;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `tandem ctl PRIMARY.sock migrate ADDR --max-downtime-ms MS` (the real command line):
+    /// the answer when the VM moved, or the command's output when it failed.
+    pub fn migrate(&self, addr: &str, max_downtime_ms: u64) -> Result<MigrationDone, String> {
+        let sock = self.file(&format!("{}.sock", self.primary_name));
+        let out = Command::new(&self.cfg.bin)
+            .arg("ctl")
+            .arg(&sock)
+            .args(["migrate", addr, "--max-downtime-ms"])
+            .arg(max_downtime_ms.to_string())
+            .env("RUST_LOG", "warn")
+            .output()
+            .map_err(|e| format!("tandem ctl: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() {
+            return Err(format!(
+                "tandem ctl migrate exited {}: {stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_str(stdout.trim())
+            .map_err(|e| format!("tandem ctl migrate printed {stdout:?}: {e}"))
+    }
+
+    /// After a migration: the receiver (the pair's standby) is the primary now. Waits for the
+    /// old primary to exit and returns its exit status.
+    pub fn promote_receiver(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let st = self.wait_primary(timeout)?;
+        if let Some(old) = self.primary.take() {
+            self.retired.push(old);
+        }
+        // Its files keep its name; the old primary's stay readable as `node(old)`.
+        self.primary = self.standby.take();
+        self.primary_name = self.standby_name.clone();
+        Some(st)
     }
 
     fn spawn_standby(&mut self, name: &str, args: Vec<String>) -> std::io::Result<()> {
@@ -330,7 +412,8 @@ impl Pair {
         }
     }
 
-    /// Starts the primary (it connects to the standby and begins with a full sync).
+    /// Starts the primary (it connects to the standby and syncs it by pre-copy while its
+    /// guest runs).
     pub fn start_primary(&mut self) -> std::io::Result<()> {
         let peer = self.standby_addr.clone();
         self.start_primary_via(&peer)
@@ -338,7 +421,20 @@ impl Pair {
 
     /// Starts the primary with `peer` as the standby's address (e.g. a relay in front of it).
     pub fn start_primary_via(&mut self, peer: &str) -> std::io::Result<()> {
-        let mut args: Vec<String> = vec!["primary".into(), "--peer".into(), peer.to_string()];
+        self.spawn_primary(Some(peer))
+    }
+
+    /// Starts the primary without a standby: it runs unprotected (its output released at
+    /// once) until something joins it or it migrates.
+    pub fn start_primary_alone(&mut self) -> std::io::Result<()> {
+        self.spawn_primary(None)
+    }
+
+    fn spawn_primary(&mut self, peer: Option<&str>) -> std::io::Result<()> {
+        let mut args: Vec<String> = vec!["primary".into()];
+        if let Some(peer) = peer {
+            args.extend(["--peer".into(), peer.to_string()]);
+        }
         let name = self.primary_name.clone();
         args.extend(self.role_args(&name));
         if let Some(a) = &self.cfg.hosts.primary_arbiter {
@@ -528,6 +624,7 @@ impl Drop for Pair {
         ]
         .into_iter()
         .flatten()
+        .chain(self.retired.iter_mut())
         {
             let _ = c.kill();
             let _ = c.wait();

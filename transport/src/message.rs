@@ -28,6 +28,7 @@
 //!   13   PreCopy        fence, round u32, pages u64
 //!   14   PreCopyEnd     fence, round u32, ranges u64, digest [32]
 //!   15   Input          fence, card u32, frame bytes (14..=MAX_INPUT_FRAME B)
+//!   16   Switch         fence
 //!   fence = generation u64, epoch u64
 //! ```
 //!
@@ -186,6 +187,15 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         frame: Vec<u8>,
     },
+    /// Primary → standby, the switch of a planned migration: the primary, stopped since
+    /// epoch `fence.epoch` (which the standby committed), hands the VM over. The standby takes
+    /// over as generation `fence.generation + 1` (claimed at its arbiter, as in a failover),
+    /// answers `Ack` with that generation and the epoch before it runs the guest, and the
+    /// sender ends. A standby that cannot answers `Nack` and the VM stays where it was.
+    Switch {
+        /// The primary's generation and its last epoch.
+        fence: Fence,
+    },
 }
 
 /// What a client of a replication listener comes for.
@@ -219,6 +229,7 @@ impl Message {
             | Message::PreCopy { fence, .. }
             | Message::PreCopyEnd { fence, .. }
             | Message::Input { fence, .. }
+            | Message::Switch { fence }
             | Message::Ack { fence }
             | Message::Nack { fence, .. }
             | Message::Heartbeat { fence } => Some(*fence),
@@ -384,6 +395,7 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 14..300)
             )
                 .prop_map(|(fence, card, frame)| Message::Input { fence, card, frame }),
+            fence().prop_map(|fence| Message::Switch { fence }),
         ]
     }
 
@@ -520,6 +532,7 @@ mod tests {
                     frame: vec![0; 14],
                 },
             ),
+            (16, Message::Switch { fence: f }),
         ];
         for (tag, m) in tagged {
             assert_eq!(m.encode()[0], tag, "{m:?}");

@@ -11,8 +11,10 @@
 //! ```
 //!
 //! Commands: `pause`, `resume`, `status`, `snapshot {path, stop}` (`stop: true` powers the VM
-//! off after the save: suspend). A request line is at most 64 KiB; anything else gets
-//! `{"ok":false,"error":"…"}` and changes nothing.
+//! off after the save: suspend), `migrate {addr, max_downtime_ms}` (a `tandem primary` moves
+//! its VM to the `tandem standby` listening at `addr`; answered when it is done or failed). A
+//! request line is at most 64 KiB; anything else gets `{"ok":false,"error":"…"}` and changes
+//! nothing.
 //!
 //! Every answer is one of the typed replies here, as one JSON object per line:
 //!
@@ -24,13 +26,20 @@
 //!                                "vcpus":[{"state":"Running","records":N,"exits":N},…],
 //!                                "ft":{…}}   ft: the replication layer's status, if it has one
 //!  snapshot         SnapshotDone {"ok":true,"path":"/s","ms":3.2,"state_bytes":N,"stopped":false}
+//!  migrate          the replication layer's (`ft::status::MigrationDone`):
+//!                   {"ok":true,"to":ADDR,"generation":N,"downtime_ms":…,"total_ms":…,…}
 //! ```
+//!
+//! The socket's file is removed when the VM stops, after the answers under way are written
+//! (a `migrate` is answered just before its VM ends).
 //!
 //! A client reads an answer with [`request_as`] (a refusal becomes [`Error::Refused`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -63,6 +72,15 @@ pub enum Request {
         /// Memory as zstd chunks inside the state file instead of a sparse `.mem` file.
         #[serde(default)]
         compress: bool,
+    },
+    /// Move the VM to the `tandem standby` listening at `addr` (planned migration); answered
+    /// when the VM runs there (or the migration failed and it runs on here).
+    Migrate {
+        /// The receiver's address (HOST:PORT).
+        addr: String,
+        /// The longest the guest may stay stopped for the switch, ms (default 5).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_downtime_ms: Option<u64>,
     },
 }
 
@@ -170,13 +188,22 @@ pub fn reply(answer: &impl Serialize) -> Value {
 /// A request with the channel its answer goes back on.
 pub type Envelope = (Request, Sender<Value>);
 
-/// Removes the socket file when dropped.
+/// Removes the socket file when dropped, after the answers under way are written (at most
+/// [`ANSWER_GRACE`] is waited for them).
 pub struct ControlSocket {
     path: PathBuf,
+    busy: Arc<AtomicUsize>,
 }
+
+/// How long a stopping VM waits for its control connections to write their last answers.
+pub const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
+        let until = std::time::Instant::now() + ANSWER_GRACE;
+        while self.busy.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -187,6 +214,7 @@ pub fn parse(line: &[u8]) -> std::result::Result<Request, String> {
     if let Some(obj) = value.as_object() {
         let allowed: &[&str] = match obj.get("cmd").and_then(Value::as_str) {
             Some("snapshot") => &["cmd", "path", "stop", "compress"],
+            Some("migrate") => &["cmd", "addr", "max_downtime_ms"],
             _ => &["cmd"],
         };
         if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -199,11 +227,12 @@ pub fn parse(line: &[u8]) -> std::result::Result<Request, String> {
 fn usage(e: &dyn std::fmt::Display) -> String {
     format!(
         "bad request ({e}): send one JSON object per line, e.g. {{\"cmd\":\"status\"}}; \
-         commands: pause, resume, status, snapshot {{path, stop, compress}}"
+         commands: pause, resume, status, snapshot {{path, stop, compress}}, migrate {{addr, \
+         max_downtime_ms}}"
     )
 }
 
-fn serve_conn(stream: UnixStream, tx: Sender<Envelope>) {
+fn serve_conn(stream: UnixStream, tx: Sender<Envelope>, busy: &AtomicUsize) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
@@ -219,6 +248,8 @@ fn serve_conn(stream: UnixStream, tx: Sender<Envelope>) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        // Counted from the request's hand-over to its answer's write.
+        let mut counted = false;
         let reply = if line.len() > MAX_REQUEST {
             Answer::refused(format!("request longer than {MAX_REQUEST} bytes"))
         } else {
@@ -226,6 +257,8 @@ fn serve_conn(stream: UnixStream, tx: Sender<Envelope>) {
                 Err(e) => Answer::refused(e),
                 Ok(req) => {
                     let (rtx, rrx) = bounded(1);
+                    busy.fetch_add(1, Ordering::AcqRel);
+                    counted = true;
                     if tx.send((req, rtx)).is_err() {
                         Answer::refused("the VM has stopped")
                     } else {
@@ -236,7 +269,11 @@ fn serve_conn(stream: UnixStream, tx: Sender<Envelope>) {
             }
         };
         let too_long = line.len() > MAX_REQUEST;
-        if writeln!(out, "{reply}").is_err() || too_long {
+        let written = writeln!(out, "{reply}").and_then(|()| out.flush());
+        if counted {
+            busy.fetch_sub(1, Ordering::AcqRel);
+        }
+        if written.is_err() || too_long {
             return;
         }
     }
@@ -288,14 +325,17 @@ pub fn listen(path: &Path) -> Result<(Receiver<Envelope>, ControlSocket)> {
         return Err(io(e));
     }
     let (tx, rx) = crossbeam_channel::unbounded();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let counting = busy.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
                 let tx = tx.clone();
+                let busy = counting.clone();
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
-                    .spawn(move || serve_conn(conn, tx));
+                    .spawn(move || serve_conn(conn, tx, &busy));
             }
         })
         .map_err(|source| Error::Io {
@@ -306,6 +346,7 @@ pub fn listen(path: &Path) -> Result<(Receiver<Envelope>, ControlSocket)> {
         rx,
         ControlSocket {
             path: path.to_path_buf(),
+            busy,
         },
     ))
 }
@@ -362,8 +403,24 @@ mod tests {
                 compress: false
             })
         );
+        assert_eq!(
+            parse(br#"{"cmd":"migrate","addr":"10.0.0.2:7001"}"#),
+            Ok(Request::Migrate {
+                addr: "10.0.0.2:7001".into(),
+                max_downtime_ms: None
+            })
+        );
+        assert_eq!(
+            parse(br#"{"cmd":"migrate","addr":"h:1","max_downtime_ms":9}"#),
+            Ok(Request::Migrate {
+                addr: "h:1".into(),
+                max_downtime_ms: Some(9)
+            })
+        );
         for bad in [
             &b"{}"[..],
+            br#"{"cmd":"migrate"}"#,
+            br#"{"cmd":"migrate","addr":"h:1","path":"/x"}"#,
             b"pause",
             br#"{"cmd":"reboot"}"#,
             br#"{"cmd":"pause","x":1}"#,

@@ -17,7 +17,7 @@ pub mod virtio;
 
 pub use machine::{power_on, Boot, Options, Outcome, Vmx, POWER_ON};
 pub use monitor::VcpuSched;
-pub use replication::{Replication, Unreplicated};
+pub use replication::{Moved, Replication, Unreplicated};
 pub use run::RunConfig;
 pub use spec::{GuestSpec, OutputTarget, RunEnd, RunReport};
 

@@ -116,6 +116,19 @@ enum SaveTarget {
 /// Most data in one `disk-writes` section (a control message holds at most 16 MiB).
 pub const DISK_WRITES_PART_BYTES: u64 = 8 << 20;
 
+/// How [`Vmx::capture_epoch`] takes an epoch (default: the dirty pages, hot pages left
+/// writable, the disk blocks written since the last take).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpochCapture {
+    /// Every page, not only the dirty ones.
+    pub full: bool,
+    /// Every disk block, not only those written since the last take.
+    pub full_disk: bool,
+    /// The exact dirty set: no page left writable between epochs (see
+    /// [`monitor::EpochMem::precise`]).
+    pub precise: bool,
+}
+
 /// One captured replication epoch (copies; the guest already runs on).
 #[derive(Debug)]
 pub struct Captured {
@@ -166,6 +179,15 @@ pub enum Outcome {
         /// The snapshot.
         path: PathBuf,
         /// Output so far.
+        report: RunReport,
+    },
+    /// Moved to another host (a planned migration): the VM runs there now.
+    Moved {
+        /// The receiver's address.
+        to: String,
+        /// The generation it runs as there.
+        generation: u64,
+        /// Output of the run here.
         report: RunReport,
     },
 }
@@ -935,13 +957,15 @@ impl Vmx {
     ///
     /// Disks travel with the epoch as `disk-writes/<i>` sections (the blocks written since the
     /// last capture, read back while stunned), whole with `full_disk` or `full`.
-    pub fn capture_epoch(&mut self, epoch: u64, full: bool, full_disk: bool) -> Result<Captured> {
-        self.epoch_full_disk = full_disk;
+    pub fn capture_epoch(&mut self, epoch: u64, how: EpochCapture) -> Result<Captured> {
+        self.epoch_full_disk = how.full_disk;
         self.epoch_number = epoch;
+        let full = how.full;
         let t0 = Instant::now();
         self.pause_marks = vec![("start", t0)];
         let mem = EpochMem {
             full,
+            precise: how.precise,
             ..EpochMem::default()
         };
         let trace_len = self.trace.0.len();
@@ -1208,6 +1232,11 @@ impl Vmx {
                     Err(e) => (err(e), None),
                 }
             }
+            // The run loop hands `migrate` to the replication layer.
+            Request::Migrate { .. } => (
+                Answer::refused("migrate needs a VM run by `tandem primary`"),
+                None,
+            ),
         }
     }
 

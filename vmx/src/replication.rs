@@ -8,17 +8,30 @@
 //!         ├─ R::aux() ready ────────────────▶ on_aux         (joins, pre-copy done)
 //!         ├─ R::deadline() passed ──────────▶ tick           (capture an epoch)
 //!         ├─ control `status` ──────────────▶ status         (the answer's `ft` member)
-//!         └─ every vCPU done ───────────────▶ finish         (last epoch, goodbye)
+//!         ├─ control `migrate` ─────────────▶ request        (answered now or later)
+//!         ├─ every vCPU done ───────────────▶ finish         (last epoch, goodbye)
+//!         └─ after each of them: moved()? ──▶ the run ends: Outcome::Moved
 //! ```
 //!
-//! Every method has a default body that does nothing, so [`Unreplicated`] is empty.
+//! Every method has a default body that does nothing (and refuses `migrate`), so
+//! [`Unreplicated`] is empty.
 
 use std::time::Instant;
 
-use crossbeam_channel::{never, Receiver};
+use crossbeam_channel::{never, Receiver, Sender};
 use serde_json::Value;
 
+use crate::control::{Answer, Request};
 use crate::machine::Vmx;
+
+/// Where a VM went (see [`Replication::moved`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Moved {
+    /// The address of the host it runs on now.
+    pub to: String,
+    /// The generation it runs as there.
+    pub generation: u64,
+}
 
 /// What the run loop calls; a fault-tolerance layer implements it.
 pub trait Replication {
@@ -67,6 +80,27 @@ pub trait Replication {
     }
     /// The `ft` member of the `status` answer.
     fn status(&self) -> Option<Value> {
+        None
+    }
+    /// A control request the VM itself does not serve (`migrate`): answer it on `reply`, now
+    /// or when it is done. Default: refused, with the reason.
+    fn request(
+        &mut self,
+        req: Request,
+        reply: Sender<Value>,
+        _vmx: &mut Vmx,
+    ) -> std::result::Result<(), Self::Error> {
+        let what = match req {
+            Request::Migrate { .. } => "migrate",
+            _ => "this request",
+        };
+        let _ = reply.send(Answer::refused(format!(
+            "{what} needs a VM run by `tandem primary`; this one has no replication layer"
+        )));
+        Ok(())
+    }
+    /// The VM moved to another host: the run ends with [`crate::Outcome::Moved`].
+    fn moved(&self) -> Option<Moved> {
         None
     }
 }

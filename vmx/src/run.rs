@@ -37,6 +37,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     };
     match power_on(boot, &opts)?.run()? {
         Outcome::Finished(r) => Ok(r),
-        Outcome::Suspended { .. } => unreachable!("nothing asks a plain run to suspend"),
+        Outcome::Suspended { .. } | Outcome::Moved { .. } => {
+            unreachable!("nothing asks a plain run to suspend or move")
+        }
     }
 }

@@ -21,9 +21,19 @@ impl Vmx {
     pub fn run_with<R: Replication>(mut self, ft: &mut R) -> Result<Outcome> {
         let deadline = self.opts.timeout.map(|t| Instant::now() + t);
         loop {
+            if let Some(m) = ft.moved() {
+                return Ok(Outcome::Moved {
+                    to: m.to,
+                    generation: m.generation,
+                    report: self.report()?,
+                });
+            }
             if self.all_done() && self.started {
                 ft.finish(&mut self)
                     .map_err(|e| Error::Replication(Box::new(e)))?;
+                if ft.moved().is_some() {
+                    continue;
+                }
                 return Ok(Outcome::Finished(self.report()?));
             }
             self.check_heartbeat();
@@ -47,6 +57,11 @@ impl Vmx {
                 }
                 recv(self.ctl_rx) -> env => {
                     if let Ok((req, reply)) = env {
+                        if matches!(req, Request::Migrate { .. }) {
+                            ft.request(req, reply, &mut self)
+                                .map_err(|e| Error::Replication(Box::new(e)))?;
+                            continue;
+                        }
                         let (answer, stopped) = match req {
                             Request::Status => (control::reply(&self.status(ft.status())), None),
                             req => self.handle_request(req),

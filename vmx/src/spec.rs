@@ -76,9 +76,10 @@ pub struct HeartbeatReport {
     pub events: Vec<(f64, devices::vmmdev::HeartbeatEvent)>,
 }
 
-/// How a run ended, as `--json` prints it: the [`RunReport`] itself, or
+/// How a run ended, as `--json` prints it: the [`RunReport`] itself,
 /// `{"suspended": path, "report": …}` (a replica that took over and was suspended prints no
-/// report).
+/// report), or `{"moved_to": ADDR, "generation": N, "report": …}` (a planned migration moved
+/// the VM away).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum RunEnd {
@@ -92,6 +93,16 @@ pub enum RunEnd {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         report: Option<RunReport>,
     },
+    /// Moved to another host by a planned migration: the VM runs there.
+    Moved {
+        /// The receiver's address.
+        moved_to: String,
+        /// The generation it runs as there.
+        generation: u64,
+        /// Output of the run here.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        report: Option<RunReport>,
+    },
 }
 
 impl RunEnd {
@@ -99,7 +110,7 @@ impl RunEnd {
     pub fn report(&self) -> Option<&RunReport> {
         match self {
             RunEnd::Finished(r) => Some(r),
-            RunEnd::Suspended { report, .. } => report.as_ref(),
+            RunEnd::Suspended { report, .. } | RunEnd::Moved { report, .. } => report.as_ref(),
         }
     }
 }

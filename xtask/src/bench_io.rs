@@ -493,12 +493,7 @@ fn bench_net(tandem: &Path, elf: &Path, dir: &Path, text: &mut String) -> Result
 
 /// `cargo xtask bench io`.
 pub fn bench(out: &mut String) -> Result<(), String> {
-    let built = pair::build_tandem()?;
-    // `build_tandem` names the workspace's own target dir; cargo used CARGO_TARGET_DIR if set.
-    let tandem = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(t) => PathBuf::from(t).join("release/tandem"),
-        None => built,
-    };
+    let tandem = pair::build_tandem()?;
     let dir: PathBuf = pair::root().join("target/bench-io");
     let paths = guest_images::write_to(&dir).map_err(|e| e.to_string())?;
     let elf = |name: &str| {

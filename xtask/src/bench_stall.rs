@@ -199,3 +199,126 @@ pub fn bench(out: &mut String) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
     writeln!(out, "{text}").map_err(|e| e.to_string())
 }
+
+/// Hosts of a pair on one machine, the standby standing in for another host: pinned to the
+/// last CPU (`taskset`), so that its work on a sync does not take the primary guest's CPU as
+/// it would not on two hosts. Unpinned on a machine with one CPU.
+pub fn other_cpu() -> testkit::pair::Hosts {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut h = testkit::pair::Hosts::default();
+    if cpus > 1 {
+        h.standby_prefix = vec!["taskset".into(), "-c".into(), (cpus - 1).to_string()];
+    }
+    h
+}
+
+/// Guest time of a `first-sync` run, ms (long enough for the sync of 1 GiB and some epochs).
+const FIRST_SYNC_MS: u64 = 9000;
+
+/// `cargo xtask bench first-sync`: what a 1 GiB guest with a 16 MiB hot set sees when
+/// `tandem primary` starts protecting it (the probe starts with the primary; the standby of
+/// the start gets its full sync then). `TANDEM_BIN=PATH` measures another build the same way.
+pub fn bench_first_sync(out: &mut String) -> Result<(), String> {
+    let bin = crate::pair::build_tandem()?;
+    let label = match std::env::var_os("TANDEM_BIN") {
+        Some(b) => format!("`{}`", b.to_string_lossy()),
+        None => "this tree".to_string(),
+    };
+    let dir = std::env::temp_dir().join(format!("tandem-bench-first-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let image = dir.join("stall-probe");
+    std::fs::write(&image, guest_images::STALL_PROBE).map_err(|e| e.to_string())?;
+    let hot_kib = 16 * 1024;
+    let mut guest = vec![
+        "--image".to_string(),
+        image.display().to_string(),
+        "--vcpus".into(),
+        "1".into(),
+        "--mem-mib".into(),
+        "1024".into(),
+    ];
+    for a in [
+        format!("ms={FIRST_SYNC_MS}"),
+        format!("hot_kib={hot_kib}"),
+        "threshold_us=1000".to_string(),
+        format!("max={MAX_GAPS}"),
+    ] {
+        guest.extend(["--guest-arg".to_string(), a]);
+    }
+    let cfg = PairConfig {
+        bin: bin.clone(),
+        dir: dir.join("pair"),
+        guest,
+        interval_ms: 50,
+        primary_env: vec![],
+        log: "info".into(),
+        hosts: other_cpu(),
+    };
+    let mut pair = Pair::start_standby(cfg).map_err(|e| format!("starting the pair: {e}"))?;
+    pair.start_primary()
+        .map_err(|e| format!("starting the primary: {e}"))?;
+    let st = pair
+        .wait_primary(Duration::from_millis(FIRST_SYNC_MS * 10 + 30_000))
+        .ok_or("the protected probe did not finish")?;
+    if !st.success() {
+        return Err(format!(
+            "the primary failed ({st}): {}",
+            pair.log("primary")
+        ));
+    }
+    let records: Vec<guest_abi::Record> = pair
+        .sink_stream()
+        .first()
+        .map(|v| v.iter().map(|(_, r)| *r).collect())
+        .unwrap_or_default();
+    let run = model::stall_run(&records)
+        .ok_or("the sink did not receive a complete probe run".to_string())?;
+    let ft = pair
+        .result("primary")
+        .and_then(|r| r.ft)
+        .ok_or("the primary left no status")?;
+    let pause = ft.pause_ms.clone().unwrap_or_default();
+    let c = ft.primary_counters().cloned().unwrap_or_default();
+    let sync = ft.last_sync.clone();
+    let mut gaps = run.gaps.clone();
+    gaps.sort_unstable_by_key(|g| std::cmp::Reverse(g.0));
+    let top: Vec<String> = gaps
+        .iter()
+        .take(3)
+        .map(|(g, at)| format!("{:.1} ms at {:.2} s", *g as f64 / 1e6, *at as f64 / 1e9))
+        .collect();
+    let mut text = format!(
+        "### Protection from the first second (`cargo xtask bench first-sync`)\n\n\
+         `stall-probe` guest, 1 vCPU, 1 GiB, a 16 MiB hot set rewritten as fast as it runs, \
+         {FIRST_SYNC_MS} ms of guest time; `tandem primary` starts it and protects it with the \
+         standby it connects to at start (50 ms epochs); the standby is pinned to the last CPU \
+         (`taskset`), standing in for a host of its own. Gaps: what the guest saw (over 1 ms \
+         between two TSC reads). The build: {label}.\n\n\
+         | largest guest-seen gaps | gaps > 1 ms | sync (connect → commit) ms | completing epoch: pages, pause ms | epoch pause p50 / p99 / max ms | throttles |\n\
+         |---|---|---|---|---|---|\n"
+    );
+    let row = format!(
+        "| {} | {} | {} | {} | {:.2} / {:.2} / {:.2} | {} |\n",
+        top.join(", "),
+        run.over,
+        sync.as_ref()
+            .map_or("–".into(), |s| format!("{:.0}", s.joined_to_protected_ms)),
+        sync.as_ref()
+            .map_or("– (stunned full sync)".into(), |s| format!(
+                "{}, {:.2}",
+                s.completing_pages, s.completing_pause_ms
+            )),
+        pause.p50,
+        pause.p99,
+        pause.max,
+        c.throttles,
+    );
+    print!("{row}");
+    text.push_str(&row);
+    if std::env::var_os("TANDEM_BENCH_KEEP").is_some() {
+        println!("kept {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    writeln!(out, "{text}").map_err(|e| e.to_string())
+}

@@ -90,6 +90,7 @@ fn messages() -> Vec<Message> {
             ranges: 3,
             digest: [9; 32],
         },
+        Message::Switch { fence },
     ]
 }
 

@@ -95,6 +95,8 @@ enum Bench {
     Faults,
     /// What a protected guest sees: its throughput kept and its stalls, per hot set and rate.
     Stall,
+    /// What a 1 GiB guest sees when `tandem primary` starts protecting it.
+    FirstSync,
     /// The kv guest under redis-benchmark, unprotected and protected, against a host
     /// redis-server; the client-visible outage per failover (needs root and redis-tools).
     Kv,
@@ -391,6 +393,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
+        Cmd::RunPair(args) if args.guest == "kv" => pair_kv::run(&args),
         Cmd::RunPair(args) => pair::run_pair(args),
         Cmd::Soak { cycles, iters } => pair::soak(cycles, &iters),
         Cmd::Modgraph => modgraph::run(&pair::root()),
@@ -425,6 +428,9 @@ fn main() {
             }
             if all || which == Some(Bench::Stall) {
                 r = r.and_then(|_| bench_stall::bench(&mut out));
+            }
+            if all || which == Some(Bench::FirstSync) {
+                r = r.and_then(|_| bench_stall::bench_first_sync(&mut out));
             }
             if all || which == Some(Bench::Kv) {
                 r = r.and_then(|_| bench_kv::bench(&mut out));

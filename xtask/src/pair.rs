@@ -59,8 +59,13 @@ pub fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Builds the release `tandem` and returns its path.
+/// Builds the release `tandem` and returns its path (in `CARGO_TARGET_DIR` when that is
+/// set, as cargo puts it there). `TANDEM_BIN=PATH` runs that binary instead, unbuilt (e.g. an
+/// older build, to measure a change against).
 pub fn build_tandem() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("TANDEM_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = std::process::Command::new(cargo)
         .current_dir(root())
@@ -78,7 +83,9 @@ pub fn build_tandem() -> Result<PathBuf, String> {
     if !st.success() {
         return Err("building tandem failed".into());
     }
-    Ok(root().join("target/release/tandem"))
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    Ok(target.join("release/tandem"))
 }
 
 fn kv(args: &[String]) -> Result<Vec<(String, String)>, String> {
@@ -374,11 +381,8 @@ PROTECTED again {ms:.0} ms after the new standby started"
     })
 }
 
-/// `cargo xtask run-pair`.
+/// `cargo xtask run-pair` with a workload guest (`--guest kv` is [`crate::pair_kv::run`]).
 pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
-    if a.guest == "kv" {
-        return crate::pair_kv::run(&a);
-    }
     let bin = build_tandem()?;
     let r = run_pair_once(&bin, &a, true)?;
     let p = r.primary.as_ref();

@@ -4,43 +4,71 @@
 //! the sink and the arbiter, and feeds their answers back as events.
 //!
 //! ```text
-//!                              Connected (a standby at start): full sync
-//!          ┌───────────────────────────────────────────────────────────────────────────┐
-//!          │                                                                           ▼
-//!   ┌─────────────┐  Joined   ┌───────────┐  LinkUp   ┌──────────────┐  Ack(E)   ┌──────────────┐
-//!   │ Unprotected │ ────────▶ │ Resyncing │ ────────▶ │ Completing   │ ────────▶ │ Protected    │
-//!   │  {reason}   │ ◀──────── │  {peer,   │           │  {peer, E,   │           │ {in_flight,  │
-//!   └─────────────┘  failed   │   step}   │           │   throttled} │           │  throttled}  │
-//!      ▲      ▲               └───────────┘           └──────────────┘           └──────────────┘
-//!      │      │                                              │ LinkLost                │    │
-//!      │      │ Won              with an arbiter             ├─────────────────────────┘    │ GuestFinished
-//!      │  ┌──────────┐ ◀─────────────────────────────────────┤                              ▼
-//!      │  │ Claiming │                                       │                       ┌─────────────┐
-//!      │  │  {g+1}   │ ── Lost ──▶ ┌────────┐                │ ◀──── LinkLost ────── │ Finishing   │
-//!      │  └──────────┘             │ Fenced │                │                       │ {E, last}   │
-//!      │                           └────────┘                │                       └─────────────┘
-//!      │                               ▲                     │                              │ Ack(last)
-//!      └────────── without an arbiter ─┼─────────────────────┘                              ▼
-//!                                      │                                                 ┌──────┐
-//!               Still(not newest): from Unprotected, Resyncing or Done                   │ Done │
-//!                                                                                        └──────┘
+//!                 Connected (the standby of the start), Joined (a later one) or
+//!                 Migrate (a receiver): pre-copy
+//!   ┌─────────────┐ ────────▶ ┌───────────┐  LinkUp   ┌──────────────┐  Ack(E)   ┌──────────────┐
+//!   │ Unprotected │           │ Resyncing │ ────────▶ │ Completing   │ ────────▶ │ Protected    │
+//!   │  {reason}   │ ◀──────── │  {peer,   │           │  {peer, why, │  Synced   │ {in_flight,  │
+//!   └─────────────┘  failed   │   why,    │           │   E, due}    │           │  throttled}  │
+//!      ▲      ▲               │   step}   │           └──────────────┘           └──────────────┘
+//!      │      │               └───────────┘             │          │ why = Migrate  │ Switchover
+//!      │      │                                         │          ▼                ▼
+//!      │      │                                         │    ┌──────────────┐ Assessed(last)
+//!      │      │                                         │    │ Switching    │ ───────────┐
+//!      │      │                                         │    │ {peer, E,    │ ◀─┐        ▼
+//!      │      │                                         │    │  throttled}  │ ──┘  ┌────────────┐
+//!      │      │                                         │    └──────────────┘      │ Handing    │
+//!      │      │                                         │ LinkLost  │   Ack, Assess, │ {peer, F,  │
+//!      │      │ Won              with an arbiter        ├───────────┘   Capture     │  sent}     │
+//!      │  ┌──────────┐ ◀────────────────────────────────┤   (also from Protected,   └────────────┘
+//!      │  │ Claiming │                                  │    Finishing, Handing)      │ Switched
+//!      │  │ {g+1,    │ ── Lost ──▶ Fenced, or Moved     │                             ▼
+//!      │  │  moving} │    when moving to a receiver     │                       ┌───────────┐
+//!      │  └──────────┘                                  │                       │ Moved     │
+//!      └────────── without an arbiter ──────────────────┘                       │ {to, g+1} │
+//!                                                                               └───────────┘
+//!   Protected ── GuestFinished ──▶ Finishing {E, last} ── Ack(last) ──▶ Done
+//!   Still(not newest), from Unprotected, Resyncing or Done ──▶ Fenced
 //! ```
 //!
 //! Within `Protected`: a tick with nothing in flight captures and sends the next epoch; a tick
 //! with epoch E in flight stuns the guest (throttled); Ack(E) releases E's output and, if the
 //! guest was stunned, captures the next epoch at once and lets the guest go. `Completing` is
-//! `Protected` with the epoch that completes a pre-copy in flight: its Ack makes the joiner
-//! the standby (`Reprotected`). The initial full sync is not a state of its own: `Connected`
-//! captures the full epoch and the machine is `Protected` with it in flight; acknowledgement,
-//! throttle and loss work exactly as for any other epoch.
+//! `Protected` with the epoch that completes a pre-copy in flight, except that a tick does not
+//! stun the guest: the new standby may take long to commit that epoch (it builds its VM and
+//! writes the pre-copied image first), and the guest runs on meanwhile (`due`: the next epoch
+//! is captured as soon as the Ack comes). Its Ack makes the new standby the standby (`Synced`).
+//! There is no stunned full sync: the standby a primary connects to at start (`Connected`) is
+//! synced exactly like one that joins later, by a pre-copy while the guest runs (its output
+//! released at once meanwhile, as for any unprotected VM), and the guest's only stop is the
+//! completing epoch's capture; from that epoch on output waits for acknowledgements.
+//!
+//! **Planned migration** (`tandem ctl SOCK migrate ADDR`): the receiver at ADDR (a `tandem
+//! standby`) is synced like any new standby (`Migrate`, from `Unprotected`; from `Protected`
+//! the current standby is told goodbye first), or, when ADDR is the current standby's own
+//! address, it is used as it is (`Switchover`). Then `Switching`: epochs back to back, each
+//! with the exact dirty set, each Ack followed by `Assess` (the driver's convergence policy:
+//! throttle the guest harder, or say `last`). The last epoch F is captured with the guest
+//! frozen (`Freeze`) and stays so (`Handing`); once F is acknowledged its output is released
+//! and `Switch` tells the receiver to take over as generation g+1 (through the arbiter, as a
+//! failover does); its confirmation (`Switched`) ends this primary (`Moved`). Nothing leaves
+//! this VM after the `Switch`. A migration that leaves these states without `Moved` ends with
+//! `MigrationFailed` (first in its batch) and the VM runs on here; a link lost during the
+//! migration is a lost standby as always (claim g+1), except that losing that claim means the
+//! receiver took the VM: `Moved`, not fenced.
 //!
 //! "unprotect" is: DropLink, WantStandby, StopTimer, Release(in-flight epoch), ReleaseHeld,
 //! Resume (if throttled) — the standby is gone, what it would have acknowledged goes out now.
 //!
 //! | state                         | event                      | actions                                   | next                           |
 //! |-------------------------------|----------------------------|-------------------------------------------|--------------------------------|
-//! | Unprotected                   | Connected                  | HoldOutput, Capture(full), WantStandby(no), Send | Protected{E}            |
-//! | Unprotected                   | Joined, guest running      | WantStandby(no), StartPreCopy             | Resyncing(PreCopy)             |
+//! | Unprotected                   | Connected                  | WantStandby(no), StartPreCopy(start)      | Resyncing(PreCopy)             |
+//! | Unprotected                   | Joined, guest running      | WantStandby(no), StartPreCopy(rejoin)     | Resyncing(PreCopy)             |
+//! | Unprotected                   | Migrate, guest running     | WantStandby(no), StartPreCopy(migrate)    | Resyncing(PreCopy)             |
+//! | Protected                     | Migrate, guest running     | Goodbye, \[Release(E)\], ReleaseHeld, \[Resume\], StartPreCopy(migrate) | Resyncing(PreCopy) |
+//! | Protected{E}                  | Switchover                 | —                                         | Switching{E}                   |
+//! | Protected{None}               | Switchover                 | Capture(switch), Send                     | Switching{E}                   |
+//! | any other                     | Migrate, Switchover        | MigrationFailed                           | same                           |
 //! | Unprotected, Done             | Joined, guest finished     | Refuse(finished)                          | same                           |
 //! | Unprotected, Resyncing, Done  | OutputDrained(pending)     | AskStill (arbiter) / ReleaseHeld          | same                           |
 //! | Unprotected, Resyncing, Done  | Still(newest)              | ReleaseHeld                               | same                           |
@@ -54,25 +82,33 @@
 //! | Resyncing(Releasing)          | Still(newest)              | ReleaseHeld, StartLink                    | Resyncing(Linking)             |
 //! | Resyncing(Linking)            | LinkFailed                 | WantStandby(yes)                          | Unprotected                    |
 //! | Resyncing(Linking)            | LinkUp                     | Capture(completing), Send                 | Completing{E}                  |
-//! | Completing{E}                 | Ack(E)                     | Release(E), Reprotected, [Capture, Send, Resume] | Protected              |
+//! | Completing{E}                 | Tick                       | StopTimer                                 | Completing{E, due}             |
+//! | Completing{E} (start, rejoin) | Ack(E)                     | Release(E), Synced, \[Capture, Send\] (due) | Protected                    |
+//! | Completing{E} (migrate)       | Ack(E)                     | Release(E), Synced, Assess(E)             | Switching{None}                |
 //! | Protected{None}               | Tick, guest running        | Capture, Send                             | Protected{E}                   |
-//! | Protected{E}, Completing      | Tick, guest running        | Stun, StopTimer                           | throttled                      |
-//! | Protected{E}, Completing      | Tick, guest paused/finished| StopTimer                                 | same                           |
-//! | Protected/Completing throttled| Tick                       | StopTimer                                 | same                           |
+//! | Protected{E}, Switching{E}    | Tick, guest running        | Stun, StopTimer                           | throttled                      |
+//! | Protected{E}, Switching{E}    | Tick, guest paused/finished| StopTimer                                 | same                           |
+//! | throttled, Handing            | Tick                       | StopTimer                                 | same                           |
 //! | Protected{E}                  | Ack(E)                     | Release(E)                                | Protected{None}                |
 //! | Protected{E} throttled        | Ack(E)                     | Release(E), Capture, Send, Resume         | Protected{E+1}                 |
+//! | Switching{E}                  | Ack(E)                     | Release(E), Assess(E)                     | Switching{None}                |
+//! | Switching{None}               | Assessed(not last)         | Capture(switch), Send, \[Resume\]           | Switching{E+1}                 |
+//! | Switching{None}               | Assessed(last)             | Freeze, Capture(final), Send              | Handing{F}                     |
+//! | Handing{F}                    | Ack(F)                     | Release(F), Switch(F)                     | Handing{F, sent}               |
+//! | Handing{F, sent}              | Switched(g+1)              | Moved                                     | Moved                          |
 //! | any                           | Ack(not in flight), Nack   | —                                         | same                           |
-//! | Protected, Completing, Finishing | LinkLost (arbiter)      | Claim(g+1)                                | Claiming                       |
-//! | Protected, Completing, Finishing | LinkLost (no arbiter)   | unprotect                                 | Unprotected{reason}            |
+//! | Protected, Completing, Switching, Handing, Finishing | LinkLost (arbiter) | Claim(g+1)          | Claiming                       |
+//! | Protected, Completing, Switching, Handing, Finishing | LinkLost (no arbiter) | unprotect        | Unprotected{reason}            |
 //! | Claiming                      | Won                        | ReconnectSink(g+1), unprotect             | Unprotected{reason}            |
 //! | Claiming                      | Lost                       | Fence(lost claim)                         | Fenced                         |
-//! | Protected, Completing, Finishing | Joined                  | Refuse(already protected)                 | same                           |
-//! | Protected{None}               | GuestFinished              | Capture, Send                             | Finishing{E, last}             |
-//! | Protected{E}, Completing{E}   | GuestFinished              | —                                         | Finishing{E}                   |
-//! | Finishing{E}                  | Ack(E)                     | Release(E), \[Reprotected\], Capture, Send  | Finishing{E+1, last}           |
+//! | Claiming (moving to R)        | Lost                       | Moved (R holds g+1)                       | Moved                          |
+//! | Protected, Completing, Switching, Handing, Finishing | Joined | Refuse(already protected)         | same                           |
+//! | Protected{None}, Switching{None} | GuestFinished           | Capture, Send                             | Finishing{E, last}             |
+//! | Protected{E}, Completing{E}, Switching{E} | GuestFinished  | —                                         | Finishing{E}                   |
+//! | Finishing{E}                  | Ack(E)                     | Release(E), \[Synced\], Capture, Send       | Finishing{E+1, last}           |
 //! | Finishing{E} throttled        | Ack(E)                     | Release(E), Capture, Send, Resume         | Finishing{E+1}                 |
 //! | Finishing{E, last}            | Ack(E)                     | Release(E), Goodbye                       | Done                           |
-//! | Fenced                        | anything                   | —                                         | Fenced                         |
+//! | Fenced, Moved                 | anything                   | —                                         | same                           |
 
 use std::fmt;
 
@@ -86,10 +122,12 @@ pub enum State {
         /// Why (None: never protected).
         reason: Option<String>,
     },
-    /// A standby joined and is being synced by pre-copy while the guest runs unprotected.
+    /// A standby is being synced by pre-copy while the guest runs unprotected.
     Resyncing {
         /// Who.
         peer: String,
+        /// Why: the standby of the start, a later one, or a migration's receiver.
+        why: SyncReason,
         /// Why the VM was unprotected (still the reason until the sync completes).
         reason: Option<String>,
         /// How far.
@@ -99,10 +137,13 @@ pub enum State {
     Completing {
         /// The new standby.
         peer: String,
+        /// Why it is being synced.
+        why: SyncReason,
         /// The completing epoch.
         epoch: u64,
-        /// The guest is stunned until `epoch` is acknowledged.
-        throttled: bool,
+        /// The epoch timer fired meanwhile: the next epoch is captured at the Ack (the guest
+        /// runs on; it is not stunned for this epoch).
+        due: bool,
     },
     /// A standby protects the VM; output waits for the acknowledgement of its epoch.
     Protected {
@@ -110,6 +151,26 @@ pub enum State {
         in_flight: Option<u64>,
         /// The guest is stunned until `in_flight` is acknowledged (never without one).
         throttled: bool,
+    },
+    /// A migration converges: epochs back to back to the receiver `peer` (which protects the
+    /// VM), each with the exact dirty set, until one is small enough for the last.
+    Switching {
+        /// The receiver.
+        peer: String,
+        /// The epoch sent and not yet acknowledged.
+        in_flight: Option<u64>,
+        /// The guest is stunned until the next capture.
+        throttled: bool,
+    },
+    /// The last epoch of a migration is in flight (or acknowledged and the switch sent); the
+    /// guest is frozen and nothing more is released here.
+    Handing {
+        /// The receiver.
+        peer: String,
+        /// The last epoch.
+        epoch: u64,
+        /// `epoch` was acknowledged and the receiver told to take over.
+        sent: bool,
     },
     /// The guest finished: the epochs in flight and one last one are acknowledged, then goodbye.
     Finishing {
@@ -120,7 +181,7 @@ pub enum State {
         /// The guest is stunned until `epoch` is acknowledged.
         throttled: bool,
         /// `epoch` completes the sync of this new standby.
-        completing: Option<String>,
+        completing: Option<(String, SyncReason)>,
     },
     /// The standby was lost; the arbiter is asked for the next generation. Output stays held.
     Claiming {
@@ -130,16 +191,36 @@ pub enum State {
         reason: String,
         /// The epoch that was in flight.
         in_flight: Option<u64>,
-        /// The guest was stunned.
+        /// The guest was stunned (or frozen).
         throttled: bool,
+        /// The standby was a migration's receiver: if it holds the generation, the VM moved.
+        moving_to: Option<String>,
     },
     /// Another VM is primary: the guest is stopped and nothing more is released.
     Fenced {
         /// Why.
         why: FenceReason,
     },
+    /// The VM moved to the receiver `to`, now its primary as `generation`; this one is done.
+    Moved {
+        /// The receiver.
+        to: String,
+        /// Its generation.
+        generation: u64,
+    },
     /// The guest finished and the standby was told goodbye.
     Done,
+}
+
+/// Why a standby is being synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncReason {
+    /// The standby this primary connected to at start (its first protection).
+    Start,
+    /// A standby that joined (or was found by redialling) while the VM ran unprotected.
+    Rejoin,
+    /// The receiver of a planned migration.
+    Migrate,
 }
 
 /// Steps of a re-sync.
@@ -220,8 +301,11 @@ pub enum Answer {
 /// What happens to the primary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A standby's link is up at start: protect the VM with a full sync.
-    Connected,
+    /// The standby of the start answered: protect the VM by a pre-copy while it runs.
+    Connected {
+        /// Who.
+        peer: String,
+    },
     /// The epoch timer fired.
     Tick {
         /// The guest's state.
@@ -248,6 +332,28 @@ pub enum Event {
         peer: String,
         /// Every vCPU is done.
         guest_finished: bool,
+    },
+    /// A migration's receiver answered at `peer` (`tandem ctl SOCK migrate ADDR`).
+    Migrate {
+        /// The receiver.
+        peer: String,
+        /// Every vCPU is done.
+        guest_finished: bool,
+    },
+    /// A migration to this VM's own standby, at `peer` (a switchover).
+    Switchover {
+        /// The standby.
+        peer: String,
+    },
+    /// The answer to [`Action::Assess`].
+    Assessed {
+        /// The next capture is the last (the guest stays frozen for it).
+        last: bool,
+    },
+    /// The receiver took over as `generation` (the answer to [`Action::Switch`]).
+    Switched {
+        /// Its generation.
+        generation: u64,
     },
     /// The pre-copy rounds to the joiner are done.
     PreCopyDone {
@@ -282,26 +388,28 @@ pub enum Event {
 /// What kind of epoch a capture is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CaptureKind {
-    /// Every page and all state: the first sync of a standby.
-    Full,
     /// The epoch that completes a pre-copy (the pages dirtied during its last round).
     Completing,
     /// An ordinary epoch: the dirty pages.
     Epoch,
+    /// An epoch of a converging migration: exactly the pages written since the last capture
+    /// (no page is left writable between epochs, so the set shrinks as the guest slows).
+    Switch,
+    /// A migration's last epoch: as [`CaptureKind::Switch`], with the guest frozen.
+    Final,
 }
 
 /// What the driver does, in order. An action with an answer ([`Action::Claim`],
-/// [`Action::AskStill`], [`Action::StartLink`], and [`Action::StartPreCopy`] when the thread
-/// cannot start) is always the last of its batch; the answer is the next event.
+/// [`Action::AskStill`], [`Action::StartLink`], [`Action::Assess`], and
+/// [`Action::StartPreCopy`] when the thread cannot start) is always the last of its batch;
+/// the answer is the next event. [`Action::Switch`] is answered later, by the link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Hold drained output (it is released on acknowledgement).
-    HoldOutput,
     /// Capture epoch `epoch` (stun, copy, unstun) with the held output; arm the epoch timer.
     Capture {
         /// The epoch.
         epoch: u64,
-        /// Full, completing or ordinary.
+        /// Completing, ordinary, or a migration's.
         kind: CaptureKind,
     },
     /// Hand the captured epoch to the link.
@@ -355,6 +463,8 @@ pub enum Action {
     StartPreCopy {
         /// Who.
         peer: String,
+        /// Why.
+        why: SyncReason,
         /// Generation and the epoch that will complete the sync.
         fence: Fence,
     },
@@ -373,14 +483,48 @@ pub enum Action {
         /// Who.
         peer: String,
     },
-    /// The joiner committed the completing epoch: it protects the VM.
-    Reprotected {
+    /// The new standby committed the completing epoch: it protects the VM.
+    Synced {
         /// Who.
         peer: String,
         /// The completing epoch.
         epoch: u64,
+        /// Why it was synced.
+        why: SyncReason,
     },
-    /// Tell the standby goodbye (the guest finished).
+    /// A converging epoch of a migration was acknowledged: decide (and throttle the guest
+    /// accordingly); answer [`Event::Assessed`].
+    Assess {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Stop the guest for the last epoch of a migration; it runs here again only if the
+    /// migration fails ([`Action::Resume`]).
+    Freeze,
+    /// Tell the receiver, which committed `epoch`, to take over; the link answers with
+    /// [`Event::Switched`] or [`Event::LinkLost`].
+    Switch {
+        /// The receiver.
+        peer: String,
+        /// The last epoch.
+        epoch: u64,
+    },
+    /// The VM runs at `to` as `generation`: this primary ends.
+    Moved {
+        /// The receiver.
+        to: String,
+        /// Its generation.
+        generation: u64,
+    },
+    /// The migration to `to` ended without moving the VM; it runs on here.
+    MigrationFailed {
+        /// The receiver.
+        to: String,
+        /// Why.
+        why: String,
+    },
+    /// Tell the standby goodbye (the guest finished, or it is being replaced by a migration's
+    /// receiver) and drop its link.
     Goodbye,
 }
 
@@ -392,6 +536,8 @@ pub struct Machine {
     next_epoch: u64,
     last_ack: u64,
     arbiter: bool,
+    /// The receiver of the migration under way.
+    migrating: Option<String>,
 }
 
 impl Machine {
@@ -403,6 +549,7 @@ impl Machine {
             next_epoch: 1,
             last_ack: 0,
             arbiter,
+            migrating: None,
         }
     }
 
@@ -437,6 +584,8 @@ impl Machine {
             self.state,
             State::Protected { .. }
                 | State::Completing { .. }
+                | State::Switching { .. }
+                | State::Handing { .. }
                 | State::Finishing { .. }
                 | State::Claiming { .. }
         )
@@ -453,8 +602,11 @@ impl Machine {
     /// The epoch sent and not acknowledged.
     pub fn in_flight(&self) -> Option<u64> {
         match &self.state {
-            State::Protected { in_flight, .. } | State::Claiming { in_flight, .. } => *in_flight,
+            State::Protected { in_flight, .. }
+            | State::Claiming { in_flight, .. }
+            | State::Switching { in_flight, .. } => *in_flight,
             State::Completing { epoch, .. } | State::Finishing { epoch, .. } => Some(*epoch),
+            State::Handing { epoch, sent, .. } => (!sent).then_some(*epoch),
             _ => None,
         }
     }
@@ -472,10 +624,28 @@ impl Machine {
         match &self.state {
             State::Completing { peer, epoch, .. } => Some((peer, *epoch)),
             State::Finishing {
-                completing: Some(peer),
+                completing: Some((peer, _)),
                 epoch,
                 ..
             } => Some((peer, *epoch)),
+            _ => None,
+        }
+    }
+
+    /// The receiver of the migration under way.
+    pub fn migrating(&self) -> Option<&str> {
+        self.migrating.as_deref()
+    }
+
+    /// Whether the guest is frozen for the last epoch of a migration.
+    pub fn handing(&self) -> bool {
+        matches!(self.state, State::Handing { .. })
+    }
+
+    /// Where the VM moved, and as which generation.
+    pub fn moved(&self) -> Option<(&str, u64)> {
+        match &self.state {
+            State::Moved { to, generation } => Some((to, *generation)),
             _ => None,
         }
     }
@@ -557,6 +727,7 @@ impl Machine {
                 reason,
                 in_flight,
                 throttled,
+                moving_to: self.migrating.clone(),
             }
         } else {
             self.unprotect(reason, in_flight, throttled, acts)
@@ -578,8 +749,22 @@ impl Machine {
     /// Handles `ev`; returns what to do, in order.
     pub fn on(&mut self, ev: Event) -> Vec<Action> {
         let state = std::mem::replace(&mut self.state, State::Done);
+        let cause = match (&state, &ev) {
+            (State::Claiming { reason, .. }, Event::Arbiter(Answer::Won)) => {
+                format!(
+                    "the link to the receiver broke ({reason}) and this VM won the next generation"
+                )
+            }
+            (_, ev) => describe(ev),
+        };
         let mut acts = Vec::new();
         let next = self.step(state, ev, &mut acts);
+        // A migration that leaves its states without moving the VM has failed.
+        if !migration_state(&next) {
+            if let Some(to) = self.migrating.take() {
+                acts.insert(0, Action::MigrationFailed { to, why: cause });
+            }
+        }
         self.state = next;
         acts
     }
@@ -591,22 +776,99 @@ impl Machine {
                 log::debug!("fenced: ignoring {ev:?}");
                 S::Fenced { why }
             }
+            (s @ S::Moved { .. }, ev) => {
+                log::debug!("moved: ignoring {ev:?}");
+                s
+            }
 
-            // Protection at start.
-            (S::Unprotected { .. }, Event::Connected) => {
-                acts.push(Action::HoldOutput);
-                let epoch = self.next_epoch;
-                self.next_epoch += 1;
-                acts.push(Action::Capture {
-                    epoch,
-                    kind: CaptureKind::Full,
-                });
-                acts.push(Action::WantStandby(false));
-                acts.push(Action::Send { epoch });
+            // Protection at start: the same pre-copy as a joiner's, while the guest runs.
+            (S::Unprotected { reason }, Event::Connected { peer }) => {
+                self.start_precopy(peer, reason, SyncReason::Start, acts)
+            }
+
+            // Migration requests.
+            (
+                S::Unprotected { reason },
+                Event::Migrate {
+                    peer,
+                    guest_finished: false,
+                },
+            ) => {
+                self.migrating = Some(peer.clone());
+                self.start_precopy(peer, reason, SyncReason::Migrate, acts)
+            }
+            (
                 S::Protected {
-                    in_flight: Some(epoch),
-                    throttled: false,
+                    in_flight,
+                    throttled,
+                },
+                Event::Migrate {
+                    peer,
+                    guest_finished: false,
+                },
+            ) => {
+                // The current standby is not the receiver: it is told goodbye (it does not
+                // take over), and the VM is unprotected until the receiver has its sync.
+                acts.push(Action::Goodbye);
+                acts.push(Action::StopTimer);
+                if let Some(epoch) = in_flight {
+                    acts.push(Action::Release {
+                        epoch,
+                        acked: false,
+                    });
                 }
+                acts.push(Action::ReleaseHeld);
+                if throttled {
+                    acts.push(Action::Resume);
+                }
+                self.migrating = Some(peer.clone());
+                let reason = Some(format!("moving to {peer}"));
+                self.start_precopy(peer, reason, SyncReason::Migrate, acts)
+            }
+            (
+                S::Protected {
+                    in_flight,
+                    throttled,
+                },
+                Event::Switchover { peer },
+            ) => {
+                self.migrating = Some(peer.clone());
+                let in_flight = in_flight.or_else(|| Some(self.capture(CaptureKind::Switch, acts)));
+                S::Switching {
+                    peer,
+                    in_flight,
+                    throttled,
+                }
+            }
+            (s, ev @ (Event::Migrate { .. } | Event::Switchover { .. })) => {
+                let (peer, finished) = match ev {
+                    Event::Migrate {
+                        peer,
+                        guest_finished,
+                    } => (peer, guest_finished),
+                    Event::Switchover { peer } => (peer, false),
+                    _ => unreachable!("matched above"),
+                };
+                let why = match &s {
+                    S::Done => "the guest has finished".to_string(),
+                    _ if finished => "the guest has finished".to_string(),
+                    S::Unprotected { .. } | S::Protected { .. } => {
+                        "this VM has no standby to switch to".to_string()
+                    }
+                    S::Resyncing { peer: p, .. } | S::Completing { peer: p, .. } => {
+                        format!("a standby ({p}) is being synced; try again when it protects")
+                    }
+                    S::Switching { peer: p, .. } | S::Handing { peer: p, .. } => {
+                        format!("a migration to {p} is under way")
+                    }
+                    S::Finishing { .. } => "the guest is finishing".to_string(),
+                    S::Claiming { .. } => {
+                        "the standby was lost and the arbiter is being asked".to_string()
+                    }
+                    S::Fenced { .. } | S::Moved { .. } => "this VM is done".to_string(),
+                };
+                acts.push(Action::MigrationFailed { to: peer, why });
+                s
             }
 
             // The epoch timer.
@@ -638,19 +900,35 @@ impl Machine {
                 }
             }
             (
-                S::Completing {
+                S::Switching {
                     peer,
-                    epoch,
+                    in_flight: Some(e),
                     throttled: false,
                 },
                 Event::Tick { guest },
             ) if !guest.finished && !guest.paused => {
                 acts.push(Action::Stun);
                 acts.push(Action::StopTimer);
+                S::Switching {
+                    peer,
+                    in_flight: Some(e),
+                    throttled: true,
+                }
+            }
+            (
+                S::Completing {
+                    peer, why, epoch, ..
+                },
+                Event::Tick { .. },
+            ) => {
+                // The new standby may take long over this epoch (it builds its VM and writes
+                // the pre-copied image first): the guest runs on, the next epoch waits.
+                acts.push(Action::StopTimer);
                 S::Completing {
                     peer,
+                    why,
                     epoch,
-                    throttled: true,
+                    due: true,
                 }
             }
             (s, Event::Tick { .. }) => {
@@ -672,22 +950,70 @@ impl Machine {
             (
                 S::Completing {
                     peer,
+                    why,
                     epoch: e,
+                    due,
+                },
+                Event::Ack { epoch },
+            ) if e == epoch => {
+                self.last_ack = epoch;
+                acts.push(Action::Release { epoch, acked: true });
+                acts.push(Action::Synced {
+                    peer: peer.clone(),
+                    epoch,
+                    why,
+                });
+                if why == SyncReason::Migrate {
+                    acts.push(Action::Assess { epoch });
+                    return S::Switching {
+                        peer,
+                        in_flight: None,
+                        throttled: false,
+                    };
+                }
+                let in_flight = due.then(|| self.capture(CaptureKind::Epoch, acts));
+                S::Protected {
+                    in_flight,
+                    throttled: false,
+                }
+            }
+            (
+                S::Switching {
+                    peer,
+                    in_flight: Some(e),
                     throttled,
                 },
                 Event::Ack { epoch },
             ) if e == epoch => {
                 self.last_ack = epoch;
                 acts.push(Action::Release { epoch, acked: true });
-                acts.push(Action::Reprotected { peer, epoch });
-                let in_flight = throttled.then(|| {
-                    let e = self.capture(CaptureKind::Epoch, acts);
-                    acts.push(Action::Resume);
-                    e
+                acts.push(Action::Assess { epoch });
+                S::Switching {
+                    peer,
+                    in_flight: None,
+                    throttled,
+                }
+            }
+            (
+                S::Handing {
+                    peer,
+                    epoch: e,
+                    sent: false,
+                },
+                Event::Ack { epoch },
+            ) if e == epoch => {
+                // The receiver holds the last epoch: its output goes out now, the last thing
+                // this VM releases; then the receiver takes over.
+                self.last_ack = epoch;
+                acts.push(Action::Release { epoch, acked: true });
+                acts.push(Action::Switch {
+                    peer: peer.clone(),
+                    epoch,
                 });
-                S::Protected {
-                    in_flight,
-                    throttled: false,
+                S::Handing {
+                    peer,
+                    epoch,
+                    sent: true,
                 }
             }
             (
@@ -701,8 +1027,8 @@ impl Machine {
             ) if e == epoch => {
                 self.last_ack = epoch;
                 acts.push(Action::Release { epoch, acked: true });
-                if let Some(peer) = completing {
-                    acts.push(Action::Reprotected { peer, epoch });
+                if let Some((peer, why)) = completing {
+                    acts.push(Action::Synced { peer, epoch, why });
                 }
                 if throttled {
                     let e = self.capture(CaptureKind::Epoch, acts);
@@ -736,35 +1062,122 @@ impl Machine {
                 s
             }
 
+            // A migration converges, then switches.
+            (
+                S::Switching {
+                    peer,
+                    in_flight: None,
+                    throttled,
+                },
+                Event::Assessed { last: false },
+            ) => {
+                let e = self.capture(CaptureKind::Switch, acts);
+                if throttled {
+                    acts.push(Action::Resume);
+                }
+                S::Switching {
+                    peer,
+                    in_flight: Some(e),
+                    throttled: false,
+                }
+            }
+            (
+                S::Switching {
+                    peer,
+                    in_flight: None,
+                    ..
+                },
+                Event::Assessed { last: true },
+            ) => {
+                acts.push(Action::Freeze);
+                let epoch = self.capture(CaptureKind::Final, acts);
+                S::Handing {
+                    peer,
+                    epoch,
+                    sent: false,
+                }
+            }
+            (
+                S::Handing {
+                    peer, sent: true, ..
+                },
+                Event::Switched { generation },
+            ) => {
+                self.migrating = None;
+                acts.push(Action::Moved {
+                    to: peer.clone(),
+                    generation,
+                });
+                S::Moved {
+                    to: peer,
+                    generation,
+                }
+            }
+
             // Losing the standby.
             (
                 S::Protected {
                     in_flight,
                     throttled,
+                }
+                | S::Switching {
+                    in_flight,
+                    throttled,
+                    ..
                 },
                 Event::LinkLost { reason },
             ) => self.lost(reason, in_flight, throttled, acts),
             (
-                S::Completing {
-                    epoch, throttled, ..
-                }
+                S::Completing { epoch, .. }
                 | S::Finishing {
-                    epoch, throttled, ..
+                    epoch,
+                    throttled: false,
+                    ..
                 },
                 Event::LinkLost { reason },
-            ) => self.lost(reason, Some(epoch), throttled, acts),
+            ) => self.lost(reason, Some(epoch), false, acts),
+            (
+                S::Finishing {
+                    epoch,
+                    throttled: true,
+                    ..
+                },
+                Event::LinkLost { reason },
+            ) => self.lost(reason, Some(epoch), true, acts),
+            (S::Handing { epoch, sent, .. }, Event::LinkLost { reason }) => {
+                // The guest is frozen: it runs on here unless the receiver took it.
+                let in_flight = (!sent).then_some(epoch);
+                self.lost(reason, in_flight, true, acts)
+            }
             (
                 S::Claiming {
                     generation,
                     reason,
                     in_flight,
                     throttled,
+                    ..
                 },
                 Event::Arbiter(Answer::Won),
             ) => {
                 self.generation = generation;
                 acts.push(Action::ReconnectSink { generation });
                 self.unprotect(reason, in_flight, throttled, acts)
+            }
+            (
+                S::Claiming {
+                    generation,
+                    moving_to: Some(to),
+                    ..
+                },
+                Event::Arbiter(Answer::Lost),
+            ) => {
+                // The receiver won the generation: it runs the VM.
+                self.migrating = None;
+                acts.push(Action::Moved {
+                    to: to.clone(),
+                    generation,
+                });
+                S::Moved { to, generation }
             }
             (
                 S::Claiming {
@@ -785,6 +1198,8 @@ impl Machine {
             (
                 s @ (S::Protected { .. }
                 | S::Completing { .. }
+                | S::Switching { .. }
+                | S::Handing { .. }
                 | S::Finishing { .. }
                 | S::Claiming { .. }),
                 Event::Joined { peer, .. },
@@ -802,18 +1217,7 @@ impl Machine {
                     peer,
                     guest_finished: false,
                 },
-            ) => {
-                acts.push(Action::WantStandby(false));
-                acts.push(Action::StartPreCopy {
-                    peer: peer.clone(),
-                    fence: self.fence_at(self.next_epoch),
-                });
-                S::Resyncing {
-                    peer,
-                    reason,
-                    step: ResyncStep::PreCopy,
-                }
-            }
+            ) => self.start_precopy(peer, reason, SyncReason::Rejoin, acts),
             (s, Event::Joined { peer, .. }) => {
                 self.refuse(peer, Refusal::Finished, acts);
                 s
@@ -845,6 +1249,7 @@ impl Machine {
             (
                 S::Resyncing {
                     peer,
+                    why,
                     reason,
                     step: ResyncStep::PreCopy,
                 },
@@ -864,11 +1269,17 @@ impl Machine {
                     acts.push(Action::StartLink { peer: peer.clone() });
                     ResyncStep::Linking
                 };
-                S::Resyncing { peer, reason, step }
+                S::Resyncing {
+                    peer,
+                    why,
+                    reason,
+                    step,
+                }
             }
             (
                 S::Resyncing {
                     peer,
+                    why,
                     reason,
                     step: ResyncStep::Releasing,
                 },
@@ -878,6 +1289,7 @@ impl Machine {
                 acts.push(Action::StartLink { peer: peer.clone() });
                 S::Resyncing {
                     peer,
+                    why,
                     reason,
                     step: ResyncStep::Linking,
                 }
@@ -896,6 +1308,7 @@ impl Machine {
             (
                 S::Resyncing {
                     peer,
+                    why,
                     step: ResyncStep::Linking,
                     ..
                 },
@@ -904,8 +1317,9 @@ impl Machine {
                 let epoch = self.capture(CaptureKind::Completing, acts);
                 S::Completing {
                     peer,
+                    why,
                     epoch,
-                    throttled: false,
+                    due: false,
                 }
             }
 
@@ -958,6 +1372,11 @@ impl Machine {
                 S::Protected {
                     in_flight,
                     throttled,
+                }
+                | S::Switching {
+                    in_flight,
+                    throttled,
+                    ..
                 },
                 Event::GuestFinished,
             ) => match in_flight {
@@ -969,6 +1388,9 @@ impl Machine {
                 },
                 None => {
                     let epoch = self.capture(CaptureKind::Epoch, acts);
+                    if throttled {
+                        acts.push(Action::Resume);
+                    }
                     S::Finishing {
                         epoch,
                         last: true,
@@ -979,16 +1401,14 @@ impl Machine {
             },
             (
                 S::Completing {
-                    peer,
-                    epoch,
-                    throttled,
+                    peer, why, epoch, ..
                 },
                 Event::GuestFinished,
             ) => S::Finishing {
                 epoch,
                 last: false,
-                throttled,
-                completing: Some(peer),
+                throttled: false,
+                completing: Some((peer, why)),
             },
 
             (s, ev) => {
@@ -998,12 +1418,72 @@ impl Machine {
         }
     }
 
+    /// Starts the pre-copy of a new standby (the one of the start, a joiner, or a receiver).
+    fn start_precopy(
+        &mut self,
+        peer: String,
+        reason: Option<String>,
+        why: SyncReason,
+        acts: &mut Vec<Action>,
+    ) -> State {
+        acts.push(Action::WantStandby(false));
+        acts.push(Action::StartPreCopy {
+            peer: peer.clone(),
+            why,
+            fence: self.fence_at(self.next_epoch),
+        });
+        State::Resyncing {
+            peer,
+            why,
+            reason,
+            step: ResyncStep::PreCopy,
+        }
+    }
+
     fn refuse(&self, peer: String, why: Refusal, acts: &mut Vec<Action>) {
         acts.push(Action::Refuse {
             peer,
             why,
             fence: self.fence_at(self.next_epoch),
         });
+    }
+}
+
+/// Whether a migration goes on in `s`.
+fn migration_state(s: &State) -> bool {
+    matches!(
+        s,
+        State::Resyncing {
+            why: SyncReason::Migrate,
+            ..
+        } | State::Completing {
+            why: SyncReason::Migrate,
+            ..
+        } | State::Switching { .. }
+            | State::Handing { .. }
+            | State::Claiming {
+                moving_to: Some(_),
+                ..
+            }
+            | State::Moved { .. }
+    )
+}
+
+/// What an event says, as the reason a migration failed.
+fn describe(ev: &Event) -> String {
+    match ev {
+        Event::LinkLost { reason } => format!("the link to the receiver broke: {reason}"),
+        Event::PreCopyFailed { reason } => format!("the pre-copy failed: {reason}"),
+        Event::LinkFailed { reason } => format!("the link to the receiver did not start: {reason}"),
+        Event::GuestFinished
+        | Event::PreCopyDone {
+            guest_finished: true,
+            ..
+        } => "the guest finished".into(),
+        Event::Arbiter(Answer::Still { newest: false }) => {
+            "the arbiter says another VM is primary".into()
+        }
+        other => format!("{other:?}"),
     }
 }
 
@@ -1041,10 +1521,22 @@ mod tests {
         }
     }
 
-    /// Protected, epoch 1 (the full sync) acknowledged, nothing in flight.
-    fn protected(arbiter: bool) -> Machine {
+    /// Synced with the standby of the start ("s"), up to its link: the completing epoch (1)
+    /// is next.
+    fn linked(arbiter: bool) -> Machine {
         let mut m = Machine::new(1, arbiter);
-        m.on(Event::Connected);
+        m.on(Event::Connected { peer: "s".into() });
+        m.on(Event::PreCopyDone {
+            guest_finished: false,
+            pending_output: false,
+        });
+        m
+    }
+
+    /// Protected, epoch 1 (the one completing the first sync) acknowledged, nothing in flight.
+    fn protected(arbiter: bool) -> Machine {
+        let mut m = linked(arbiter);
+        m.on(Event::LinkUp);
         m.on(ack(1));
         assert_eq!(
             m.state(),
@@ -1091,52 +1583,78 @@ mod tests {
     }
 
     #[test]
-    fn connected_holds_output_and_sends_a_full_sync() {
+    fn connected_starts_a_pre_copy_while_the_guest_runs() {
         let mut m = Machine::new(1, false);
         assert_eq!(
-            m.on(Event::Connected),
+            m.on(Event::Connected { peer: "s".into() }),
             vec![
-                Action::HoldOutput,
-                Action::Capture {
-                    epoch: 1,
-                    kind: CaptureKind::Full
-                },
                 Action::WantStandby(false),
-                Action::Send { epoch: 1 },
+                Action::StartPreCopy {
+                    peer: "s".into(),
+                    why: SyncReason::Start,
+                    fence: fence(1, 1)
+                },
             ]
         );
-        assert_eq!(
-            m.state(),
-            &State::Protected {
-                in_flight: Some(1),
-                throttled: false
-            }
-        );
-        assert!(m.protected());
+        assert_eq!(m.resyncing(), Some("s"));
+        // Not protected yet: output goes out at once, as before any standby.
+        assert!(!m.protected());
+        assert!(m.releases_at_once());
         assert_eq!(m.unprotected_because(), None);
+        assert_eq!(
+            m.on(Event::OutputDrained { pending: true }),
+            vec![Action::ReleaseHeld]
+        );
     }
 
     #[test]
     fn connected_while_protected_changes_nothing() {
         let mut m = with_in_flight(false);
         let before = m.state().clone();
-        assert_eq!(m.on(Event::Connected), vec![]);
+        assert_eq!(m.on(Event::Connected { peer: "s".into() }), vec![]);
         assert_eq!(m.state(), &before);
     }
 
     #[test]
-    fn ack_of_the_full_sync_releases_it() {
-        let mut m = Machine::new(1, false);
-        m.on(Event::Connected);
+    fn the_first_completing_epoch_holds_output_and_its_ack_protects() {
+        let mut m = linked(false);
+        // The only stop of the guest: the completing epoch's capture; output is held from it.
+        assert_eq!(
+            m.on(Event::LinkUp).as_slice(),
+            cap(1, CaptureKind::Completing)
+        );
+        assert!(m.protected());
+        assert!(!m.releases_at_once());
+        assert_eq!(m.on(Event::OutputDrained { pending: true }), vec![]);
         assert_eq!(
             m.on(ack(1)),
-            vec![Action::Release {
-                epoch: 1,
-                acked: true
-            }]
+            vec![
+                Action::Release {
+                    epoch: 1,
+                    acked: true
+                },
+                Action::Synced {
+                    peer: "s".into(),
+                    epoch: 1,
+                    why: SyncReason::Start
+                },
+            ]
         );
         assert_eq!(m.last_ack(), 1);
         assert_eq!(m.in_flight(), None);
+    }
+
+    #[test]
+    fn a_failed_first_sync_leaves_the_vm_unprotected_and_redialling() {
+        let mut m = Machine::new(1, false);
+        m.on(Event::Connected { peer: "s".into() });
+        assert_eq!(
+            m.on(Event::PreCopyFailed {
+                reason: "eof".into()
+            }),
+            vec![Action::WantStandby(true)]
+        );
+        assert_eq!(m.state(), &State::Unprotected { reason: None });
     }
 
     #[test]
@@ -1432,6 +1950,7 @@ mod tests {
                 Action::WantStandby(false),
                 Action::StartPreCopy {
                     peer: "b".into(),
+                    why: SyncReason::Rejoin,
                     fence: fence(1, 2)
                 },
             ]
@@ -1594,8 +2113,9 @@ mod tests {
             m.state(),
             &State::Completing {
                 peer: "b".into(),
+                why: SyncReason::Rejoin,
                 epoch: 2,
-                throttled: false
+                due: false
             }
         );
         assert!(m.protected());
@@ -1613,9 +2133,10 @@ mod tests {
                     epoch: 2,
                     acked: true
                 },
-                Action::Reprotected {
+                Action::Synced {
                     peer: "b".into(),
-                    epoch: 2
+                    epoch: 2,
+                    why: SyncReason::Rejoin
                 },
             ]
         );
@@ -1629,16 +2150,21 @@ mod tests {
     }
 
     #[test]
-    fn throttled_completing_epoch_ack_captures_and_resumes() {
+    fn a_tick_while_completing_lets_the_guest_run_and_the_ack_captures_the_next_epoch() {
         let mut m = completing();
-        assert_eq!(m.on(tick()), vec![Action::Stun, Action::StopTimer]);
+        // The new standby may take long to build its VM: the guest is not stunned for it.
+        assert_eq!(m.on(tick()), vec![Action::StopTimer]);
         let acts = m.on(ack(2));
-        assert_eq!(acts.last(), Some(&Action::Resume));
-        assert!(acts.contains(&Action::Capture {
-            epoch: 3,
-            kind: CaptureKind::Epoch
-        }));
+        assert!(!acts.contains(&Action::Resume), "{acts:?}");
+        assert_eq!(
+            &acts[acts.len() - 2..],
+            cap(3, CaptureKind::Epoch).as_slice()
+        );
         assert_eq!(m.in_flight(), Some(3));
+        // Without the tick, the Ack only releases; the timer captures later.
+        let mut m = completing();
+        let acts = m.on(ack(2));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Capture { .. })));
     }
 
     #[test]
@@ -1649,7 +2175,7 @@ mod tests {
             epoch: 2,
             acked: false
         }));
-        assert!(!acts.iter().any(|a| matches!(a, Action::Reprotected { .. })));
+        assert!(!acts.iter().any(|a| matches!(a, Action::Synced { .. })));
         assert_eq!(
             m.state(),
             &State::Unprotected {
@@ -1737,9 +2263,10 @@ mod tests {
         let mut m = completing();
         m.on(Event::GuestFinished);
         let acts = m.on(ack(2));
-        assert!(acts.contains(&Action::Reprotected {
+        assert!(acts.contains(&Action::Synced {
             peer: "b".into(),
-            epoch: 2
+            epoch: 2,
+            why: SyncReason::Rejoin
         }));
         assert!(m.finishing());
     }
@@ -1788,6 +2315,335 @@ mod tests {
         ] {
             assert_eq!(m.on(ev), vec![]);
             assert_eq!(m.state(), &before);
+        }
+    }
+
+    // Planned migration.
+
+    fn migrate(peer: &str) -> Event {
+        Event::Migrate {
+            peer: peer.into(),
+            guest_finished: false,
+        }
+    }
+
+    /// Unprotected (generation 1, or 2 with an arbiter), a migration to "r" synced and
+    /// converging: Switching with nothing in flight after the completing epoch 2's Ack.
+    fn switching(arbiter: bool) -> Machine {
+        let mut m = unprotected(arbiter);
+        m.on(migrate("r"));
+        m.on(Event::PreCopyDone {
+            guest_finished: false,
+            pending_output: false,
+        });
+        m.on(Event::LinkUp);
+        m.on(ack(2));
+        m
+    }
+
+    /// Switching, then the last epoch (3) captured with the guest frozen.
+    fn handing(arbiter: bool) -> Machine {
+        let mut m = switching(arbiter);
+        m.on(Event::Assessed { last: true });
+        m
+    }
+
+    #[test]
+    fn a_migration_syncs_the_receiver_converges_and_switches() {
+        let mut m = unprotected(false);
+        assert_eq!(
+            m.on(migrate("r")),
+            vec![
+                Action::WantStandby(false),
+                Action::StartPreCopy {
+                    peer: "r".into(),
+                    why: SyncReason::Migrate,
+                    fence: fence(1, 2)
+                },
+            ]
+        );
+        assert_eq!(m.migrating(), Some("r"));
+        m.on(Event::PreCopyDone {
+            guest_finished: false,
+            pending_output: false,
+        });
+        assert_eq!(
+            m.on(Event::LinkUp).as_slice(),
+            cap(2, CaptureKind::Completing)
+        );
+        // The receiver protects the VM: converging epochs start at once.
+        assert_eq!(
+            m.on(ack(2)),
+            vec![
+                Action::Release {
+                    epoch: 2,
+                    acked: true
+                },
+                Action::Synced {
+                    peer: "r".into(),
+                    epoch: 2,
+                    why: SyncReason::Migrate
+                },
+                Action::Assess { epoch: 2 },
+            ]
+        );
+        assert!(m.protected());
+        assert_eq!(
+            m.on(Event::Assessed { last: false }).as_slice(),
+            cap(3, CaptureKind::Switch)
+        );
+        assert_eq!(
+            m.on(ack(3)),
+            vec![
+                Action::Release {
+                    epoch: 3,
+                    acked: true
+                },
+                Action::Assess { epoch: 3 },
+            ]
+        );
+        // The last epoch: the guest stops and stays stopped.
+        assert_eq!(
+            m.on(Event::Assessed { last: true }),
+            vec![
+                Action::Freeze,
+                Action::Capture {
+                    epoch: 4,
+                    kind: CaptureKind::Final
+                },
+                Action::Send { epoch: 4 },
+            ]
+        );
+        assert!(m.handing());
+        // Output is held, ticks capture nothing more.
+        assert_eq!(m.on(Event::OutputDrained { pending: true }), vec![]);
+        assert_eq!(m.on(tick()), vec![Action::StopTimer]);
+        // Its Ack: its output is the last released here, then the receiver takes over.
+        assert_eq!(
+            m.on(ack(4)),
+            vec![
+                Action::Release {
+                    epoch: 4,
+                    acked: true
+                },
+                Action::Switch {
+                    peer: "r".into(),
+                    epoch: 4
+                },
+            ]
+        );
+        assert_eq!(
+            m.on(Event::Switched { generation: 2 }),
+            vec![Action::Moved {
+                to: "r".into(),
+                generation: 2
+            }]
+        );
+        assert_eq!(m.moved(), Some(("r", 2)));
+        assert_eq!(m.migrating(), None);
+        // Nothing more happens here.
+        for ev in [
+            tick(),
+            Event::OutputDrained { pending: true },
+            lost(),
+            Event::GuestFinished,
+        ] {
+            assert_eq!(m.on(ev), vec![]);
+        }
+        assert!(!m.releases_at_once());
+    }
+
+    #[test]
+    fn a_switchover_converges_on_the_standby_already_there() {
+        let mut m = protected(false);
+        assert_eq!(
+            m.on(Event::Switchover { peer: "s".into() }).as_slice(),
+            cap(2, CaptureKind::Switch)
+        );
+        assert_eq!(m.migrating(), Some("s"));
+        // With an epoch in flight, its Ack is the first assessed.
+        let mut m = with_in_flight(false);
+        assert_eq!(m.on(Event::Switchover { peer: "s".into() }), vec![]);
+        assert_eq!(
+            m.on(ack(2)),
+            vec![
+                Action::Release {
+                    epoch: 2,
+                    acked: true
+                },
+                Action::Assess { epoch: 2 },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_migration_of_a_protected_vm_tells_its_standby_goodbye_first() {
+        let mut m = with_in_flight(false);
+        assert_eq!(
+            m.on(migrate("r")),
+            vec![
+                Action::Goodbye,
+                Action::StopTimer,
+                Action::Release {
+                    epoch: 2,
+                    acked: false
+                },
+                Action::ReleaseHeld,
+                Action::WantStandby(false),
+                Action::StartPreCopy {
+                    peer: "r".into(),
+                    why: SyncReason::Migrate,
+                    fence: fence(1, 3)
+                },
+            ]
+        );
+        assert!(!m.protected());
+        assert!(m.releases_at_once());
+        assert_eq!(m.unprotected_because(), Some("moving to r"));
+    }
+
+    #[test]
+    fn a_tick_while_converging_stuns_and_the_next_capture_lets_the_guest_go() {
+        let mut m = switching(false);
+        m.on(Event::Assessed { last: false });
+        assert_eq!(m.on(tick()), vec![Action::Stun, Action::StopTimer]);
+        m.on(ack(3));
+        let acts = m.on(Event::Assessed { last: false });
+        assert_eq!(acts.last(), Some(&Action::Resume));
+        assert_eq!(m.in_flight(), Some(4));
+    }
+
+    #[test]
+    fn a_failed_pre_copy_fails_the_migration_and_the_vm_runs_on_unprotected() {
+        let mut m = unprotected(false);
+        m.on(migrate("r"));
+        assert_eq!(
+            m.on(Event::PreCopyFailed {
+                reason: "eof".into()
+            }),
+            vec![
+                Action::MigrationFailed {
+                    to: "r".into(),
+                    why: "the pre-copy failed: eof".into()
+                },
+                Action::WantStandby(true),
+            ]
+        );
+        assert_eq!(m.migrating(), None);
+        assert!(matches!(m.state(), State::Unprotected { .. }));
+    }
+
+    #[test]
+    fn losing_the_receiver_while_frozen_lets_the_guest_run_here_again() {
+        let mut m = handing(false);
+        let acts = m.on(lost());
+        assert!(matches!(
+            acts.first(),
+            Some(Action::MigrationFailed { to, .. }) if to == "r"
+        ));
+        // Epoch 3, the last, was never acknowledged: it is this VM's output, released now.
+        assert!(acts.contains(&Action::Release {
+            epoch: 3,
+            acked: false
+        }));
+        assert_eq!(acts.last(), Some(&Action::Resume));
+        assert!(matches!(m.state(), State::Unprotected { .. }));
+    }
+
+    #[test]
+    fn with_an_arbiter_the_claim_after_a_broken_switch_decides_where_the_vm_is() {
+        // The receiver won the generation: the VM moved, this side is not fenced.
+        let mut m = handing(true);
+        m.on(ack(3));
+        assert_eq!(m.on(lost()), vec![Action::Claim { generation: 3 }]);
+        assert_eq!(
+            m.on(Event::Arbiter(Answer::Lost)),
+            vec![Action::Moved {
+                to: "r".into(),
+                generation: 3
+            }]
+        );
+        assert!(!m.fenced());
+        // This side won it: the receiver stands down, the guest runs on here as 3.
+        let mut m = handing(true);
+        m.on(ack(3));
+        m.on(lost());
+        let acts = m.on(Event::Arbiter(Answer::Won));
+        assert!(
+            matches!(acts[0], Action::MigrationFailed { .. }),
+            "{acts:?}"
+        );
+        assert!(acts.contains(&Action::ReconnectSink { generation: 3 }));
+        assert_eq!(acts.last(), Some(&Action::Resume));
+        assert_eq!(m.generation(), 3);
+        // A plain lost standby still fences when the claim is lost.
+        let mut m = with_in_flight(true);
+        m.on(lost());
+        assert!(matches!(
+            m.on(Event::Arbiter(Answer::Lost)).as_slice(),
+            [Action::Fence { .. }]
+        ));
+    }
+
+    #[test]
+    fn migrations_that_cannot_start_are_refused_and_change_nothing() {
+        for (mut m, why) in [
+            (resyncing(false), "being synced"),
+            (completing(), "being synced"),
+            (switching(false), "under way"),
+        ] {
+            let before = m.state().clone();
+            let acts = m.on(migrate("x"));
+            match acts.as_slice() {
+                [Action::MigrationFailed { to, why: w }] => {
+                    assert_eq!(to, "x");
+                    assert!(w.contains(why), "{w}");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(m.state(), &before);
+        }
+        let mut m = unprotected(false);
+        assert!(matches!(
+            m.on(Event::Migrate {
+                peer: "x".into(),
+                guest_finished: true
+            })
+            .as_slice(),
+            [Action::MigrationFailed { why, .. }] if why.contains("finished")
+        ));
+        assert!(matches!(
+            m.on(Event::Switchover { peer: "x".into() }).as_slice(),
+            [Action::MigrationFailed { why, .. }] if why.contains("no standby")
+        ));
+        assert_eq!(m.migrating(), None);
+    }
+
+    #[test]
+    fn a_guest_that_finishes_while_converging_ends_the_migration() {
+        let mut m = switching(false);
+        m.on(Event::Assessed { last: false });
+        let acts = m.on(Event::GuestFinished);
+        assert!(
+            matches!(acts.as_slice(), [Action::MigrationFailed { why, .. }] if why == "the guest finished")
+        );
+        assert!(m.finishing());
+    }
+
+    #[test]
+    fn joiners_are_refused_while_a_migration_converges_or_switches() {
+        for mut m in [switching(false), handing(false)] {
+            assert!(matches!(
+                m.on(Event::Joined {
+                    peer: "j".into(),
+                    guest_finished: false
+                })
+                .as_slice(),
+                [Action::Refuse {
+                    why: Refusal::AlreadyProtected,
+                    ..
+                }]
+            ));
         }
     }
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{never, unbounded, Receiver, Sender};
 use guest_abi::Record;
 use serde_json::Value;
-use transport::{Channel, Intent, Message, Psk};
+use transport::{Channel, Epoch, Fence, Generation, Intent, Message, Psk};
 
 use ::sink::SinkClient;
 use devices::virtio::HeldFrames;
@@ -39,10 +39,12 @@ use crate::arbiter::Arbiter;
 use crate::link::{self, Link, LinkEvent, SendStats};
 use crate::metrics::Metrics;
 use crate::status::{
-    BytesSent, Counters, FtStatus, LastSync, Notes, PauseMs, PrimaryCounters, Role, SyncStatus,
+    BytesSent, Counters, FtStatus, LastSync, MigrationDone, MigrationStatus, Notes, PauseMs,
+    PrimaryCounters, Role, SyncStatus,
 };
-use crate::{percentile, precopy, unix_ms, Error, Result};
-use machine::{Action, Answer, CaptureKind, Event, FenceReason, Guest, Machine};
+use crate::{migrate, percentile, precopy, unix_ms, Error, Result};
+use machine::{Action, Answer, CaptureKind, Event, FenceReason, Guest, Machine, SyncReason};
+use vmx::control::{Answer as CtlAnswer, Request};
 
 /// Pauses kept for the percentiles.
 const PAUSE_WINDOW: usize = 8192;
@@ -58,9 +60,9 @@ pub struct FtStats {
     pub xor_cache_bytes: u64,
     /// Epochs acknowledged.
     pub epochs: u64,
-    /// Dirty bytes captured by epochs (full syncs not counted).
+    /// Dirty bytes captured by epochs.
     pub mem_bytes: u64,
-    /// Bytes captured by full syncs.
+    /// Bytes read by the pre-copy rounds of full syncs.
     pub full_sync_bytes: u64,
     /// Page bytes on the wire.
     pub page_wire_bytes: u64,
@@ -106,18 +108,48 @@ pub enum Aux {
     },
     /// A metrics scrape wants the status (see [`crate::metrics`]).
     Status(Sender<FtStatus>),
+    /// The receiver of a migration answered (or could not be reached).
+    Receiver {
+        /// Its address.
+        peer: String,
+        /// The authenticated channel, or why there is none.
+        result: std::result::Result<Box<Channel<TcpStream>>, String>,
+    },
 }
 
-/// What the driver remembers of the re-sync the machine runs.
+/// What the driver remembers of a migration under way (the machine decides its steps).
+struct Migration {
+    to: String,
+    /// The `ctl migrate` waiting for the outcome.
+    reply: Option<Sender<Value>>,
+    max_downtime: Duration,
+    started: Instant,
+    converge: migrate::Converge,
+    throttle: Option<migrate::Throttle>,
+    max_throttle: f64,
+    /// When the guest stopped for the last epoch (and as Unix ms).
+    frozen: Option<(Instant, f64)>,
+    switchover: bool,
+    precopy: Option<crate::status::PreCopySummary>,
+    last: Option<migrate::Assessment>,
+    last_pages: u64,
+    last_pause_ms: f64,
+    phase: &'static str,
+}
+
+/// What the driver remembers of the sync the machine runs.
 struct Resync {
     started: Instant,
     report: Option<precopy::PreCopyReport>,
     completing_pages: u64,
+    completing_pause_ms: f64,
 }
 
 /// The records and capture time of the epoch in flight.
 struct InFlight {
     epoch: u64,
+    /// Its pages.
+    pages: u64,
     records: Vec<Vec<Record>>,
     /// Frames the guest's cards sent during the epoch (output commit): (window, frames).
     frames: Vec<(u32, HeldFrames)>,
@@ -171,6 +203,15 @@ pub struct Protector {
     pub sink_key: Option<transport::Psk>,
     /// The process's metrics (`--metrics`), if served.
     metrics: Option<Metrics>,
+    /// The replication key, for the links this primary opens itself (a migration's).
+    pub psk: Option<Psk>,
+    /// The standby's address, while one protects the VM.
+    standby_addr: Option<String>,
+    migration: Option<Migration>,
+    /// (pages, capture → acknowledgement) of the epoch released last.
+    last_acked: Option<(u64, Duration)>,
+    /// Where the VM went (a migration): the run ends.
+    moved: Option<vmx::Moved>,
 }
 
 impl Protector {
@@ -207,6 +248,11 @@ impl Protector {
             hooks: link::TestHooks::default(),
             sink_key: None,
             metrics: None,
+            psk: None,
+            standby_addr: None,
+            migration: None,
+            last_acked: None,
+            moved: None,
         }
     }
 
@@ -245,11 +291,14 @@ impl Protector {
         self.machine.state()
     }
 
-    /// Starts protecting over `link`: captures a full sync now (the guest may be paused or
-    /// running) and hands it to the link. Output is held from here on.
-    pub fn protect(&mut self, vmx: &mut Vmx, link: Link) -> Result<()> {
-        self.install(vmx, link);
-        self.drive(vmx, Event::Connected)
+    /// Starts protecting the VM with the standby at the other end of `chan` (`peer`): the same
+    /// pre-copy as for a standby that joins, while the guest runs (or before it starts), then
+    /// the completing epoch; output is released at once until that epoch and held from it on.
+    pub fn protect(&mut self, vmx: &mut Vmx, chan: Channel<TcpStream>, peer: String) -> Result<()> {
+        self.joiner = Some(Box::new(chan));
+        let r = self.drive(vmx, Event::Connected { peer });
+        self.joiner = None;
+        r
     }
 
     /// Accepts standbys that join (`tandem standby --join`) on `listener`, from now on. A
@@ -345,6 +394,30 @@ impl Protector {
                 let _ = reply.send(self.ft_status());
                 Ok(())
             }
+            Aux::Receiver { peer, result } => {
+                if self.migration.as_ref().is_none_or(|m| m.to != peer) {
+                    return Ok(());
+                }
+                match result {
+                    Err(why) => {
+                        self.end_migration(Err(why));
+                        Ok(())
+                    }
+                    Ok(chan) => {
+                        self.joiner = Some(chan);
+                        let guest_finished = vmx.finished();
+                        let r = self.drive(
+                            vmx,
+                            Event::Migrate {
+                                peer,
+                                guest_finished,
+                            },
+                        );
+                        self.joiner = None;
+                        r
+                    }
+                }
+            }
             Aux::PreCopied { result, peer } => {
                 if self.machine.resyncing().is_none() {
                     return Ok(());
@@ -356,6 +429,8 @@ impl Protector {
                         self.drive(vmx, Event::PreCopyFailed { reason: e })
                     }
                     Ok((chan, report)) => {
+                        self.stats.full_sync_bytes +=
+                            report.rounds.iter().map(|r| r.pages * 4096).sum::<u64>();
                         self.precopied = Some(chan);
                         if let Some(rs) = &mut self.resync {
                             rs.report = Some(report);
@@ -416,6 +491,119 @@ impl Protector {
             }
             LinkEvent::Nacked { epoch } => self.drive(vmx, Event::Nack { epoch }),
             LinkEvent::Lost { reason } => self.drive(vmx, Event::LinkLost { reason }),
+            LinkEvent::Switched { generation } => self.drive(vmx, Event::Switched { generation }),
+        }
+    }
+
+    /// `tandem ctl SOCK migrate ADDR`: moves the VM to the `tandem standby` at `addr`; `reply`
+    /// hears the outcome when it is known (see [`crate::migrate`]).
+    pub fn migrate(
+        &mut self,
+        addr: String,
+        max_downtime: Duration,
+        reply: Sender<Value>,
+        vmx: &mut Vmx,
+    ) -> Result<()> {
+        let busy = if let Some(m) = &self.migration {
+            Some(format!("a migration to {} is under way", m.to))
+        } else if self.machine.fenced() || self.moved.is_some() {
+            Some("this VM is done here".to_string())
+        } else if vmx.finished() || self.machine.finishing() {
+            Some("the guest has finished".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = busy {
+            let _ = reply.send(CtlAnswer::refused(format!(
+                "cannot migrate to {addr}: {why}"
+            )));
+            return Ok(());
+        }
+        let switchover = self.machine.protected() && self.standby_addr.as_deref() == Some(&addr);
+        log::warn!(
+            "MIGRATION to {addr} requested (downtime budget {} ms){}",
+            max_downtime.as_millis(),
+            if switchover {
+                ": it is this VM's standby, a switchover"
+            } else {
+                ""
+            }
+        );
+        self.migration = Some(Migration {
+            to: addr.clone(),
+            reply: Some(reply),
+            max_downtime,
+            started: Instant::now(),
+            converge: migrate::Converge::new(max_downtime),
+            throttle: None,
+            max_throttle: 0.0,
+            frozen: None,
+            switchover,
+            precopy: None,
+            last: None,
+            last_pages: 0,
+            last_pause_ms: 0.0,
+            phase: if switchover {
+                "converging"
+            } else {
+                "connecting"
+            },
+        });
+        if switchover {
+            return self.drive(vmx, Event::Switchover { peer: addr });
+        }
+        let tx = self.aux_tx.clone();
+        let psk = self.psk.clone();
+        let started = std::thread::Builder::new()
+            .name("migrate-connect".into())
+            .spawn(move || {
+                let result = crate::connect(&addr, psk.as_ref(), Duration::from_secs(2))
+                    .map(Box::new)
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(Aux::Receiver { peer: addr, result });
+            });
+        if let Err(e) = started {
+            self.end_migration(Err(format!("cannot start connecting: {e}")));
+        }
+        Ok(())
+    }
+
+    /// The migration ended: the throttle stops, and the `ctl migrate` hears how it went.
+    fn end_migration(&mut self, outcome: std::result::Result<MigrationDone, String>) {
+        let Some(mut m) = self.migration.take() else {
+            return;
+        };
+        drop(m.throttle.take());
+        let answer = match outcome {
+            Ok(done) => {
+                log::warn!(
+                    "MIGRATED to {}: the VM runs there as generation {} ({:.2} ms stopped here \
+                     until it confirmed; {:.0} ms in all)",
+                    done.to,
+                    done.generation,
+                    done.downtime_ms,
+                    done.total_ms
+                );
+                vmx::control::reply(&done)
+            }
+            Err(why) => {
+                let here = format!(
+                    "{} the VM runs on here as generation {}, {}",
+                    if why.ends_with('.') { "" } else { ";" },
+                    self.machine.generation(),
+                    if self.machine.protected() {
+                        "protected"
+                    } else {
+                        "unprotected"
+                    }
+                );
+                let msg = format!("migration to {} failed: {why}{here}", m.to);
+                log::error!("{msg}");
+                CtlAnswer::refused(msg)
+            }
+        };
+        if let Some(r) = m.reply.take() {
+            let _ = r.send(answer);
         }
     }
 
@@ -431,7 +619,7 @@ impl Protector {
     pub fn finish(&mut self, vmx: &mut Vmx) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         self.drive(vmx, Event::GuestFinished)?;
-        while self.machine.finishing() {
+        while self.machine.finishing() || self.machine.handing() {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
                 Ok(ev) => self.event(ev, vmx)?,
@@ -496,7 +684,6 @@ impl Protector {
     /// Does one action; returns the answer for the machine, if it has one.
     fn execute(&mut self, vmx: &mut Vmx, a: Action) -> Result<Option<Event>> {
         match a {
-            Action::HoldOutput => vmx.hold_output(true),
             Action::Capture { epoch, kind } => self.capture(vmx, epoch, kind)?,
             Action::Send { epoch } => {
                 let ok = match (self.captured.take(), &self.link) {
@@ -508,12 +695,18 @@ impl Protector {
                 }
             }
             Action::Release { epoch, acked } => {
+                if !acked {
+                    // Released without the standby's commit: the writes it depends on are
+                    // this host's alone; make them durable first.
+                    vmx.set_speculative_flush(false)?;
+                }
                 self.confirm_claim(vmx)?;
                 let Some(f) = self.in_flight.take_if(|f| f.epoch == epoch) else {
                     log::error!("no records of epoch {epoch} to release");
                     return Ok(None);
                 };
                 if acked {
+                    self.last_acked = Some((f.pages, f.captured.elapsed()));
                     self.stats.epochs += 1;
                     self.stats.lag = f.captured.elapsed();
                     if let Some(s) = self.ack_stats.take() {
@@ -620,6 +813,7 @@ impl Protector {
                 vmx.copy_inputs(None);
                 self.link = None;
                 self.events = never();
+                self.standby_addr = None;
             }
             Action::Fence { why } => {
                 let why = match why {
@@ -636,24 +830,41 @@ impl Protector {
                 return Err(self.fence(vmx, &why));
             }
             Action::WantStandby(on) => self.want_standby.store(on, Ordering::Relaxed),
-            Action::StartPreCopy { peer, fence } => {
+            Action::StartPreCopy { peer, why, fence } => {
                 let Some(chan) = self.joiner.take() else {
                     return Ok(Some(Event::PreCopyFailed {
                         reason: "no channel to the joiner".into(),
                     }));
                 };
                 let dirty = vmx.vm().dirty_log();
-                log::warn!(
-                    "RE-PROTECTION: standby {peer} joined; full sync of {} MiB by pre-copy \
-                     while the guest runs (generation {}, completing with epoch {})",
-                    vmx.vm().layout().mem_bytes >> 20,
-                    fence.generation.0,
-                    fence.epoch.0
-                );
+                let mib = vmx.vm().layout().mem_bytes >> 20;
+                let (g, e) = (fence.generation.0, fence.epoch.0);
+                match why {
+                    SyncReason::Start => log::info!(
+                        "role: primary (generation {g}); full sync of {mib} MiB to the standby \
+                         {peer} by pre-copy while the guest runs (output is released at once \
+                         until epoch {e} completes the sync, and held from it on)"
+                    ),
+                    SyncReason::Rejoin => log::warn!(
+                        "RE-PROTECTION: standby {peer} joined; full sync of {mib} MiB by \
+                         pre-copy while the guest runs (generation {g}, completing with epoch \
+                         {e})"
+                    ),
+                    SyncReason::Migrate => {
+                        if let Some(m) = &mut self.migration {
+                            m.phase = "pre-copy";
+                        }
+                        log::warn!(
+                            "MIGRATION to {peer}: full sync of {mib} MiB by pre-copy while the \
+                             guest runs (generation {g}, completing with epoch {e})"
+                        )
+                    }
+                }
                 self.resync = Some(Resync {
                     started: Instant::now(),
                     report: None,
                     completing_pages: 0,
+                    completing_pause_ms: 0.0,
                 });
                 let tx = self.aux_tx.clone();
                 let who = peer.clone();
@@ -714,21 +925,43 @@ impl Protector {
                     }
                 }));
             }
-            Action::Reprotected { peer, epoch } => {
+            Action::Synced { peer, epoch, why } => {
+                self.standby_addr = Some(peer.clone());
                 let rs = self.resync.take();
                 let ms = rs
                     .as_ref()
                     .map_or(0.0, |r| r.started.elapsed().as_secs_f64() * 1e3);
-                log::warn!(
-                    "PROTECTED again: standby {peer} committed the full sync (epoch {epoch}) \
-                     {ms:.0} ms after it joined"
-                );
-                self.stats.reprotections += 1;
+                let pause = rs.as_ref().map_or(0.0, |r| r.completing_pause_ms);
+                match why {
+                    SyncReason::Start => log::info!(
+                        "PROTECTED: standby {peer} committed the full sync (epoch {epoch}) {ms:.0} \
+                         ms after the primary connected; the guest stopped {pause:.2} ms for it"
+                    ),
+                    SyncReason::Rejoin => {
+                        log::warn!(
+                            "PROTECTED again: standby {peer} committed the full sync (epoch \
+                             {epoch}) {ms:.0} ms after it joined"
+                        );
+                        self.stats.reprotections += 1;
+                    }
+                    SyncReason::Migrate => {
+                        log::info!(
+                            "migration: {peer} committed the full sync (epoch {epoch}) {ms:.0} \
+                             ms after it answered; it protects the VM; converging"
+                        );
+                        if let Some(m) = &mut self.migration {
+                            m.precopy = rs.as_ref().and_then(|r| r.report.as_ref()).map(Into::into);
+                        }
+                        return Ok(None);
+                    }
+                }
                 self.last_sync = Some(LastSync {
                     peer,
+                    first: why == SyncReason::Start,
                     joined_to_protected_ms: ms,
                     completing_epoch: epoch,
                     completing_pages: rs.as_ref().map_or(0, |r| r.completing_pages),
+                    completing_pause_ms: pause,
                     precopy: rs.as_ref().and_then(|r| r.report.as_ref()).map(Into::into),
                     protected_unix_ms: unix_ms(),
                 });
@@ -736,7 +969,109 @@ impl Protector {
             Action::Goodbye => {
                 if let Some(link) = self.link.take() {
                     link.goodbye();
-                    log::info!("guest finished; the standby was told goodbye");
+                    match &self.migration {
+                        Some(m) => log::warn!(
+                            "the standby {} was told goodbye: the VM moves to {}; UNPROTECTED \
+                             until it has its sync",
+                            self.standby_addr.as_deref().unwrap_or("?"),
+                            m.to
+                        ),
+                        None => log::info!("guest finished; the standby was told goodbye"),
+                    }
+                }
+                vmx.copy_inputs(None);
+                self.events = never();
+                self.standby_addr = None;
+            }
+            Action::Assess { epoch } => {
+                let (pages, rtt) = self.last_acked.unwrap_or_default();
+                let Some(m) = &mut self.migration else {
+                    return Ok(Some(Event::Assessed { last: true }));
+                };
+                let a = m.converge.assess(pages, rtt);
+                m.last = Some(a);
+                m.phase = "converging";
+                m.max_throttle = m.max_throttle.max(a.throttle);
+                log::info!(
+                    "migration: epoch {epoch} of {pages} pages took {:.2} ms; the last would \
+                     take about {:.2} ms{}; guest throttled {:.0} %",
+                    rtt.as_secs_f64() * 1e3,
+                    a.predicted.as_secs_f64() * 1e3,
+                    if a.last { ": switching" } else { "" },
+                    a.throttle * 100.0
+                );
+                if a.throttle > 0.0 && !a.last {
+                    match &m.throttle {
+                        Some(t) => t.set(a.throttle),
+                        None => match migrate::Throttle::start(vmx.vm().clone(), a.throttle) {
+                            Ok(t) => m.throttle = Some(t),
+                            Err(e) => log::warn!("migration: no throttle ({e})"),
+                        },
+                    }
+                }
+                return Ok(Some(Event::Assessed { last: a.last }));
+            }
+            Action::Freeze => {
+                if let Some(m) = &mut self.migration {
+                    drop(m.throttle.take());
+                    m.phase = "switching";
+                    m.frozen = Some((Instant::now(), unix_ms()));
+                }
+                if let Some(since) = self.throttled_since.take() {
+                    self.stats.throttled += since.elapsed();
+                }
+                vmx.suspend()?;
+            }
+            Action::Switch { peer, epoch } => {
+                let fence = Fence {
+                    generation: Generation(self.machine.generation()),
+                    epoch: Epoch(epoch),
+                };
+                let sent = self.link.as_ref().is_some_and(|l| l.switch(fence));
+                if !sent {
+                    return Ok(Some(Event::LinkLost {
+                        reason: format!("no link to {peer} for the switch"),
+                    }));
+                }
+                log::info!("migration: {peer} holds epoch {epoch}; told it to take over");
+            }
+            Action::Moved { to, generation } => {
+                vmx.copy_inputs(None);
+                self.link = None;
+                self.events = never();
+                let done = match &self.migration {
+                    Some(m) => MigrationDone {
+                        ok: true,
+                        to: to.clone(),
+                        generation,
+                        downtime_ms: m
+                            .frozen
+                            .map_or(f64::NAN, |f| f.0.elapsed().as_secs_f64() * 1e3),
+                        frozen_unix_ms: m.frozen.map_or(0.0, |f| f.1),
+                        total_ms: m.started.elapsed().as_secs_f64() * 1e3,
+                        switchover: m.switchover,
+                        precopy: m.precopy.clone(),
+                        converging_epochs: m.converge.epochs(),
+                        last_epoch_pages: m.last_pages,
+                        last_epoch_pause_ms: m.last_pause_ms,
+                        predicted_ms: m.last.map_or(0.0, |a| a.predicted.as_secs_f64() * 1e3),
+                        forced: m.last.is_some_and(|a| a.forced),
+                        max_throttle: m.max_throttle,
+                        max_downtime_ms: m.max_downtime.as_secs_f64() * 1e3,
+                    },
+                    None => MigrationDone {
+                        ok: true,
+                        to: to.clone(),
+                        generation,
+                        ..MigrationDone::default()
+                    },
+                };
+                self.end_migration(Ok(done));
+                self.moved = Some(vmx::Moved { to, generation });
+            }
+            Action::MigrationFailed { to, why } => {
+                if self.migration.as_ref().is_some_and(|m| m.to == to) {
+                    self.end_migration(Err(why));
                 }
             }
         }
@@ -746,11 +1081,16 @@ impl Protector {
     /// Captures `epoch`, accounts for it, keeps its records until it is acknowledged, and arms
     /// the epoch timer. [`Action::Send`] hands it to the link.
     fn capture(&mut self, vmx: &mut Vmx, epoch: u64, kind: CaptureKind) -> Result<()> {
-        // A standby's first full sync gets every disk whole; the epoch completing a pre-copy
-        // (whose rounds carried the disks) and later epochs the blocks written since the last
-        // take.
-        let mut cap =
-            vmx.capture_epoch(epoch, kind == CaptureKind::Full, kind == CaptureKind::Full)?;
+        // The pre-copy rounds carried memory and disks whole: every epoch, the completing one
+        // too, carries what was written since the last take; a migration's, exactly that.
+        let precise = matches!(kind, CaptureKind::Switch | CaptureKind::Final);
+        let mut cap = vmx.capture_epoch(
+            epoch,
+            vmx::machine::EpochCapture {
+                precise,
+                ..Default::default()
+            },
+        )?;
         // From this epoch on the guest's writes reach the outside only through epochs the
         // standby commits: its flushes need no fdatasync here.
         vmx.set_speculative_flush(true)?;
@@ -762,14 +1102,6 @@ impl Protector {
         }
         let bytes = cap.runs.iter().map(|r| r.data.len() as u64).sum::<u64>();
         match kind {
-            CaptureKind::Full => {
-                log::info!(
-                    "role: primary (generation {}), full sync of {} MiB to the standby",
-                    self.machine.generation(),
-                    bytes >> 20
-                );
-                self.stats.full_syncs += 1;
-            }
             CaptureKind::Completing => {
                 let pages = bytes / 4096;
                 let (rounds, ms) = self
@@ -784,52 +1116,59 @@ impl Protector {
                 );
                 if let Some(rs) = &mut self.resync {
                     rs.completing_pages = pages;
+                    rs.completing_pause_ms = cap.pause.as_secs_f64() * 1e3;
                 }
                 self.stats.full_syncs += 1;
             }
-            CaptureKind::Epoch => {}
+            CaptureKind::Final => {
+                let pages = bytes / 4096;
+                log::info!(
+                    "migration: last epoch {epoch}: {pages} pages, captured in {:.2} ms",
+                    cap.pause.as_secs_f64() * 1e3
+                );
+                if let Some(m) = &mut self.migration {
+                    m.last_pages = pages;
+                    m.last_pause_ms = cap.pause.as_secs_f64() * 1e3;
+                }
+            }
+            CaptureKind::Epoch | CaptureKind::Switch => {}
         }
         let pause_ms = cap.pause.as_secs_f64() * 1e3;
         if self.stats.pauses_ms.len() >= PAUSE_WINDOW {
             self.stats.pauses_ms.remove(0);
         }
-        if !cap.full {
-            self.stats.pauses_ms.push(pause_ms);
-            if let Some(m) = &self.metrics {
-                m.observe_pause(cap.pause);
-            }
-            if self.stats.save_steps_ms.len() >= PAUSE_WINDOW {
-                self.stats.save_steps_ms.remove(0);
-            }
-            self.stats
-                .save_steps_ms
-                .push(cap.save_step.as_secs_f64() * 1e3);
-            for (phase, d) in &cap.phases {
-                let i = match self.stats.phases_ms.iter().position(|p| p.0 == *phase) {
-                    Some(i) => i,
-                    None => {
-                        self.stats.phases_ms.push((phase, Vec::new()));
-                        self.stats.phases_ms.len() - 1
-                    }
-                };
-                let v = &mut self.stats.phases_ms[i].1;
-                if v.len() >= PAUSE_WINDOW {
-                    v.remove(0);
+        self.stats.pauses_ms.push(pause_ms);
+        if let Some(m) = &self.metrics {
+            m.observe_pause(cap.pause);
+        }
+        for (phase, d) in &cap.phases {
+            let i = match self.stats.phases_ms.iter().position(|p| p.0 == *phase) {
+                Some(i) => i,
+                None => {
+                    self.stats.phases_ms.push((phase, Vec::new()));
+                    self.stats.phases_ms.len() - 1
                 }
-                v.push(d.as_secs_f64() * 1e3);
+            };
+            let v = &mut self.stats.phases_ms[i].1;
+            if v.len() >= PAUSE_WINDOW {
+                v.remove(0);
             }
+            v.push(d.as_secs_f64() * 1e3);
         }
-        if cap.full {
-            self.stats.full_sync_bytes += bytes;
-        } else {
-            self.stats.mem_bytes += bytes;
+        if self.stats.save_steps_ms.len() >= PAUSE_WINDOW {
+            self.stats.save_steps_ms.remove(0);
         }
+        self.stats
+            .save_steps_ms
+            .push(cap.save_step.as_secs_f64() * 1e3);
+        self.stats.mem_bytes += bytes;
         // Frames of this epoch (taken by the capture while the guest was stunned: nothing of a
         // later epoch is among them), after any taken for a release that did not happen.
         let mut frames = std::mem::take(&mut self.drained_frames);
         frames.append(&mut cap.frames);
         self.in_flight = Some(InFlight {
             epoch: cap.epoch,
+            pages: bytes / 4096,
             records: cap.records.clone(),
             frames,
             captured: Instant::now(),
@@ -984,6 +1323,13 @@ impl Protector {
             sync: self.sync_phase(),
             last_sync: self.last_sync.clone(),
             reprotections: Some(s.reprotections),
+            migration: self.migration.as_ref().map(|m| MigrationStatus {
+                to: m.to.clone(),
+                phase: m.phase.into(),
+                converging_epochs: m.converge.epochs(),
+                throttle: m.last.map_or(0.0, |a| a.throttle),
+                elapsed_ms: m.started.elapsed().as_secs_f64() * 1e3,
+            }),
         }
     }
 
@@ -1045,5 +1391,26 @@ impl vmx::Replication for Protector {
     }
     fn status(&self) -> Option<Value> {
         Some(Protector::status(self))
+    }
+    fn request(&mut self, req: Request, reply: Sender<Value>, vmx: &mut Vmx) -> Result<()> {
+        match req {
+            Request::Migrate {
+                addr,
+                max_downtime_ms,
+            } => {
+                let budget =
+                    max_downtime_ms.map_or(migrate::DEFAULT_MAX_DOWNTIME, Duration::from_millis);
+                self.migrate(addr, budget, reply, vmx)
+            }
+            other => {
+                let _ = reply.send(CtlAnswer::refused(format!(
+                    "{other:?} is not for the replication layer"
+                )));
+                Ok(())
+            }
+        }
+    }
+    fn moved(&self) -> Option<vmx::Moved> {
+        self.moved.clone()
     }
 }

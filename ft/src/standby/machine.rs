@@ -26,13 +26,14 @@
 //!             │ Protecting {committed,   │ ─┘   ─▶ Commit ─▶ Committed ─▶ Ack
 //!             │   shape, gen}            │
 //!             └──┬──────────────┬────────┘
-//!   Goodbye, End │              │ Lost / Silence
+//!   Goodbye, End │              │ Lost / Silence, or Switch at the committed epoch
 //!   (any live    │              ├──── no arbiter ───────────────┐
 //!    state)      │              ▼                               ▼
 //!                │   ┌────────────────────┐  Claimed won  ┌──────────────────────────┐
-//!                │   │ Claiming {gen+1}   │ ────────────▶ │ Done(TookOver): activate │
-//!                │   └─────────┬──────────┘               │ the replica, run on      │
-//!                │             │ Claimed lost             └──────────────────────────┘
+//!                │   │ Claiming {gen+1,   │ ────────────▶ │ Done(TookOver): activate │
+//!                │   │   switch}          │  (switch:     │ the replica, run on      │
+//!                │   └─────────┬──────────┘   Confirm)    └──────────────────────────┘
+//!                │             │ Claimed lost (switch: Nack)
 //!                ▼             ▼
 //!      ┌─────────────────┐  ┌─────────────────┐
 //!      │ Done(Finished)  │  │ Done(StoodDown) │     Done: every event is ignored
@@ -73,7 +74,11 @@
 //! | Awaiting/Syncing   | Lost, Silence                   | Fail → Done(Failed)                              |
 //! | Protecting         | Lost, Silence                   | Claim{gen+1} → Claiming, or (no arbiter)         |
 //! |                    |                                 | TakeOver → Done(TookOver)                        |
+//! | Protecting         | Switch at the committed epoch,  | Claim{gen+1} → Claiming(switch), or (no arbiter) |
+//! |                    | nothing open                    | Confirm, TakeOver → Done(TookOver)               |
+//! | any live           | Switch otherwise                | Nack `OutOfOrder` (the primary keeps the VM)     |
 //! | Claiming           | Claimed won / lost              | TakeOver → Done(TookOver) / StandDown → Done     |
+//! | Claiming(switch)   | Claimed won / lost              | Confirm, TakeOver / Nack `Stale`, StandDown      |
 //! | Claiming, Done     | anything else                   | nothing                                          |
 
 use std::time::Duration;
@@ -148,14 +153,17 @@ pub enum State {
         /// The sync.
         sync: Sync,
     },
-    /// The primary was declared dead; waiting for the arbiter's answer on `generation`.
+    /// The primary was declared dead, or handed the VM over (a planned migration's switch);
+    /// waiting for the arbiter's answer on `generation`.
     Claiming {
         /// The generation claimed (committed generation + 1).
         generation: u64,
         /// The committed epoch to resume from.
         from: Fence,
-        /// Why the primary was declared dead.
+        /// Why the primary was declared dead (or that it switched).
         reason: String,
+        /// The primary asked for it (`Switch`) and waits for the answer on the link.
+        switch: bool,
     },
     /// Out of the protocol.
     Done(Ending),
@@ -255,6 +263,9 @@ pub enum Event {
 pub enum Action {
     /// Send `Ack{fence}`.
     Ack(Fence),
+    /// Send `Ack{fence}` confirming a switch: `fence` is the new generation (the committed
+    /// one + 1) and the committed epoch; the link is still open for it.
+    Confirm(Fence),
     /// Send `Nack{fence, code, message}`.
     Nack {
         /// What is refused.
@@ -431,6 +442,7 @@ impl Machine {
             sync: None,
             last_sync: None,
             reprotections: None,
+            migration: None,
         }
     }
 
@@ -625,6 +637,7 @@ impl Machine {
                 }
             }
             Message::Goodbye => self.finish(out),
+            Message::Switch { fence } => self.switch(fence, out),
             other => log::warn!("unexpected {other:?} from the primary: ignored"),
         }
     }
@@ -877,17 +890,65 @@ impl Machine {
             ))));
             return;
         };
+        self.claim(committed, reason, false, out);
+    }
+
+    /// Claims the next generation (or, without an arbiter, takes over at once).
+    fn claim(&mut self, committed: Fence, reason: String, switch: bool, out: &mut Vec<Action>) {
         let generation = committed.generation.0 + 1;
         if self.arbiter.is_some() {
             self.state = State::Claiming {
                 generation,
                 from: committed,
                 reason,
+                switch,
             };
             out.push(Action::Claim { generation });
         } else {
+            if switch {
+                out.push(Action::Confirm(switched(committed)));
+            }
             self.take_over(generation, committed, reason, out);
         }
+    }
+
+    /// The primary hands the VM over (a planned migration): it stopped its guest at `fence`,
+    /// which must be the epoch committed here, with nothing else under way.
+    fn switch(&mut self, fence: Fence, out: &mut Vec<Action>) {
+        let committed = match &self.state {
+            State::Protecting { committed, .. } => Some(*committed),
+            _ => None,
+        };
+        let refuse = match committed {
+            None => Some("a switch before the first full sync committed".to_string()),
+            Some(c) if c != fence => Some(format!(
+                "a switch at epoch {} of generation {}, but this standby committed epoch {} of \
+                 generation {}",
+                fence.epoch.0, fence.generation.0, c.epoch.0, c.generation.0
+            )),
+            Some(_) if !matches!(self.rx, Receiving::Idle) => {
+                Some("a switch in the middle of an epoch or round".to_string())
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = refuse {
+            nack(out, fence, NackCode::OutOfOrder, why);
+            return;
+        }
+        log::warn!(
+            "SWITCH: the primary handed the VM over at epoch {} (planned migration)",
+            fence.epoch.0
+        );
+        let reason = format!(
+            "planned switch: the primary stopped at epoch {} and handed the VM over",
+            fence.epoch.0
+        );
+        self.claim(fence, reason, true, out);
+    }
+
+    /// Whether a switch waits for the arbiter (the link stays open for its answer).
+    pub fn switching(&self) -> bool {
+        matches!(self.state, State::Claiming { switch: true, .. })
     }
 
     fn claimed(&mut self, generation: u64, won: bool, out: &mut Vec<Action>) {
@@ -904,7 +965,7 @@ impl Machine {
             log::warn!("the arbiter answered for generation {generation}, not {g}: ignored");
             return;
         }
-        let State::Claiming { reason, .. } =
+        let State::Claiming { reason, switch, .. } =
             std::mem::replace(&mut self.state, State::Done(Ending::StoodDown))
         else {
             unreachable!()
@@ -916,10 +977,16 @@ impl Machine {
                  the primary is alive; standing down"
             );
             log::warn!("{why}");
+            if switch {
+                nack(out, from, NackCode::Stale, why.clone());
+            }
             out.push(Action::StandDown { reason: why });
             return;
         }
         log::info!("won generation {generation} at the {arbiter}");
+        if switch {
+            out.push(Action::Confirm(switched(from)));
+        }
         self.take_over(generation, from, reason, out);
     }
 
@@ -935,6 +1002,14 @@ impl Machine {
             from,
             reason,
         });
+    }
+}
+
+/// The fence a switch's confirmation carries: the new generation, the committed epoch.
+fn switched(committed: Fence) -> Fence {
+    Fence {
+        generation: transport::Generation(committed.generation.0 + 1),
+        epoch: committed.epoch,
     }
 }
 

@@ -129,6 +129,15 @@ impl StandbyOutcome {
                         suspended: path.clone(),
                         report: None,
                     },
+                    Outcome::Moved {
+                        to,
+                        generation,
+                        report,
+                    } => vmx::RunEnd::Moved {
+                        moved_to: to.clone(),
+                        generation: *generation,
+                        report: Some(report.clone()),
+                    },
                 }),
                 ..EndReport::standby(true)
             },
@@ -277,16 +286,29 @@ impl Standby {
                         | Action::Claim { .. }
                         | Action::StandDown { .. }
                         | Action::TakeOver { .. }
-                ) && ended.is_none()
-                {
-                    // Out of the protocol: the primary is done with, whatever comes next.
-                    let _ = tx.get_ref().shutdown(std::net::Shutdown::Both);
-                    ended = Some((m.status(), last_frame.elapsed(), Instant::now()));
+                ) {
+                    // Out of the protocol: the primary is done with, whatever comes next (a
+                    // switching primary still hears the claim's outcome).
+                    if !(matches!(action, Action::Claim { .. }) && m.switching()) {
+                        let _ = tx.get_ref().shutdown(std::net::Shutdown::Both);
+                    }
+                    if ended.is_none() {
+                        ended = Some((m.status(), last_frame.elapsed(), Instant::now()));
+                    }
                 }
                 match action {
                     Action::Ack(fence) => {
                         if let Err(e) = tx.send(&Message::Ack { fence }) {
                             log::warn!("cannot acknowledge epoch {}: {e}", fence.epoch.0);
+                        }
+                    }
+                    Action::Confirm(fence) => {
+                        if let Err(e) = tx.send(&Message::Ack { fence }) {
+                            log::warn!(
+                                "cannot confirm the switch to the primary ({e}); taking over \
+                                 anyway: the arbiter granted generation {}",
+                                fence.generation.0
+                            );
                         }
                     }
                     Action::Nack {
@@ -482,6 +504,7 @@ impl Standby {
         };
         let mut ft = Protector::new(generation, self.cfg.interval, sink);
         ft.sink_key = self.cfg.sink_key.clone();
+        ft.psk = self.cfg.psk.clone();
         if let Some(metrics) = &self.cfg.metrics {
             ft.set_metrics(metrics);
         }

@@ -684,6 +684,72 @@ fn protecting_pre_copy_after_the_image_was_spent_breaks_the_sync() {
     );
 }
 
+#[test]
+fn protecting_switch_at_the_committed_epoch_claims_confirms_and_takes_over() {
+    let mut h = protecting();
+    let switch = msg(Message::Switch { fence: fence(1, 1) });
+    assert_eq!(
+        run(&mut h, vec![switch]),
+        ["claim 2", "confirm switch 1 as 2", "take over 2"]
+    );
+    assert!(matches!(
+        h.machine.state(),
+        State::Done(Ending::TookOver { generation: 2 })
+    ));
+    // Without an arbiter the confirmation comes at once.
+    let mut h = Harness::new(None);
+    run(&mut h, vec![full_sync(fence(5, 1), 1, 1)]);
+    run(&mut h, epoch_ops(fence(5, 1), &page(1), 1, None));
+    assert_eq!(
+        run(&mut h, vec![msg(Message::Switch { fence: fence(5, 1) })]),
+        ["confirm switch 1 as 6", "take over 6"]
+    );
+}
+
+#[test]
+fn protecting_switch_whose_claim_is_lost_is_refused_and_stands_down() {
+    let mut h = protecting();
+    run(
+        &mut h,
+        vec![Op::Settings {
+            lose_claims: true,
+            fail_builds: false,
+        }],
+    );
+    assert_eq!(
+        run(&mut h, vec![msg(Message::Switch { fence: fence(1, 1) })]),
+        ["claim 2", "nack 1 Stale", "stand down"]
+    );
+}
+
+#[test]
+fn a_switch_elsewhere_than_the_committed_epoch_is_refused_and_changes_nothing() {
+    // Before any commit, at another epoch, inside an epoch being received.
+    let mut h = syncing();
+    assert_eq!(
+        nack_reason(&mut h, vec![msg(Message::Switch { fence: fence(1, 1) })]).0,
+        NackCode::OutOfOrder
+    );
+    let mut h = protecting();
+    let (code, why) = nack_reason(&mut h, vec![msg(Message::Switch { fence: fence(1, 2) })]);
+    assert_eq!(code, NackCode::OutOfOrder);
+    assert!(why.contains("committed epoch 1"), "{why}");
+    let mut h = protecting();
+    run(
+        &mut h,
+        vec![msg(Message::EpochBegin {
+            fence: fence(1, 2),
+            pages: 1,
+        })],
+    );
+    assert_eq!(
+        nack_reason(&mut h, vec![msg(Message::Switch { fence: fence(1, 1) })]).0,
+        NackCode::OutOfOrder
+    );
+    assert!(matches!(h.machine.state(), State::Protecting { .. }));
+    assert_eq!(h.machine.committed(), Some(fence(1, 1)));
+}
+
 // ---- Claiming, Done ----
 
 #[test]
@@ -900,6 +966,7 @@ fn end_reports_keep_their_layouts_and_read_back() {
                     assert!(back.run_report().is_none());
                     assert_eq!(v["report"], serde_json::json!({"suspended": "/tmp/s"}));
                 }
+                vmx::Outcome::Moved { .. } => unreachable!("no such case here"),
             }
         }
     }
