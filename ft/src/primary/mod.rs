@@ -1111,8 +1111,13 @@ impl Protector {
                     .map_or((0, 0.0), |r| (r.rounds.len(), r.ms));
                 log::info!(
                     "pre-copy done in {rounds} rounds ({ms:.0} ms); completing epoch {epoch}: \
-                     {pages} pages dirtied during the last round, stunned {:.2} ms",
-                    cap.pause.as_secs_f64() * 1e3
+                     {pages} pages dirtied during the last round, stunned {:.2} ms ({})",
+                    cap.pause.as_secs_f64() * 1e3,
+                    cap.phases
+                        .iter()
+                        .map(|(p, d)| format!("{p} {:.2}", d.as_secs_f64() * 1e3))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 if let Some(rs) = &mut self.resync {
                     rs.completing_pages = pages;
