@@ -757,6 +757,7 @@ mod tests {
                 generation: 3,
                 from_epoch: 17,
                 inherited_released: 0,
+                ..Default::default()
             }),
         });
         m.set_source(

@@ -190,7 +190,7 @@ pub struct Notes {
 }
 
 /// What a failover took.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FailoverReport {
     /// Why the primary was declared dead.
     pub reason: String,
@@ -206,6 +206,15 @@ pub struct FailoverReport {
     pub from_epoch: u64,
     /// Output records inherited from the retained epochs and released.
     pub inherited_released: u64,
+    /// Of the activation: the claim of the generation at the arbiter, ms.
+    #[serde(default)]
+    pub claim_ms: f64,
+    /// Of the activation: connecting to the sink as the new generation, ms.
+    #[serde(default)]
+    pub sink_ms: f64,
+    /// Of the activation: restoring the committed vCPU and device state (the guest runs), ms.
+    #[serde(default)]
+    pub restore_ms: f64,
 }
 
 /// What a `tandem primary --json` or `tandem standby` process prints when it ends (the
@@ -581,6 +590,7 @@ mod tests {
                 generation: 2,
                 from_epoch: 9,
                 inherited_released: 0,
+                ..Default::default()
             }),
         });
         let v = serde_json::to_value(&ft).unwrap();

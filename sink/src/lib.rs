@@ -503,6 +503,32 @@ pub struct SinkClient {
     pub released: u64,
 }
 
+/// A connection to the sink that is authenticated and has not said hello yet: a standby
+/// keeps one ready, so that taking over costs one round trip to the sink, not a handshake.
+/// The sink waits for its hello as long as it takes.
+pub struct Authenticated {
+    stream: Channel<TcpStream>,
+    addr: String,
+}
+
+impl Authenticated {
+    /// Says hello as `generation` (see [`SinkClient::connect`]).
+    pub fn hello(self, generation: u64, vcpus: u32) -> Result<SinkClient> {
+        let Authenticated { mut stream, addr } = self;
+        let err = |e: std::io::Error| Error::Unreachable(format!("{addr}: {e}"));
+        write_frame(&mut stream, &SinkMsg::Hello { generation, vcpus }).map_err(err)?;
+        match read_frame::<SinkReply>(&mut stream).map_err(err)? {
+            SinkReply::Welcome { cursor } => Ok(SinkClient {
+                stream,
+                generation,
+                cursor,
+                released: 0,
+            }),
+            SinkReply::Refused { reason } => Err(Error::Refused { generation, reason }),
+        }
+    }
+}
+
 impl SinkClient {
     /// Connects (retrying for up to `patience`), authenticates with `key` (None: plaintext,
     /// testing only) and says hello as `generation`.
@@ -513,11 +539,20 @@ impl SinkClient {
         vcpus: u32,
         patience: Duration,
     ) -> Result<Self> {
-        let err = |e: std::io::Error| Error::Unreachable(format!("{addr}: {e}"));
+        SinkClient::authenticate(addr, key, patience)?.hello(generation, vcpus)
+    }
+
+    /// Connects (retrying for up to `patience`) and authenticates with `key`, without a
+    /// hello yet.
+    pub fn authenticate(
+        addr: &str,
+        key: Option<&Psk>,
+        patience: Duration,
+    ) -> Result<Authenticated> {
         let start = std::time::Instant::now();
         // Connect and authenticate, again and again for `patience` (the sink may not be up
         // yet, or may be shedding a flood of idle connections).
-        let mut stream = loop {
+        let stream = loop {
             let attempt = TcpStream::connect(addr)
                 .and_then(|s| {
                     s.set_nodelay(true)?;
@@ -538,16 +573,10 @@ impl SinkClient {
                 Err(e) => return Err(Error::Unreachable(format!("{addr}: {e}"))),
             }
         };
-        write_frame(&mut stream, &SinkMsg::Hello { generation, vcpus }).map_err(err)?;
-        match read_frame::<SinkReply>(&mut stream).map_err(err)? {
-            SinkReply::Welcome { cursor } => Ok(SinkClient {
-                stream,
-                generation,
-                cursor,
-                released: 0,
-            }),
-            SinkReply::Refused { reason } => Err(Error::Refused { generation, reason }),
-        }
+        Ok(Authenticated {
+            stream,
+            addr: addr.to_string(),
+        })
     }
 
     /// Sends records of vCPU `vcpu`.

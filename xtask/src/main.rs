@@ -4,6 +4,8 @@
 //! * `cargo xtask bench guest` — `counter` in a 1-vCPU guest against the same loop on the host
 //! * `cargo xtask bench ft`    — the fault-tolerant pair: slowdown, pauses, failover
 //! * `cargo xtask bench io`    — virtio-blk and virtio-net against the host doing the same I/O
+//! * `cargo xtask bench first-sync` — what a 1 GiB guest sees when protection starts
+//! * `cargo xtask bench migrate` — planned migration: downtime and total time per hot set
 //! * `cargo xtask bench`       — all of them
 //! * `cargo xtask run-pair`    — a protected pair with a live status line and a verdict
 //! * `cargo xtask modgraph`    — every crate's module import graph; fails on a cycle
@@ -22,6 +24,7 @@ use monitor::{ModuleTable, Vm, VmConfig};
 
 mod bench_io;
 mod bench_kv;
+mod bench_migrate;
 mod bench_stall;
 mod fuzz;
 mod modgraph;
@@ -97,6 +100,8 @@ enum Bench {
     Stall,
     /// What a 1 GiB guest sees when `tandem primary` starts protecting it.
     FirstSync,
+    /// Planned migration of a 1 GiB guest with 1, 16 and 64 MiB hot sets: downtime, total.
+    Migrate,
     /// The kv guest under redis-benchmark, unprotected and protected, against a host
     /// redis-server; the client-visible outage per failover (needs root and redis-tools).
     Kv,
@@ -431,6 +436,9 @@ fn main() {
             }
             if all || which == Some(Bench::FirstSync) {
                 r = r.and_then(|_| bench_stall::bench_first_sync(&mut out));
+            }
+            if all || which == Some(Bench::Migrate) {
+                r = r.and_then(|_| bench_migrate::bench(&mut out));
             }
             if all || which == Some(Bench::Kv) {
                 r = r.and_then(|_| bench_kv::bench(&mut out));

@@ -177,6 +177,11 @@ pub struct Standby {
     listener: Option<TcpListener>,
     join: Option<String>,
     cfg: StandbyConfig,
+    /// How long the last claim at the arbiter took.
+    claim_took: Duration,
+    /// A connection to the sink, authenticated in advance (once something is committed), for
+    /// a takeover to say hello on.
+    sink_ready: Option<Receiver<::sink::Result<::sink::Authenticated>>>,
 }
 
 impl Standby {
@@ -190,6 +195,8 @@ impl Standby {
             listener: Some(listener),
             join: None,
             cfg,
+            claim_took: Duration::ZERO,
+            sink_ready: None,
         })
     }
 
@@ -207,6 +214,8 @@ impl Standby {
             listener,
             join: Some(primary.to_string()),
             cfg,
+            claim_took: Duration::ZERO,
+            sink_ready: None,
         })
     }
 
@@ -234,7 +243,7 @@ impl Standby {
     }
 
     /// Waits for a primary, replicates it, and takes over if it dies.
-    pub fn run(self) -> Result<StandbyOutcome> {
+    pub fn run(mut self) -> Result<StandbyOutcome> {
         let chan = self.connect()?;
         let (mut tx, rx) = chan.split()?;
         // Liveness counts bytes, not whole frames: on a slow link one large frame of pages
@@ -331,6 +340,7 @@ impl Standby {
                         let (event, err) = self.commit(&mut vmx, &mut replica, staged, base, shape);
                         if let (true, Some(r)) = (first, &replica) {
                             m.set_xor_base(r.xor_base());
+                            self.prepare_sink();
                         }
                         fatal = fatal.or(err);
                         actions.extend(m.on(event));
@@ -346,7 +356,9 @@ impl Standby {
                     Action::Claim { generation } => {
                         let arb = self.cfg.arbiter.as_ref().expect("a claim needs an arbiter");
                         let who = format!("standby pid {}", std::process::id());
+                        let t = Instant::now();
                         let won = arb.claim(generation, &who)?;
+                        self.claim_took = t.elapsed();
                         actions.extend(m.on(Event::Claimed { generation, won }));
                     }
                     Action::StandDown { reason } => {
@@ -477,6 +489,56 @@ impl Standby {
         }
     }
 
+    /// Authenticates to the sink on a thread of its own, so that a takeover only says hello.
+    fn prepare_sink(&mut self) {
+        let Some(addr) = self.cfg.sink.clone() else {
+            return;
+        };
+        let key = self.cfg.sink_key.clone();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let started = std::thread::Builder::new()
+            .name("sink-ready".into())
+            .spawn(move || {
+                let _ = tx.send(SinkClient::authenticate(
+                    &addr,
+                    key.as_ref(),
+                    Duration::from_secs(5),
+                ));
+            });
+        if started.is_ok() {
+            self.sink_ready = Some(rx);
+        }
+    }
+
+    /// The sink as `generation`: on the connection authenticated in advance if it is there and
+    /// still works, else on a new one.
+    fn sink_for(&mut self, generation: u64, vcpus: u32) -> Result<Option<SinkClient>> {
+        let Some(addr) = self.cfg.sink.clone() else {
+            return Ok(None);
+        };
+        let ready = self
+            .sink_ready
+            .take()
+            .and_then(|rx| rx.try_recv().ok())
+            .and_then(|r| r.ok());
+        if let Some(c) = ready {
+            match c.hello(generation, vcpus) {
+                Ok(c) => return Ok(Some(c)),
+                Err(e @ ::sink::Error::Refused { .. }) => return Err(e.into()),
+                Err(e) => {
+                    log::info!("the sink connection made in advance is gone ({e}); reconnecting")
+                }
+            }
+        }
+        Ok(Some(SinkClient::connect(
+            &addr,
+            self.cfg.sink_key.as_ref(),
+            generation,
+            vcpus,
+            Duration::from_secs(5),
+        )?))
+    }
+
     /// Carries out [`Action::TakeOver`]: activates the committed image as the primary of
     /// `generation` and runs it.
     #[allow(clippy::too_many_arguments)]
@@ -492,16 +554,9 @@ impl Standby {
         inputs: Vec<(u32, Vec<u8>)>,
     ) -> Result<StandbyOutcome> {
         let vcpus = vmx.vm().vcpu_count();
-        let sink = match &self.cfg.sink {
-            Some(a) => Some(SinkClient::connect(
-                a,
-                self.cfg.sink_key.as_ref(),
-                generation,
-                vcpus,
-                Duration::from_secs(5),
-            )?),
-            None => None,
-        };
+        let t_sink = Instant::now();
+        let sink = self.sink_for(generation, vcpus)?;
+        let sink_took = t_sink.elapsed();
         let mut ft = Protector::new(generation, self.cfg.interval, sink);
         ft.sink_key = self.cfg.sink_key.clone();
         ft.psk = self.cfg.psk.clone();
@@ -519,7 +574,9 @@ impl Standby {
         let inherited = replica.inherited_output(vcpus);
         let before = ft.stats.released;
         ft.release_inherited(&mut vmx, inherited)?;
+        let t_restore = Instant::now();
         vmx.activate(replica.state.clone())?;
+        let restore_took = t_restore.elapsed();
         let cards = vmx.announce();
         if cards > 0 {
             log::info!("announced {cards} network card(s) from this host (RARP)");
@@ -541,11 +598,18 @@ impl Standby {
             generation,
             from_epoch: replica.fence.epoch.0,
             inherited_released: ft.stats.released - before,
+            claim_ms: self.claim_took.as_secs_f64() * 1e3,
+            sink_ms: sink_took.as_secs_f64() * 1e3,
+            restore_ms: restore_took.as_secs_f64() * 1e3,
         };
         log::warn!(
             "role: primary (generation {generation}, UNPROTECTED): guest running again \
-             {:.1} ms after the primary was declared dead",
-            failover.activation_ms
+             {:.1} ms after the primary was declared dead (claim {:.1} ms, sink {:.1} ms, \
+             restore {:.1} ms)",
+            failover.activation_ms,
+            failover.claim_ms,
+            failover.sink_ms,
+            failover.restore_ms
         );
         ft.notes = Some(Notes {
             failover: Some(failover.clone()),

@@ -891,6 +891,7 @@ fn end_reports_keep_their_layouts_and_read_back() {
         generation: 2,
         from_epoch: 1,
         inherited_released: 7,
+        ..Default::default()
     };
     let cases = [
         (
