@@ -209,7 +209,8 @@ pub struct FailoverReport {
     /// Of the activation: the claim of the generation at the arbiter, ms.
     #[serde(default)]
     pub claim_ms: f64,
-    /// Of the activation: connecting to the sink as the new generation, ms.
+    /// After the guest runs again: connecting to the sink as the new generation, ms (output
+    /// waits for it).
     #[serde(default)]
     pub sink_ms: f64,
     /// Of the activation: restoring the committed vCPU and device state (the guest runs), ms.

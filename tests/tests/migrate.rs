@@ -269,6 +269,7 @@ fn a_protected_primary_switches_over_to_its_standby_or_moves_to_another() {
     pair.start_primary().expect("primary");
     pair.wait_protected(Duration::from_secs(30))
         .unwrap_or_else(|| panic!("never protected\n{}", dump(&pair)));
+    wait_output(&pair);
     let to = pair.standby_addr.clone();
     let done = pair
         .migrate(&to, 5)
@@ -288,6 +289,7 @@ fn a_protected_primary_switches_over_to_its_standby_or_moves_to_another() {
     pair.start_primary().expect("primary");
     pair.wait_protected(Duration::from_secs(30))
         .unwrap_or_else(|| panic!("never protected\n{}", dump(&pair)));
+    wait_output(&pair);
     let to = pair.new_receiver().expect("receiver");
     let done = pair
         .migrate(&to, 5)

@@ -265,6 +265,12 @@ impl Protector {
         self.metrics = Some(metrics.clone());
     }
 
+    /// Releases to `sink` from now on (a standby that took over connects to it after its
+    /// guest runs again: output is held until then).
+    pub fn set_sink(&mut self, sink: Option<SinkClient>) {
+        self.sink = sink;
+    }
+
     /// Arbitrates role changes with `arbiter`; `sink_addr` is where to reconnect as a new
     /// generation.
     pub fn with_arbiter(mut self, arbiter: Arc<dyn Arbiter>, sink_addr: Option<String>) -> Self {
