@@ -18,6 +18,9 @@
 //!                            "counters": PrimaryCounters | StandbyCounters,
 //!                            "notes": {"failover": FailoverReport} | null, …}
 //!  primary --json, at end   {"role":"primary","report": RunReport,"ft": FtStatus}
+//!                           {"role":"primary","report": {"moved_to": ADDR,"generation": N,
+//!                            "report": RunReport},"ft": FtStatus}   (moved by a migration)
+//!  ctl migrate, moved       MigrationDone {"ok":true,"to":ADDR,"generation":N,"downtime_ms":…}
 //!  standby, at end          {"role":"standby","took_over":false,"commits":N,"stats": FtStatus}
 //!                           {"role":"standby","took_over":false,"stood_down":"…","stats":…}
 //!                           {"role":"standby","took_over":true,"failover": FailoverReport,

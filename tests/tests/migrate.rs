@@ -216,10 +216,20 @@ fn a_migration_whose_receiver_dies_leaves_the_vm_running_here_with_an_exact_stre
         ("converging", "converging", 0),
     ] {
         let d = dir(case);
-        let iters = "8M";
+        let iters = "40M";
         let mut pair = Pair::start_sink(config(&d, iters, 1024)).expect("sink");
         pair.start_primary_alone().expect("primary");
         wait_output(&pair);
+        if case == "precopy" {
+            // Nobody at the address: refused at once, with the reason.
+            let err = pair
+                .migrate("127.0.0.1:1", 5)
+                .expect_err("nobody listens there");
+            assert!(
+                err.contains("cannot reach") && err.contains("runs on here"),
+                "{err}"
+            );
+        }
         let to = pair.new_receiver().expect("receiver");
         let ctl = migrate_in_background(&pair, &to, budget);
         wait_phase(&pair, phase);

@@ -148,6 +148,8 @@ struct InFlight {
     epoch: u64,
     /// Its pages.
     pages: u64,
+    /// What kind of epoch it is.
+    kind: CaptureKind,
     records: Vec<Vec<Record>>,
     /// Frames the guest's cards sent during the epoch (output commit): (window, frames).
     frames: Vec<(u32, HeldFrames)>,
@@ -206,8 +208,8 @@ pub struct Protector {
     /// The standby's address, while one protects the VM.
     standby_addr: Option<String>,
     migration: Option<Migration>,
-    /// (pages, capture → acknowledgement) of the epoch released last.
-    last_acked: Option<(u64, Duration)>,
+    /// (pages, capture → acknowledgement, kind) of the epoch released last.
+    last_acked: Option<(u64, Duration, CaptureKind)>,
     /// Where the VM went (a migration): the run ends.
     moved: Option<vmx::Moved>,
 }
@@ -635,6 +637,9 @@ impl Protector {
                 )?,
             }
         }
+        if self.machine.moved().is_none() {
+            self.end_migration(Err("the guest finished".into()));
+        }
         self.after_output(vmx)
     }
 
@@ -705,7 +710,7 @@ impl Protector {
                     return Ok(None);
                 };
                 if acked {
-                    self.last_acked = Some((f.pages, f.captured.elapsed()));
+                    self.last_acked = Some((f.pages, f.captured.elapsed(), f.kind));
                     self.stats.epochs += 1;
                     self.stats.lag = f.captured.elapsed();
                     if let Some(s) = self.ack_stats.take() {
@@ -980,9 +985,15 @@ impl Protector {
                 self.standby_addr = None;
             }
             Action::Assess { epoch } => {
-                let (pages, rtt) = self.last_acked.unwrap_or_default();
                 let Some(m) = &mut self.migration else {
                     return Ok(Some(Event::Assessed { last: true }));
+                };
+                // Only converging epochs teach the policy: the completing epoch (the receiver
+                // built its VM meanwhile) and an ordinary epoch (hot pages reported whether
+                // written or not) say nothing of the guest's pace or the link's.
+                let Some((pages, rtt, CaptureKind::Switch)) = self.last_acked else {
+                    m.phase = "converging";
+                    return Ok(Some(Event::Assessed { last: false }));
                 };
                 let a = m.converge.assess(pages, rtt);
                 m.last = Some(a);
@@ -1148,6 +1159,7 @@ impl Protector {
         self.in_flight = Some(InFlight {
             epoch: cap.epoch,
             pages: bytes / 4096,
+            kind,
             records: cap.records.clone(),
             frames,
             captured: Instant::now(),
