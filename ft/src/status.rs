@@ -431,6 +431,9 @@ pub struct LastSync {
     /// How long its capture stopped the guest, ms (the only stop of the sync).
     #[serde(default)]
     pub completing_pause_ms: f64,
+    /// Of that, waiting for the vCPUs to stop, ms.
+    #[serde(default)]
+    pub completing_stun_ms: f64,
     /// The pre-copy rounds.
     pub precopy: Option<PreCopySummary>,
     /// When the standby protected the VM, ms since the Unix epoch.

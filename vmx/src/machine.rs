@@ -149,6 +149,9 @@ pub struct Captured {
     pub pause: Duration,
     /// Of that, the monitor's SAVE step (dirty log, page copies, vCPU and module state).
     pub save_step: Duration,
+    /// Of that, waiting for every vCPU to stop (a vCPU thread that the host does not run at
+    /// that moment acknowledges late; the guest was not running meanwhile either).
+    pub stun: Duration,
 }
 
 /// How a run ended.
@@ -421,6 +424,7 @@ impl PowerOn {
             opts: self.opts.clone(),
             checkpoints: 0,
             last_save_step: Duration::ZERO,
+            last_stun: Duration::ZERO,
         });
         Ok(())
     }
@@ -569,6 +573,8 @@ pub struct Vmx {
     pub(crate) opts: Options,
     pub(crate) checkpoints: u64,
     pub(crate) last_save_step: Duration,
+    /// How long the last save waited for the vCPUs to stop (zero if they were stopped).
+    pub(crate) last_stun: Duration,
 }
 
 impl Vmx {
@@ -981,6 +987,7 @@ impl Vmx {
             frames,
             pause,
             save_step: self.last_save_step,
+            stun: self.last_stun,
         })
     }
 
@@ -1263,8 +1270,9 @@ impl<'a> SaveSession<'a> {
         // The monitor holds a stun already only when a started VM was paused; otherwise
         // (running, or powered on paused and never started) the save stuns it here.
         let stunned_here = !(vmx.started && vmx.paused);
+        vmx.last_stun = Duration::ZERO;
         if stunned_here {
-            vmx.monitor.stun()?;
+            vmx.last_stun = vmx.monitor.stun()?.latency;
             // A stunned guest cannot ping: the save is not guest silence.
             vmx.vmmdev.dev.suspend_timer();
         }

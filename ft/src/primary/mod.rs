@@ -141,6 +141,7 @@ struct Resync {
     report: Option<precopy::PreCopyReport>,
     completing_pages: u64,
     completing_pause_ms: f64,
+    completing_stun_ms: f64,
 }
 
 /// The records and capture time of the epoch in flight.
@@ -866,6 +867,7 @@ impl Protector {
                     report: None,
                     completing_pages: 0,
                     completing_pause_ms: 0.0,
+                    completing_stun_ms: 0.0,
                 });
                 let tx = self.aux_tx.clone();
                 let who = peer.clone();
@@ -963,6 +965,7 @@ impl Protector {
                     completing_epoch: epoch,
                     completing_pages: rs.as_ref().map_or(0, |r| r.completing_pages),
                     completing_pause_ms: pause,
+                    completing_stun_ms: rs.as_ref().map_or(0.0, |r| r.completing_stun_ms),
                     precopy: rs.as_ref().and_then(|r| r.report.as_ref()).map(Into::into),
                     protected_unix_ms: unix_ms(),
                 });
@@ -1121,6 +1124,7 @@ impl Protector {
                 if let Some(rs) = &mut self.resync {
                     rs.completing_pages = pages;
                     rs.completing_pause_ms = cap.pause.as_secs_f64() * 1e3;
+                    rs.completing_stun_ms = cap.stun.as_secs_f64() * 1e3;
                 }
                 self.stats.full_syncs += 1;
             }
