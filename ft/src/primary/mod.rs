@@ -1118,8 +1118,11 @@ impl Protector {
                     .map_or((0, 0.0), |r| (r.rounds.len(), r.ms));
                 log::info!(
                     "pre-copy done in {rounds} rounds ({ms:.0} ms); completing epoch {epoch}: \
-                     {pages} pages dirtied during the last round, stunned {:.2} ms",
-                    cap.pause.as_secs_f64() * 1e3
+                     {pages} pages dirtied during the last round, stunned {:.2} ms (stopping \
+                     the vCPUs {:.2} ms, the monitor's SAVE step {:.2} ms)",
+                    cap.pause.as_secs_f64() * 1e3,
+                    cap.stun.as_secs_f64() * 1e3,
+                    cap.save_step.as_secs_f64() * 1e3
                 );
                 if let Some(rs) = &mut self.resync {
                     rs.completing_pages = pages;
