@@ -311,6 +311,21 @@ impl Standby {
                             log::warn!("cannot acknowledge epoch {}: {e}", fence.epoch.0);
                         }
                     }
+                    Action::RoundDone {
+                        fence,
+                        round,
+                        ranges,
+                        digest,
+                    } => {
+                        if let Err(e) = tx.send(&Message::PreCopyEnd {
+                            fence,
+                            round,
+                            ranges,
+                            digest,
+                        }) {
+                            log::warn!("cannot answer pre-copy round {round}: {e}");
+                        }
+                    }
                     Action::Confirm(fence) => {
                         if let Err(e) = tx.send(&Message::Ack { fence }) {
                             log::warn!(
