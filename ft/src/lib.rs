@@ -27,6 +27,11 @@
 //!   [`Protector::accept_joins`], or one found by [`Protector::redial`]) and syncs it by
 //!   [`precopy`] while the guest runs; the first epoch after the rounds completes the sync, and
 //!   it is the guest's only stop.
+//! * Planned migration ([`migrate`], `tandem ctl SOCK migrate ADDR`): the receiver is synced
+//!   like a new standby (or is the standby already: a switchover), epochs converge with the
+//!   guest throttled, the last one is taken with the guest frozen, and the receiver takes
+//!   over as the next generation through the arbiter; the primary's run ends
+//!   (`vmx::Outcome::Moved`).
 //! * [`arbiter`] decides role changes (no split brain). The `testkit` crate runs whole pairs of
 //!   processes for tests, `cargo xtask run-pair`, `soak` and the benchmarks.
 #![forbid(unsafe_code)]

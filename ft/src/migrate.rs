@@ -168,6 +168,7 @@ impl Throttle {
                 // Waits `d`; false when told to stop.
                 let wait =
                     |d: Duration| matches!(stopped.recv_timeout(d), Err(RecvTimeoutError::Timeout));
+                let mut warned = false;
                 loop {
                     let f = f64::from(p.load(Ordering::Relaxed)) / 1000.0;
                     if f <= 0.0 {
@@ -188,7 +189,9 @@ impl Throttle {
                         // Stopped by someone else already: this period is theirs.
                         Ok(None) => wait(on),
                         Err(e) => {
-                            log::warn!("throttle: cannot stun the guest: {e}");
+                            if !std::mem::replace(&mut warned, true) {
+                                log::warn!("throttle: cannot stun the guest: {e}");
+                            }
                             wait(on)
                         }
                     };

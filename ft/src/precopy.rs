@@ -9,6 +9,8 @@
 //!   │ dirty log → PreCopy{round 1, pages dirtied meanwhile} … ─▶ │   "
 //!   │   … until a round is small (≤ STOP_PAGES), stops        │
 //!   │     shrinking, or MAX_ROUNDS                             │
+//!   │ ◀────────────── PreCopyEnd{last round} (verified) ───── │ (each round's end is sent
+//!   │                                                         │  back once it is verified)
 //!   │ stun: epoch E = pages dirtied during the last round     │
 //!   │       + all state, output held from here on ───────────▶ │ verify, build the VM, base →
 //!   │                                                         │ memory, commit E (all or none)
@@ -36,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use monitor::{DirtyLog, DirtyPages};
 use serde::Serialize;
-use transport::{Channel, Fence, Message};
+use transport::{Channel, Fence, Message, Received};
 
 use super::link::{encode_parts, send_ranges};
 use checkpoint::digest::combine_hashes;
@@ -132,8 +134,40 @@ pub fn run(
         prev = n;
         dirty = log.take().map_err(|e| format!("dirty log: {e}"))?;
     }
+    let last = report.rounds.len() as u32 - 1;
+    await_round(tx, last)?;
     report.ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok(report)
+}
+
+/// How long the standby may take to verify the rounds sent (it hashes every page).
+pub const ROUND_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits until the standby verified round `last` (it sends each round's end back, or refuses
+/// it): the completing epoch is captured only then, not queued behind rounds still being
+/// verified (and, with both on one host, not while the standby's verification takes the CPUs).
+fn await_round(tx: &mut Channel<TcpStream>, last: u32) -> Result<(), String> {
+    let net = |e: transport::Error| format!("pre-copy: waiting for the standby: {e}");
+    tx.get_ref()
+        .set_read_timeout(Some(ROUND_PATIENCE))
+        .map_err(|e| net(transport::Error::Io(e)))?;
+    let r = loop {
+        match tx.recv() {
+            Ok(Received::Message(Message::PreCopyEnd { round, .. })) if round == last => {
+                break Ok(())
+            }
+            Ok(Received::Message(Message::PreCopyEnd { .. })) => {}
+            Ok(Received::Message(Message::Nack { message, .. })) => {
+                break Err(format!("the standby refused the pre-copy: {message}"))
+            }
+            Ok(other) => break Err(format!("pre-copy: unexpected {other:?} from the standby")),
+            Err(e) => break Err(net(e)),
+        }
+    };
+    tx.get_ref()
+        .set_read_timeout(None)
+        .map_err(|e| net(transport::Error::Io(e)))?;
+    r
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -18,6 +18,9 @@
 //!                            "counters": PrimaryCounters | StandbyCounters,
 //!                            "notes": {"failover": FailoverReport} | null, …}
 //!  primary --json, at end   {"role":"primary","report": RunReport,"ft": FtStatus}
+//!                           {"role":"primary","report": {"moved_to": ADDR,"generation": N,
+//!                            "report": RunReport},"ft": FtStatus}   (moved by a migration)
+//!  ctl migrate, moved       MigrationDone {"ok":true,"to":ADDR,"generation":N,"downtime_ms":…}
 //!  standby, at end          {"role":"standby","took_over":false,"commits":N,"stats": FtStatus}
 //!                           {"role":"standby","took_over":false,"stood_down":"…","stats":…}
 //!                           {"role":"standby","took_over":true,"failover": FailoverReport,
@@ -209,7 +212,8 @@ pub struct FailoverReport {
     /// Of the activation: the claim of the generation at the arbiter, ms.
     #[serde(default)]
     pub claim_ms: f64,
-    /// Of the activation: connecting to the sink as the new generation, ms.
+    /// After the guest runs again: connecting to the sink as the new generation, ms (output
+    /// waits for it).
     #[serde(default)]
     pub sink_ms: f64,
     /// Of the activation: restoring the committed vCPU and device state (the guest runs), ms.
@@ -440,6 +444,9 @@ pub struct LastSync {
     /// How long its capture stopped the guest, ms (the only stop of the sync).
     #[serde(default)]
     pub completing_pause_ms: f64,
+    /// Of that, waiting for the vCPUs to stop, ms.
+    #[serde(default)]
+    pub completing_stun_ms: f64,
     /// The pre-copy rounds.
     pub precopy: Option<PreCopySummary>,
     /// When the standby protected the VM, ms since the Unix epoch.

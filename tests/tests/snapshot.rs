@@ -769,8 +769,12 @@ fn sigkill_during_a_snapshot_leaves_the_old_or_the_new_one_whole() {
     request(&sock, &vmx::control::Request::Resume).unwrap();
     assert_eq!(total_digest(finish(child).as_bytes()), want);
 
-    // Kill a save B to the same path at a random moment, again and again.
-    let window_us = ((save_ms * 2.0 + 10.0) * 1e3) as u64;
+    // Kill a save B to the same path at a random moment, again and again. The calibration
+    // is one save (its first reads of the file may be slow, the later ones cached), so the
+    // window adapts until kills have fallen on both sides of the commit: halved while every
+    // kill left the new snapshot, grown while every kill left the old one.
+    let mut window_us = ((save_ms * 2.0 + 10.0) * 1e3) as u64;
+    let first_window_us = window_us;
     let (mut kept_old, mut got_new) = (0, 0);
     for i in 0..KILLS {
         let ctx = format!("seed {seed}, kill {i}");
@@ -814,6 +818,11 @@ fn sigkill_during_a_snapshot_leaves_the_old_or_the_new_one_whole() {
                 "{ctx}: the new state names an old file: {files:?} / {old_files:?}"
             );
         }
+        if kept_old == 0 {
+            window_us = (window_us / 2).max(1_000);
+        } else if got_new == 0 {
+            window_us += window_us / 2;
+        }
         for f in &files {
             assert!(d.join(f).exists(), "{ctx}: {f} is missing");
         }
@@ -828,8 +837,9 @@ fn sigkill_during_a_snapshot_leaves_the_old_or_the_new_one_whole() {
         assert_eq!(total_digest(&out.stdout), want, "{ctx}");
     }
     eprintln!(
-        "{KILLS} kills in a {:.1} ms window: {kept_old} left the old snapshot, {got_new} the \
-         new one; leftovers now: {:?}",
+        "{KILLS} kills in a window of {:.1} ms, ending at {:.1} ms: {kept_old} left the old \
+         snapshot, {got_new} the new one; leftovers now: {:?}",
+        first_window_us as f64 / 1e3,
         window_us as f64 / 1e3,
         files_beside(&d.0)
     );

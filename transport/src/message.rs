@@ -163,7 +163,9 @@ pub enum Message {
         /// Pages in the round.
         pages: u64,
     },
-    /// The pre-copy round is complete.
+    /// The pre-copy round is complete. The standby sends it back once it has verified the
+    /// round (or `Nack`s it): the primary captures the completing epoch only after the last
+    /// round's answer.
     PreCopyEnd {
         /// As in its `PreCopy`.
         fence: Fence,

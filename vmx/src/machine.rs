@@ -151,6 +151,9 @@ pub struct Captured {
     pub save_step: Duration,
     /// Where the pause went, in order: (phase, time) — see [`PAUSE_PHASES`].
     pub phases: Vec<(&'static str, Duration)>,
+    /// Of that, waiting for every vCPU to stop (a vCPU thread that the host does not run at
+    /// that moment acknowledges late; the guest was not running meanwhile either).
+    pub stun: Duration,
 }
 
 /// The phases of an epoch's pause, in order: stopping the vCPUs (`stun`), the checkpoint
@@ -440,6 +443,7 @@ impl PowerOn {
             opts: self.opts.clone(),
             checkpoints: 0,
             last_save_step: Duration::ZERO,
+            last_stun: Duration::ZERO,
         });
         Ok(())
     }
@@ -590,6 +594,8 @@ pub struct Vmx {
     pub(crate) opts: Options,
     pub(crate) checkpoints: u64,
     pub(crate) last_save_step: Duration,
+    /// How long the last save waited for the vCPUs to stop (zero if they were stopped).
+    pub(crate) last_stun: Duration,
 }
 
 impl Vmx {
@@ -1017,6 +1023,7 @@ impl Vmx {
             pause,
             save_step: self.last_save_step,
             phases,
+            stun: self.last_stun,
         })
     }
 
@@ -1313,8 +1320,9 @@ impl<'a> SaveSession<'a> {
         // The monitor holds a stun already only when a started VM was paused; otherwise
         // (running, or powered on paused and never started) the save stuns it here.
         let stunned_here = !(vmx.started && vmx.paused);
+        vmx.last_stun = Duration::ZERO;
         if stunned_here {
-            vmx.monitor.stun()?;
+            vmx.last_stun = vmx.monitor.stun()?.latency;
             // A stunned guest cannot ping: the save is not guest silence.
             vmx.vmmdev.dev.suspend_timer();
         }

@@ -294,24 +294,29 @@ pub fn bench_first_sync(out: &mut String) -> Result<(), String> {
          standby it connects to at start (50 ms epochs); the standby is pinned to the last CPU \
          (`taskset`), standing in for a host of its own. Gaps: what the guest saw (over 1 ms \
          between two TSC reads). The build: {label}.\n\n\
-         | largest guest-seen gaps | gaps > 1 ms | sync (connect → commit) ms | completing epoch: pages, pause ms | epoch pause p50 / p99 / max ms | throttles |\n\
+         Throttled: the time the primary kept the guest stunned waiting for the standby (the \
+         stunned full sync of earlier builds waited there for the full sync's \
+         acknowledgement; when that began before the probe's first instruction, the probe \
+         cannot see it).\n\n\
+         | largest guest-seen gaps | gaps > 1 ms | sync (connect → commit) ms | completing epoch: pages, pause ms (of which waiting for the vCPU to stop) | epoch pause p50 / p99 / max ms | throttles, throttled ms |\n\
          |---|---|---|---|---|---|\n"
     );
     let row = format!(
-        "| {} | {} | {} | {} | {:.2} / {:.2} / {:.2} | {} |\n",
+        "| {} | {} | {} | {} | {:.2} / {:.2} / {:.2} | {}, {:.0} |\n",
         top.join(", "),
         run.over,
         sync.as_ref()
             .map_or("–".into(), |s| format!("{:.0}", s.joined_to_protected_ms)),
         sync.as_ref()
             .map_or("– (stunned full sync)".into(), |s| format!(
-                "{}, {:.2}",
-                s.completing_pages, s.completing_pause_ms
+                "{}, {:.2} (stun {:.2})",
+                s.completing_pages, s.completing_pause_ms, s.completing_stun_ms
             )),
         pause.p50,
         pause.p99,
         pause.max,
         c.throttles,
+        c.throttled_ms,
     );
     print!("{row}");
     text.push_str(&row);

@@ -397,6 +397,19 @@ pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
         "primary: {} epochs acknowledged, {} full sync(s), {} NACKs, throttled {} times",
         c.epochs, c.full_syncs, c.nacks, c.throttles
     );
+    if let Some(sy) = p.and_then(|p| p.last_sync.as_ref()).filter(|s| s.first) {
+        let rounds = sy.precopy.as_ref().map_or(0, |p| p.rounds.len());
+        println!(
+            "first sync: pre-copy in {rounds} rounds while the guest ran, protected {:.0} ms \
+             after the primary connected; completing epoch {}: {} pages, the guest stopped \
+             {:.2} ms (of which stopping the vCPUs {:.2} ms)",
+            sy.joined_to_protected_ms,
+            sy.completing_epoch,
+            sy.completing_pages,
+            sy.completing_pause_ms,
+            sy.completing_stun_ms
+        );
+    }
     println!(
         "epoch pause: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms over {} epochs",
         pause.p50, pause.p99, pause.max, pause.count

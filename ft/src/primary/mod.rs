@@ -143,6 +143,7 @@ struct Resync {
     report: Option<precopy::PreCopyReport>,
     completing_pages: u64,
     completing_pause_ms: f64,
+    completing_stun_ms: f64,
 }
 
 /// The records and capture time of the epoch in flight.
@@ -150,6 +151,8 @@ struct InFlight {
     epoch: u64,
     /// Its pages.
     pages: u64,
+    /// What kind of epoch it is.
+    kind: CaptureKind,
     records: Vec<Vec<Record>>,
     /// Frames the guest's cards sent during the epoch (output commit): (window, frames).
     frames: Vec<(u32, HeldFrames)>,
@@ -208,8 +211,8 @@ pub struct Protector {
     /// The standby's address, while one protects the VM.
     standby_addr: Option<String>,
     migration: Option<Migration>,
-    /// (pages, capture → acknowledgement) of the epoch released last.
-    last_acked: Option<(u64, Duration)>,
+    /// (pages, capture → acknowledgement, kind) of the epoch released last.
+    last_acked: Option<(u64, Duration, CaptureKind)>,
     /// Where the VM went (a migration): the run ends.
     moved: Option<vmx::Moved>,
 }
@@ -265,6 +268,12 @@ impl Protector {
             Box::new(move |reply| tx.send(Aux::Status(reply)).is_ok()),
         );
         self.metrics = Some(metrics.clone());
+    }
+
+    /// Releases to `sink` from now on (a standby that took over connects to it after its
+    /// guest runs again: output is held until then).
+    pub fn set_sink(&mut self, sink: Option<SinkClient>) {
+        self.sink = sink;
     }
 
     /// Arbitrates role changes with `arbiter`; `sink_addr` is where to reconnect as a new
@@ -631,6 +640,9 @@ impl Protector {
                 )?,
             }
         }
+        if self.machine.moved().is_none() {
+            self.end_migration(Err("the guest finished".into()));
+        }
         self.after_output(vmx)
     }
 
@@ -706,7 +718,7 @@ impl Protector {
                     return Ok(None);
                 };
                 if acked {
-                    self.last_acked = Some((f.pages, f.captured.elapsed()));
+                    self.last_acked = Some((f.pages, f.captured.elapsed(), f.kind));
                     self.stats.epochs += 1;
                     self.stats.lag = f.captured.elapsed();
                     if let Some(s) = self.ack_stats.take() {
@@ -865,6 +877,7 @@ impl Protector {
                     report: None,
                     completing_pages: 0,
                     completing_pause_ms: 0.0,
+                    completing_stun_ms: 0.0,
                 });
                 let tx = self.aux_tx.clone();
                 let who = peer.clone();
@@ -962,6 +975,7 @@ impl Protector {
                     completing_epoch: epoch,
                     completing_pages: rs.as_ref().map_or(0, |r| r.completing_pages),
                     completing_pause_ms: pause,
+                    completing_stun_ms: rs.as_ref().map_or(0.0, |r| r.completing_stun_ms),
                     precopy: rs.as_ref().and_then(|r| r.report.as_ref()).map(Into::into),
                     protected_unix_ms: unix_ms(),
                 });
@@ -984,9 +998,15 @@ impl Protector {
                 self.standby_addr = None;
             }
             Action::Assess { epoch } => {
-                let (pages, rtt) = self.last_acked.unwrap_or_default();
                 let Some(m) = &mut self.migration else {
                     return Ok(Some(Event::Assessed { last: true }));
+                };
+                // Only converging epochs teach the policy: the completing epoch (the receiver
+                // built its VM meanwhile) and an ordinary epoch (hot pages reported whether
+                // written or not) say nothing of the guest's pace or the link's.
+                let Some((pages, rtt, CaptureKind::Switch)) = self.last_acked else {
+                    m.phase = "converging";
+                    return Ok(Some(Event::Assessed { last: false }));
                 };
                 let a = m.converge.assess(pages, rtt);
                 m.last = Some(a);
@@ -1122,6 +1142,7 @@ impl Protector {
                 if let Some(rs) = &mut self.resync {
                     rs.completing_pages = pages;
                     rs.completing_pause_ms = cap.pause.as_secs_f64() * 1e3;
+                    rs.completing_stun_ms = cap.stun.as_secs_f64() * 1e3;
                 }
                 self.stats.full_syncs += 1;
             }
@@ -1174,6 +1195,7 @@ impl Protector {
         self.in_flight = Some(InFlight {
             epoch: cap.epoch,
             pages: bytes / 4096,
+            kind,
             records: cap.records.clone(),
             frames,
             captured: Instant::now(),

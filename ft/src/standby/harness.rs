@@ -251,6 +251,7 @@ impl Harness {
                     );
                     assert_eq!(self.replica.as_ref().map(|r| r.fence), Some(f));
                 }
+                Action::RoundDone { .. } => {}
                 Action::Confirm(f) => {
                     let c = self.machine.committed().expect("a switch needs a commit");
                     assert_eq!(f.epoch, c.epoch, "a switch confirmed at another epoch");
@@ -359,6 +360,7 @@ pub fn describe(a: &Action) -> String {
     match a {
         Action::Ack(f) => format!("ack {}", f.epoch.0),
         Action::Confirm(f) => format!("confirm switch {} as {}", f.epoch.0, f.generation.0),
+        Action::RoundDone { round, .. } => format!("round {round} done"),
         Action::Nack { fence, code, .. } => format!("nack {} {code:?}", fence.epoch.0),
         Action::Commit { staged, .. } => format!("commit {}", staged.fence.epoch.0),
         Action::Finish => "finish".into(),

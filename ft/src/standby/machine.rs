@@ -56,8 +56,9 @@
 //! | Syncing/Protect.   | FullSync that fits              | G := its generation, new base, refusal cleared   |
 //! | Syncing/Protect.   | PreCopy r (base open, r next)   | receive round r (an open epoch is discarded)     |
 //! | any live           | PreCopy otherwise               | refusal noted                                    |
-//! | any live           | PreCopyEnd r of the open round  | verified: round → base; else refusal, no base    |
-//! | any live           | PreCopyEnd without its round    | refusal noted                                    |
+//! | any live           | PreCopyEnd r of the open round  | verified: round → base, RoundDone (the end sent  |
+//! |                    |                                 | back); else refusal, no base, Nack               |
+//! | any live           | PreCopyEnd without its round    | refusal noted, Nack                              |
 //! | any live           | EpochBegin                      | receive the epoch (an open epoch is discarded;   |
 //! |                    |                                 | an open round is refused), or poison it: before  |
 //! |                    |                                 | the full sync, refusal, out of order, too big    |
@@ -266,6 +267,17 @@ pub enum Action {
     /// Send `Ack{fence}` confirming a switch: `fence` is the new generation (the committed
     /// one + 1) and the committed epoch; the link is still open for it.
     Confirm(Fence),
+    /// Send the round's `PreCopyEnd` back: the round is verified and in the pre-copy image.
+    RoundDone {
+        /// As in the round's `PreCopyEnd`.
+        fence: Fence,
+        /// The round.
+        round: u32,
+        /// As in the round's `PreCopyEnd`.
+        ranges: u64,
+        /// As in the round's `PreCopyEnd`.
+        digest: [u8; 32],
+    },
     /// Send `Nack{fence, code, message}`.
     Nack {
         /// What is refused.
@@ -616,7 +628,7 @@ impl Machine {
                 round,
                 ranges,
                 digest,
-            } => self.precopy_end(fence, round, ranges, digest),
+            } => self.precopy_end(fence, round, ranges, digest, out),
             Message::EpochBegin { fence, pages } => self.epoch_begin(fence, pages),
             Message::DeviceState {
                 name,
@@ -711,7 +723,42 @@ impl Machine {
         }
     }
 
-    fn precopy_end(&mut self, fence: Fence, round: u32, ranges: u64, digest: [u8; 32]) {
+    fn precopy_end(
+        &mut self,
+        fence: Fence,
+        round: u32,
+        ranges: u64,
+        digest: [u8; 32],
+        out: &mut Vec<Action>,
+    ) {
+        self.end_round(fence, round, ranges, digest);
+        // Every round's end is answered: the primary waits for its last round's answer before
+        // it captures the epoch that completes the sync.
+        let broken = match &self.state {
+            State::Syncing { sync } | State::Protecting { sync, .. } => match &sync.precopy {
+                PreCopy::Open(_) => None,
+                PreCopy::Refused(why) => Some(why.clone()),
+                PreCopy::Spent => Some("pre-copy after the image was spent".to_string()),
+            },
+            State::AwaitingFullSync { refused } => Some(
+                refused
+                    .clone()
+                    .unwrap_or_else(|| "pre-copy without a full sync".into()),
+            ),
+            State::Claiming { .. } | State::Done(_) => return,
+        };
+        match broken {
+            None => out.push(Action::RoundDone {
+                fence,
+                round,
+                ranges,
+                digest,
+            }),
+            Some(why) => nack(out, fence, NackCode::Malformed, why),
+        }
+    }
+
+    fn end_round(&mut self, fence: Fence, round: u32, ranges: u64, digest: [u8; 32]) {
         if !matches!(self.rx, Receiving::Round { .. }) {
             // An open epoch goes on; the full sync is broken.
             self.refuse_if_none("a pre-copy end without its round");

@@ -311,6 +311,21 @@ impl Standby {
                             log::warn!("cannot acknowledge epoch {}: {e}", fence.epoch.0);
                         }
                     }
+                    Action::RoundDone {
+                        fence,
+                        round,
+                        ranges,
+                        digest,
+                    } => {
+                        if let Err(e) = tx.send(&Message::PreCopyEnd {
+                            fence,
+                            round,
+                            ranges,
+                            digest,
+                        }) {
+                            log::warn!("cannot answer pre-copy round {round}: {e}");
+                        }
+                    }
                     Action::Confirm(fence) => {
                         if let Err(e) = tx.send(&Message::Ack { fence }) {
                             log::warn!(
@@ -554,10 +569,7 @@ impl Standby {
         inputs: Vec<(u32, Vec<u8>)>,
     ) -> Result<StandbyOutcome> {
         let vcpus = vmx.vm().vcpu_count();
-        let t_sink = Instant::now();
-        let sink = self.sink_for(generation, vcpus)?;
-        let sink_took = t_sink.elapsed();
-        let mut ft = Protector::new(generation, self.cfg.interval, sink);
+        let mut ft = Protector::new(generation, self.cfg.interval, None);
         ft.sink_key = self.cfg.sink_key.clone();
         ft.psk = self.cfg.psk.clone();
         if let Some(metrics) = &self.cfg.metrics {
@@ -566,17 +578,15 @@ impl Standby {
         if let Some(arb) = &self.cfg.arbiter {
             ft = ft.with_arbiter(arb.clone(), self.cfg.sink.clone());
         }
+        // The guest runs first; its output is held until the sink has heard this generation
+        // and the inherited output went out (a round trip to the sink off the downtime).
         vmx.hold_output(true);
         ft.cards = vmx.has_cards();
-        // The committed disk writes were written without fdatasync (the primary held them
-        // too); this copy is the only one now.
-        replica.sync_disks()?;
-        let inherited = replica.inherited_output(vcpus);
-        let before = ft.stats.released;
-        ft.release_inherited(&mut vmx, inherited)?;
         let t_restore = Instant::now();
         vmx.activate(replica.state.clone())?;
         let restore_took = t_restore.elapsed();
+        let resumed_unix_ms = unix_ms();
+        let activation = detected.elapsed();
         let cards = vmx.announce();
         if cards > 0 {
             log::info!("announced {cards} network card(s) from this host (RARP)");
@@ -590,11 +600,20 @@ impl Standby {
                 replica.fence.epoch.0
             );
         }
+        let t_sink = Instant::now();
+        ft.set_sink(self.sink_for(generation, vcpus)?);
+        let sink_took = t_sink.elapsed();
+        // The committed disk writes were written without fdatasync (the primary held them
+        // too); this copy is the only one now, and output waits for it to be durable.
+        replica.sync_disks()?;
+        let inherited = replica.inherited_output(vcpus);
+        let before = ft.stats.released;
+        ft.release_inherited(&mut vmx, inherited)?;
         let failover = FailoverReport {
             reason,
             silence_ms: silence.as_secs_f64() * 1e3,
-            activation_ms: detected.elapsed().as_secs_f64() * 1e3,
-            resumed_unix_ms: unix_ms(),
+            activation_ms: activation.as_secs_f64() * 1e3,
+            resumed_unix_ms,
             generation,
             from_epoch: replica.fence.epoch.0,
             inherited_released: ft.stats.released - before,
@@ -604,12 +623,12 @@ impl Standby {
         };
         log::warn!(
             "role: primary (generation {generation}, UNPROTECTED): guest running again \
-             {:.1} ms after the primary was declared dead (claim {:.1} ms, sink {:.1} ms, \
-             restore {:.1} ms)",
+             {:.1} ms after the primary was declared dead (claim {:.1} ms, restore {:.1} ms; \
+             then the sink in {:.1} ms)",
             failover.activation_ms,
             failover.claim_ms,
-            failover.sink_ms,
-            failover.restore_ms
+            failover.restore_ms,
+            failover.sink_ms
         );
         ft.notes = Some(Notes {
             failover: Some(failover.clone()),

@@ -411,8 +411,15 @@ fn commit_answers_that_were_not_asked_for_are_ignored() {
 #[test]
 fn syncing_pre_copy_rounds_verify_into_the_base_and_count() {
     let mut h = syncing();
-    assert!(run(&mut h, round_ops(fence(1, 1), 0, &page(1))).is_empty());
-    assert!(run(&mut h, round_ops(fence(1, 1), 1, &page(2))).is_empty());
+    // Each verified round's end is sent back (the primary waits for the last one).
+    assert_eq!(
+        run(&mut h, round_ops(fence(1, 1), 0, &page(1))),
+        ["round 0 done"]
+    );
+    assert_eq!(
+        run(&mut h, round_ops(fence(1, 1), 1, &page(2))),
+        ["round 1 done"]
+    );
     assert_eq!(h.machine.counters().precopy_rounds, 2);
     assert_eq!(h.machine.counters().precopy_pages, 2);
     assert!(h
@@ -436,7 +443,11 @@ fn syncing_pre_copy_rounds_verify_into_the_base_and_count() {
 #[test]
 fn syncing_pre_copy_round_out_of_order_breaks_the_sync() {
     let mut h = syncing();
-    run(&mut h, round_ops(fence(1, 1), 1, &page(1)));
+    // A broken round's end is refused, with the reason.
+    assert_eq!(
+        run(&mut h, round_ops(fence(1, 1), 1, &page(1))),
+        ["nack 1 Malformed"]
+    );
     assert_eq!(refused(&h).as_deref(), Some("pre-copy round 1, expected 0"));
     let (code, why) = nack_reason(&mut h, epoch_ops(fence(1, 1), &[], 1, None));
     assert_eq!(
