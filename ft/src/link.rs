@@ -232,20 +232,31 @@ impl Link {
 
 type Replies = Receiver<Result<Received, String>>;
 
-/// Sends one received frame as an `Input` message.
-fn send_input(
+/// Most received frames sent to the standby in one write.
+const INPUT_BATCH: usize = 64;
+
+/// Sends a received frame as an `Input` message, with the frames queued behind it (up to
+/// [`INPUT_BATCH`]) in the same write: under load the card delivers frames in bursts, and one
+/// write (and one wake-up of this thread) per frame costs the CPU the guest needs.
+fn send_inputs(
     tx: &mut Channel<TcpStream>,
     generation: u64,
-    f: InputFrame,
+    first: InputFrame,
+    queued: &Receiver<InputFrame>,
 ) -> transport::Result<()> {
-    tx.send(&Message::Input {
+    let msg = |f: InputFrame| Message::Input {
         fence: Fence {
             generation: Generation(generation),
             epoch: Epoch(f.epoch),
         },
         card: f.card,
         frame: f.frame,
-    })
+    };
+    let batch: Vec<Message> = std::iter::once(first)
+        .chain(queued.try_iter().take(INPUT_BATCH - 1))
+        .map(msg)
+        .collect();
+    tx.send_batch(&batch)
 }
 
 fn sender(
@@ -307,7 +318,7 @@ fn sender(
             },
             recv(inputs) -> f => {
                 if let Ok(f) = f {
-                    if let Err(e) = send_input(&mut tx, cfg.generation, f) {
+                    if let Err(e) = send_inputs(&mut tx, cfg.generation, f, &inputs) {
                         return lost(format!("sending a received frame failed: {e}"));
                     }
                 }
@@ -361,7 +372,7 @@ fn switch(
             },
             recv(inputs) -> f => {
                 if let Ok(f) = f {
-                    send_input(tx, cfg.generation, f).map_err(net)?;
+                    send_inputs(tx, cfg.generation, f, inputs).map_err(net)?;
                 }
             }
             default(left.min(cfg.interval)) => {
@@ -540,7 +551,7 @@ fn send_epoch(
                 recv(replies) -> r => break r.map_err(|_| ()),
                 recv(inputs) -> f => {
                     if let Ok(f) = f {
-                        send_input(tx, cfg.generation, f).map_err(net)?;
+                        send_inputs(tx, cfg.generation, f, inputs).map_err(net)?;
                     }
                 }
                 default(left.min(cfg.interval)) => {

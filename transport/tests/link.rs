@@ -288,3 +288,28 @@ fn an_oversized_length_is_refused_before_allocating() {
         "{e}"
     );
 }
+
+/// A batch is the same frames as sending each message in turn: each answered in order, the
+/// sequence numbers (AEAD nonces) run on across batches and single sends.
+#[test]
+fn a_batch_of_messages_arrives_as_the_same_frames_in_order() {
+    let psk = Psk::generate();
+    let (a, b) = pair();
+    let srv = serve(b, Some(psk.clone()));
+    let mut ch = client(a, Some(&psk)).unwrap();
+    let batch: Vec<Message> = (1..=5)
+        .map(|e| Message::Heartbeat { fence: fence(e) })
+        .collect();
+    ch.send_batch(&batch).unwrap();
+    ch.send_batch(&[]).unwrap();
+    ch.send(&Message::Heartbeat { fence: fence(6) }).unwrap();
+    ch.send_batch(&batch[..2]).unwrap();
+    for e in (1..=6).chain(1..=2) {
+        match ch.recv().unwrap() {
+            Received::Message(Message::Ack { fence: f }) => assert_eq!(f, fence(e)),
+            other => panic!("{other:?}"),
+        }
+    }
+    ch.send(&Message::Goodbye).unwrap();
+    srv.join().unwrap().unwrap();
+}
