@@ -20,7 +20,7 @@
 //! choice is [`crate::rearm::Rearm`]'s):
 //!
 //! ```text
-//!  take n:  dirty D(n)   hot = D(n) ∧ D(n-1) ∧ ¬sweep(n)   re-arm D(n) ∧ ¬hot
+//!  take n:  dirty D(n)   hot = D(n) ∧ (D(n-1) ∨ D(n-2)) ∧ ¬sweep(n)   re-arm D(n) ∧ ¬hot
 //!           sweep(n) = pages p with p mod 16 = n mod 16   (every hot page is re-tested
 //!                                                          once in 16 takes)
 //! ```
