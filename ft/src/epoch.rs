@@ -16,7 +16,7 @@
 //!   │ ◀─────────────────────────────── Ack{fence} / Nack{code, why}
 //! ```
 //!
-//! `digest` = [`checkpoint::digest::pages_digest`]: SHA-256 over SHA-256(gpa ‖ bytes) of every
+//! `digest` = [`checkpoint::digest::pages_digest`]: BLAKE3 over BLAKE3(gpa ‖ bytes) of every
 //! range in order. Nothing in a staging
 //! area touches the committed image until every range decoded, every check passed and the
 //! digest matched; a malformed or truncated epoch is dropped whole (and NACKed).

@@ -284,10 +284,14 @@ fn sender(
     loop {
         select! {
             recv(jobs) -> job => match job {
-                Ok(Job::Epoch(cap)) => {
+                Ok(Job::Epoch(mut cap)) => {
                     last = cap.epoch;
                     let first = std::mem::replace(&mut first_epoch, false);
-                    match send_epoch(&mut tx, &replies, &inputs, &events, &cap, &cfg, &mut codec, &mut cache, first) {
+                    let sent = send_epoch(&mut tx, &replies, &inputs, &events, &cap, &cfg, &mut codec, &mut cache, first);
+                    // The copy buffers serve the next epoch's capture (no page faults on them
+                    // while the guest is stunned).
+                    monitor::dirty::recycle(std::mem::take(&mut cap.runs));
+                    match sent {
                         Ok(stats) => {
                             let _ = events.send(LinkEvent::Acked { epoch: cap.epoch, stats });
                         }

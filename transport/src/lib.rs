@@ -40,10 +40,12 @@ pub use handshake::Psk;
 pub use message::{Intent, Message};
 pub use pages::{Codec, PageRange};
 
-/// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Oldest protocol version this build accepts from a peer (its own and the previous one).
-pub const OLDEST_ACCEPTED_VERSION: u16 = PROTOCOL_VERSION.saturating_sub(1);
+/// Protocol version this build speaks. 2: page digests are BLAKE3 (were SHA-256), and a
+/// standby answers every pre-copy round's end.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest protocol version this build accepts from a peer: version 1 peers compute another
+/// page digest, so every epoch would be refused; the handshake says so instead.
+pub const OLDEST_ACCEPTED_VERSION: u16 = PROTOCOL_VERSION;
 
 /// Everything that can go wrong on the link. Each rejection has its own variant.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +54,7 @@ pub enum Error {
     #[error("bad frame: {0}")]
     Frame(#[from] FrameError),
     /// The peer speaks a protocol version this build does not.
-    #[error("protocol version mismatch: the peer offered v{offered}, this build speaks v{ours} (and accepts v{oldest})")]
+    #[error("protocol version mismatch: the peer offered v{offered}, this build speaks v{ours} and accepts v{oldest} to v{ours}: run the same Tandem release on both hosts")]
     Version {
         /// What the peer offered.
         offered: u16,

@@ -133,7 +133,8 @@ fn a_newer_protocol_version_is_refused_with_the_versions_named() {
     let e = srv.join().unwrap().unwrap_err();
     assert_eq!(
         e.to_string(),
-        "protocol version mismatch: the peer offered v3, this build speaks v1 (and accepts v0)"
+        "protocol version mismatch: the peer offered v3, this build speaks v2 and accepts v2 to v2: \
+         run the same Tandem release on both hosts"
     );
     // The client is told why.
     let mut reply = Vec::new();
