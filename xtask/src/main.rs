@@ -90,7 +90,8 @@ enum Bench {
     Snapshot,
     /// Page codecs and the sealed link over loopback TCP.
     Transport,
-    /// The fault-tolerant pair: guest slowdown, epoch pauses, failover time.
+    /// The fault-tolerant pair: guest slowdown, epoch pauses, failover time; then what a
+    /// protected guest sees (the `stall` table: 1 and 16 MiB hot sets at 10, 20, 40 Hz).
     Ft,
     /// Re-protection of a running 256 MiB and 1 GiB guest by a new standby.
     Reprotect,
@@ -424,6 +425,9 @@ fn main() {
             }
             if all || which == Some(Bench::Ft) {
                 r = r.and_then(|_| pair::bench(&mut out));
+                if !all {
+                    r = r.and_then(|_| bench_stall::bench(&mut out));
+                }
             }
             if all || which == Some(Bench::Reprotect) {
                 r = r.and_then(|_| pair::bench_reprotect(&mut out));
