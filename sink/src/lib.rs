@@ -2,7 +2,7 @@
 //! output to it.
 //!
 //! Wire: the replication link's handshake and sealing (`transport`: PSK challenge-response,
-//! HKDF session keys, ChaCha20-Poly1305 per frame with counter nonces), with the sink's own key
+//! HKDF session keys, AES-256-GCM per frame with counter nonces), with the sink's own key
 //! (`tandem sink --key-file`, given to primaries and standbys as `--sink-key-file`). Each
 //! payload is one postcard message in a sealed control frame:
 //!

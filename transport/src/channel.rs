@@ -1,12 +1,18 @@
-//! Frames over a byte stream, sealed with ChaCha20-Poly1305 once the handshake is done.
+//! Frames over a byte stream, sealed with AES-256-GCM once the handshake is done.
+//!
+//! AES-256-GCM (`ring`'s, on AES-NI and carry-less multiply) rather than ChaCha20-Poly1305:
+//! every page an epoch sends is sealed by the primary and opened by the standby, on the CPUs
+//! the guest runs on. Measured on this class of host (2 MiB frames, one thread): `ring`
+//! AES-256-GCM 8.5 GB/s, `ring` ChaCha20-Poly1305 2.0 GB/s, RustCrypto's ChaCha20-Poly1305
+//! and AES-256-GCM 1.15 GB/s each; ChaCha20-Poly1305 took 40 % of a standby's CPU with
+//! incompressible pages (`perf` of `cargo xtask run-pair`).
 //!
 //! The AEAD nonce of frame n is n (a counter per direction), and the frame header is the
 //! associated data: a frame that is altered, replayed, reordered or dropped fails to open.
 
 use std::io::{Read, Write};
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::frame::{FrameHeader, FrameType, HEADER_LEN};
 use crate::message::{Message, MAX_TEXT};
@@ -34,16 +40,22 @@ pub enum Received {
 /// One side of a link.
 pub struct Channel<S> {
     stream: S,
-    send_key: Option<ChaCha20Poly1305>,
-    recv_key: Option<ChaCha20Poly1305>,
+    send_key: Option<LessSafeKey>,
+    recv_key: Option<LessSafeKey>,
     send_seq: u64,
     recv_seq: u64,
 }
 
+/// The nonce of frame `seq`: unique per key, as each direction's counter only grows.
 fn nonce(seq: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&seq.to_le_bytes());
-    Nonce::from(n)
+    Nonce::assume_unique_for_key(n)
+}
+
+fn aes_key(k: &[u8; 32]) -> LessSafeKey {
+    // A 32-byte key is what AES-256 takes: `new` cannot refuse it.
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, k).expect("AES-256 takes 32-byte keys"))
 }
 
 impl<S> std::fmt::Debug for Channel<S> {
@@ -107,8 +119,8 @@ impl<S: Read + Write> Channel<S> {
 
     /// From now on every frame is sealed.
     pub(crate) fn seal(&mut self, send: [u8; 32], recv: [u8; 32]) {
-        self.send_key = Some(ChaCha20Poly1305::new(Key::from_slice(&send)));
-        self.recv_key = Some(ChaCha20Poly1305::new(Key::from_slice(&recv)));
+        self.send_key = Some(aes_key(&send));
+        self.recv_key = Some(aes_key(&recv));
         self.send_seq = 0;
         self.recv_seq = 0;
     }
@@ -135,14 +147,13 @@ impl<S: Read + Write> Channel<S> {
             Some(k) => {
                 let seq = self.send_seq;
                 self.send_seq += 1;
-                k.encrypt(
-                    &nonce(seq),
-                    Payload {
-                        msg: payload,
-                        aad: &header,
-                    },
-                )
-                .map_err(|_| Error::Seal { seq })?
+                let mut body = Vec::with_capacity(sealed_len);
+                body.extend_from_slice(payload);
+                let tag = k
+                    .seal_in_place_separate_tag(nonce(seq), Aad::from(&header), &mut body)
+                    .map_err(|_| Error::Seal { seq })?;
+                body.extend_from_slice(tag.as_ref());
+                body
             }
             None => payload.to_vec(),
         };
@@ -175,14 +186,12 @@ impl<S: Read + Write> Channel<S> {
             Some(k) => {
                 let seq = self.recv_seq;
                 self.recv_seq += 1;
-                k.decrypt(
-                    &nonce(seq),
-                    Payload {
-                        msg: &body,
-                        aad: &hb,
-                    },
-                )
-                .map_err(|_| Error::Seal { seq })?
+                let n = k
+                    .open_in_place(nonce(seq), Aad::from(&hb), &mut body)
+                    .map_err(|_| Error::Seal { seq })?
+                    .len();
+                body.truncate(n);
+                body
             }
             None => body,
         };

@@ -8,7 +8,7 @@
 //!  └───────────┴──────┴───────┴──────────┴────────────┘
 //! ```
 //!
-//! After the handshake every payload is sealed (ChaCha20-Poly1305, the header as associated
+//! After the handshake every payload is sealed (AES-256-GCM, the header as associated
 //! data), so `length` counts the ciphertext and its 16-byte tag.
 
 use serde::{Deserialize, Serialize};

@@ -10,7 +10,7 @@
 //!    │   proof_s = HMAC(K_auth, "server" ‖ transcript)  │
 //!    │ check proof_s (constant time)                    │
 //!    │ Auth{proof_c = HMAC(K_auth, "client" ‖ transcript)} ─▶ check proof_c (constant time)
-//!    │ ═══════ every later frame: ChaCha20-Poly1305, key per direction from ═══════
+//!    │ ═══════ every later frame: AES-256-GCM, key per direction from ═══════
 //!    │ ═══════ HKDF(PSK, nonce_c ‖ nonce_s), nonce = frame counter, AAD = header ══
 //!    │ FullSync / EpochBegin / Pages / DeviceState (vcpu/N, groups) / EpochEnd ─▶
 //!    │ ◀──────────────────────────────────────── Ack / Nack{code, message}
@@ -40,8 +40,9 @@ pub use handshake::Psk;
 pub use message::{Intent, Message};
 pub use pages::{Codec, PageRange};
 
-/// Protocol version this build speaks. 2: page digests are BLAKE3 (were SHA-256), and a
-/// standby answers every pre-copy round's end.
+/// Protocol version this build speaks. 2: frames sealed with AES-256-GCM (were
+/// ChaCha20-Poly1305), page digests are BLAKE3 (were SHA-256), and a standby answers every
+/// pre-copy round's end.
 pub const PROTOCOL_VERSION: u16 = 2;
 /// Oldest protocol version this build accepts from a peer: version 1 peers compute another
 /// page digest, so every epoch would be refused; the handshake says so instead.

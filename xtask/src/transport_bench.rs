@@ -195,7 +195,7 @@ pub fn bench(out: &mut String) -> Result<(), String> {
         text,
         "\nEnd to end over loopback TCP (handshake, then Pages frames of 16 ranges, codec picked \
          per range, receiver decodes every range; both ends on this 2-core machine):\n\n\
-         | mix | sealed (ChaCha20-Poly1305) MB/s | plaintext MB/s |\n|---|---|---|"
+         | mix | sealed (AES-256-GCM) MB/s | plaintext MB/s |\n|---|---|---|"
     )
     .unwrap();
     for name in ["zero", "text", "random"] {
