@@ -336,7 +336,9 @@ fn with_one_member_of_three_killed_claims_and_takeover_still_work() {
         arbiter: Some(url.clone()),
         ..Hosts::default()
     };
-    let (cfg, want) = pair_config(&dir, "12M", hosts);
+    // Long enough to outlive two TTLs and a claim race while protected (12M iterations
+    // finished 4 s after protection once the link got faster).
+    let (cfg, want) = pair_config(&dir, "40M", hosts);
     let mut pair = Pair::start_standby(cfg).expect("sink and standby");
     pair.start_primary().expect("primary");
     wait_protected_with_output(&pair);
