@@ -695,17 +695,7 @@ impl Machine {
             reason: reason.clone(),
         });
         acts.push(Action::WantStandby(true));
-        acts.push(Action::StopTimer);
-        if let Some(epoch) = in_flight {
-            acts.push(Action::Release {
-                epoch,
-                acked: false,
-            });
-        }
-        acts.push(Action::ReleaseHeld);
-        if throttled {
-            acts.push(Action::Resume);
-        }
+        release_everything(in_flight, throttled, acts);
         State::Unprotected {
             reason: Some(reason),
         }
@@ -810,17 +800,7 @@ impl Machine {
                 // The current standby is not the receiver: it is told goodbye (it does not
                 // take over), and the VM is unprotected until the receiver has its sync.
                 acts.push(Action::Goodbye);
-                acts.push(Action::StopTimer);
-                if let Some(epoch) = in_flight {
-                    acts.push(Action::Release {
-                        epoch,
-                        acked: false,
-                    });
-                }
-                acts.push(Action::ReleaseHeld);
-                if throttled {
-                    acts.push(Action::Resume);
-                }
+                release_everything(in_flight, throttled, acts);
                 self.migrating = Some(peer.clone());
                 let reason = Some(format!("moving to {peer}"));
                 self.start_precopy(peer, reason, SyncReason::Migrate, acts)
@@ -1484,6 +1464,22 @@ fn describe(ev: &Event) -> String {
             "the arbiter says another VM is primary".into()
         }
         other => format!("{other:?}"),
+    }
+}
+
+/// No standby will acknowledge anything any more: stop the epoch timer, release the epoch in
+/// flight (un-acked) and everything held, and let a throttled guest run.
+fn release_everything(in_flight: Option<u64>, throttled: bool, acts: &mut Vec<Action>) {
+    acts.push(Action::StopTimer);
+    if let Some(epoch) = in_flight {
+        acts.push(Action::Release {
+            epoch,
+            acked: false,
+        });
+    }
+    acts.push(Action::ReleaseHeld);
+    if throttled {
+        acts.push(Action::Resume);
     }
 }
 
