@@ -9,10 +9,17 @@
 //! | `init_per_thread` | every vCPU thread (boot too)    | after every module's `init`       |
 //! | `sync`            | the boot vCPU                   | checkpoint SAVE_SYNC / CONTINUE_SYNC / RESTORE_SYNC |
 //! | `checkpoint`      | the boot vCPU                   | checkpoint SAVE (section `module/<name>`) |
+//! | `checkpoint_vm`   | the thread running SAVE         | checkpoint SAVE, for VM-wide state (instead of `checkpoint`) |
 //! | `restore`         | the boot vCPU                   | checkpoint RESTORE                |
 //!
 //! Every callback has a default body that does nothing, so a module implements only what it
 //! needs. The standard table is MainMem, CPU, Irqchip (main memory and the CPU first).
+//!
+//! A module whose saved state is VM-wide (guest memory, the VM fd, facts fetched at start)
+//! implements `checkpoint_vm`: SAVE then calls it on its own thread, while every vCPU captures
+//! its registers on its own — the page copy overlaps the vCPU state reads, and when no module
+//! needs the boot vCPU the SAVE step makes no cross-call to it at all. All three standard
+//! modules do; each group keeps table order (sections come back in table order).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -59,6 +66,17 @@ pub trait Module: Send + Sync {
     fn checkpoint(&self, _vcpu0: &mut VcpuContext, _args: &CptArgs) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
+    /// Whether this module's saved state is VM-wide (guest memory, VM ioctls, facts fetched at
+    /// start): SAVE then calls [`Module::checkpoint_vm`] on its own thread instead of
+    /// [`Module::checkpoint`] on the boot vCPU.
+    fn vm_wide(&self) -> bool {
+        false
+    }
+    /// Checkpoint save of VM-wide state (see [`Module::vm_wide`]), on the thread running the
+    /// SAVE step while the VM is stunned. `None`: no state.
+    fn checkpoint_vm(&self, _vm: &Arc<VmShared>, _args: &CptArgs) -> Saved {
+        Ok(None)
+    }
     /// Checkpoint restore of state saved at `version`, on the boot vCPU before any vCPU runs.
     fn restore(
         &self,
@@ -70,6 +88,9 @@ pub trait Module: Send + Sync {
         Ok(())
     }
 }
+
+/// What a module's checkpoint returns: its state (`None`: it has none).
+pub type Saved = Result<Option<Vec<u8>>>;
 
 /// Where a checkpoint's bulk data goes (or comes from).
 #[derive(Clone, Default)]
@@ -198,57 +219,15 @@ impl Module for MainMem {
     }
 
     fn checkpoint(&self, vcpu0: &mut VcpuContext, args: &CptArgs) -> Result<Option<Vec<u8>>> {
-        let err = module_err("MainMem");
-        let mem = &vcpu0.shared.mem;
-        let read = |gpa: u64, buf: &mut [u8]| {
-            mem.read_slice(buf, GuestAddress(gpa))
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        };
-        let size = vcpu0.shared.layout.mem_bytes;
-        if let Some(epoch) = &args.epoch {
-            // Replication: fetch and reset the dirty log, copy the pages out (on every core).
-            let log = crate::dirty::DirtyLog::new(vcpu0.shared.clone());
-            let runs = if epoch.full {
-                log.take()?;
-                crate::dirty::DirtyPages::all(log.pages()).runs()
-            } else if epoch.precise {
-                log.take()?.runs()
-            } else {
-                log.take_epoch()?.runs()
-            };
-            let copied = log.copy_runs(&runs).map_err(|e| err(e.to_string()));
-            *epoch.runs.lock().unwrap_or_else(|p| p.into_inner()) = copied?;
-            return Ok(None);
-        }
-        let progress = |done: u64| {
-            if let Some(p) = &args.progress {
-                p(done, size)
-            }
-        };
-        let state = if args.compress {
-            let (index, sections) =
-                memfile::save_compressed(size, &read, &progress).map_err(|e| err(e.to_string()))?;
-            args.extra
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(sections);
-            MemState { index, file: None }
-        } else {
-            let Some(path) = &args.mem_path else {
-                return Ok(None);
-            };
-            // The state file names the memory file (it lies beside it).
-            let file = checkpoint::files::name_of(path).map_err(|e| err(e.to_string()))?;
-            let index = memfile::save_sparse(path, size, &read, &progress)
-                .map_err(|e| err(e.to_string()))?;
-            MemState {
-                index,
-                file: Some(file),
-            }
-        };
-        MainMemPersist::encode(&state)
-            .map(Some)
-            .map_err(|e| err(e.to_string()))
+        main_mem_checkpoint(&vcpu0.shared, args)
+    }
+
+    fn checkpoint_vm(&self, vm: &Arc<VmShared>, args: &CptArgs) -> Saved {
+        main_mem_checkpoint(vm, args)
+    }
+
+    fn vm_wide(&self) -> bool {
+        true
     }
 
     fn restore(
@@ -299,6 +278,62 @@ impl Module for MainMem {
         }
         Ok(())
     }
+}
+
+/// MainMem's checkpoint: an epoch's pages (see [`CptArgs::epoch`]) or the whole memory into a
+/// memory file or compressed sections.
+fn main_mem_checkpoint(shared: &Arc<VmShared>, args: &CptArgs) -> Saved {
+    let err = module_err("MainMem");
+    let mem = &shared.mem;
+    let read = |gpa: u64, buf: &mut [u8]| {
+        mem.read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    let size = shared.layout.mem_bytes;
+    if let Some(epoch) = &args.epoch {
+        // Replication: fetch and reset the dirty log, copy the pages out (on every core).
+        let log = crate::dirty::DirtyLog::new(shared.clone());
+        let runs = if epoch.full {
+            log.take()?;
+            crate::dirty::DirtyPages::all(log.pages()).runs()
+        } else if epoch.precise {
+            log.take()?.runs()
+        } else {
+            log.take_epoch()?.runs()
+        };
+        let copied = log.copy_runs(&runs).map_err(|e| err(e.to_string()));
+        *epoch.runs.lock().unwrap_or_else(|p| p.into_inner()) = copied?;
+        return Ok(None);
+    }
+    let progress = |done: u64| {
+        if let Some(p) = &args.progress {
+            p(done, size)
+        }
+    };
+    let state = if args.compress {
+        let (index, sections) =
+            memfile::save_compressed(size, &read, &progress).map_err(|e| err(e.to_string()))?;
+        args.extra
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(sections);
+        MemState { index, file: None }
+    } else {
+        let Some(path) = &args.mem_path else {
+            return Ok(None);
+        };
+        // The state file names the memory file (it lies beside it).
+        let file = checkpoint::files::name_of(path).map_err(|e| err(e.to_string()))?;
+        let index =
+            memfile::save_sparse(path, size, &read, &progress).map_err(|e| err(e.to_string()))?;
+        MemState {
+            index,
+            file: Some(file),
+        }
+    };
+    MainMemPersist::encode(&state)
+        .map(Some)
+        .map_err(|e| err(e.to_string()))
 }
 
 /// Writes the boot-info page (`guest_abi::boot`): vCPUs, RAM, TSC frequency, devices, arguments.
@@ -382,6 +417,18 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
+/// The CPU module's state: the vCPU count and the TSC rate the boot vCPU reported at start
+/// (fixed for the VM's life, so not asked of KVM again at every epoch).
+fn cpu_checkpoint(shared: &VmShared) -> Saved {
+    let s = CpuState {
+        vcpus: shared.layout.vcpus,
+        tsc_khz: u32::try_from(shared.tsc_khz).unwrap_or(0),
+    };
+    postcard::to_stdvec(&s)
+        .map(Some)
+        .map_err(|e| module_err("CPU")(e.to_string()))
+}
+
 /// Saved state of the CPU module.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CpuState {
@@ -395,14 +442,15 @@ impl Module for Cpu {
     }
 
     fn checkpoint(&self, vcpu0: &mut VcpuContext, _args: &CptArgs) -> Result<Option<Vec<u8>>> {
-        let tsc_khz = vcpu0.fd.get_tsc_khz().unwrap_or(0);
-        let s = CpuState {
-            vcpus: vcpu0.shared.layout.vcpus,
-            tsc_khz,
-        };
-        postcard::to_stdvec(&s)
-            .map(Some)
-            .map_err(|e| module_err("CPU")(e.to_string()))
+        cpu_checkpoint(&vcpu0.shared)
+    }
+
+    fn checkpoint_vm(&self, vm: &Arc<VmShared>, _args: &CptArgs) -> Saved {
+        cpu_checkpoint(vm)
+    }
+
+    fn vm_wide(&self) -> bool {
+        true
     }
 
     fn restore(
@@ -507,6 +555,21 @@ impl Module for Cpu {
     }
 }
 
+/// The Irqchip module's state: PIC, IOAPIC, PIT and clock (VM ioctls).
+fn irqchip_checkpoint(shared: &VmShared) -> Saved {
+    if !shared.irqchip {
+        return Ok(None);
+    }
+    let mut s = crate::state::capture_irqchip(&shared.vm_fd)?;
+    if let Some((pit, clock)) = shared.frozen_vm_time() {
+        s.pit = pit;
+        s.clock = clock;
+    }
+    postcard::to_stdvec(&s)
+        .map(Some)
+        .map_err(|e| module_err("Irqchip")(e.to_string()))
+}
+
 /// The in-kernel interrupt controllers (PIC, IOAPIC), the PIT and the KVM clock.
 pub struct Irqchip;
 
@@ -520,18 +583,15 @@ impl Module for Irqchip {
     }
 
     fn checkpoint(&self, vcpu0: &mut VcpuContext, _args: &CptArgs) -> Result<Option<Vec<u8>>> {
-        let shared = &vcpu0.shared;
-        if !shared.irqchip {
-            return Ok(None);
-        }
-        let mut s = crate::state::capture_irqchip(&shared.vm_fd)?;
-        if let Some((pit, clock)) = shared.frozen_vm_time() {
-            s.pit = pit;
-            s.clock = clock;
-        }
-        postcard::to_stdvec(&s)
-            .map(Some)
-            .map_err(|e| module_err("Irqchip")(e.to_string()))
+        irqchip_checkpoint(&vcpu0.shared)
+    }
+
+    fn checkpoint_vm(&self, vm: &Arc<VmShared>, _args: &CptArgs) -> Saved {
+        irqchip_checkpoint(vm)
+    }
+
+    fn vm_wide(&self) -> bool {
+        true
     }
 
     fn restore(

@@ -2,20 +2,29 @@
 //! protect, `KVM_CLEAR_DIRTY_LOG`). See [`crate::dirty`] for why hot pages stay writable.
 //!
 //! ```text
-//!  take n:  dirty D(n)   not a clear take (n mod CLEAR_EVERY ≠ 0): re-arm nothing
+//!  take n:  dirty D(n)   not a clear take: re-arm nothing
 //!           clear take c: hot = D(c) ∧ (D(c-1) ∨ D(c-2)) ∧ ¬sweep(c)   re-arm D(c) ∧ ¬hot
 //!           (c-1, c-2: the previous clear takes; D there holds every page written since
 //!            the clear before, and every page left writable)
 //!           sweep(c) = pages p with p mod SWEEP = c mod SWEEP
+//!
+//!  interval between clear takes (adaptive, CLEAR_EVERY_MIN ..= CLEAR_EVERY_MAX takes):
+//!           clean(c) = re-armed at c-1 ∧ ¬D(c)     (stayed clean: the clear at c-1 paid
+//!                                                    for those, no copies at every take)
+//!           clean(c) ≥ |D(c)| / PAID_SHARE  →  interval / 2   (a moving working set)
+//!           otherwise                       →  interval × 2   (a stable hot set)
 //! ```
 //!
-//! Why re-arm only every [`CLEAR_EVERY`] takes: on KVM-PVM (shadow paging) every
-//! `KVM_CLEAR_DIRTY_LOG` call, however few pages it names, costs the running guest the
-//! rebuilding of its mappings afterwards; a guest rewriting a 16 MiB hot set at 40 epochs a
-//! second kept 3 % of its throughput with a clear per epoch, 31 % with none (`cargo xtask
-//! bench stall` by hand). A page left writable is reported dirty by every take (a superset,
-//! never a subset), so skipping a clear costs only copies: a page written once is copied at
-//! most `CLEAR_EVERY` times.
+//! Why re-arm only on some takes: on KVM-PVM (shadow paging) every `KVM_CLEAR_DIRTY_LOG`
+//! call, however few pages it names, costs the running guest the rebuilding of its mappings
+//! afterwards; a guest rewriting a 16 MiB hot set at 40 epochs a second kept 3 % of its
+//! throughput with a clear per epoch, 31 % with none (`cargo xtask bench stall` by hand). A
+//! page left writable is reported dirty by every take (a superset, never a subset), so
+//! skipping a clear costs only copies: a page written once is copied at most `interval`
+//! times. How often to pay for a clear is therefore a trade the guest decides: a stable hot
+//! set gains nothing from clears (what they re-arm is written again at once), a writer that
+//! moves on leaves pages that a clear stops copying. The interval follows what the last
+//! clear bought.
 //!
 //! D(c-2) too: a guest that faults slow may rewrite its hot set less than once between two
 //! clear takes; with D(c-1) alone its pages would be re-armed every other time.
@@ -25,41 +34,85 @@ use crate::{Error, Result};
 /// One clear take in this many re-tests every hot page (re-arms it).
 pub const SWEEP: usize = 16;
 
-/// One take in this many re-arms pages (calls `KVM_CLEAR_DIRTY_LOG`).
+/// Takes between two clear takes at first (and always, with [`Rearm::every`]).
 pub const CLEAR_EVERY: usize = 4;
+
+/// The fewest takes between two clear takes of the adaptive policy.
+pub const CLEAR_EVERY_MIN: usize = 2;
+
+/// The most takes between two clear takes of the adaptive policy (32: 1.6 s at 20 Hz).
+pub const CLEAR_EVERY_MAX: usize = 32;
+
+/// A clear "paid" when at least 1/`PAID_SHARE` of the pages taken at the next clear take are
+/// pages it re-armed that stayed clean (each would have been copied at every take between).
+pub const PAID_SHARE: u64 = 32;
 
 /// Which dirty pages an epoch re-arms (write-protects) and which it leaves writable, per
 /// memory slot (see the module doc). Pure: tests drive it without KVM.
 #[derive(Debug)]
 pub struct Rearm {
-    /// The previous take's KVM bitmap, per slot.
+    /// The previous clear take's KVM bitmap, per slot.
     prev: Vec<Vec<u64>>,
     /// The one before it, per slot.
     prev2: Vec<Vec<u64>>,
-    /// Takes so far.
-    round: usize,
+    /// What the previous clear take re-armed, per slot.
+    rearmed: Vec<Vec<u64>>,
+    /// Takes since the last clear take.
+    since: usize,
+    /// Whether the take under way (slot 0 starts one) is a clear take.
+    clearing: bool,
     /// Clear takes so far (selects the sweep).
     clears: usize,
-    /// One take in this many is a clear take.
-    every: usize,
+    /// Takes between clear takes now.
+    interval: usize,
+    /// The bounds of `interval` (equal: a fixed interval).
+    bounds: (usize, usize),
+    /// Of the last clear take, over its slots: pages it found dirty, and pages the clear
+    /// before re-armed that stayed clean since.
+    taken: u64,
+    stayed_clean: u64,
 }
 
 impl Default for Rearm {
+    /// The adaptive policy: from [`CLEAR_EVERY`], between [`CLEAR_EVERY_MIN`] and
+    /// [`CLEAR_EVERY_MAX`] (see [`Rearm::interval`]).
     fn default() -> Self {
-        Rearm::every(CLEAR_EVERY)
+        Rearm::adaptive(CLEAR_EVERY_MIN, CLEAR_EVERY_MAX)
     }
 }
 
 impl Rearm {
-    /// A policy that re-arms on one take in `every` (at least 1).
+    /// A policy that re-arms on one take in `every` (at least 1), always.
     pub fn every(every: usize) -> Self {
+        Rearm::adaptive(every, every)
+    }
+
+    /// A policy whose interval between clear takes starts at [`CLEAR_EVERY`] (within the
+    /// bounds) and adapts between `min` and `max` takes: it doubles after a clear that did
+    /// not pay (the pages it re-armed were written again: a stable hot set, where a clear
+    /// only costs the guest its mappings) and halves after one that did (a moving working
+    /// set, where pages left writable would be copied needlessly at every take); see
+    /// [`PAID_SHARE`].
+    pub fn adaptive(min: usize, max: usize) -> Self {
+        let min = min.max(1);
+        let max = max.max(min);
         Rearm {
             prev: Vec::new(),
             prev2: Vec::new(),
-            round: 0,
+            rearmed: Vec::new(),
+            since: 0,
+            clearing: false,
             clears: 0,
-            every: every.max(1),
+            interval: CLEAR_EVERY.clamp(min, max),
+            bounds: (min, max),
+            taken: 0,
+            stayed_clean: 0,
         }
+    }
+
+    /// Takes between clear takes now.
+    pub fn interval(&self) -> usize {
+        self.interval
     }
 
     /// Given slot `slot`'s dirty bitmap, the pages to re-arm now (none on a take that is not
@@ -68,14 +121,18 @@ impl Rearm {
         if self.prev.len() <= slot {
             self.prev.resize(slot + 1, Vec::new());
             self.prev2.resize(slot + 1, Vec::new());
+            self.rearmed.resize(slot + 1, Vec::new());
         }
         if slot == 0 {
-            self.round = self.round.wrapping_add(1);
-            if self.round % self.every == 0 {
+            self.since += 1;
+            self.clearing = self.since >= self.interval;
+            if self.clearing {
+                self.since = 0;
                 self.clears = self.clears.wrapping_add(1);
+                self.adapt();
             }
         }
-        if self.round % self.every != 0 {
+        if !self.clearing {
             return vec![0; dirty.len()];
         }
         let r = self.clears % SWEEP;
@@ -86,25 +143,52 @@ impl Rearm {
             sweep |= 1 << b;
             b += SWEEP;
         }
-        let (prev, prev2) = (&self.prev[slot], &self.prev2[slot]);
+        let (prev, prev2, rearmed) = (&self.prev[slot], &self.prev2[slot], &self.rearmed[slot]);
         let word = |v: &Vec<u64>, w: usize| v.get(w).copied().unwrap_or(0);
-        let clear = dirty
+        let mut clean = 0u64;
+        let clear: Vec<u64> = dirty
             .iter()
             .enumerate()
             .map(|(w, &d)| {
+                clean += u64::from((word(rearmed, w) & !d).count_ones());
                 let hot = d & (word(prev, w) | word(prev2, w)) & !sweep;
                 d & !hot
             })
             .collect();
+        self.stayed_clean += clean;
+        self.taken += dirty.iter().map(|d| u64::from(d.count_ones())).sum::<u64>();
         self.prev2[slot] = std::mem::replace(&mut self.prev[slot], dirty.to_vec());
+        self.rearmed[slot] = clear.clone();
         clear
+    }
+
+    /// At a clear take: judges the previous clear by what the one before it re-armed and
+    /// stayed clean, and sets the interval to the next clear.
+    fn adapt(&mut self) {
+        let (taken, clean) = (self.taken, self.stayed_clean);
+        self.taken = 0;
+        self.stayed_clean = 0;
+        if self.clears <= 2 {
+            // No clear before the previous one to judge it by.
+            return;
+        }
+        let (min, max) = self.bounds;
+        self.interval = if clean * PAID_SHARE >= taken.max(1) {
+            (self.interval / 2).max(min)
+        } else {
+            (self.interval * 2).min(max)
+        };
     }
 
     /// Slot `slot` was re-armed whole: nothing in it is hot any more.
     pub fn forget(&mut self, slot: usize) {
-        for p in [self.prev.get_mut(slot), self.prev2.get_mut(slot)]
-            .into_iter()
-            .flatten()
+        for p in [
+            self.prev.get_mut(slot),
+            self.prev2.get_mut(slot),
+            self.rearmed.get_mut(slot),
+        ]
+        .into_iter()
+        .flatten()
         {
             p.clear();
         }
@@ -227,7 +311,7 @@ mod tests {
 
     #[test]
     fn only_every_clear_every_th_take_re_arms_and_a_page_written_once_is_re_armed_there() {
-        let mut r = Rearm::default();
+        let mut r = Rearm::every(CLEAR_EVERY);
         let (on, off) = (vec![0b10u64], vec![0u64]);
         // Page 1 written once: it stays writable (and reported) until the next clear take,
         // which re-arms it (it was not dirty at the clear takes before).
@@ -240,5 +324,77 @@ mod tests {
             assert_eq!(r.select(0, &on), off);
         }
         assert_eq!(r.select(0, &on), off, "hot: left writable");
+    }
+
+    /// Takes until the next clear take (which is included), with `dirty` at each.
+    fn to_next_clear(r: &mut Rearm, dirty: &dyn Fn(usize) -> Vec<u64>, take: &mut usize) {
+        loop {
+            *take += 1;
+            let c = r.select(0, &dirty(*take));
+            if r.clearing {
+                return;
+            }
+            assert!(c.iter().all(|&w| w == 0), "only a clear take re-arms");
+        }
+    }
+
+    #[test]
+    fn a_stable_hot_set_makes_clears_rarer_and_a_moving_one_makes_them_frequent() {
+        // 16 MiB rewritten at every take: clears only cost, the interval grows to the most.
+        let mut r = Rearm::default();
+        assert_eq!(r.interval(), CLEAR_EVERY);
+        let hot = |_: usize| vec![u64::MAX; 64];
+        let mut take = 0;
+        for _ in 0..12 {
+            to_next_clear(&mut r, &hot, &mut take);
+        }
+        assert_eq!(r.interval(), CLEAR_EVERY_MAX);
+        // Then a writer that moves on at every take (new pages each time, never rewritten):
+        // what a clear re-arms stays clean, so clears pay and come as often as allowed.
+        let moving = |t: usize| {
+            let mut v = vec![0u64; 4096];
+            v[(t * 3) % 4096] = u64::MAX;
+            v
+        };
+        for _ in 0..12 {
+            to_next_clear(&mut r, &moving, &mut take);
+        }
+        assert_eq!(r.interval(), CLEAR_EVERY_MIN);
+    }
+
+    #[test]
+    fn a_hot_set_that_goes_quiet_is_found_by_the_sweep_and_clears_come_sooner() {
+        let mut r = Rearm::default();
+        let hot = |_: usize| vec![u64::MAX; 64];
+        let mut take = 0;
+        for _ in 0..12 {
+            to_next_clear(&mut r, &hot, &mut take);
+        }
+        assert_eq!(r.interval(), CLEAR_EVERY_MAX);
+        // The guest stops writing. Its pages stay writable (KVM reports them every take)
+        // until re-armed: the sweep re-arms 1/16 of them per clear, and those stay clean.
+        let mut writable = vec![u64::MAX; 64];
+        let mut clears = 0;
+        while r.interval() > CLEAR_EVERY_MIN {
+            let w = writable.clone();
+            let c = loop {
+                let c = r.select(0, &w);
+                if r.clearing {
+                    break c;
+                }
+            };
+            for (x, y) in writable.iter_mut().zip(&c) {
+                *x &= !y;
+            }
+            clears += 1;
+            assert!(
+                clears < 12,
+                "the interval must shrink while the sweep finds quiet pages"
+            );
+        }
+        assert!(
+            writable.iter().map(|w| w.count_ones()).sum::<u32>() < 64 * 64,
+            "the sweep re-armed some of the quiet pages"
+        );
     }
 }

@@ -25,6 +25,9 @@ use crate::{Error, Result};
 use checkpoint::{Persist, SectionId};
 use checkpoint::{Section, Snapshot};
 
+/// One module's saved state: (its place in the table, (state version, state)).
+type ModuleSaved = (usize, (u32, Option<Vec<u8>>));
+
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -562,25 +565,76 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs every module's `checkpoint` on the boot vCPU: sections `module/<name>`.
+    /// Runs every module's checkpoint: sections `module/<name>`, in table order. Modules with
+    /// VM-wide state ([`crate::Module::checkpoint_vm`]) save on this thread; the others on the
+    /// boot vCPU, concurrently (no cross-call when there are none).
     pub fn checkpoint_modules(&self, args: &CptArgs) -> Result<Vec<Section>> {
         let modules = self.modules.clone();
-        let args = args.clone();
-        let extra = args.extra.clone();
-        let saved = self.call_on(0, move |ctx| {
-            modules.run(|m| Ok((m.version(), m.checkpoint(ctx, &args)?)))
-        })??;
+        // On the boot vCPU: the modules without a checkpoint_vm, posted first so that they
+        // run while this thread saves the others.
+        let on_vcpu: Vec<usize> = modules
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !m.vm_wide())
+            .map(|(i, _)| i)
+            .collect();
+        let pending = if on_vcpu.is_empty() {
+            None
+        } else {
+            let (tx, rx) = bounded(1);
+            let (table, args, which) = (modules.clone(), args.clone(), on_vcpu.clone());
+            let call: VcpuCall = Box::new(move |ctx| {
+                let r: Result<Vec<ModuleSaved>> = table
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| which.contains(i))
+                    .map(|(i, m)| Ok((i, (m.version(), m.checkpoint(ctx, &args)?))))
+                    .collect();
+                let _ = tx.send(r);
+            });
+            self.post(0, CrossCall::Call(call))?;
+            Some(rx)
+        };
+        let mut saved: Vec<ModuleSaved> = Vec::new();
+        let mut first_err = None;
+        for (i, m) in modules.iter().enumerate() {
+            if on_vcpu.contains(&i) {
+                continue;
+            }
+            match m.checkpoint_vm(&self.shared, args) {
+                Ok(data) => saved.push((i, (m.version(), data))),
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(rx) = pending {
+            // Always collected, so that the boot vCPU's call is over before an error returns.
+            let r = rx.recv().map_err(|_| Error::Stopped)?;
+            match r {
+                Ok(v) => saved.extend(v),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        saved.sort_by_key(|(i, _)| *i);
+        let names = modules.names();
         let mut out: Vec<Section> = saved
             .into_iter()
-            .filter_map(|(name, (version, data))| {
+            .filter_map(|(i, (version, data))| {
                 data.map(|data| Section {
-                    name: SectionId::Module(name).name(),
+                    name: SectionId::Module(names[i]).name(),
                     version,
                     data,
                 })
             })
             .collect();
-        out.append(&mut extra.lock().unwrap_or_else(|p| p.into_inner()));
+        out.append(&mut args.extra.lock().unwrap_or_else(|p| p.into_inner()));
         Ok(out)
     }
 

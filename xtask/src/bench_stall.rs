@@ -91,14 +91,29 @@ fn unprotected(bin: &Path, image: &Path, hot_kib: u64, dir: &Path) -> Result<Sta
         .ok_or_else(|| "the unprotected probe did not complete a run".to_string())
 }
 
-/// One protected run: the probe's view and the primary's epoch pause (p50, p99 ms).
+/// What `bench stall` runs: every hot set at every rate.
+pub struct Plan {
+    /// Hot sets, MiB.
+    pub hot_mib: Vec<u64>,
+    /// Epoch rates, Hz.
+    pub hz: Vec<u64>,
+}
+
+/// One protected run as the guest and the primary saw it.
+struct Protected {
+    run: StallRun,
+    pause: ft::status::PauseMs,
+    throttles: u64,
+}
+
+/// One protected run: the probe's view, the primary's epoch pause and its throttles.
 fn protected(
     bin: &Path,
     image: &Path,
     hot_kib: u64,
     interval_ms: u64,
     dir: &Path,
-) -> Result<(StallRun, f64, f64, u64), String> {
+) -> Result<Protected, String> {
     let cfg = PairConfig {
         bin: bin.to_path_buf(),
         dir: dir.join(format!("pair-{hot_kib}-{interval_ms}")),
@@ -106,7 +121,13 @@ fn protected(
         interval_ms,
         primary_env: vec![],
         log: "warn".into(),
-        hosts: Default::default(),
+        hosts: {
+            let mut h = testkit::pair::Hosts::default();
+            if let Ok(p) = std::env::var("DBG_STANDBY_PREFIX") {
+                h.standby_prefix = p.split_whitespace().map(String::from).collect();
+            }
+            h
+        },
     };
     let mut pair = Pair::start_standby(cfg).map_err(|e| format!("starting the pair: {e}"))?;
     pair.start_primary()
@@ -133,7 +154,11 @@ fn protected(
         .ok_or("the primary left no status")?;
     let pause = ft.pause_ms.clone().unwrap_or_default();
     let throttles = ft.primary_counters().map_or(0, |c| c.throttles);
-    Ok((run, pause.p50, pause.p99, throttles))
+    Ok(Protected {
+        run,
+        pause,
+        throttles,
+    })
 }
 
 fn gap_ms(run: &StallRun, p: f64) -> f64 {
@@ -151,7 +176,18 @@ fn rate(run: &StallRun) -> f64 {
 }
 
 /// Runs the benchmark and appends its table to `out`.
-pub fn bench(out: &mut String) -> Result<(), String> {
+pub fn bench(plan: &Plan, out: &mut String) -> Result<(), String> {
+    if plan.hot_mib.is_empty() || plan.hz.is_empty() {
+        return Err("bench stall: give at least one --hot-mib and one --hz".into());
+    }
+    if let Some(h) = plan.hz.iter().find(|&&h| h == 0 || h > 1000) {
+        return Err(format!("bench stall: --hz {h} is out of range (1..=1000)"));
+    }
+    if let Some(m) = plan.hot_mib.iter().find(|&&m| m == 0 || m > 128) {
+        return Err(format!(
+            "bench stall: --hot-mib {m} is out of range (1..=128; the probe has 256 MiB)"
+        ));
+    }
     let bin = crate::pair::build_tandem()?;
     let dir = std::env::temp_dir().join(format!("tandem-bench-stall-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -167,7 +203,8 @@ pub fn bench(out: &mut String) -> Result<(), String> {
          |---|---|---|---|---|---|---|---|---|---|\n"
     );
     let memcpy = memcpy_gib_s();
-    for hot_kib in [1024u64, 16 * 1024] {
+    let mut breakdown = String::new();
+    for hot_kib in plan.hot_mib.iter().map(|m| m * 1024) {
         let off = unprotected(&bin, &image, hot_kib, &dir)?;
         let base = rate(&off);
         let per_s = |r: &StallRun| r.over as f64 / (r.elapsed_ns.max(1) as f64 / 1e9);
@@ -181,20 +218,35 @@ pub fn bench(out: &mut String) -> Result<(), String> {
         );
         print!("{row}");
         text.push_str(&row);
-        for interval in [100u64, 50, 25] {
-            let (run, p50, p99, throttles) = protected(&bin, &image, hot_kib, interval, &dir)?;
+        for hz in &plan.hz {
+            let p = protected(&bin, &image, hot_kib, 1000 / hz, &dir)?;
+            let run = &p.run;
             let row = format!(
-                "| {} MiB | {} Hz | {:.1} % | {:.1} | {:.3} | {:.3} | {:.3} | {p50:.3} | {p99:.3} | {throttles} |\n",
+                "| {} MiB | {hz} Hz | {:.1} % | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
                 hot_kib / 1024,
-                1000 / interval,
-                rate(&run) / base * 100.0,
-                per_s(&run),
-                gap_ms(&run, 50.0),
-                gap_ms(&run, 99.0),
+                rate(run) / base * 100.0,
+                per_s(run),
+                gap_ms(run, 50.0),
+                gap_ms(run, 99.0),
                 run.largest_ns as f64 / 1e6,
+                p.pause.p50,
+                p.pause.p99,
+                p.throttles,
             );
             print!("{row}");
             text.push_str(&row);
+            let phases: Vec<String> = p
+                .pause
+                .phases_p50
+                .iter()
+                .map(|ph| format!("{} {:.3}", ph.phase, ph.ms))
+                .collect();
+            let _ = writeln!(
+                breakdown,
+                "| {} MiB | {hz} Hz | {} |",
+                hot_kib / 1024,
+                phases.join(" · ")
+            );
         }
     }
     let line = format!(
@@ -205,6 +257,12 @@ pub fn bench(out: &mut String) -> Result<(), String> {
     );
     print!("{line}");
     text.push_str(&line);
+    let table = format!(
+        "\nWhere the pause goes (median of each phase, ms; `vmx::machine::PAUSE_PHASES`):\n\n\
+         | hot set | FT | phases p50 ms |\n|---|---|---|\n{breakdown}"
+    );
+    print!("{table}");
+    text.push_str(&table);
     let _ = std::fs::remove_dir_all(&dir);
     writeln!(out, "{text}").map_err(|e| e.to_string())
 }

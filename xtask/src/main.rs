@@ -77,6 +77,12 @@ enum Cmd {
         /// Do not write BENCHMARKS.md.
         #[arg(long)]
         no_record: bool,
+        /// `stall`: the hot sets to run, MiB (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 16])]
+        hot_mib: Vec<u64>,
+        /// `stall`: the epoch rates to run, Hz (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [10u64, 20, 40])]
+        hz: Vec<u64>,
     },
 }
 
@@ -407,7 +413,10 @@ fn main() {
             which,
             stuns,
             no_record,
+            hot_mib,
+            hz,
         } => {
+            let plan = bench_stall::Plan { hot_mib, hz };
             let mut out = String::new();
             let all = which.is_none();
             let mut r = Ok(());
@@ -426,7 +435,7 @@ fn main() {
             if all || which == Some(Bench::Ft) {
                 r = r.and_then(|_| pair::bench(&mut out));
                 if !all {
-                    r = r.and_then(|_| bench_stall::bench(&mut out));
+                    r = r.and_then(|_| bench_stall::bench(&plan, &mut out));
                 }
             }
             if all || which == Some(Bench::Reprotect) {
@@ -436,7 +445,7 @@ fn main() {
                 r = r.and_then(|_| pair::bench_faults(&mut out));
             }
             if all || which == Some(Bench::Stall) {
-                r = r.and_then(|_| bench_stall::bench(&mut out));
+                r = r.and_then(|_| bench_stall::bench(&plan, &mut out));
             }
             if all || which == Some(Bench::FirstSync) {
                 r = r.and_then(|_| bench_stall::bench_first_sync(&mut out));
