@@ -13,7 +13,7 @@ use transport::message::NackCode;
 use transport::{Channel, Epoch, Fence, Generation, Message, PageRange, Received};
 
 use rayon::prelude::*;
-use transport::pages::{encode_range, encode_range_uncompressed};
+use transport::pages::{encode_range, encode_range_delta, encode_range_uncompressed};
 
 use super::epoch::RECORDS_PREFIX;
 use checkpoint::digest::{combine_hashes, range_hash};
@@ -653,7 +653,33 @@ impl XorCache {
         (self.pages.len() * PAGE) as u64
     }
 
+    /// `data` (pages from `gpa`) XOR the cached copies of its pages, if every one is cached:
+    /// one pass, without gathering the copies first.
+    /// The delta goes into `out` (a buffer kept by the caller: a fresh 2 MiB one costs a
+    /// page fault per 4 KiB).
+    fn delta(&self, gpa: u64, data: &[u8], out: &mut Vec<u8>) -> bool {
+        let first = gpa / PAGE as u64;
+        let Some(copies) = (0..(data.len() / PAGE) as u64)
+            .map(|p| self.pages.get(&(first + p)).map(|c| &c.1[..]))
+            .collect::<Option<Vec<&[u8]>>>()
+        else {
+            return false;
+        };
+        out.resize(data.len(), 0);
+        for ((o, d), c) in out
+            .chunks_exact_mut(PAGE)
+            .zip(data.chunks_exact(PAGE))
+            .zip(copies)
+        {
+            for ((o, d), c) in o.iter_mut().zip(d).zip(c) {
+                *o = d ^ c;
+            }
+        }
+        true
+    }
+
     /// The copies of `len` bytes of pages from `gpa`, if every one is cached.
+    #[cfg(test)]
     fn base(&self, gpa: u64, len: usize) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(len);
         for p in 0..(len / PAGE) as u64 {
@@ -694,6 +720,11 @@ impl XorCache {
 
 const PAGE: usize = 4096;
 
+thread_local! {
+    /// Each coding thread's delta buffer (at most one run, 2 MiB).
+    static DELTA: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// [`encode_parts`] with XOR deltas against `cache` where every page of a part is cached.
 fn encode_parts_xor(
     parts: &[(u64, &[u8])],
@@ -706,11 +737,15 @@ fn encode_parts_xor(
     parts
         .par_iter()
         .map(|(gpa, data)| {
-            let base = cache.base(*gpa, data.len());
-            (
-                encode_range(*gpa, data, base.as_deref()),
-                range_hash(*gpa, data),
-            )
+            let coded = DELTA.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                if cache.delta(*gpa, data, &mut buf) {
+                    encode_range_delta(*gpa, data, &buf)
+                } else {
+                    encode_range(*gpa, data, None)
+                }
+            });
+            (coded, range_hash(*gpa, data))
         })
         .collect()
 }
@@ -806,5 +841,111 @@ mod tests {
         let mut off = XorCache::new(0);
         off.remember(1, &[(0, &a)]);
         assert_eq!(off.bytes(), 0);
+    }
+
+    /// CPU time of the sender's coding of one epoch: a 16 MiB hot set whose pages each
+    /// changed in one qword since the acknowledged copy (what `stall-probe` dirties).
+    /// `cargo test -p ft --release -- --ignored --nocapture sender_coding_cpu`.
+    #[test]
+    #[ignore = "a measurement: run by hand"]
+    fn sender_coding_cpu() {
+        // The process's user + system time (/proc/self/stat, clock ticks of 10 ms: the
+        // epochs are many enough for that).
+        fn cpu() -> std::time::Duration {
+            let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<u64> = after
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            std::time::Duration::from_millis((f[11] + f[12]) * 10)
+        }
+        const MIB: usize = 16;
+        let mut mem: Vec<u8> = (0..MIB << 20).map(|i| (i * 31 % 251) as u8).collect();
+        let mut cache = XorCache::new(64 << 20);
+        let runs: Vec<(u64, usize)> = (0..MIB / 2).map(|i| ((i << 21) as u64, 2 << 20)).collect();
+        let parts = |m: &[u8]| -> Vec<(u64, Vec<u8>)> {
+            runs.iter()
+                .map(|&(g, n)| (g, m[g as usize..g as usize + n].to_vec()))
+                .collect()
+        };
+        let p0 = parts(&mem);
+        let refs: Vec<(u64, &[u8])> = p0.iter().map(|(g, d)| (*g, d.as_slice())).collect();
+        cache.remember(1, &refs);
+        let (mut enc, mut rem, n) = (std::time::Duration::ZERO, std::time::Duration::ZERO, 60);
+        for e in 2..2 + n {
+            for page in 0..(MIB << 20) / PAGE {
+                mem[page * PAGE + (e as usize * 8) % PAGE] ^= 0x5a;
+            }
+            let p = parts(&mem);
+            let refs: Vec<(u64, &[u8])> = p.iter().map(|(g, d)| (*g, d.as_slice())).collect();
+            let t = cpu();
+            let coded = encode_parts_xor(&refs, true, &cache);
+            let _ = combine_hashes(coded.iter().map(|c| c.1));
+            enc += cpu() - t;
+            assert!(coded
+                .iter()
+                .all(|c| c.0.codec == transport::pages::Codec::XorZstd));
+            let t = cpu();
+            cache.remember(e, &refs);
+            rem += cpu() - t;
+        }
+        // Where coding goes, one step at a time over the same 16 MiB (single thread).
+        let p = parts(&mem);
+        let step = |name: &str, f: &dyn Fn()| {
+            let t = cpu();
+            for _ in 0..20 {
+                f();
+            }
+            println!(
+                "  {name}: {:.2} ms per 16 MiB",
+                (cpu() - t).as_secs_f64() * 1e3 / 20.0
+            );
+        };
+        step("to_vec", &|| {
+            for (_, d) in &p {
+                std::hint::black_box(d.to_vec());
+            }
+        });
+        step("base", &|| {
+            for (g, d) in &p {
+                std::hint::black_box(cache.base(*g, d.len()));
+            }
+        });
+        let bases: Vec<Vec<u8>> = p
+            .iter()
+            .map(|(g, d)| cache.base(*g, d.len()).unwrap())
+            .collect();
+        step("xor", &|| {
+            for ((_, d), b) in p.iter().zip(&bases) {
+                let x: Vec<u8> = d.iter().zip(b).map(|(a, b)| a ^ b).collect();
+                std::hint::black_box(x);
+            }
+        });
+        let xs: Vec<Vec<u8>> = p
+            .iter()
+            .zip(&bases)
+            .map(|((_, d), b)| d.iter().zip(b).map(|(a, b)| a ^ b).collect())
+            .collect();
+        step("zstd of the delta", &|| {
+            for x in &xs {
+                std::hint::black_box(transport::pages::encode_range_with(
+                    0,
+                    x,
+                    None,
+                    transport::pages::Codec::Zstd,
+                ));
+            }
+        });
+        step("blake3", &|| {
+            for (g, d) in &p {
+                std::hint::black_box(range_hash(*g, d));
+            }
+        });
+        println!(
+            "{MIB} MiB epoch, CPU per epoch: coding {:.2} ms, remembering {:.2} ms",
+            enc.as_secs_f64() * 1e3 / n as f64,
+            rem.as_secs_f64() * 1e3 / n as f64
+        );
     }
 }

@@ -83,47 +83,73 @@ fn is_zero(b: &[u8]) -> bool {
 /// common case, and one compression is half the work of two).
 pub fn encode_range(gpa: u64, data: &[u8], prev: Option<&[u8]>) -> PageRange {
     assert!(data.len() % PAGE == 0 && !data.is_empty(), "whole pages");
+    match prev.filter(|p| p.len() == data.len()) {
+        Some(prev) => {
+            let delta: Vec<u8> = data.iter().zip(prev).map(|(a, b)| a ^ b).collect();
+            encode_range_delta(gpa, data, &delta)
+        }
+        None => encode_plain(gpa, data),
+    }
+}
+
+/// [`encode_range`] with the delta already made: `delta` = `data` XOR the copy sent before
+/// (a sender that keeps its copies page by page XORs them in one pass, without first
+/// gathering them into one buffer).
+pub fn encode_range_delta(gpa: u64, data: &[u8], delta: &[u8]) -> PageRange {
+    assert!(data.len() % PAGE == 0 && !data.is_empty(), "whole pages");
+    assert_eq!(delta.len(), data.len(), "a delta as long as the range");
     let pages = (data.len() / PAGE) as u32;
-    let mut best = encode_range_uncompressed(gpa, data);
-    if best.codec == Codec::Zero {
-        return best;
+    if is_zero(data) {
+        return zero_range(gpa, pages);
     }
-    let prev = prev.filter(|p| p.len() == data.len());
-    if let Some(prev) = prev {
-        if let Ok(z) = xor_zstd(data, prev) {
-            if z.len() * 2 < data.len() {
-                return PageRange {
-                    gpa,
-                    pages,
-                    codec: Codec::XorZstd,
-                    payload: z,
-                };
+    let xor = |payload: Vec<u8>| PageRange {
+        gpa,
+        pages,
+        codec: Codec::XorZstd,
+        payload,
+    };
+    let z = zstd::bulk::compress(delta, LEVEL).ok();
+    match z {
+        Some(z) if z.len() * 2 < data.len() => xor(z),
+        z => {
+            let best = encode_plain(gpa, data);
+            match z {
+                Some(z) if z.len() < best.payload.len() => xor(z),
+                _ => best,
             }
         }
     }
-    if let Ok(z) = zstd::bulk::compress(data, LEVEL) {
-        if z.len() < best.payload.len() {
-            best = PageRange {
-                gpa,
-                pages,
-                codec: Codec::Zstd,
-                payload: z,
-            };
-        }
+}
+
+/// The smallest of zero, zstd and raw, without a copy sent before.
+fn encode_plain(gpa: u64, data: &[u8]) -> PageRange {
+    let pages = (data.len() / PAGE) as u32;
+    if is_zero(data) {
+        return zero_range(gpa, pages);
     }
-    if let Some(prev) = prev.filter(|p| p.len() == data.len()) {
-        if let Ok(z) = xor_zstd(data, prev) {
-            if z.len() < best.payload.len() {
-                best = PageRange {
-                    gpa,
-                    pages,
-                    codec: Codec::XorZstd,
-                    payload: z,
-                };
-            }
-        }
+    match zstd::bulk::compress(data, LEVEL) {
+        Ok(z) if z.len() < data.len() => PageRange {
+            gpa,
+            pages,
+            codec: Codec::Zstd,
+            payload: z,
+        },
+        _ => PageRange {
+            gpa,
+            pages,
+            codec: Codec::Raw,
+            payload: data.to_vec(),
+        },
     }
-    best
+}
+
+fn zero_range(gpa: u64, pages: u32) -> PageRange {
+    PageRange {
+        gpa,
+        pages,
+        codec: Codec::Zero,
+        payload: Vec::new(),
+    }
 }
 
 /// Codes one range without trying compression: zero if it is all zeros, raw otherwise (for

@@ -121,13 +121,7 @@ fn protected(
         interval_ms,
         primary_env: vec![],
         log: "warn".into(),
-        hosts: {
-            let mut h = testkit::pair::Hosts::default();
-            if let Ok(p) = std::env::var("DBG_STANDBY_PREFIX") {
-                h.standby_prefix = p.split_whitespace().map(String::from).collect();
-            }
-            h
-        },
+        hosts: Default::default(),
     };
     let mut pair = Pair::start_standby(cfg).map_err(|e| format!("starting the pair: {e}"))?;
     pair.start_primary()
