@@ -417,7 +417,10 @@ impl CowTracker {
             ptrs,
         }));
         for &(first, n) in runs {
-            inner.writeprotect(first, n, true)?;
+            if let Err(e) = inner.writeprotect(first, n, true) {
+                self.abandon();
+                return Err(e);
+            }
         }
         Ok(CowEpoch {
             protect_time: t.elapsed(),
@@ -432,6 +435,31 @@ impl CowTracker {
     /// as it goes, and waits for the handler's; returns the pages as they were at
     /// [`CowTracker::protect`].
     pub fn copy(&self, epoch: CowEpoch) -> Result<(Vec<PageRun>, CowEpochReport)> {
+        let r = self.copy_inner(epoch);
+        if r.is_err() {
+            self.abandon();
+        }
+        r
+    }
+
+    /// After a failure: un-protects every page of the epoch (so that no writer stays blocked)
+    /// and forgets it. Its copy is lost.
+    fn abandon(&self) {
+        let inner = &self.inner;
+        let e = inner.epoch.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(e) = e {
+            for &(first, n) in &e.runs {
+                if let Err(err) = inner.writeprotect(first, n, false) {
+                    log::error!("copy-on-write: cannot un-protect pages {first}+{n}: {err}");
+                }
+                for p in first..first + n {
+                    inner.state[p as usize].store(IDLE, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    fn copy_inner(&self, epoch: CowEpoch) -> Result<(Vec<PageRun>, CowEpochReport)> {
         let inner = &self.inner;
         let e = inner
             .epoch
