@@ -21,13 +21,16 @@
 //! * [`Monitor`] runs a [`Vm`] behind typed queues: [`MonitorAction`] in, [`UserRpc`] out.
 
 pub mod actions;
+pub mod cow;
 pub mod dirty;
 pub mod image;
 mod kick;
+pub mod kvm_stats;
 pub mod layout;
 pub mod mmio;
 pub mod module;
 pub mod rearm;
+pub mod ring;
 pub mod rpc;
 mod shared;
 pub mod state;

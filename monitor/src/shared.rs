@@ -57,6 +57,8 @@ pub struct VmShared {
     pub(crate) manual_dirty: bool,
     /// Which pages the epochs keep writable ([`crate::rearm::Rearm`]).
     pub(crate) rearm: Mutex<crate::rearm::Rearm>,
+    /// The dirty rings, when the VM tracks with them instead of the bitmap ([`crate::ring`]).
+    pub(crate) dirty_ring: Option<crate::ring::DirtyRings>,
 }
 
 impl VmShared {
@@ -66,6 +68,9 @@ impl VmShared {
     /// every later fetch). Bit `n` stands for guest page `n`. Users go through
     /// [`crate::DirtyLog`].
     pub(crate) fn take_dirty_bitmap(&self, keep_hot: bool) -> Result<Vec<u64>> {
+        if let Some(ring) = &self.dirty_ring {
+            return ring.take(self);
+        }
         let pages = self.layout.pages() as usize;
         let mut out = vec![0u64; pages.div_ceil(64)];
         let mut page_base = 0usize;

@@ -309,6 +309,13 @@ impl VcpuContext {
                 "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
             )),
             Ok(VcpuExit::InternalError) => Err("KVM internal error".to_string()),
+            Ok(VcpuExit::Unsupported(crate::ring::EXIT_DIRTY_RING_FULL)) => {
+                match &self.shared.dirty_ring {
+                    Some(r) => r.ring_full(self.id, &self.shared).map(|()| None),
+                    None => Err(crate::Error::Config("dirty ring full, but no ring".into())),
+                }
+                .map_err(|e| e.to_string())
+            }
             Ok(other) => Err(format!("unexpected exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR => {
                 self.stats.kicks.fetch_add(1, Ordering::Relaxed);

@@ -50,6 +50,9 @@ pub struct VmConfig {
     pub boot_args: String,
     /// The virtio-mmio devices the boot-info page lists.
     pub mmio_devices: Vec<guest_abi::boot::MmioDevice>,
+    /// Experiment (issue 15): track dirty pages with KVM's dirty ring of this many bytes per
+    /// vCPU instead of the dirty bitmap; 0 (the default) = the bitmap. See [`crate::ring`].
+    pub dirty_ring_bytes: u32,
 }
 
 impl VmConfig {
@@ -65,6 +68,7 @@ impl VmConfig {
             restoring: false,
             boot_args: String::new(),
             mmio_devices: Vec::new(),
+            dirty_ring_bytes: 0,
         }
     }
 }
@@ -185,7 +189,11 @@ impl Vm {
                 false
             }
         };
-        let manual_dirty = crate::rearm::enable_manual_protect(&kvm, &vm_fd);
+        let ring = config.dirty_ring_bytes;
+        let ring = (ring != 0)
+            .then(|| crate::ring::enable(&vm_fd, ring))
+            .transpose()?;
+        let manual_dirty = ring.is_none() && crate::rearm::enable_manual_protect(&kvm, &vm_fd);
         let mem = map_memory(config, &layout)?;
         let msrs = msr_list(&kvm)?;
         let cpuid = kvm
@@ -198,6 +206,9 @@ impl Vm {
                     .map_err(Error::kvm("KVM_CREATE_VCPU"))
             })
             .collect::<Result<Vec<_>>>()?;
+        let dirty_ring = ring
+            .map(|b| crate::ring::DirtyRings::map(&fds, b, layout.pages()))
+            .transpose()?;
         let tsc_khz = fds[0].get_tsc_khz().map(u64::from).unwrap_or_else(|e| {
             log::debug!("KVM cannot tell the TSC frequency ({e}); the boot info says 0");
             0
@@ -221,6 +232,7 @@ impl Vm {
             mmio_bus: OnceLock::new(),
             manual_dirty,
             rearm: Mutex::new(crate::rearm::Rearm::default()),
+            dirty_ring,
         });
         let run_size = shared
             .kvm

@@ -26,6 +26,7 @@ mod bench_io;
 mod bench_kv;
 mod bench_migrate;
 mod bench_stall;
+mod bench_tracking;
 mod fuzz;
 mod modgraph;
 mod pair;
@@ -114,6 +115,8 @@ enum Bench {
     Kv,
     /// virtio-blk and virtio-net against the host doing the same I/O (needs root).
     Io,
+    /// Dirty tracking as the guest sees it: bitmap, dirty ring, copy-on-write (uffd-wp).
+    Tracking,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -455,6 +458,9 @@ fn main() {
             }
             if all || which == Some(Bench::Kv) {
                 r = r.and_then(|_| bench_kv::bench(&mut out));
+            }
+            if which == Some(Bench::Tracking) {
+                r = r.and_then(|_| bench_tracking::bench(&mut out));
             }
             if all || which == Some(Bench::Io) {
                 r = r.and_then(|_| bench_io::bench(&mut out));
