@@ -119,7 +119,7 @@ impl Staging {
 
     /// Decodes a batch of ranges into the staging area (every check of
     /// [`transport::pages::decode_range`]; more pages than declared is refused).
-    pub fn pages(&mut self, batch: &[PageRange]) -> Result<()> {
+    pub fn pages(&mut self, batch: Vec<PageRange>) -> Result<()> {
         self.pages_with(batch, &|_, _| None)
     }
 
@@ -128,7 +128,7 @@ impl Staging {
     /// of the batch is staged).
     pub fn pages_with(
         &mut self,
-        batch: &[PageRange],
+        batch: Vec<PageRange>,
         base: &(dyn Fn(u64, usize) -> Option<Vec<u8>> + Sync),
     ) -> Result<()> {
         let n: u64 = batch.iter().map(|r| r.pages as u64).sum();
@@ -719,7 +719,7 @@ mod tests {
         {
             let page = vec![round as u8 + 1; 4096];
             let mut st = Staging::begin(fence(1), 1, 1 << 20).unwrap();
-            st.pages(&[encode_range(0, &page, None)]).unwrap();
+            st.pages(vec![encode_range(0, &page, None)]).unwrap();
             let s = section(w);
             st.section(&s.name, s.version, s.data).unwrap();
             let (pages, disks) = st
@@ -808,7 +808,7 @@ mod tests {
         // Without a base: refused, nothing staged.
         let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
         let e = st
-            .pages_with(std::slice::from_ref(&r), &|_, _| None)
+            .pages_with(vec![r.clone()], &|_, _| None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("without a previous copy"), "{e}");
@@ -818,7 +818,7 @@ mod tests {
         assert!((base.0)(2 << 20, 4096).is_none());
         // With the committed image as base: the new page, exactly.
         let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
-        st.pages_with(std::slice::from_ref(&r), &*base.0).unwrap();
+        st.pages_with(vec![r.clone()], &*base.0).unwrap();
         state(&mut st);
         let digest = pages_digest(&[(3 * 4096, &new)]);
         let staged = st.end(fence(2), 1, digest, 1).unwrap();
@@ -836,7 +836,7 @@ mod tests {
         let r = encode_range(0x2000, &page, None);
         let digest = pages_digest(&[(0x2000, &page)]);
         let mut st = Staging::begin(fence(1), 2, 1 << 20).unwrap();
-        st.pages(std::slice::from_ref(&r)).unwrap();
+        st.pages(vec![r.clone()]).unwrap();
         state(&mut st);
         rep.commit(st.end(fence(1), 1, digest, 1).unwrap()).unwrap();
         let before = hash(&m);
@@ -846,7 +846,7 @@ mod tests {
         let r2 = encode_range(0x2000, &other, None);
         // Wrong digest.
         let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
-        st.pages(std::slice::from_ref(&r2)).unwrap();
+        st.pages(vec![r2.clone()]).unwrap();
         state(&mut st);
         assert!(st
             .end(fence(2), 1, [0; 32], 1)
@@ -855,7 +855,7 @@ mod tests {
             .contains("digest"));
         // Truncated: one range promised more.
         let mut st = Staging::begin(fence(2), 2, 1 << 20).unwrap();
-        st.pages(std::slice::from_ref(&r2)).unwrap();
+        st.pages(vec![r2.clone()]).unwrap();
         state(&mut st);
         let d2 = pages_digest(&[(0x2000, &other)]);
         assert!(st
@@ -866,13 +866,13 @@ mod tests {
         // A range outside memory.
         let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
         let far = encode_range(1 << 20, &other, None);
-        assert!(st.pages(&[far]).is_err());
+        assert!(st.pages(vec![far]).is_err());
         // More pages than declared.
         let mut st = Staging::begin(fence(2), 0, 1 << 20).unwrap();
-        assert!(st.pages(std::slice::from_ref(&r2)).is_err());
+        assert!(st.pages(vec![r2.clone()]).is_err());
         // Missing vCPU state.
         let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
-        st.pages(std::slice::from_ref(&r2)).unwrap();
+        st.pages(vec![r2.clone()]).unwrap();
         assert!(st.end(fence(2), 1, d2, 1).is_err());
         // Bad records section.
         let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
@@ -885,7 +885,7 @@ mod tests {
 
         // And the next good epoch still commits.
         let mut st = Staging::begin(fence(2), 1, 1 << 20).unwrap();
-        st.pages(std::slice::from_ref(&r2)).unwrap();
+        st.pages(vec![r2.clone()]).unwrap();
         state(&mut st);
         let rec = Record {
             seq: 5,
@@ -911,12 +911,12 @@ mod tests {
         ];
         let digest = pages_digest(&[(0x1000, &data), (0x3000, &zero)]);
         let mut st = Staging::begin(fence(1), 2, 1 << 20).unwrap();
-        st.pages(&ranges).unwrap();
+        st.pages(ranges.to_vec()).unwrap();
         base.apply(st.end_pages(fence(1), 2, digest).unwrap().0)
             .unwrap();
         // A damaged round is refused whole.
         let mut st = Staging::begin(fence(1), 1, 1 << 20).unwrap();
-        st.pages(&ranges[..1]).unwrap();
+        st.pages(ranges[..1].to_vec()).unwrap();
         assert!(st.end_pages(fence(1), 1, [0; 32]).is_err());
         // A round with state in it is refused.
         let mut st = Staging::begin(fence(1), 0, 1 << 20).unwrap();
@@ -924,7 +924,7 @@ mod tests {
         assert!(st.end_pages(fence(1), 0, pages_digest(&[])).is_err());
         // Round 1 rewrites the data page with zeros: a touched page takes zeros too.
         let mut st = Staging::begin(fence(1), 1, 1 << 20).unwrap();
-        st.pages(&[encode_range(0x1000, &zero, None)]).unwrap();
+        st.pages(vec![encode_range(0x1000, &zero, None)]).unwrap();
         base.apply(
             st.end_pages(fence(1), 1, pages_digest(&[(0x1000, &zero)]))
                 .unwrap()

@@ -296,19 +296,24 @@ pub fn decode_range(r: &PageRange, mem_size: u64, prev: Option<&[u8]>) -> Result
 
 /// Decodes many ranges on every core; all of them or none (the first error).
 pub fn decode_ranges(
-    ranges: &[PageRange],
+    ranges: Vec<PageRange>,
     mem_size: u64,
     prev: &(dyn Fn(u64, usize) -> Option<Vec<u8>> + Sync),
 ) -> Result<Vec<(u64, Vec<u8>)>> {
     ranges
-        .par_iter()
+        .into_par_iter()
         .map(|r| {
+            if r.codec == Codec::Raw {
+                // Checked, then the payload itself is the range (no copy of it).
+                check_range(&r, mem_size)?;
+                return Ok((r.gpa, r.payload));
+            }
             let p = if r.codec == Codec::XorZstd {
                 prev(r.gpa, r.len())
             } else {
                 None
             };
-            decode_range(r, mem_size, p.as_deref()).map(|b| (r.gpa, b))
+            decode_range(&r, mem_size, p.as_deref()).map(|b| (r.gpa, b))
         })
         .collect()
 }
@@ -449,7 +454,7 @@ mod tests {
         let data = text_pages(1500, 3);
         let ranges = encode_ranges(&[(0x100000, &data)], &|_, _| None);
         assert_eq!(ranges.len(), 3);
-        let back = decode_ranges(&ranges, MEM, &|_, _| None).unwrap();
+        let back = decode_ranges(ranges.clone(), MEM, &|_, _| None).unwrap();
         let joined: Vec<u8> = back.iter().flat_map(|(_, b)| b.iter().copied()).collect();
         assert_eq!(joined, data);
         assert_eq!(back[1].0, 0x100000 + 512 * 4096);

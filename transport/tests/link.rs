@@ -30,7 +30,7 @@ fn serve(s: UnixStream, psk: Option<Psk>) -> thread::JoinHandle<Result<(), Error
                     fence: m.fence().unwrap_or_default(),
                 })?,
                 Received::Pages(rs) => {
-                    pages::decode_ranges(&rs, 1 << 30, &|_, _| None)?;
+                    pages::decode_ranges(rs.clone(), 1 << 30, &|_, _| None)?;
                     ch.send(&Message::Ack { fence: fence(0) })?;
                 }
                 Received::Cancelled(r) => return Err(Error::Handshake(format!("cancelled: {r}"))),

@@ -494,7 +494,7 @@ impl Machine {
                 self.counters.frames += 1;
                 self.counters.bytes_received +=
                     batch.iter().map(|r| r.payload.len() as u64).sum::<u64>();
-                self.pages(&batch);
+                self.pages(batch);
             }
             Event::EndOfStream => {
                 self.counters.frames += 1;
@@ -549,7 +549,7 @@ impl Machine {
         }
     }
 
-    fn pages(&mut self, batch: &[PageRange]) {
+    fn pages(&mut self, batch: Vec<PageRange>) {
         match &mut self.rx {
             Receiving::Poisoned { .. } => {}
             Receiving::Epoch(st) => {
