@@ -67,7 +67,27 @@ pub fn build_tandem() -> Result<PathBuf, String> {
         return Ok(PathBuf::from(bin));
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = std::process::Command::new(cargo)
+    // `cargo xtask` runs this binary with the variables cargo sets for a package it runs
+    // (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...); `ring`'s build script reruns when they
+    // change, so a nested build that inherits them and the next `cargo xtask` (without them)
+    // would rebuild ring and everything above it every time.
+    let mut cmd = std::process::Command::new(cargo);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+        {
+            cmd.env_remove(&*k);
+        }
+    }
+    let st = cmd
         .current_dir(root())
         .args([
             "build",
