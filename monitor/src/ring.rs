@@ -27,7 +27,9 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::PAGE_SIZE;
-use crate::shared::VmShared;
+/// Guest memory as the VM maps it (the type of `crate::GuestMem`, named here without
+/// importing the module that holds the rings).
+type Mem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 use crate::{Error, Result};
 
 /// `kvm_dirty_gfn.flags`: KVM published the entry.
@@ -208,9 +210,8 @@ impl DirtyRings {
 
     /// The dirty set since the last take: every ring, what ring-full exits harvested, and the
     /// host's writes (vm-memory bitmap); re-protects the harvested pages.
-    pub(crate) fn take(&self, shared: &VmShared) -> Result<Vec<u64>> {
-        let pages = shared.layout.pages() as usize;
-        let bases = slot_bases(shared);
+    pub(crate) fn take(&self, mem: &Mem, vm: &VmFd, pages: usize) -> Result<Vec<u64>> {
+        let bases = slot_bases(mem);
         let mut out = std::mem::replace(
             &mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()),
             vec![0; pages.div_ceil(64)],
@@ -219,7 +220,7 @@ impl DirtyRings {
         for v in 0..self.rings.len() {
             self.harvest(v, &bases, &mut out);
         }
-        for (region, &base) in shared.mem.iter().zip(&bases) {
+        for (region, &base) in mem.iter().zip(&bases) {
             let host = std::ops::Deref::deref(region).bitmap().get_and_reset();
             let n = (region.len() / PAGE_SIZE) as usize;
             for (p, g) in (0..n).map(|p| (p, base as usize + p)) {
@@ -228,30 +229,26 @@ impl DirtyRings {
                 }
             }
         }
-        self.reset(&shared.vm_fd)?;
+        self.reset(vm)?;
         Ok(out)
     }
 
     /// A vCPU's ring is full (`KVM_EXIT_DIRTY_RING_FULL`): harvest it into `pending` and reset,
     /// so the vCPU can run on. Called on that vCPU's thread.
-    pub(crate) fn ring_full(&self, vcpu: u32, shared: &VmShared) -> Result<()> {
+    pub(crate) fn ring_full(&self, vcpu: u32, mem: &Mem, vm: &VmFd) -> Result<()> {
         self.stats.full_exits.fetch_add(1, Ordering::Relaxed);
-        let bases = slot_bases(shared);
+        let bases = slot_bases(mem);
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             self.harvest(vcpu as usize, &bases, &mut pending);
         }
-        self.reset(&shared.vm_fd)
+        self.reset(vm)
     }
 }
 
 /// The first guest page of every memory slot (slot n = region n, as MainMem registers them).
-fn slot_bases(shared: &VmShared) -> Vec<u64> {
-    shared
-        .mem
-        .iter()
-        .map(|r| r.start_addr().0 / PAGE_SIZE)
-        .collect()
+fn slot_bases(mem: &Mem) -> Vec<u64> {
+    mem.iter().map(|r| r.start_addr().0 / PAGE_SIZE).collect()
 }
 
 impl crate::Vm {

@@ -69,7 +69,7 @@ impl VmShared {
     /// [`crate::DirtyLog`].
     pub(crate) fn take_dirty_bitmap(&self, keep_hot: bool) -> Result<Vec<u64>> {
         if let Some(ring) = &self.dirty_ring {
-            return ring.take(self);
+            return ring.take(&self.mem, &self.vm_fd, self.layout.pages() as usize);
         }
         let pages = self.layout.pages() as usize;
         let mut out = vec![0u64; pages.div_ceil(64)];

@@ -311,7 +311,9 @@ impl VcpuContext {
             Ok(VcpuExit::InternalError) => Err("KVM internal error".to_string()),
             Ok(VcpuExit::Unsupported(crate::ring::EXIT_DIRTY_RING_FULL)) => {
                 match &self.shared.dirty_ring {
-                    Some(r) => r.ring_full(self.id, &self.shared).map(|()| None),
+                    Some(r) => r
+                        .ring_full(self.id, &self.shared.mem, &self.shared.vm_fd)
+                        .map(|()| None),
                     None => Err(crate::Error::Config("dirty ring full, but no ring".into())),
                 }
                 .map_err(|e| e.to_string())

@@ -582,7 +582,7 @@ impl Vm {
     /// boot vCPU, concurrently (no cross-call when there are none).
     pub fn checkpoint_modules(&self, args: &CptArgs) -> Result<Vec<Section>> {
         let modules = self.modules.clone();
-        // On the boot vCPU: the modules without a checkpoint_vm, posted first so that they
+        // On the boot vCPU: the modules whose state is not VM-wide, posted first so that they
         // run while this thread saves the others.
         let on_vcpu: Vec<usize> = modules
             .iter()
