@@ -10,7 +10,13 @@ use std::time::{Duration, Instant};
 use kvstore::resp::{encode_request, split_args};
 use kvstore::{ServerInfo, Store};
 
-struct Server(Child);
+/// A redis-server of this test, stopped on drop. The tests of this file take turns (the
+/// guard): each starts its own server on a free port, and two servers started at once could be
+/// handed the same port, the second then exiting while its test talks to the first.
+struct Server(
+    Child,
+    #[allow(dead_code)] std::sync::MutexGuard<'static, ()>,
+);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -19,7 +25,10 @@ impl Drop for Server {
     }
 }
 
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn start_redis() -> Option<(Server, TcpStream)> {
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .ok()?
         .local_addr()
@@ -42,8 +51,8 @@ fn start_redis() -> Option<(Server, TcpStream)> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
-    let child = match child {
-        Ok(c) => Server(c),
+    let mut child = match child {
+        Ok(c) => Server(c, turn),
         Err(e) => {
             eprintln!("SKIP: cannot start redis-server ({e}); install Debian's redis-server");
             return None;
@@ -51,6 +60,9 @@ fn start_redis() -> Option<(Server, TcpStream)> {
     };
     let t0 = Instant::now();
     loop {
+        if let Ok(Some(st)) = child.0.try_wait() {
+            panic!("redis-server on port {port} exited at start ({st}): is the port taken?");
+        }
         if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
             s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
             return Some((child, s));
