@@ -468,6 +468,13 @@ fn encode_status(
                 "Times the guest was stunned to wait for a standby that fell behind",
                 c.throttles,
             )?;
+            counter(
+                enc,
+                "late_epochs",
+                "Epochs acknowledged after the next tick; the next epoch waited for the Ack \
+                 while the guest ran on",
+                c.late_epochs,
+            )?;
             one(
                 enc,
                 "throttled_seconds",

@@ -374,6 +374,10 @@ pub struct PrimaryCounters {
     pub nacks: u64,
     /// Times the guest was stunned to wait for the standby.
     pub throttles: u64,
+    /// Epochs acknowledged after the next tick: the next epoch was captured at the Ack, the
+    /// guest running meanwhile (a second tick without the Ack stuns it: a throttle).
+    #[serde(default)]
+    pub late_epochs: u64,
     /// Time the guest spent stunned waiting, ms.
     pub throttled_ms: f64,
     /// Records released to the outside.
@@ -554,7 +558,7 @@ mod tests {
             pause,
             ["count", "max", "p50", "p99", "phases_p50", "save_step_p50"]
         );
-        assert_eq!(v["counters"].as_object().unwrap().len(), 11);
+        assert_eq!(v["counters"].as_object().unwrap().len(), 12);
         assert_eq!(v["role"], "primary");
         let back: FtStatus = serde_json::from_value(v).unwrap();
         assert_eq!(back, primary());

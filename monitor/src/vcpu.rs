@@ -133,6 +133,8 @@ pub enum VcpuSched {
     /// SCHED_OTHER: vCPU threads compete with the rest of the host as ordinary threads; on an
     /// overcommitted host the control path may then wait a scheduler slice (ms) for a CPU.
     Normal,
+    /// SCHED_OTHER at nice 19: ordinary threads with the smallest share.
+    Nice,
 }
 
 enum Flow {
@@ -344,18 +346,32 @@ impl VcpuContext {
 
 /// Applies the vCPU scheduling policy to the calling thread (see [`VcpuSched`]).
 fn apply_policy(id: u32, policy: VcpuSched) {
-    if policy == VcpuSched::Normal {
-        return;
-    }
+    // The thread inherits its creator's policy (which may be real-time for tandem's control
+    // threads), so every policy is set explicitly.
+    let class = match policy {
+        VcpuSched::Idle => libc::SCHED_IDLE,
+        VcpuSched::Normal | VcpuSched::Nice => libc::SCHED_OTHER,
+    };
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid, initialised
     // sched_param; it only changes scheduling policy.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    let rc = unsafe { libc::sched_setscheduler(0, class, &param) };
     if rc != 0 {
         log::warn!(
-            "vCPU {id}: SCHED_IDLE refused: {}",
+            "vCPU {id}: scheduling policy {policy:?} refused: {}",
             std::io::Error::last_os_error()
         );
+    }
+    if policy == VcpuSched::Nice {
+        // SAFETY: setpriority on the calling thread (who = 0 means the caller); it only
+        // changes the thread's nice value.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        if rc != 0 {
+            log::warn!(
+                "vCPU {id}: nice 19 refused: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

@@ -280,7 +280,8 @@ struct Common {
     trace: Option<PathBuf>,
     /// Host scheduling of vCPU threads: `idle` (default) gives guests every cycle nobody else
     /// wants and lets tandem's control path preempt them at once; `normal` makes them
-    /// ordinary threads (use it on a busy host, where idle would starve the guest).
+    /// ordinary threads (use it on a busy host, where idle would starve the guest); `nice`
+    /// makes them ordinary threads at nice 19.
     #[arg(long, value_name = "POLICY", default_value = "idle", value_parser = parse_sched)]
     vcpu_sched: vmx::VcpuSched,
 }
@@ -289,7 +290,8 @@ fn parse_sched(s: &str) -> Result<vmx::VcpuSched, String> {
     match s {
         "idle" => Ok(vmx::VcpuSched::Idle),
         "normal" => Ok(vmx::VcpuSched::Normal),
-        _ => Err(format!("{s:?}: use idle or normal")),
+        "nice" => Ok(vmx::VcpuSched::Nice),
+        _ => Err(format!("{s:?}: use idle, normal or nice")),
     }
 }
 

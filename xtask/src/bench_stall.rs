@@ -39,7 +39,7 @@ fn probe_args(hot_kib: u64) -> Vec<String> {
     .collect()
 }
 
-fn guest_cli(image: &Path, hot_kib: u64) -> Vec<String> {
+fn guest_cli(image: &Path, hot_kib: u64, sched: Option<&str>) -> Vec<String> {
     let mut v = vec![
         "--image".to_string(),
         image.display().to_string(),
@@ -49,6 +49,9 @@ fn guest_cli(image: &Path, hot_kib: u64) -> Vec<String> {
         "256".into(),
     ];
     v.extend(probe_args(hot_kib));
+    if let Some(s) = sched {
+        v.extend(["--vcpu-sched".to_string(), s.to_string()]);
+    }
     v
 }
 
@@ -71,11 +74,17 @@ fn parse_records(text: &str) -> Vec<guest_abi::Record> {
         .collect()
 }
 
-fn unprotected(bin: &Path, image: &Path, hot_kib: u64, dir: &Path) -> Result<StallRun, String> {
+fn unprotected(
+    bin: &Path,
+    image: &Path,
+    hot_kib: u64,
+    sched: Option<&str>,
+    dir: &Path,
+) -> Result<StallRun, String> {
     let out = dir.join(format!("off-{hot_kib}.txt"));
     let o = std::process::Command::new(bin)
         .arg("run")
-        .args(guest_cli(image, hot_kib))
+        .args(guest_cli(image, hot_kib, sched))
         .arg("--output")
         .arg(&out)
         .output()
@@ -97,6 +106,8 @@ pub struct Plan {
     pub hot_mib: Vec<u64>,
     /// Epoch rates, Hz.
     pub hz: Vec<u64>,
+    /// The vCPU policy (`--vcpu-sched`), tandem's default when `None`.
+    pub vcpu_sched: Option<String>,
 }
 
 /// One protected run as the guest and the primary saw it.
@@ -112,12 +123,13 @@ fn protected(
     image: &Path,
     hot_kib: u64,
     interval_ms: u64,
+    sched: Option<&str>,
     dir: &Path,
 ) -> Result<Protected, String> {
     let cfg = PairConfig {
         bin: bin.to_path_buf(),
         dir: dir.join(format!("pair-{hot_kib}-{interval_ms}")),
-        guest: guest_cli(image, hot_kib),
+        guest: guest_cli(image, hot_kib, sched),
         interval_ms,
         primary_env: vec![],
         log: "warn".into(),
@@ -199,7 +211,7 @@ pub fn bench(plan: &Plan, out: &mut String) -> Result<(), String> {
     let memcpy = memcpy_gib_s();
     let mut breakdown = String::new();
     for hot_kib in plan.hot_mib.iter().map(|m| m * 1024) {
-        let off = unprotected(&bin, &image, hot_kib, &dir)?;
+        let off = unprotected(&bin, &image, hot_kib, plan.vcpu_sched.as_deref(), &dir)?;
         let base = rate(&off);
         let per_s = |r: &StallRun| r.over as f64 / (r.elapsed_ns.max(1) as f64 / 1e9);
         let row = format!(
@@ -213,7 +225,14 @@ pub fn bench(plan: &Plan, out: &mut String) -> Result<(), String> {
         print!("{row}");
         text.push_str(&row);
         for hz in &plan.hz {
-            let p = protected(&bin, &image, hot_kib, 1000 / hz, &dir)?;
+            let p = protected(
+                &bin,
+                &image,
+                hot_kib,
+                1000 / hz,
+                plan.vcpu_sched.as_deref(),
+                &dir,
+            )?;
             let run = &p.run;
             let row = format!(
                 "| {} MiB | {hz} Hz | {:.1} % | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",

@@ -84,6 +84,10 @@ enum Cmd {
         /// `stall`: the epoch rates to run, Hz (comma-separated).
         #[arg(long, value_delimiter = ',', default_values_t = [10u64, 20, 40])]
         hz: Vec<u64>,
+        /// `stall`: the vCPU policy of every run (`tandem run --vcpu-sched`; tandem's default
+        /// when left out).
+        #[arg(long, value_name = "POLICY")]
+        vcpu_sched: Option<String>,
     },
 }
 
@@ -418,8 +422,13 @@ fn main() {
             no_record,
             hot_mib,
             hz,
+            vcpu_sched,
         } => {
-            let plan = bench_stall::Plan { hot_mib, hz };
+            let plan = bench_stall::Plan {
+                hot_mib,
+                hz,
+                vcpu_sched,
+            };
             let mut out = String::new();
             let all = which.is_none();
             let mut r = Ok(());

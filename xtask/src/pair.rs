@@ -414,8 +414,9 @@ pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
     let sent = p.and_then(|p| p.bytes_sent.clone()).unwrap_or_default();
     println!("── summary ──────────────────────────────────────────────");
     println!(
-        "primary: {} epochs acknowledged, {} full sync(s), {} NACKs, throttled {} times",
-        c.epochs, c.full_syncs, c.nacks, c.throttles
+        "primary: {} epochs acknowledged, {} full sync(s), {} NACKs, {} late (the next \
+         epoch waited for the Ack, the guest running), throttled {} times",
+        c.epochs, c.full_syncs, c.nacks, c.late_epochs, c.throttles
     );
     if let Some(sy) = p.and_then(|p| p.last_sync.as_ref()).filter(|s| s.first) {
         let rounds = sy.precopy.as_ref().map_or(0, |p| p.rounds.len());

@@ -9,7 +9,7 @@
 //!   ┌─────────────┐ ────────▶ ┌───────────┐  LinkUp   ┌──────────────┐  Ack(E)   ┌──────────────┐
 //!   │ Unprotected │           │ Resyncing │ ────────▶ │ Completing   │ ────────▶ │ Protected    │
 //!   │  {reason}   │ ◀──────── │  {peer,   │           │  {peer, why, │  Synced   │ {in_flight,  │
-//!   └─────────────┘  failed   │   why,    │           │   E, due}    │           │  throttled}  │
+//!   └─────────────┘  failed   │   why,    │           │   E, due}    │           │  late, thr.} │
 //!      ▲      ▲               │   step}   │           └──────────────┘           └──────────────┘
 //!      │      │               └───────────┘             │          │ why = Migrate  │ Switchover
 //!      │      │                                         │          ▼                ▼
@@ -32,8 +32,10 @@
 //! ```
 //!
 //! Within `Protected`: a tick with nothing in flight captures and sends the next epoch; a tick
-//! with epoch E in flight stuns the guest (throttled); Ack(E) releases E's output and, if the
-//! guest was stunned, captures the next epoch at once and lets the guest go. `Completing` is
+//! with epoch E in flight makes E late (the guest runs on; the next epoch is captured at E's
+//! Ack, so it grows by the wait); a second tick with E still in flight stuns the guest
+//! (throttled); Ack(E) releases E's output and, if E was late or the guest stunned, captures
+//! the next epoch at once (and lets the guest go). `Completing` is
 //! `Protected` with the epoch that completes a pre-copy in flight, except that a tick does not
 //! stun the guest: the new standby may take long to commit that epoch (it builds its VM and
 //! writes the pre-copied image first), and the guest runs on meanwhile (`due`: the next epoch
@@ -86,11 +88,13 @@
 //! | Completing{E} (start, rejoin) | Ack(E)                     | Release(E), Synced, \[Capture, Send\] (due) | Protected                    |
 //! | Completing{E} (migrate)       | Ack(E)                     | Release(E), Synced, Assess(E)             | Switching{None}                |
 //! | Protected{None}               | Tick, guest running        | Capture, Send                             | Protected{E}                   |
-//! | Protected{E}, Switching{E}    | Tick, guest running        | Stun, StopTimer                           | throttled                      |
+//! | Protected{E}                  | Tick, guest running        | Late(E)                                   | Protected{E, late}             |
+//! | Protected{E, late}, Switching{E} | Tick, guest running     | Stun, StopTimer                           | throttled                      |
 //! | Protected{E}, Switching{E}    | Tick, guest paused/finished| StopTimer                                 | same                           |
 //! | throttled, Handing            | Tick                       | StopTimer                                 | same                           |
 //! | Protected{E}                  | Ack(E)                     | Release(E)                                | Protected{None}                |
 //! | Protected{E} throttled        | Ack(E)                     | Release(E), Capture, Send, Resume         | Protected{E+1}                 |
+//! | Protected{E, late}            | Ack(E)                     | Release(E), Capture, Send                 | Protected{E+1}                 |
 //! | Switching{E}                  | Ack(E)                     | Release(E), Assess(E)                     | Switching{None}                |
 //! | Switching{None}               | Assessed(not last)         | Capture(switch), Send, \[Resume\]           | Switching{E+1}                 |
 //! | Switching{None}               | Assessed(last)             | Freeze, Capture(final), Send              | Handing{F}                     |
@@ -151,6 +155,9 @@ pub enum State {
         in_flight: Option<u64>,
         /// The guest is stunned until `in_flight` is acknowledged (never without one).
         throttled: bool,
+        /// The epoch timer fired with `in_flight` unacknowledged: the next epoch is captured
+        /// at its Ack while the guest runs on; a second tick before that Ack stuns the guest.
+        late: bool,
     },
     /// A migration converges: epochs back to back to the receiver `peer` (which protects the
     /// VM), each with the exact dirty set, until one is small enough for the last.
@@ -411,6 +418,12 @@ pub enum Action {
         epoch: u64,
         /// Completing, ordinary, or a migration's.
         kind: CaptureKind,
+    },
+    /// The epoch timer fired with `epoch` unacknowledged: the next capture waits for its
+    /// Ack, the guest running on; count a late epoch and arm the timer for one more interval.
+    Late {
+        /// The epoch in flight.
+        epoch: u64,
     },
     /// Hand the captured epoch to the link.
     Send {
@@ -791,6 +804,7 @@ impl Machine {
                 S::Protected {
                     in_flight,
                     throttled,
+                    ..
                 },
                 Event::Migrate {
                     peer,
@@ -809,6 +823,7 @@ impl Machine {
                 S::Protected {
                     in_flight,
                     throttled,
+                    ..
                 },
                 Event::Switchover { peer },
             ) => {
@@ -862,21 +877,40 @@ impl Machine {
                 S::Protected {
                     in_flight: Some(e),
                     throttled: false,
+                    late: false,
                 }
             }
             (
                 S::Protected {
                     in_flight: Some(e),
                     throttled: false,
+                    late: false,
                 },
                 Event::Tick { guest },
             ) if !guest.finished && !guest.paused => {
-                // The standby is behind: stop the guest until it catches up.
+                // The standby is a little behind: this epoch grows until its Ack.
+                acts.push(Action::Late { epoch: e });
+                S::Protected {
+                    in_flight: Some(e),
+                    throttled: false,
+                    late: true,
+                }
+            }
+            (
+                S::Protected {
+                    in_flight: Some(e),
+                    throttled: false,
+                    late: true,
+                },
+                Event::Tick { guest },
+            ) if !guest.finished && !guest.paused => {
+                // The standby is a whole interval behind: stop the guest until it catches up.
                 acts.push(Action::Stun);
                 acts.push(Action::StopTimer);
                 S::Protected {
                     in_flight: Some(e),
                     throttled: true,
+                    late: false,
                 }
             }
             (
@@ -921,12 +955,20 @@ impl Machine {
                 S::Protected {
                     in_flight: Some(e),
                     throttled,
+                    late,
                 },
                 Event::Ack { epoch },
-            ) if e == epoch => S::Protected {
-                in_flight: self.acked(epoch, throttled, acts),
-                throttled: false,
-            },
+            ) if e == epoch => {
+                let mut in_flight = self.acked(epoch, throttled, acts);
+                if late && in_flight.is_none() {
+                    in_flight = Some(self.capture(CaptureKind::Epoch, acts));
+                }
+                S::Protected {
+                    in_flight,
+                    throttled: false,
+                    late: false,
+                }
+            }
             (
                 S::Completing {
                     peer,
@@ -955,6 +997,7 @@ impl Machine {
                 S::Protected {
                     in_flight,
                     throttled: false,
+                    late: false,
                 }
             }
             (
@@ -1099,6 +1142,7 @@ impl Machine {
                 S::Protected {
                     in_flight,
                     throttled,
+                    ..
                 }
                 | S::Switching {
                     in_flight,
@@ -1352,6 +1396,7 @@ impl Machine {
                 S::Protected {
                     in_flight,
                     throttled,
+                    ..
                 }
                 | S::Switching {
                     in_flight,
@@ -1538,7 +1583,8 @@ mod tests {
             m.state(),
             &State::Protected {
                 in_flight: None,
-                throttled: false
+                throttled: false,
+                late: false
             }
         );
         m
@@ -1662,21 +1708,61 @@ mod tests {
     }
 
     #[test]
-    fn tick_with_an_epoch_in_flight_stuns_the_guest() {
+    fn tick_with_an_epoch_in_flight_makes_it_late_and_the_guest_runs_on() {
         let mut m = with_in_flight(false);
+        assert_eq!(m.on(tick()), vec![Action::Late { epoch: 2 }]);
+        assert_eq!(
+            m.state(),
+            &State::Protected {
+                in_flight: Some(2),
+                throttled: false,
+                late: true
+            }
+        );
+        assert_eq!(m.next_epoch(), 3, "nothing is captured before the Ack");
+    }
+
+    #[test]
+    fn second_tick_with_the_same_epoch_in_flight_stuns_the_guest() {
+        let mut m = with_in_flight(false);
+        m.on(tick());
         assert_eq!(m.on(tick()), vec![Action::Stun, Action::StopTimer]);
         assert_eq!(
             m.state(),
             &State::Protected {
                 in_flight: Some(2),
-                throttled: true
+                throttled: true,
+                late: false
             }
         );
     }
 
     #[test]
+    fn ack_of_a_late_epoch_captures_the_next_at_once_without_a_resume() {
+        let mut m = with_in_flight(false);
+        m.on(tick());
+        let mut want = vec![Action::Release {
+            epoch: 2,
+            acked: true,
+        }];
+        want.extend(cap(3, CaptureKind::Epoch));
+        assert_eq!(m.on(ack(2)), want);
+        assert_eq!(
+            m.state(),
+            &State::Protected {
+                in_flight: Some(3),
+                throttled: false,
+                late: false
+            }
+        );
+        // The next tick finds epoch 3 in flight: late again, not a throttle.
+        assert_eq!(m.on(tick()), vec![Action::Late { epoch: 3 }]);
+    }
+
+    #[test]
     fn tick_while_throttled_only_stops_the_timer() {
         let mut m = with_in_flight(false);
+        m.on(tick());
         m.on(tick());
         let before = m.state().clone();
         assert_eq!(m.on(tick()), vec![Action::StopTimer]);
@@ -1695,7 +1781,8 @@ mod tests {
             m.state(),
             &State::Protected {
                 in_flight: Some(2),
-                throttled: false
+                throttled: false,
+                late: false
             }
         );
     }
@@ -1736,6 +1823,7 @@ mod tests {
     fn ack_while_throttled_captures_the_next_epoch_then_resumes() {
         let mut m = with_in_flight(false);
         m.on(tick());
+        m.on(tick());
         let mut want = vec![Action::Release {
             epoch: 2,
             acked: true,
@@ -1747,7 +1835,8 @@ mod tests {
             m.state(),
             &State::Protected {
                 in_flight: Some(3),
-                throttled: false
+                throttled: false,
+                late: false
             }
         );
     }
@@ -1775,6 +1864,7 @@ mod tests {
     #[test]
     fn loss_without_arbiter_releases_what_was_held() {
         let mut m = with_in_flight(false);
+        m.on(tick()); // late
         m.on(tick()); // throttled
         assert_eq!(
             m.on(lost()),
@@ -2140,7 +2230,8 @@ mod tests {
             m.state(),
             &State::Protected {
                 in_flight: None,
-                throttled: false
+                throttled: false,
+                late: false
             }
         );
     }

@@ -74,6 +74,8 @@ pub struct FtStats {
     pub nacks: u64,
     /// Times the guest was stunned to wait for the standby.
     pub throttles: u64,
+    /// Epochs whose Ack came after the next tick (the next epoch captured at the Ack).
+    pub late: u64,
     /// Time the guest spent stunned waiting for the standby.
     pub throttled: Duration,
     /// Epoch pauses, ms (the last 8,192).
@@ -757,6 +759,11 @@ impl Protector {
                     self.stats.throttled += since.elapsed();
                 }
             }
+            Action::Late { epoch } => {
+                self.stats.late += 1;
+                self.next_tick = Some(Instant::now() + self.interval);
+                log::debug!("epoch {epoch} not yet acknowledged: the next epoch waits for it");
+            }
             Action::StopTimer => self.next_tick = None,
             Action::Claim { generation } => {
                 let Some(arb) = self.arbiter.clone() else {
@@ -1341,6 +1348,7 @@ impl Protector {
                 state_bytes: s.state_bytes,
                 nacks: s.nacks,
                 throttles: s.throttles,
+                late_epochs: s.late,
                 throttled_ms: s.throttled.as_secs_f64() * 1e3,
                 released_records: s.released,
                 xor_ranges: s.xor_ranges,
