@@ -123,18 +123,33 @@ pub struct VcpuContext {
 }
 
 /// Host scheduling policy of vCPU threads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+///
+/// Measured on a 2-CPU host (`cargo xtask bench stall --vcpu-sched P` and `cargo xtask
+/// run-pair --vcpu-sched P`, four interleaved rounds, BENCHMARKS.md): nice 10 keeps 97.4 % of
+/// a 1 MiB hot set's throughput at 20 Hz (SCHED_IDLE 94.7 %) and 74.6 % of a 16 MiB one
+/// (SCHED_IDLE 61.8 %), and `run-pair` is throttled 0–1 times per run as with SCHED_IDLE;
+/// nice 0 keeps 78 % at 16 MiB but starves the replication (`run-pair` throttled 3–5 times).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VcpuSched {
-    /// SCHED_IDLE: vCPU threads use every CPU cycle nobody else wants, and any other thread
-    /// that wakes up (stun controller, device drain, replication, heartbeat timers) preempts
-    /// them at once. Tandem's default: its control path must never wait behind guest load.
-    #[default]
+    /// SCHED_IDLE: vCPU threads use only CPU cycles nobody else wants, and any other thread
+    /// that wakes up preempts them at once. But a CPU that runs only SCHED_IDLE threads counts
+    /// as idle when the kernel places a waking thread, so tandem's control threads land on
+    /// the vCPU's CPU as readily as on a free one, and the guest loses that CPU to them.
     Idle,
-    /// SCHED_OTHER: vCPU threads compete with the rest of the host as ordinary threads; on an
-    /// overcommitted host the control path may then wait a scheduler slice (ms) for a CPU.
+    /// SCHED_OTHER: vCPU threads compete with the rest of the host as ordinary threads; when
+    /// the vCPUs fill every CPU, the replication gets only its fair share and falls behind.
     Normal,
-    /// SCHED_OTHER at nice 19: ordinary threads with the smallest share.
-    Nice,
+    /// SCHED_OTHER at this nice value (1..=19; 19 is the smallest share): the vCPUs keep
+    /// their CPUs busy, so the kernel places waking control threads on a free CPU if there is
+    /// one, and where there is none the control threads take most of the CPU (nice 10: 9 to
+    /// 1). Tandem's default is nice 10.
+    Nice(i32),
+}
+
+impl Default for VcpuSched {
+    fn default() -> Self {
+        VcpuSched::Nice(10)
+    }
 }
 
 enum Flow {
@@ -350,7 +365,7 @@ fn apply_policy(id: u32, policy: VcpuSched) {
     // threads), so every policy is set explicitly.
     let class = match policy {
         VcpuSched::Idle => libc::SCHED_IDLE,
-        VcpuSched::Normal | VcpuSched::Nice => libc::SCHED_OTHER,
+        VcpuSched::Normal | VcpuSched::Nice(_) => libc::SCHED_OTHER,
     };
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid, initialised
@@ -362,13 +377,13 @@ fn apply_policy(id: u32, policy: VcpuSched) {
             std::io::Error::last_os_error()
         );
     }
-    if policy == VcpuSched::Nice {
+    if let VcpuSched::Nice(n) = policy {
         // SAFETY: setpriority on the calling thread (who = 0 means the caller); it only
         // changes the thread's nice value.
-        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n.clamp(1, 19)) };
         if rc != 0 {
             log::warn!(
-                "vCPU {id}: nice 19 refused: {}",
+                "vCPU {id}: nice {n} refused: {}",
                 std::io::Error::last_os_error()
             );
         }

@@ -278,11 +278,12 @@ struct Common {
     /// Write the checkpoint trace (state, side, step) as JSON to FILE after each checkpoint.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
-    /// Host scheduling of vCPU threads: `idle` (default) gives guests every cycle nobody else
-    /// wants and lets tandem's control path preempt them at once; `normal` makes them
-    /// ordinary threads (use it on a busy host, where idle would starve the guest); `nice`
-    /// makes them ordinary threads at nice 19.
-    #[arg(long, value_name = "POLICY", default_value = "idle", value_parser = parse_sched)]
+    /// Host scheduling of vCPU threads: `nice:10` (default) makes them ordinary threads at
+    /// nice 10, so that tandem's control path (stun, replication, devices) takes most of a
+    /// contended CPU; `nice` or `nice:N` sets nice 19 or N (1..=19); `normal` makes them
+    /// ordinary threads at the host's default weight (the guest competes evenly with the
+    /// replication); `idle` (SCHED_IDLE) gives guests only the cycles nobody else wants.
+    #[arg(long, value_name = "POLICY", default_value = "nice:10", value_parser = parse_sched)]
     vcpu_sched: vmx::VcpuSched,
 }
 
@@ -290,8 +291,13 @@ fn parse_sched(s: &str) -> Result<vmx::VcpuSched, String> {
     match s {
         "idle" => Ok(vmx::VcpuSched::Idle),
         "normal" => Ok(vmx::VcpuSched::Normal),
-        "nice" => Ok(vmx::VcpuSched::Nice),
-        _ => Err(format!("{s:?}: use idle, normal or nice")),
+        "nice" => Ok(vmx::VcpuSched::Nice(19)),
+        _ => match s.strip_prefix("nice:").map(str::parse::<i32>) {
+            Some(Ok(n)) if (1..=19).contains(&n) => Ok(vmx::VcpuSched::Nice(n)),
+            _ => Err(format!(
+                "{s:?}: use idle, normal, nice (nice 19) or nice:N (N in 1..=19)"
+            )),
+        },
     }
 }
 

@@ -50,6 +50,10 @@ pub struct RunPairArgs {
     /// (`tandem standby --join`), and show it being re-protected by pre-copy.
     #[arg(long, requires = "kill_primary_after_ms")]
     pub rejoin: bool,
+    /// Host scheduling of the primary's vCPU threads (`tandem primary --vcpu-sched`:
+    /// idle, normal, nice, nice:N); tandem's default when left out.
+    #[arg(long, value_name = "POLICY")]
+    pub vcpu_sched: Option<String>,
 }
 
 pub fn root() -> PathBuf {
@@ -242,7 +246,13 @@ pub fn run_pair_once(
     let cfg = PairConfig {
         bin: bin.to_path_buf(),
         dir: dir.clone(),
-        guest: guest_cli(&a.guest, a.vcpus, a.mem_mib, &kvs),
+        guest: {
+            let mut g = guest_cli(&a.guest, a.vcpus, a.mem_mib, &kvs);
+            if let Some(p) = &a.vcpu_sched {
+                g.extend(["--vcpu-sched".to_string(), p.clone()]);
+            }
+            g
+        },
         interval_ms: a.interval_ms,
         primary_env: vec![],
         log: "info".into(),
@@ -567,6 +577,7 @@ pub fn bench(out: &mut String) -> Result<(), String> {
                 rejoin: false,
                 clients: 8,
                 secs: None,
+                vcpu_sched: None,
             };
             let r = run_pair_once(&bin, &a, false)?;
             let _ = std::fs::remove_dir_all(&r.dir);
@@ -616,6 +627,7 @@ pub fn bench(out: &mut String) -> Result<(), String> {
             rejoin: false,
             clients: 8,
             secs: None,
+            vcpu_sched: None,
         };
         let r = run_pair_once(&bin, &a, false)?;
         let _ = std::fs::remove_dir_all(&r.dir);
