@@ -328,7 +328,7 @@ pub(crate) fn assemble(w: &Workload, load_addr: u64) -> Result<Vec<u8>, Error> {
                 a.xor(esi, esi)?;
                 a.xor(r10d, r10d)?;
                 a.xor(ebp, ebp)?;
-                let npages = p.ws_mib * 256;
+                let npages = p.ws_pages();
                 let mut inner = a.create_label();
                 let mut nowrap = a.create_label();
                 a.set_label(top)?;

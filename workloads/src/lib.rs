@@ -10,7 +10,7 @@
 //! | workload  | what it does                                                          |
 //! |-----------|-----------------------------------------------------------------------|
 //! | `counter` | pure compute: `acc = rol(acc ^ i, 13) * C` for `iters` iterations      |
-//! | `dirty`   | per iteration writes `pages` pages of a `ws_mib` working set (read-modify-write, so the checksum depends on memory) |
+//! | `dirty`   | per iteration writes `pages` pages of a `ws_mib` (or `ws_kib`) working set (read-modify-write, so the checksum depends on memory) |
 //!
 //! Both write their iteration count to the vCPU's progress slot every iteration and append a
 //! record (`kind 1`, value = checksum, aux = iteration) every `record_every` iterations, ring
@@ -97,8 +97,21 @@ pub struct DirtyParams {
     pub batch: u64,
     /// Working set per vCPU in MiB.
     pub ws_mib: u64,
+    /// Working set per vCPU in KiB (a multiple of 4); when not 0 it replaces `ws_mib`.
+    pub ws_kib: u64,
     /// Pages written per iteration.
     pub pages: u64,
+}
+
+impl DirtyParams {
+    /// Pages in the working set of one vCPU.
+    pub fn ws_pages(&self) -> u64 {
+        if self.ws_kib > 0 {
+            self.ws_kib / 4
+        } else {
+            self.ws_mib * 256
+        }
+    }
 }
 
 fn parse_u64(key: &str, v: &str) -> Result<u64, Error> {
@@ -145,6 +158,7 @@ impl Workload {
                 record_every: 1_000,
                 batch: 64,
                 ws_mib: 8,
+                ws_kib: 0,
                 pages: 16,
             }),
             other => {
@@ -179,13 +193,14 @@ impl Workload {
                 }
                 (Workload::Dirty(p), "batch") => &mut p.batch,
                 (Workload::Dirty(p), "ws_mib") | (Workload::Dirty(p), "s") => &mut p.ws_mib,
+                (Workload::Dirty(p), "ws_kib") => &mut p.ws_kib,
                 (Workload::Dirty(p), "pages") | (Workload::Dirty(p), "w") => &mut p.pages,
                 _ => {
                     let keys = match w {
                         Workload::Counter(_) => {
                             "iters, record_every, batch, hb_ms, hb_every, stall_at, stall_iters"
                         }
-                        Workload::Dirty(_) => "iters, record_every, batch, ws_mib, pages",
+                        Workload::Dirty(_) => "iters, record_every, batch, ws_mib, ws_kib, pages",
                         Workload::Ticker(_) => "iters, record_every, batch, tick_us, hb_ms",
                     };
                     return Err(Error::Param(format!(
@@ -236,6 +251,11 @@ impl Workload {
             if p.ws_mib == 0 || p.ws_mib > 16 * 1024 {
                 return Err(Error::Param("ws_mib must be 1 to 16384".into()));
             }
+            if p.ws_kib % 4 != 0 || p.ws_kib > 16 << 20 {
+                return Err(Error::Param(
+                    "ws_kib must be a multiple of 4 from 4 to 16777216 (or 0: use ws_mib)".into(),
+                ));
+            }
             if p.pages == 0 || p.pages > 1 << 20 {
                 return Err(Error::Param("pages must be 1 to 2^20".into()));
             }
@@ -255,14 +275,14 @@ impl Workload {
     /// Checks that the workload fits a VM with this layout.
     pub fn check_fits(&self, layout: &Layout) -> Result<(), Error> {
         if let Workload::Dirty(p) = self {
-            let need = p.ws_mib << 20;
+            let need = p.ws_pages() * 4096;
             if need > layout.data_size() {
-                let mib_needed =
-                    (monitor::layout::DATA_BASE >> 20) + p.ws_mib * u64::from(layout.vcpus);
+                let mib_needed = (monitor::layout::DATA_BASE >> 20)
+                    + need.div_ceil(1 << 20) * u64::from(layout.vcpus);
                 return Err(Error::Param(format!(
-                    "the working set (ws_mib={} per vCPU) does not fit: each of the {} vCPUs \
+                    "the working set ({} KiB per vCPU) does not fit: each of the {} vCPUs \
                      has {} MiB of data; use --mem-mib {} or more (rounded up to even)",
-                    p.ws_mib,
+                    need >> 10,
                     layout.vcpus,
                     layout.data_size() >> 20,
                     mib_needed + mib_needed % 2
@@ -312,7 +332,7 @@ impl Workload {
                 emit(kind::DONE, acc, 0);
             }
             Workload::Dirty(p) => {
-                let npages = p.ws_mib * 256;
+                let npages = p.ws_pages();
                 let mut words = vec![0u64; (npages * 512) as usize];
                 let (mut page, mut off, mut j) = (0u64, 0u64, 0u64);
                 for i in 0..p.iters {
@@ -396,6 +416,23 @@ mod tests {
         assert!(Workload::parse("counter", &args(&[("iters", "x")])).is_err());
         assert!(Workload::parse("counter", &args(&[("batch", "3")])).is_err());
         assert!(Workload::parse("dirty", &args(&[("pages", "0")])).is_err());
+    }
+
+    #[test]
+    fn ws_kib_sets_the_working_set_in_pages_and_is_checked() {
+        let w = Workload::parse("dirty", &args(&[("ws_kib", "640")])).unwrap();
+        let Workload::Dirty(p) = &w else {
+            panic!("not dirty")
+        };
+        assert_eq!(p.ws_pages(), 160);
+        let Workload::Dirty(d) = Workload::parse("dirty", &[]).unwrap() else {
+            panic!("not dirty")
+        };
+        assert_eq!(d.ws_pages(), 8 * 256, "ws_mib when ws_kib is not given");
+        assert!(Workload::parse("dirty", &args(&[("ws_kib", "641")])).is_err());
+        assert!(Workload::parse("dirty", &args(&[("ws_kib", "17000000")])).is_err());
+        // The reference model runs over the same working set as the guest.
+        assert!(!w.reference_all(1).is_empty());
     }
 
     #[test]
