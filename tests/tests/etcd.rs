@@ -263,7 +263,9 @@ fn a_primary_cut_off_from_etcd_fences_itself_within_the_ttl() {
         primary_arbiter: Some(c.url(&[0], prefix, TTL)),
         ..Hosts::default()
     };
-    let (cfg, want) = pair_config(&dir, "8M", hosts);
+    // The guest must outlive the lease by seconds: 24M iterations run 5-8 s here (8M, with
+    // nice-10 vCPUs, finished before the lease ran out).
+    let (cfg, want) = pair_config(&dir, "24M", hosts);
     let mut pair = Pair::start_standby(cfg).expect("sink and standby");
     pair.start_primary().expect("primary");
     wait_protected_with_output(&pair);
