@@ -593,6 +593,17 @@ impl Pair {
         .ok()
     }
 
+    /// `resume` on a process's control socket (a node started `--paused`, or paused).
+    pub fn resume(&self, which: &str) -> Result<(), String> {
+        vmx::control::request_as::<vmx::control::Answer>(
+            &self.file(&format!("{}.sock", self.node(which))),
+            &vmx::control::Request::Resume,
+            Duration::from_secs(5),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
     /// The sink's counters.
     pub fn sink_report(&self) -> SinkReport {
         std::fs::read_to_string(self.file("sink.json"))

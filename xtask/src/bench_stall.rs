@@ -126,10 +126,14 @@ fn protected(
     sched: Option<&str>,
     dir: &Path,
 ) -> Result<Protected, String> {
+    // The probe starts once the standby is synced: its run measures protection, not the
+    // first sync (`cargo xtask bench first-sync` measures that).
+    let mut guest = guest_cli(image, hot_kib, sched);
+    guest.push("--paused".into());
     let cfg = PairConfig {
         bin: bin.to_path_buf(),
         dir: dir.join(format!("pair-{hot_kib}-{interval_ms}")),
-        guest: guest_cli(image, hot_kib, sched),
+        guest,
         interval_ms,
         primary_env: vec![],
         log: "warn".into(),
@@ -138,6 +142,10 @@ fn protected(
     let mut pair = Pair::start_standby(cfg).map_err(|e| format!("starting the pair: {e}"))?;
     pair.start_primary()
         .map_err(|e| format!("starting the primary: {e}"))?;
+    pair.wait_protected(Duration::from_secs(60))
+        .ok_or("the paused probe was not protected within 60 s")?;
+    pair.resume("primary")
+        .map_err(|e| format!("resuming the probe: {e}"))?;
     let st = pair
         .wait_primary(Duration::from_millis(RUN_MS * 10 + 30_000))
         .ok_or("the protected probe did not finish")?;
