@@ -16,8 +16,8 @@
 //!   │ ◀─────────────────────────────── Ack{fence} / Nack{code, why}
 //! ```
 //!
-//! `digest` = [`checkpoint::digest::pages_digest`]: BLAKE3 over BLAKE3(gpa ‖ bytes) of every
-//! range in order. Nothing in a staging
+//! `digest` = [`checkpoint::digest::pages_digest`]: BLAKE3 over XXH3-128(bytes, seed gpa) of
+//! every range in order. Nothing in a staging
 //! area touches the committed image until every range decoded, every check passed and the
 //! digest matched; a malformed or truncated epoch is dropped whole (and NACKed).
 

@@ -730,7 +730,7 @@ fn encode_parts_xor(
     parts: &[(u64, &[u8])],
     compress: bool,
     cache: &XorCache,
-) -> Vec<(PageRange, [u8; 32])> {
+) -> Vec<(PageRange, [u8; 16])> {
     if !compress || cache.pages.is_empty() {
         return encode_parts(parts, compress);
     }
@@ -752,7 +752,7 @@ fn encode_parts_xor(
 
 /// Codes each part (zstd, or raw when `compress` is off; zero pages always as zero ranges)
 /// and hashes it, in one pass on every core.
-pub(crate) fn encode_parts(parts: &[(u64, &[u8])], compress: bool) -> Vec<(PageRange, [u8; 32])> {
+pub(crate) fn encode_parts(parts: &[(u64, &[u8])], compress: bool) -> Vec<(PageRange, [u8; 16])> {
     parts
         .par_iter()
         .map(|(gpa, data)| {
@@ -937,7 +937,7 @@ mod tests {
                 ));
             }
         });
-        step("blake3", &|| {
+        step("range hashes (XXH3-128)", &|| {
             for (g, d) in &p {
                 std::hint::black_box(range_hash(*g, d));
             }

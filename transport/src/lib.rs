@@ -40,12 +40,12 @@ pub use handshake::Psk;
 pub use message::{Intent, Message};
 pub use pages::{Codec, PageRange};
 
-/// Protocol version this build speaks. 2: frames sealed with AES-256-GCM (were
-/// ChaCha20-Poly1305), page digests are BLAKE3 (were SHA-256), and a standby answers every
-/// pre-copy round's end.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// Oldest protocol version this build accepts from a peer: version 1 peers compute another
-/// page digest, so every epoch would be refused; the handshake says so instead.
+/// Protocol version this build speaks. 3: page digests hash each range with XXH3-128 (were
+/// BLAKE3; `checkpoint::digest`). 2: frames sealed with AES-256-GCM (were ChaCha20-Poly1305),
+/// page digests BLAKE3 (were SHA-256), a standby answers every pre-copy round's end.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Oldest protocol version this build accepts from a peer: older peers compute another page
+/// digest, so every epoch would be refused; the handshake says so instead.
 pub const OLDEST_ACCEPTED_VERSION: u16 = PROTOCOL_VERSION;
 
 /// Everything that can go wrong on the link. Each rejection has its own variant.

@@ -123,7 +123,7 @@ pub enum Message {
         fence: Fence,
         /// Page ranges sent in the epoch.
         ranges: u64,
-        /// BLAKE3 digest of the epoch's decoded pages (`checkpoint::digest`), for the receiver to check.
+        /// Digest of the epoch's decoded pages (`checkpoint::digest`), for the receiver to check.
         digest: [u8; 32],
     },
     /// The receiver committed up to this epoch.
@@ -173,7 +173,7 @@ pub enum Message {
         round: u32,
         /// Page ranges sent in the round.
         ranges: u64,
-        /// BLAKE3 digest of the round's decoded pages (as in `EpochEnd`).
+        /// Digest of the round's decoded pages (as in `EpochEnd`).
         digest: [u8; 32],
     },
     /// A frame the guest's network card `card` received, sent as it arrives (input
