@@ -21,6 +21,7 @@
 //! * [`Monitor`] runs a [`Vm`] behind typed queues: [`MonitorAction`] in, [`UserRpc`] out.
 
 pub mod actions;
+pub mod alloc;
 pub mod cow;
 pub mod dirty;
 pub mod image;
@@ -38,6 +39,7 @@ mod vcpu;
 mod vm;
 
 pub use actions::{Monitor, MonitorAction, StepOutput, UserRpc};
+pub use alloc::tune_allocator;
 pub use dirty::{DirtyLog, DirtyPages};
 pub use layout::Layout;
 pub use mmio::MmioBus;

@@ -718,6 +718,10 @@ fn verify(file: PathBuf) -> Result<(), Error> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    // Epoch buffers are reused rather than mapped afresh every epoch (monitor::alloc).
+    if !vmx::tune_allocator() {
+        log::debug!("the allocator did not take the buffer thresholds; running with its own");
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),

@@ -16,7 +16,7 @@ pub mod spec;
 pub mod virtio;
 
 pub use machine::{power_on, Boot, Options, Outcome, Vmx, POWER_ON};
-pub use monitor::VcpuSched;
+pub use monitor::{tune_allocator, VcpuSched};
 pub use replication::{Moved, Replication, Unreplicated};
 pub use run::RunConfig;
 pub use spec::{GuestSpec, OutputTarget, RunEnd, RunReport};
