@@ -117,8 +117,9 @@ fn a_truncated_handshake_is_refused() {
 fn a_newer_protocol_version_is_refused_with_the_versions_named() {
     let (mut a, b) = pair();
     let srv = serve(b, Some(Psk::generate()));
+    let newer = transport::PROTOCOL_VERSION + 1;
     let hello = Message::Hello {
-        version: 3,
+        version: newer,
         nonce: [1; 32],
         plaintext: false,
     }
@@ -131,15 +132,19 @@ fn a_newer_protocol_version_is_refused_with_the_versions_named() {
     .unwrap();
     a.write_all(&hello).unwrap();
     let e = srv.join().unwrap().unwrap_err();
+    let ours = transport::PROTOCOL_VERSION;
+    let oldest = transport::OLDEST_ACCEPTED_VERSION;
     assert_eq!(
         e.to_string(),
-        "protocol version mismatch: the peer offered v3, this build speaks v2 and accepts v2 to v2: \
-         run the same Tandem release on both hosts"
+        format!(
+            "protocol version mismatch: the peer offered v{newer}, this build speaks v{ours} and \
+             accepts v{oldest} to v{ours}: run the same Tandem release on both hosts"
+        )
     );
     // The client is told why.
     let mut reply = Vec::new();
     a.read_to_end(&mut reply).unwrap();
-    assert!(String::from_utf8_lossy(&reply).contains("offered v3"));
+    assert!(String::from_utf8_lossy(&reply).contains(&format!("offered v{newer}")));
 }
 
 /// Records what a client sends in a successful handshake, then replays it to a new server.
