@@ -113,7 +113,9 @@ fn added_delay_slows_replication_but_it_goes_on() {
     require_kvm();
     let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lab) = lab("tndd", 62) else { return };
-    let (cfg, want) = base("delay", 50, "4M");
+    // Long enough to outlast the 3 s fault (4M iterations finished inside it with nice-10
+    // vCPUs, leaving two acknowledgements in the window).
+    let (cfg, want) = base("delay", 50, "16M");
     let r = run_fault(
         &lab,
         &cfg,
