@@ -108,6 +108,8 @@ pub struct Plan {
     pub hz: Vec<u64>,
     /// The vCPU policy (`--vcpu-sched`), tandem's default when `None`.
     pub vcpu_sched: Option<String>,
+    /// Rounds: each one an unprotected run, then every rate protected (1..=20).
+    pub reps: usize,
 }
 
 /// One protected run as the guest and the primary saw it.
@@ -185,6 +187,32 @@ fn gap_ms(run: &StallRun, p: f64) -> f64 {
     g[i.min(g.len() - 1)] as f64 / 1e6
 }
 
+/// The median of `v` (0 when empty).
+fn median(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `median unit`, with `(min–max)` after it when there is more than one value.
+fn spread(v: &[f64], unit: &str) -> String {
+    let m = median(v.iter().copied());
+    if v.len() < 2 {
+        return format!("{m:.1}{unit}");
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{m:.1}{unit} ({lo:.1}–{hi:.1})")
+}
+
 fn rate(run: &StallRun) -> f64 {
     run.iterations as f64 / (run.elapsed_ns.max(1) as f64 / 1e9)
 }
@@ -196,6 +224,12 @@ pub fn bench(plan: &Plan, out: &mut String) -> Result<(), String> {
     }
     if let Some(h) = plan.hz.iter().find(|&&h| h == 0 || h > 1000) {
         return Err(format!("bench stall: --hz {h} is out of range (1..=1000)"));
+    }
+    if !(1..=20).contains(&plan.reps) {
+        return Err(format!(
+            "bench stall: --reps {} is out of range (1..=20)",
+            plan.reps
+        ));
     }
     if let Some(m) = plan.hot_mib.iter().find(|&&m| m == 0 || m > 128) {
         return Err(format!(
@@ -218,45 +252,53 @@ pub fn bench(plan: &Plan, out: &mut String) -> Result<(), String> {
     );
     let memcpy = memcpy_gib_s();
     let mut breakdown = String::new();
+    let sched = plan.vcpu_sched.as_deref();
     for hot_kib in plan.hot_mib.iter().map(|m| m * 1024) {
-        let off = unprotected(&bin, &image, hot_kib, plan.vcpu_sched.as_deref(), &dir)?;
-        let base = rate(&off);
+        // Round r: the unprotected run, then each rate; kept compares a round's runs.
+        let mut offs = Vec::new();
+        let mut prot: Vec<Vec<Protected>> = plan.hz.iter().map(|_| Vec::new()).collect();
+        for _ in 0..plan.reps {
+            offs.push(unprotected(&bin, &image, hot_kib, sched, &dir)?);
+            for (i, hz) in plan.hz.iter().enumerate() {
+                prot[i].push(protected(&bin, &image, hot_kib, 1000 / hz, sched, &dir)?);
+            }
+        }
         let per_s = |r: &StallRun| r.over as f64 / (r.elapsed_ns.max(1) as f64 / 1e9);
         let row = format!(
             "| {} MiB | off | 100 % | {:.1} | {:.3} | {:.3} | {:.3} | – | – | – |\n",
             hot_kib / 1024,
-            per_s(&off),
-            gap_ms(&off, 50.0),
-            gap_ms(&off, 99.0),
-            off.largest_ns as f64 / 1e6
+            median(offs.iter().map(per_s)),
+            median(offs.iter().map(|r| gap_ms(r, 50.0))),
+            median(offs.iter().map(|r| gap_ms(r, 99.0))),
+            offs.iter().map(|r| r.largest_ns).max().unwrap_or(0) as f64 / 1e6
         );
         print!("{row}");
         text.push_str(&row);
-        for hz in &plan.hz {
-            let p = protected(
-                &bin,
-                &image,
-                hot_kib,
-                1000 / hz,
-                plan.vcpu_sched.as_deref(),
-                &dir,
-            )?;
-            let run = &p.run;
+        for (hz, ps) in plan.hz.iter().zip(&prot) {
+            let kept: Vec<f64> = ps
+                .iter()
+                .zip(&offs)
+                .map(|(p, off)| rate(&p.run) / rate(off) * 100.0)
+                .collect();
             let row = format!(
-                "| {} MiB | {hz} Hz | {:.1} % | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
+                "| {} MiB | {hz} Hz | {} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
                 hot_kib / 1024,
-                rate(run) / base * 100.0,
-                per_s(run),
-                gap_ms(run, 50.0),
-                gap_ms(run, 99.0),
-                run.largest_ns as f64 / 1e6,
-                p.pause.p50,
-                p.pause.p99,
-                p.throttles,
+                spread(&kept, " %"),
+                median(ps.iter().map(|p| per_s(&p.run))),
+                median(ps.iter().map(|p| gap_ms(&p.run, 50.0))),
+                median(ps.iter().map(|p| gap_ms(&p.run, 99.0))),
+                ps.iter().map(|p| p.run.largest_ns).max().unwrap_or(0) as f64 / 1e6,
+                median(ps.iter().map(|p| p.pause.p50)),
+                median(ps.iter().map(|p| p.pause.p99)),
+                ps.iter().map(|p| p.throttles).sum::<u64>(),
             );
             print!("{row}");
             text.push_str(&row);
-            let phases: Vec<String> = p
+            // The phases of the round with the median pause.
+            let mut by_pause: Vec<&Protected> = ps.iter().collect();
+            by_pause.sort_by(|a, b| a.pause.p50.total_cmp(&b.pause.p50));
+            let mid = by_pause[by_pause.len() / 2];
+            let phases: Vec<String> = mid
                 .pause
                 .phases_p50
                 .iter()
@@ -269,6 +311,16 @@ pub fn bench(plan: &Plan, out: &mut String) -> Result<(), String> {
                 phases.join(" · ")
             );
         }
+    }
+    if plan.reps > 1 {
+        let note = format!(
+            "\n{} rounds; kept is the median of each round's protected ÷ unprotected (range in \
+             brackets), the other columns medians over rounds (stall max: the largest; \
+             throttles: the sum).\n",
+            plan.reps
+        );
+        print!("{note}");
+        text.push_str(&note);
     }
     let line = format!(
         "\nThe physical limit, measured in the same run: one thread copies {memcpy:.1} GiB/s \
@@ -433,4 +485,18 @@ pub fn bench_first_sync(out: &mut String) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     writeln!(out, "{text}").map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_spread_of_rounds() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
+        assert_eq!(median(std::iter::empty()), 0.0);
+        assert_eq!(spread(&[97.44], " %"), "97.4 %");
+        assert_eq!(spread(&[90.0, 98.0, 95.0], " %"), "95.0 % (90.0–98.0)");
+    }
 }

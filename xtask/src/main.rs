@@ -88,6 +88,10 @@ enum Cmd {
         /// when left out).
         #[arg(long, value_name = "POLICY")]
         vcpu_sched: Option<String>,
+        /// `stall`: rounds of every row (each round an unprotected run, then the protected
+        /// ones); rows show the median and the range over rounds.
+        #[arg(long, default_value_t = 1)]
+        reps: usize,
     },
 }
 
@@ -423,11 +427,13 @@ fn main() {
             hot_mib,
             hz,
             vcpu_sched,
+            reps,
         } => {
             let plan = bench_stall::Plan {
                 hot_mib,
                 hz,
                 vcpu_sched,
+                reps,
             };
             let mut out = String::new();
             let all = which.is_none();
