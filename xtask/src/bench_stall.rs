@@ -132,9 +132,12 @@ fn protected(
     // first sync (`cargo xtask bench first-sync` measures that).
     let mut guest = guest_cli(image, hot_kib, sched);
     guest.push("--paused".into());
+    // A new pair each round, in a fresh directory (its keys are made there).
+    let pair_dir = dir.join(format!("pair-{hot_kib}-{interval_ms}"));
+    let _ = std::fs::remove_dir_all(&pair_dir);
     let cfg = PairConfig {
         bin: bin.to_path_buf(),
-        dir: dir.join(format!("pair-{hot_kib}-{interval_ms}")),
+        dir: pair_dir,
         guest,
         interval_ms,
         primary_env: vec![],
