@@ -884,33 +884,22 @@ impl Machine {
                 S::Protected {
                     in_flight: Some(e),
                     throttled: false,
-                    late: false,
+                    late,
                 },
                 Event::Tick { guest },
             ) if !guest.finished && !guest.paused => {
-                // The standby is a little behind: this epoch grows until its Ack.
-                acts.push(Action::Late { epoch: e });
-                S::Protected {
-                    in_flight: Some(e),
-                    throttled: false,
-                    late: true,
+                if late {
+                    // A whole interval behind: stop the guest until the standby catches up.
+                    acts.push(Action::Stun);
+                    acts.push(Action::StopTimer);
+                } else {
+                    // A little behind: this epoch grows until its Ack.
+                    acts.push(Action::Late { epoch: e });
                 }
-            }
-            (
                 S::Protected {
                     in_flight: Some(e),
-                    throttled: false,
-                    late: true,
-                },
-                Event::Tick { guest },
-            ) if !guest.finished && !guest.paused => {
-                // The standby is a whole interval behind: stop the guest until it catches up.
-                acts.push(Action::Stun);
-                acts.push(Action::StopTimer);
-                S::Protected {
-                    in_flight: Some(e),
-                    throttled: true,
-                    late: false,
+                    throttled: late,
+                    late: !late,
                 }
             }
             (
