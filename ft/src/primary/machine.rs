@@ -1579,6 +1579,17 @@ mod tests {
         m
     }
 
+    /// What an Ack of `acked` does when the next epoch is captured at once: release it, then
+    /// capture and send `next`.
+    fn released_then_captured(acked: u64, next: u64) -> Vec<Action> {
+        let mut want = vec![Action::Release {
+            epoch: acked,
+            acked: true,
+        }];
+        want.extend(cap(next, CaptureKind::Epoch));
+        want
+    }
+
     fn with_in_flight(arbiter: bool) -> Machine {
         let mut m = protected(arbiter);
         m.on(tick());
@@ -1730,11 +1741,7 @@ mod tests {
     fn ack_of_a_late_epoch_captures_the_next_at_once_without_a_resume() {
         let mut m = with_in_flight(false);
         m.on(tick());
-        let mut want = vec![Action::Release {
-            epoch: 2,
-            acked: true,
-        }];
-        want.extend(cap(3, CaptureKind::Epoch));
+        let want = released_then_captured(2, 3);
         assert_eq!(m.on(ack(2)), want);
         assert_eq!(
             m.state(),
@@ -1813,11 +1820,7 @@ mod tests {
         let mut m = with_in_flight(false);
         m.on(tick());
         m.on(tick());
-        let mut want = vec![Action::Release {
-            epoch: 2,
-            acked: true,
-        }];
-        want.extend(cap(3, CaptureKind::Epoch));
+        let mut want = released_then_captured(2, 3);
         want.push(Action::Resume);
         assert_eq!(m.on(ack(2)), want);
         assert_eq!(
@@ -2315,11 +2318,7 @@ mod tests {
     fn guest_finished_with_an_epoch_in_flight_waits_then_sends_one_more() {
         let mut m = with_in_flight(false);
         assert_eq!(m.on(Event::GuestFinished), vec![]);
-        let mut want = vec![Action::Release {
-            epoch: 2,
-            acked: true,
-        }];
-        want.extend(cap(3, CaptureKind::Epoch));
+        let want = released_then_captured(2, 3);
         assert_eq!(m.on(ack(2)), want);
         assert_eq!(
             m.on(ack(3)),
