@@ -31,6 +31,28 @@ pub fn range_hash(gpa: u64, data: &[u8]) -> [u8; 16] {
     xxhash_rust::xxh3::xxh3_128_with_seed(data, gpa).to_le_bytes()
 }
 
+/// [`range_hash`] fed piece by piece (a receiver that never holds the whole range in one
+/// buffer: a patch applied to the committed copy a chunk at a time). The same bytes give the
+/// same hash however they are cut.
+pub struct RangeHasher(xxhash_rust::xxh3::Xxh3);
+
+impl RangeHasher {
+    /// Starts the hash of the range at `gpa`.
+    pub fn new(gpa: u64) -> Self {
+        RangeHasher(xxhash_rust::xxh3::Xxh3::with_seed(gpa))
+    }
+
+    /// Feeds the next bytes of the range.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The range's hash.
+    pub fn finish(&self) -> [u8; 16] {
+        self.0.digest128().to_le_bytes()
+    }
+}
+
 /// Combines the ranges' hashes, in order, into the digest: BLAKE3 of their concatenation.
 pub fn combine_hashes(hashes: impl IntoIterator<Item = [u8; 16]>) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
@@ -75,5 +97,15 @@ mod tests {
         assert_ne!(range_hash(0x1000, &a2), range_hash(0x1000, &a));
         let empty: [u8; 32] = blake3::hash(&[]).into();
         assert_eq!(pages_digest(&[]), empty);
+    }
+
+    #[test]
+    fn a_range_hashed_in_pieces_hashes_the_same() {
+        let data: Vec<u8> = (0..3 * 4096 + 512).map(|i| (i * 7 % 253) as u8).collect();
+        for cut in [1, 63, 64, 4096, 65536] {
+            let mut h = RangeHasher::new(0x3000);
+            data.chunks(cut).for_each(|c| h.update(c));
+            assert_eq!(h.finish(), range_hash(0x3000, &data), "pieces of {cut}");
+        }
     }
 }

@@ -13,7 +13,9 @@ use transport::message::NackCode;
 use transport::{Channel, Epoch, Fence, Generation, Message, PageRange, Received};
 
 use rayon::prelude::*;
-use transport::pages::{encode_range, encode_range_delta, encode_range_uncompressed};
+use transport::pages::{
+    encode_patch, encode_range, encode_range_delta, encode_range_uncompressed, Codec,
+};
 
 use super::epoch::RECORDS_PREFIX;
 use checkpoint::digest::{combine_hashes, range_hash};
@@ -448,7 +450,7 @@ fn send_epoch(
     };
     let xor_ranges = coded
         .iter()
-        .filter(|c| c.0.codec == transport::pages::Codec::XorZstd)
+        .filter(|c| matches!(c.0.codec, Codec::XorZstd | Codec::Patch))
         .count() as u64;
     let digest = combine_hashes(coded.iter().map(|c| c.1));
     let ranges: Vec<PageRange> = coded.into_iter().map(|c| c.0).collect();
@@ -581,7 +583,7 @@ fn send_epoch(
                 // full sync (all of memory) is not kept: copying it would hold this thread,
                 // and its heartbeats, for longer than the standby waits.
                 if !cap.full {
-                    cache.remember(cap.epoch, &parts);
+                    cache.remember(cap.epoch, &parts, &ranges);
                 }
                 stats.xor_ranges = xor_ranges;
                 stats.xor_cache_bytes = cache.bytes();
@@ -623,8 +625,10 @@ fn send_epoch(
 /// ```text
 ///  epoch E sent ─▶ Ack(E) ─▶ remember(E, pages)     (the standby committed them: same bytes;
 ///                                                    a full sync is not kept)
-///  epoch E+1: a run whose pages are all cached ─▶ XOR against the copies, zstd, and keep it
-///             when smaller than zstd alone (encode_range picks the smallest coding)
+///  epoch E+1: a run whose pages are all cached ─▶ a patch of the words that changed when
+///             that is small; else XOR against the copies, zstd, and keep it when smaller
+///             than zstd alone (encode_range_delta picks the smallest coding)
+///  Ack(E+1): a run sent as a patch updates only those words of its copies
 ///  over the bound: the pages sent longest ago go first
 /// ```
 ///
@@ -653,20 +657,24 @@ impl XorCache {
         (self.pages.len() * PAGE) as u64
     }
 
-    /// `data` (pages from `gpa`) XOR the cached copies of its pages, if every one is cached:
-    /// one pass, without gathering the copies first.
-    /// The delta goes into `out` (a buffer kept by the caller: a fresh 2 MiB one costs a
-    /// page fault per 4 KiB).
-    fn delta(&self, gpa: u64, data: &[u8], out: &mut Vec<u8>) -> bool {
+    /// Codes `data` (pages from `gpa`) against the cached copies of its pages, if every one
+    /// is cached: a patch of the changed words where that is small (one compare pass, no
+    /// zstd), else the XOR delta — built in `buf`, a buffer kept by the caller (a fresh
+    /// 2 MiB one costs a page fault per 4 KiB) — coded by [`encode_range_delta`].
+    fn code(&self, gpa: u64, data: &[u8], buf: &mut Vec<u8>) -> Option<PageRange> {
         let first = gpa / PAGE as u64;
-        let Some(copies) = (0..(data.len() / PAGE) as u64)
+        let copies = (0..(data.len() / PAGE) as u64)
             .map(|p| self.pages.get(&(first + p)).map(|c| &c.1[..]))
-            .collect::<Option<Vec<&[u8]>>>()
-        else {
-            return false;
-        };
-        out.resize(data.len(), 0);
-        for ((o, d), c) in out
+            .collect::<Option<Vec<&[u8]>>>()?;
+        if let Some(r) = encode_patch(
+            gpa,
+            data.chunks_exact(PAGE).zip(copies.iter().copied()),
+            data.len(),
+        ) {
+            return Some(r);
+        }
+        buf.resize(data.len(), 0);
+        for ((o, d), c) in buf
             .chunks_exact_mut(PAGE)
             .zip(data.chunks_exact(PAGE))
             .zip(copies)
@@ -675,7 +683,7 @@ impl XorCache {
                 *o = d ^ c;
             }
         }
-        true
+        Some(encode_range_delta(gpa, data, buf))
     }
 
     /// The copies of `len` bytes of pages from `gpa`, if every one is cached.
@@ -689,13 +697,54 @@ impl XorCache {
     }
 
     /// Keeps the pages of an acknowledged epoch, then trims to the bound (oldest first).
-    fn remember(&mut self, epoch: u64, parts: &[(u64, &[u8])]) {
+    /// `coded[i]`, where given, is how `parts[i]` was sent: a part sent as a patch against
+    /// these copies updates just its changed words (the rest of its pages are the copies
+    /// already).
+    fn remember(&mut self, epoch: u64, parts: &[(u64, &[u8])], coded: &[PageRange]) {
         if self.limit_pages == 0 {
             return;
         }
-        for (gpa, data) in parts {
+        for (i, (gpa, data)) in parts.iter().enumerate() {
+            let first = gpa / PAGE as u64;
+            let pages = (data.len() / PAGE) as u64;
+            let patch = coded.get(i).filter(|r| {
+                r.codec == Codec::Patch
+                    && r.gpa == *gpa
+                    && r.len() == data.len()
+                    && (first..first + pages).all(|n| self.pages.contains_key(&n))
+            });
+            if let Some(r) = patch {
+                for n in first..first + pages {
+                    if let Some((e, _)) = self.pages.get_mut(&n) {
+                        *e = epoch;
+                    }
+                }
+                let pages = &mut self.pages;
+                let applied = transport::pages::patch_runs(
+                    r.gpa,
+                    &r.payload,
+                    data.len() / 8,
+                    |word, mut new| {
+                        // A run may cross pages.
+                        let mut at = word * 8;
+                        while !new.is_empty() {
+                            let n = first + (at / PAGE) as u64;
+                            let off = at % PAGE;
+                            let take = new.len().min(PAGE - off);
+                            let copy = &mut pages.get_mut(&n).expect("checked cached").1;
+                            copy[off..off + take].copy_from_slice(&new[..take]);
+                            new = &new[take..];
+                            at += take;
+                        }
+                    },
+                );
+                if applied.is_ok() {
+                    continue;
+                }
+                log::warn!("our own patch at {gpa:#x} does not apply: keeping the whole pages");
+            }
             for (i, page) in data.chunks_exact(PAGE).enumerate() {
-                let n = gpa / PAGE as u64 + i as u64;
+                let n = first + i as u64;
                 match self.pages.get_mut(&n) {
                     Some((e, copy)) => {
                         *e = epoch;
@@ -738,12 +787,9 @@ fn encode_parts_xor(
         .par_iter()
         .map(|(gpa, data)| {
             let coded = DELTA.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                if cache.delta(*gpa, data, &mut buf) {
-                    encode_range_delta(*gpa, data, &buf)
-                } else {
-                    encode_range(*gpa, data, None)
-                }
+                cache
+                    .code(*gpa, data, &mut buf.borrow_mut())
+                    .unwrap_or_else(|| encode_range(*gpa, data, None))
             });
             (coded, range_hash(*gpa, data))
         })
@@ -815,14 +861,14 @@ mod tests {
         };
         let a = noise(1);
         let b = noise(2);
-        c.remember(1, &[(0, &a)]);
+        c.remember(1, &[(0, &a)], &[]);
         assert_eq!(c.base(0, 2 * PAGE), Some(a.clone()));
         assert_eq!(
             c.base(0, 3 * PAGE),
             None,
             "every page of a run must be cached"
         );
-        c.remember(2, &[(8 * PAGE as u64, &b)]);
+        c.remember(2, &[(8 * PAGE as u64, &b)], &[]);
         // Over the bound (4 pages > 3): one page of epoch 1 went.
         assert_eq!(c.bytes(), 3 * PAGE as u64);
         assert_eq!(c.base(8 * PAGE as u64, 2 * PAGE), Some(b));
@@ -834,12 +880,27 @@ mod tests {
         next[10] = 9;
         let parts = [(PAGE as u64, &next[..])];
         let coded = encode_parts_xor(&parts, true, &c);
-        assert_eq!(coded[0].0.codec, transport::pages::Codec::XorZstd);
+        assert_eq!(coded[0].0.codec, Codec::Patch);
         let back = transport::pages::decode_range(&coded[0].0, 1 << 30, Some(&base)).unwrap();
         assert_eq!(back, next);
+        // Remembering a patch updates the copy to the page sent.
+        c.remember(3, &parts, &[coded[0].0.clone()]);
+        assert_eq!(c.base(PAGE as u64, PAGE), Some(next.clone()));
+        // Many changed words: the XOR's zstd is smaller than a patch.
+        let mut busy = next.clone();
+        for w in busy.chunks_exact_mut(16) {
+            w[0] ^= 1;
+        }
+        let parts = [(PAGE as u64, &busy[..])];
+        let coded = encode_parts_xor(&parts, true, &c);
+        assert_eq!(coded[0].0.codec, Codec::XorZstd);
+        let back = transport::pages::decode_range(&coded[0].0, 1 << 30, Some(&next)).unwrap();
+        assert_eq!(back, busy);
+        c.remember(4, &parts, &[coded[0].0.clone()]);
+        assert_eq!(c.base(PAGE as u64, PAGE), Some(busy));
         // A disabled cache keeps nothing.
         let mut off = XorCache::new(0);
-        off.remember(1, &[(0, &a)]);
+        off.remember(1, &[(0, &a)], &[]);
         assert_eq!(off.bytes(), 0);
     }
 
@@ -871,7 +932,7 @@ mod tests {
         };
         let p0 = parts(&mem);
         let refs: Vec<(u64, &[u8])> = p0.iter().map(|(g, d)| (*g, d.as_slice())).collect();
-        cache.remember(1, &refs);
+        cache.remember(1, &refs, &[]);
         let (mut enc, mut rem, n) = (std::time::Duration::ZERO, std::time::Duration::ZERO, 60);
         for e in 2..2 + n {
             for page in 0..(MIB << 20) / PAGE {
@@ -883,11 +944,10 @@ mod tests {
             let coded = encode_parts_xor(&refs, true, &cache);
             let _ = combine_hashes(coded.iter().map(|c| c.1));
             enc += cpu() - t;
-            assert!(coded
-                .iter()
-                .all(|c| c.0.codec == transport::pages::Codec::XorZstd));
+            assert!(coded.iter().all(|c| c.0.codec == Codec::Patch));
+            let ranges: Vec<PageRange> = coded.into_iter().map(|c| c.0).collect();
             let t = cpu();
-            cache.remember(e, &refs);
+            cache.remember(e, &refs, &ranges);
             rem += cpu() - t;
         }
         // Where coding goes, one step at a time over the same 16 MiB (single thread).

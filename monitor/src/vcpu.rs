@@ -361,8 +361,8 @@ impl VcpuContext {
 
 /// Applies the vCPU scheduling policy to the calling thread (see [`VcpuSched`]).
 fn apply_policy(id: u32, policy: VcpuSched) {
-    // The thread inherits its creator's policy (which may be real-time for tandem's control
-    // threads), so every policy is set explicitly.
+    // The thread inherits its creator's policy and nice value (an embedding application may
+    // run its own threads under another policy), so every policy is set explicitly.
     let class = match policy {
         VcpuSched::Idle => libc::SCHED_IDLE,
         VcpuSched::Normal | VcpuSched::Nice(_) => libc::SCHED_OTHER,

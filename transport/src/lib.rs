@@ -40,12 +40,14 @@ pub use handshake::Psk;
 pub use message::{Intent, Message};
 pub use pages::{Codec, PageRange};
 
-/// Protocol version this build speaks. 3: page digests hash each range with XXH3-128 (were
+/// Protocol version this build speaks. 4: a range may be a `Patch` (the changed words against
+/// the copy sent before; `pages`), which a version-3 peer cannot decode. 3: page digests hash each range with XXH3-128 (were
 /// BLAKE3; `checkpoint::digest`). 2: frames sealed with AES-256-GCM (were ChaCha20-Poly1305),
 /// page digests BLAKE3 (were SHA-256), a standby answers every pre-copy round's end.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Oldest protocol version this build accepts from a peer: older peers compute another page
-/// digest, so every epoch would be refused; the handshake says so instead.
+/// digest or cannot decode a patch, so every epoch would be refused; the handshake says so
+/// instead.
 pub const OLDEST_ACCEPTED_VERSION: u16 = PROTOCOL_VERSION;
 
 /// Everything that can go wrong on the link. Each rejection has its own variant.

@@ -7,13 +7,24 @@
 //!    Zstd     payload = zstd frame of the pages' bytes
 //!    XorZstd  payload = zstd frame of (pages XOR the copy sent before) — pages re-dirtied every
 //!             epoch differ in few bytes, so the XOR is mostly zeros
+//!    Patch    payload = the words that differ from the copy sent before, as runs:
+//!
+//!             ┌──────────────┬─────────────┬──────────────────────────┐
+//!             │ word: u32 LE │ count: u16  │ count × 8 bytes (the new │  × runs
+//!             │ (8-byte word │ LE, ≥ 1     │ values of those words)   │
+//!             │ from start)  │             │                          │
+//!             └──────────────┴─────────────┴──────────────────────────┘
+//!             runs in increasing order, none overlapping, all inside the range; no zstd on
+//!             either side (a page with a handful of changed words costs a compare, not a
+//!             compression)
 //! ```
 //!
 //! Rules a receiver enforces before touching memory ([`check_range`], [`decode_range`]): the
 //! GPA is page aligned; 1 ≤ pages ≤ [`MAX_RANGE_PAGES`]; GPA + length does not overflow and
 //! lies inside the receiver's memory; the payload fits its codec (Zero: empty, Raw: exactly the
 //! length); a compressed payload decompresses to exactly the length, with the output capped at
-//! that length before decompressing (no bombs); XorZstd needs the receiver's previous copy.
+//! that length before decompressing (no bombs); XorZstd and Patch need the receiver's previous
+//! copy; a patch's runs are bounded by the range and by the payload before any byte is read.
 //! Encoding and decoding run on every core (rayon); long ranges are split so both cores work.
 
 use rayon::prelude::*;
@@ -39,6 +50,8 @@ pub enum Codec {
     Zstd,
     /// XOR with the previously sent copy, then zstd.
     XorZstd,
+    /// The words that differ from the previously sent copy (see the module doc).
+    Patch,
 }
 
 /// Consecutive guest pages.
@@ -85,11 +98,150 @@ pub fn encode_range(gpa: u64, data: &[u8], prev: Option<&[u8]>) -> PageRange {
     assert!(data.len() % PAGE == 0 && !data.is_empty(), "whole pages");
     match prev.filter(|p| p.len() == data.len()) {
         Some(prev) => {
+            if let Some(r) = encode_patch(gpa, [(data, prev)], data.len()) {
+                return r;
+            }
             let delta: Vec<u8> = data.iter().zip(prev).map(|(a, b)| a ^ b).collect();
             encode_range_delta(gpa, data, &delta)
         }
         None => encode_plain(gpa, data),
     }
+}
+
+/// Header bytes of one patch run (word: u32, count: u16).
+const RUN_HEADER: usize = 6;
+/// Most words in one patch run.
+const MAX_RUN_WORDS: usize = u16::MAX as usize;
+/// A patch is used when it is at most this fraction of its range (1/16: up to about 18
+/// changed words per page); past it, XOR-then-zstd codes the delta smaller.
+pub const PATCH_MAX_FRACTION: usize = 16;
+
+/// Codes `len` bytes of pages from `gpa` as a [`Codec::Patch`] against the copy sent before,
+/// given as pieces `(new, old)` of equal length (a sender keeping its copies page by page
+/// passes one piece per page), in order. `None` when the patch would be larger than
+/// `len / PATCH_MAX_FRACTION` (the scan stops there) or the pages are all zero (a zero range
+/// is smaller). Runs may cross pieces.
+pub fn encode_patch<'a>(
+    gpa: u64,
+    pieces: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    len: usize,
+) -> Option<PageRange> {
+    assert!(len % PAGE == 0 && len > 0, "whole pages");
+    let limit = len / PATCH_MAX_FRACTION;
+    let mut out: Vec<u8> = Vec::new();
+    // The open run: where its header sits in `out`, and its first word and count.
+    let mut run: Option<(usize, usize, usize)> = None;
+    let mut word = 0usize;
+    let mut nonzero = false;
+    let mut seen = 0usize;
+    for (new, old) in pieces {
+        assert_eq!(new.len(), old.len(), "pieces of equal length");
+        assert!(new.len() % 64 == 0, "pieces of whole 64-byte blocks");
+        seen += new.len();
+        for (nb, ob) in new.chunks_exact(64).zip(old.chunks_exact(64)) {
+            if nb == ob {
+                if let Some((at, first, n)) = run.take() {
+                    close_run(&mut out, at, first, n);
+                }
+                if !nonzero {
+                    nonzero = nb.iter().any(|b| *b != 0);
+                }
+                word += 8;
+                continue;
+            }
+            if !nonzero {
+                nonzero = nb.iter().any(|b| *b != 0);
+            }
+            for (nw, ow) in nb.chunks_exact(8).zip(ob.chunks_exact(8)) {
+                if nw == ow {
+                    if let Some((at, first, n)) = run.take() {
+                        close_run(&mut out, at, first, n);
+                    }
+                } else {
+                    match &mut run {
+                        Some((_, _, n)) if *n < MAX_RUN_WORDS => *n += 1,
+                        _ => {
+                            if let Some((at, first, n)) = run.take() {
+                                close_run(&mut out, at, first, n);
+                            }
+                            run = Some((out.len(), word, 1));
+                            out.extend_from_slice(&[0; RUN_HEADER]);
+                        }
+                    }
+                    out.extend_from_slice(nw);
+                    if out.len() > limit {
+                        return None;
+                    }
+                }
+                word += 1;
+            }
+        }
+    }
+    assert_eq!(seen, len, "pieces cover the range");
+    if let Some((at, first, n)) = run.take() {
+        close_run(&mut out, at, first, n);
+    }
+    if !nonzero {
+        return None;
+    }
+    Some(PageRange {
+        gpa,
+        pages: (len / PAGE) as u32,
+        codec: Codec::Patch,
+        payload: out,
+    })
+}
+
+fn close_run(out: &mut [u8], at: usize, first: usize, n: usize) {
+    out[at..at + 4].copy_from_slice(&(first as u32).to_le_bytes());
+    out[at + 4..at + 6].copy_from_slice(&(n as u16).to_le_bytes());
+}
+
+/// Walks a patch payload's runs for a range of `words` 8-byte words, checking each against the
+/// payload and the range before handing it to `run(first word, new bytes)`. On error some
+/// runs may have been handed over already: callers patch a copy they drop on error.
+pub fn patch_runs<'a>(
+    gpa: u64,
+    payload: &'a [u8],
+    words: usize,
+    mut run: impl FnMut(usize, &'a [u8]),
+) -> Result<()> {
+    let bad = |why: String| Error::Pages(format!("patch of the range at {gpa:#x}: {why}"));
+    let mut rest = payload;
+    let mut end = 0usize;
+    while !rest.is_empty() {
+        let Some((head, tail)) = rest.split_first_chunk::<RUN_HEADER>() else {
+            return Err(bad(format!(
+                "{} stray bytes after the last run",
+                rest.len()
+            )));
+        };
+        let first = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        let n = u16::from_le_bytes(head[4..].try_into().expect("2 bytes")) as usize;
+        if n == 0 {
+            return Err(bad(format!("an empty run at word {first}")));
+        }
+        if first < end {
+            return Err(bad(format!(
+                "run at word {first} overlaps or precedes the run ending at word {end}"
+            )));
+        }
+        if first + n > words {
+            return Err(bad(format!(
+                "run of {n} words at word {first} ends past the range's {words} words"
+            )));
+        }
+        if tail.len() < n * 8 {
+            return Err(bad(format!(
+                "run of {n} words at word {first} carries {} bytes",
+                tail.len()
+            )));
+        }
+        run(first, &tail[..n * 8]);
+        end = first + n;
+        rest = &tail[n * 8..];
+    }
+    Ok(())
 }
 
 /// [`encode_range`] with the delta already made: `delta` = `data` XOR the copy sent before
@@ -184,6 +336,20 @@ pub fn encode_range_with(gpa: u64, data: &[u8], prev: Option<&[u8]>, codec: Code
         Codec::XorZstd => {
             xor_zstd(data, prev.expect("XorZstd needs the previous copy")).expect("in-memory zstd")
         }
+        Codec::Patch => {
+            let prev = prev.expect("Patch needs the previous copy");
+            let mut out = Vec::new();
+            let words = data.chunks_exact(8).zip(prev.chunks_exact(8)).enumerate();
+            for (i, (n, o)) in words {
+                if n == o {
+                    continue;
+                }
+                out.extend_from_slice(&(i as u32).to_le_bytes());
+                out.extend_from_slice(&1u16.to_le_bytes());
+                out.extend_from_slice(n);
+            }
+            out
+        }
     };
     PageRange {
         gpa,
@@ -250,17 +416,26 @@ pub fn check_range(r: &PageRange, mem_size: u64) -> Result<()> {
             r.payload.len(),
             r.pages
         ))),
-        Codec::Zstd | Codec::XorZstd if r.payload.len() > r.len() + 1024 => Err(Error::Pages(
-            format!("compressed range at {:#x} is larger than its pages", r.gpa),
-        )),
+        Codec::Zstd | Codec::XorZstd | Codec::Patch if r.payload.len() > r.len() + 1024 => {
+            Err(Error::Pages(format!(
+                "coded range at {:#x} is larger than its pages",
+                r.gpa
+            )))
+        }
         _ => Ok(()),
     }
 }
 
 /// Decodes one range into its bytes after every check. `prev` is the receiver's copy of the
-/// same pages (needed for XorZstd).
+/// same pages (needed for XorZstd and Patch).
 pub fn decode_range(r: &PageRange, mem_size: u64, prev: Option<&[u8]>) -> Result<Vec<u8>> {
     check_range(r, mem_size)?;
+    if r.codec == Codec::Patch {
+        let prev = prev
+            .filter(|p| p.len() == r.len())
+            .ok_or_else(|| no_prev(r))?;
+        return decode_patch(r, prev.to_vec());
+    }
     let len = r.len();
     let unzstd = |payload: &[u8]| -> Result<Vec<u8>> {
         // The capacity caps the output: a payload that would grow past the range fails here.
@@ -284,13 +459,55 @@ pub fn decode_range(r: &PageRange, mem_size: u64, prev: Option<&[u8]>) -> Result
         Codec::Raw => Ok(r.payload.clone()),
         Codec::Zstd => unzstd(&r.payload),
         Codec::XorZstd => {
-            let prev = prev.filter(|p| p.len() == len).ok_or_else(|| {
-                Error::Pages(format!("XOR range at {:#x} without a previous copy", r.gpa))
-            })?;
+            let prev = prev.filter(|p| p.len() == len).ok_or_else(|| no_prev(r))?;
             let mut x = unzstd(&r.payload)?;
             x.iter_mut().zip(prev).for_each(|(a, b)| *a ^= b);
             Ok(x)
         }
+        Codec::Patch => unreachable!("patches are decoded above"),
+    }
+}
+
+fn no_prev(r: &PageRange) -> Error {
+    Error::Pages(format!(
+        "{:?} range at {:#x} without a previous copy",
+        r.codec, r.gpa
+    ))
+}
+
+/// A checked Patch range applied to `base`, the receiver's copy of its pages (taken: the
+/// patched copy is the result).
+fn decode_patch(r: &PageRange, mut base: Vec<u8>) -> Result<Vec<u8>> {
+    patch_runs(r.gpa, &r.payload, base.len() / 8, |first, new| {
+        base[first * 8..first * 8 + new.len()].copy_from_slice(new)
+    })?;
+    Ok(base)
+}
+
+/// Decodes one range, taking it: a raw range's payload is its bytes and a patch is applied to
+/// the copy `prev(gpa, len)` gives, without copying either again.
+pub fn decode_range_owned(
+    r: PageRange,
+    mem_size: u64,
+    prev: &(dyn Fn(u64, usize) -> Option<Vec<u8>> + Sync),
+) -> Result<(u64, Vec<u8>)> {
+    match r.codec {
+        Codec::Raw => {
+            check_range(&r, mem_size)?;
+            Ok((r.gpa, r.payload))
+        }
+        Codec::Patch => {
+            check_range(&r, mem_size)?;
+            let base = prev(r.gpa, r.len())
+                .filter(|p| p.len() == r.len())
+                .ok_or_else(|| no_prev(&r))?;
+            decode_patch(&r, base).map(|b| (r.gpa, b))
+        }
+        Codec::XorZstd => {
+            let p = prev(r.gpa, r.len());
+            decode_range(&r, mem_size, p.as_deref()).map(|b| (r.gpa, b))
+        }
+        Codec::Zero | Codec::Zstd => decode_range(&r, mem_size, None).map(|b| (r.gpa, b)),
     }
 }
 
@@ -302,19 +519,7 @@ pub fn decode_ranges(
 ) -> Result<Vec<(u64, Vec<u8>)>> {
     ranges
         .into_par_iter()
-        .map(|r| {
-            if r.codec == Codec::Raw {
-                // Checked, then the payload itself is the range (no copy of it).
-                check_range(&r, mem_size)?;
-                return Ok((r.gpa, r.payload));
-            }
-            let p = if r.codec == Codec::XorZstd {
-                prev(r.gpa, r.len())
-            } else {
-                None
-            };
-            decode_range(&r, mem_size, p.as_deref()).map(|b| (r.gpa, b))
-        })
+        .map(|r| decode_range_owned(r, mem_size, prev))
         .collect()
 }
 
@@ -361,11 +566,22 @@ mod tests {
         );
         let mut redirtied = text.clone();
         redirtied[100] ^= 0xff;
+        redirtied[2 * PAGE + 7] ^= 0x01;
+        // Every fourth word changed: a patch would be a third of the range, the XOR's zstd
+        // far less.
+        let mut rewritten = text.clone();
+        for w in rewritten.chunks_exact_mut(32) {
+            w[0] ^= 0x80;
+        }
+        let zeroed = vec![0u8; text.len()];
         for (data, prev, codec) in [
             (&zero, None, Codec::Zero),
             (&text, None, Codec::Zstd),
             (&random, None, Codec::Raw),
-            (&redirtied, Some(&text), Codec::XorZstd),
+            (&redirtied, Some(&text), Codec::Patch),
+            (&text, Some(&text), Codec::Patch),
+            (&rewritten, Some(&text), Codec::XorZstd),
+            (&zeroed, Some(&text), Codec::Zero),
         ] {
             let r = encode_range(0x10000, data, prev.map(|p| p.as_slice()));
             assert_eq!(r.codec, codec);
@@ -421,6 +637,12 @@ mod tests {
             ..good.clone()
         })
         .contains("without a previous copy"));
+        assert!(err(PageRange {
+            codec: Codec::Patch,
+            payload: Vec::new(),
+            ..good.clone()
+        })
+        .contains("without a previous copy"));
         // A bomb: 1 page declared, 64 MiB inside.
         let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
         assert!(err(PageRange {
@@ -447,6 +669,73 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("does not decode"));
+    }
+
+    /// Builds a patch payload from (word, count, fill byte) runs.
+    fn patch(runs: &[(u32, u16, u8)]) -> Vec<u8> {
+        let mut p = Vec::new();
+        for (w, n, b) in runs {
+            p.extend_from_slice(&w.to_le_bytes());
+            p.extend_from_slice(&n.to_le_bytes());
+            p.extend(std::iter::repeat_n(*b, *n as usize * 8));
+        }
+        p
+    }
+
+    #[test]
+    fn patches_write_exactly_their_words() {
+        let prev = text_pages(2, 5);
+        let r = PageRange {
+            gpa: 0x4000,
+            pages: 2,
+            codec: Codec::Patch,
+            payload: patch(&[(0, 1, 0xaa), (1, 2, 0xbb), (1022, 2, 0xcc)]),
+        };
+        let out = decode_range(&r, MEM, Some(&prev)).unwrap();
+        let mut want = prev.clone();
+        want[..8].fill(0xaa);
+        want[8..24].fill(0xbb);
+        want[1022 * 8..1024 * 8].fill(0xcc);
+        assert_eq!(out, want);
+        // The encoder's runs cross pages and pieces, and decode to the data.
+        let mut data = prev.clone();
+        data[PAGE - 8..PAGE + 8].fill(0x11);
+        let (a, b) = (&data[..PAGE], &data[PAGE..]);
+        let (pa, pb) = (&prev[..PAGE], &prev[PAGE..]);
+        let r = encode_patch(0x4000, [(a, pa), (b, pb)], 2 * PAGE).unwrap();
+        assert_eq!(r.payload, patch(&[(511, 2, 0x11)]));
+        assert_eq!(decode_range(&r, MEM, Some(&prev)).unwrap(), data);
+    }
+
+    #[test]
+    fn hostile_patches_get_their_own_error() {
+        let prev = text_pages(1, 2);
+        let err = |payload: Vec<u8>| {
+            decode_range(
+                &PageRange {
+                    gpa: 0x8000,
+                    pages: 1,
+                    codec: Codec::Patch,
+                    payload,
+                },
+                MEM,
+                Some(&prev),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(err(patch(&[(0, 0, 1)])).contains("empty run"));
+        assert!(err(patch(&[(4, 2, 1), (5, 1, 1)])).contains("overlaps"));
+        assert!(err(patch(&[(9, 1, 1), (3, 1, 1)])).contains("precedes"));
+        assert!(err(patch(&[(511, 2, 1)])).contains("ends past"));
+        assert!(err(patch(&[(u32::MAX, 1, 1)])).contains("ends past"));
+        let mut short = patch(&[(0, 4, 1)]);
+        short.truncate(20);
+        assert!(err(short).contains("carries 14 bytes"));
+        let mut stray = patch(&[(0, 1, 1)]);
+        stray.extend_from_slice(&[1, 2, 3]);
+        assert!(err(stray).contains("3 stray bytes"));
+        assert!(err(vec![0; PAGE + 1025]).contains("larger than its pages"));
     }
 
     #[test]

@@ -117,6 +117,8 @@ struct Protected {
     run: StallRun,
     pause: ft::status::PauseMs,
     throttles: u64,
+    /// Epochs, late epochs, NACKs and page bytes on the wire (after the first sync).
+    link: (u64, u64, u64, u64),
 }
 
 /// One protected run: the probe's view, the primary's epoch pause and its throttles.
@@ -173,10 +175,19 @@ fn protected(
         .ok_or("the primary left no status")?;
     let pause = ft.pause_ms.clone().unwrap_or_default();
     let throttles = ft.primary_counters().map_or(0, |c| c.throttles);
+    let link = ft.primary_counters().map_or((0, 0, 0, 0), |c| {
+        (
+            c.epochs,
+            c.late_epochs,
+            c.nacks,
+            ft.bytes_sent.as_ref().map_or(0, |b| b.pages),
+        )
+    });
     Ok(Protected {
         run,
         pause,
         throttles,
+        link,
     })
 }
 
@@ -307,11 +318,13 @@ pub fn bench(plan: &Plan, out: &mut String) -> Result<(), String> {
                 .iter()
                 .map(|ph| format!("{} {:.3}", ph.phase, ph.ms))
                 .collect();
+            let (epochs, late, nacks, wire) = mid.link;
             let _ = writeln!(
                 breakdown,
-                "| {} MiB | {hz} Hz | {} |",
+                "| {} MiB | {hz} Hz | {} | {epochs} · {late} · {nacks} · {:.1} |",
                 hot_kib / 1024,
-                phases.join(" · ")
+                phases.join(" · "),
+                wire as f64 / 1024.0 / epochs.max(1) as f64
             );
         }
     }
@@ -334,8 +347,11 @@ pub fn bench(plan: &Plan, out: &mut String) -> Result<(), String> {
     print!("{line}");
     text.push_str(&line);
     let table = format!(
-        "\nWhere the pause goes (median of each phase, ms; `vmx::machine::PAUSE_PHASES`):\n\n\
-         | hot set | FT | phases p50 ms |\n|---|---|---|\n{breakdown}"
+        "\nWhere the pause goes (median of each phase, ms; `vmx::machine::PAUSE_PHASES`), and \
+         what the link carried in that run (epochs, late epochs, NACKs, page KiB on the wire \
+         per epoch):\n\n\
+         | hot set | FT | phases p50 ms | epochs · late · NACKs · KiB/epoch |\n|---|---|---|---|\n\
+         {breakdown}"
     );
     print!("{table}");
     text.push_str(&table);

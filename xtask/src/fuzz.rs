@@ -102,6 +102,7 @@ fn ranges() -> Vec<PageRange> {
         encode_range(0x1000, &[0u8; 4096], None),
         encode_range(0x3000, &text, None),
         encode_range(0x9000, &again, Some(&text)),
+        transport::pages::encode_range_with(0xb000, &again, Some(&text), transport::Codec::XorZstd),
         PageRange {
             gpa: 0x20000,
             pages: 1,

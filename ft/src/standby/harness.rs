@@ -270,7 +270,12 @@ impl Harness {
                     let parts: Vec<(u64, &[u8])> = staged
                         .ranges
                         .iter()
-                        .map(|(g, d)| (*g, d.as_slice()))
+                        .map(|r| match r {
+                            crate::epoch::StagedRange::Bytes(g, d) => (*g, d.as_slice()),
+                            crate::epoch::StagedRange::Patch(p) => {
+                                panic!("a patch at {:#x} staged without a base", p.gpa)
+                            }
+                        })
                         .collect();
                     assert_eq!(pages_digest(&parts), digest, "an unverified epoch");
                     for v in 0..shape.vcpus {

@@ -553,7 +553,7 @@ impl Machine {
         match &mut self.rx {
             Receiving::Poisoned { .. } => {}
             Receiving::Epoch(st) => {
-                let none = |_: u64, _: usize| None;
+                let none = |_: u64, _: &mut [u8]| false;
                 let r = match &self.xor_base {
                     Some(b) => st.pages_with(batch, &*b.0),
                     None => st.pages_with(batch, &none),
