@@ -412,3 +412,29 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, status::FtStatus)> {
     let outcome = vmx.run_with(&mut ft)?;
     Ok((outcome, ft.ft_status()))
 }
+
+/// A thread pool for the replication work done while the guest runs — coding epochs, staging
+/// and committing them, pre-copy rounds: the host's CPUs less the guest's vCPUs, at least one.
+/// Where the vCPUs fill the host's CPUs, coding on every core takes a CPU from a running vCPU
+/// (a vCPU at nice 10 keeps about a tenth of a CPU it shares); one thread leaves it alone.
+/// The epoch pause, where the vCPUs are stunned, keeps rayon's global pool (every core).
+/// Measured in BENCHMARKS.md ("Replication work off the vCPUs' CPUs").
+pub fn guest_side_pool(vcpus: u32, name: &'static str) -> Option<rayon::ThreadPool> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cpus.saturating_sub(vcpus as usize).max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|e| log::warn!("{name} work on the shared pool (no pool of its own: {e})"))
+        .ok()
+}
+
+/// Runs `f` in `pool` (its parallel iterators use that pool's threads), or on the caller's
+/// pool when there is none.
+pub fn in_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}

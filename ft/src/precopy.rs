@@ -22,6 +22,10 @@
 //! a round reads: a page changed while (or after) it was read is dirty again and goes out in
 //! the next round or in epoch E. Nothing of the base counts until E commits.
 //!
+//! Round 0 does not read the pages nothing ever touched ([`DirtyLog::never_touched`]): they
+//! go as zero ranges. Reading them would map the host's shared zero page at each, and the
+//! guest's first write to one would then cost a copy-on-write fault with a TLB shootdown.
+//!
 //! Disks go in the same rounds (`[disk]` above): each round ends with `DeviceState` sections
 //! `disk-writes/<d>/<p>` (a [`devices::virtio::block::DiskWrites`] each, at most
 //! [`vmx::machine::DISK_WRITES_PART_BYTES`] of data) before its `PreCopyEnd`. Round 0 carries
@@ -36,12 +40,13 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use monitor::dirty::MAX_RUN_PAGES;
 use monitor::{DirtyLog, DirtyPages};
 use serde::Serialize;
-use transport::{Channel, Fence, Message, Received};
+use transport::{Channel, Codec, Fence, Message, PageRange, Received};
 
 use super::link::{encode_parts, send_ranges};
-use checkpoint::digest::combine_hashes;
+use checkpoint::digest::{combine_hashes, range_hash};
 
 /// A round this small (pages) ends the pre-copy: the rest goes in the completing epoch.
 pub const STOP_PAGES: u64 = 2048;
@@ -108,12 +113,22 @@ pub fn run(
     // Everything the guest writes from here on is in the next bitmap.
     log.take().map_err(|e| format!("dirty log: {e}"))?;
     let mut dirty = DirtyPages::all(pages);
+    // Pages nothing ever touched go as zero ranges, unread (taken after the log's reset: one
+    // touched from here on is in the next round).
+    let mut untouched = log.never_touched().unwrap_or_else(|e| {
+        log::warn!("{e}: round 0 reads every page");
+        DirtyPages::none(pages)
+    });
     let mut report = PreCopyReport::default();
     let mut prev = u64::MAX;
     for round in 0..MAX_ROUNDS {
-        let runs = dirty.runs();
-        let n: u64 = runs.iter().map(|r| r.1).sum();
-        let r = send_round(log, disks, tx, fence, round, &runs, n, status, t0)?;
+        let runs = dirty.without(&untouched).runs();
+        let zero_runs = untouched.runs();
+        untouched = DirtyPages::none(pages);
+        let n: u64 = runs.iter().chain(&zero_runs).map(|r| r.1).sum();
+        let r = send_round(
+            log, disks, tx, fence, round, &runs, &zero_runs, n, status, t0,
+        )?;
         log::info!(
             "pre-copy round {round}: {n} pages ({} MiB, {} KiB on the wire) and {} KiB of disk \
              in {:.0} ms",
@@ -178,6 +193,7 @@ fn send_round(
     fence: Fence,
     round: u32,
     runs: &[(u64, u64)],
+    zero_runs: &[(u64, u64)],
     pages: u64,
     status: &Mutex<Option<RoundProgress>>,
     t0: Instant,
@@ -185,7 +201,7 @@ fn send_round(
     let net = |e: transport::Error| format!("pre-copy to the new standby: {e}");
     let start = Instant::now();
     let (wire, disk_bytes) = send_round_parts(
-        log, disks, tx, fence, round, runs, pages, status, t0,
+        log, disks, tx, fence, round, runs, zero_runs, pages, status, t0,
     )
     .map_err(|e| match e {
         RoundError::Net(e) => net(e),
@@ -220,6 +236,7 @@ fn send_round_parts(
     fence: Fence,
     round: u32,
     runs: &[(u64, u64)],
+    zero_runs: &[(u64, u64)],
     pages: u64,
     status: &Mutex<Option<RoundProgress>>,
     t0: Instant,
@@ -235,6 +252,26 @@ fn send_round_parts(
     let mut ranges = 0u64;
     let mut done = 0u64;
     let mut wire = 0u64;
+    // Untouched pages: zero ranges, hashed as the zeros they are, never read.
+    let zeros = vec![0u8; MAX_RUN_PAGES as usize * 4096];
+    let zero_ranges: Vec<PageRange> = zero_runs
+        .iter()
+        .map(|&(first, n)| {
+            let gpa = first * 4096;
+            hashes.push(range_hash(gpa, &zeros[..(n * 4096) as usize]));
+            PageRange {
+                gpa,
+                pages: n as u32,
+                codec: Codec::Zero,
+                payload: Vec::new(),
+            }
+        })
+        .collect();
+    ranges += zero_ranges.len() as u64;
+    send_ranges(tx, zero_ranges, |n| {
+        done += n;
+        progress(done * 4096, pages * 4096);
+    })?;
     let mut i = 0;
     while i < runs.len() {
         // Up to CHUNK_PAGES pages of runs: copy them out (the guest runs on), code, send.
@@ -320,19 +357,10 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("pre-copy".into())
         .spawn(move || {
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let threads = cpus.saturating_sub(vcpus as usize).max(1);
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("pre-copy-{i}"))
-                .build();
-            let r = match pool {
-                Ok(p) => p.install(|| run(&log, disks.as_ref(), &mut tx, fence, vcpus, &status)),
-                Err(e) => {
-                    log::warn!("pre-copy on the shared pool (no pool of its own: {e})");
-                    run(&log, disks.as_ref(), &mut tx, fence, vcpus, &status)
-                }
-            };
+            let pool = crate::guest_side_pool(vcpus, "pre-copy");
+            let r = crate::in_pool(pool.as_ref(), || {
+                run(&log, disks.as_ref(), &mut tx, fence, vcpus, &status)
+            });
             done(r.map(|rep| (tx, rep)));
         })
         .map(|_| ())

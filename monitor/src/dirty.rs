@@ -74,9 +74,46 @@ impl DirtyPages {
         DirtyPages { bitmap, pages }
     }
 
+    /// None of `pages` pages.
+    pub fn none(pages: u64) -> Self {
+        DirtyPages {
+            bitmap: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
+    }
+
     /// The bitmap.
     pub fn bitmap(&self) -> &[u64] {
         &self.bitmap
+    }
+
+    /// The pages of this set that are not in `other`.
+    pub fn without(&self, other: &DirtyPages) -> DirtyPages {
+        let bitmap = self
+            .bitmap
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w & !other.bitmap.get(i).copied().unwrap_or(0))
+            .collect();
+        DirtyPages {
+            bitmap,
+            pages: self.pages,
+        }
+    }
+
+    /// Pages in the set.
+    pub fn count(&self) -> u64 {
+        let mut n = 0;
+        for (i, w) in self.bitmap.iter().enumerate() {
+            let valid = self.pages.saturating_sub(i as u64 * 64).min(64);
+            let mask = if valid == 64 {
+                u64::MAX
+            } else {
+                (1u64 << valid) - 1
+            };
+            n += u64::from((w & mask).count_ones());
+        }
+        n
     }
 
     /// Runs of at most [`MAX_RUN_PAGES`] dirty pages: (first page, page count).
@@ -164,6 +201,54 @@ impl DirtyLog {
     /// Whether this host lets hot pages stay writable between epochs.
     pub fn keeps_hot_pages(&self) -> bool {
         self.shared.manual_dirty
+    }
+
+    /// Pages nothing ever touched: anonymous guest RAM whose host page is neither present nor
+    /// swapped out (`/proc/self/pagemap`, bits 63 and 62), so all zero. Reading such a page
+    /// would map the kernel's shared zero page at it, and the guest's first write would then
+    /// be a copy-on-write fault that shoots down the TLB of every CPU running the VM (measured
+    /// here: ~70 µs per page, 4,096 of them in the first 300 ms of a 16 MiB hot set, against a
+    /// few µs for a first write to a page never mapped). File-backed memory (a restored
+    /// snapshot) has no such pages. A page written after this call is in the next dirty log
+    /// (take the log first).
+    pub fn never_touched(&self) -> Result<DirtyPages> {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let mut out = DirtyPages::none(self.pages());
+        let err = |e: String| Error::Memory(format!("reading /proc/self/pagemap: {e}"));
+        let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(|e| err(e.to_string()))?;
+        let mut entries = vec![0u8; 8 * 4096];
+        for region in self.shared.mem.iter() {
+            if region.file_offset().is_some() {
+                continue;
+            }
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| err(e.to_string()))? as u64;
+            let first = region.start_addr().0 / PAGE_SIZE;
+            let n = region.len() / PAGE_SIZE;
+            let mut p = 0u64;
+            while p < n {
+                let take = (n - p).min(4096);
+                let buf = &mut entries[..take as usize * 8];
+                pagemap
+                    .read_exact_at(buf, (host / PAGE_SIZE + p) * 8)
+                    .map_err(|e| err(e.to_string()))?;
+                for (i, e) in buf.chunks_exact(8).enumerate() {
+                    let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+                    if e & (PRESENT | SWAPPED) == 0 {
+                        let g = first + p + i as u64;
+                        if g < out.pages {
+                            out.bitmap[(g / 64) as usize] |= 1 << (g % 64);
+                        }
+                    }
+                }
+                p += take;
+            }
+        }
+        Ok(out)
     }
 
     /// Copies `runs` (first page, count) out of guest memory, on every core, into buffers

@@ -91,6 +91,52 @@ fn dirty_matches_the_reference_model_and_reaches_the_dirty_log() {
     assert!((0..2).all(|v| settled_state(&vm, v) == VcpuState::Done));
 }
 
+/// Pre-copy skips the pages nothing ever touched (`DirtyLog::never_touched`): the working
+/// sets are not among them, most of a large guest's RAM is, and reading one maps it.
+#[test]
+fn pages_nothing_touched_are_found_and_reading_one_maps_it() {
+    let w = workload(
+        "dirty",
+        &[
+            ("iters", "200k"),
+            ("pages", "8"),
+            ("ws_mib", "4"),
+            ("record_every", "500"),
+        ],
+    );
+    let h = Harness::new(&w, 2, 64);
+    let vm = h.vm.clone();
+    vm.start().unwrap();
+    assert_eq!(h.finish(), DigestSink::of(&w.reference_all(2)));
+    let log = vm.dirty_log();
+    let untouched = log.never_touched().unwrap();
+    let has =
+        |set: &monitor::DirtyPages, p: u64| set.bitmap()[(p / 64) as usize] >> (p % 64) & 1 == 1;
+    for v in 0..2 {
+        let first = vm.layout().data(v) / 4096;
+        assert!(
+            (first..first + 4 * 256).all(|p| !has(&untouched, p)),
+            "the working set of vCPU {v} was written"
+        );
+    }
+    let pages = 64 * 256;
+    assert!(
+        untouched.count() > pages / 2,
+        "most of a 64 MiB guest running 8 MiB of working sets is untouched: {} of {pages}",
+        untouched.count()
+    );
+    let p = untouched.runs()[0].0;
+    let copy = log.copy_runs(&[(p, 1)]).unwrap();
+    assert!(
+        copy[0].data.iter().all(|b| *b == 0),
+        "an untouched page reads as zeros"
+    );
+    assert!(
+        !has(&log.never_touched().unwrap(), p),
+        "reading page {p} mapped it"
+    );
+}
+
 #[test]
 fn a_thousand_stuns_stop_every_vcpu_and_the_run_still_completes_exactly() {
     let w = workload(
