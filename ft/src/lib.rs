@@ -413,13 +413,12 @@ pub fn run_primary(cfg: PrimaryConfig) -> Result<(Outcome, status::FtStatus)> {
     Ok((outcome, ft.ft_status()))
 }
 
-/// A thread pool for the replication work done while the guest runs — coding epochs, staging
-/// and committing them, pre-copy rounds: the host's CPUs less the guest's vCPUs, at least one.
-/// Where the vCPUs fill the host's CPUs, coding on every core takes a CPU from a running vCPU
-/// (a vCPU at nice 10 keeps about a tenth of a CPU it shares); one thread leaves it alone.
-/// The epoch pause, where the vCPUs are stunned, keeps rayon's global pool (every core).
-/// Measured in BENCHMARKS.md ("Replication work off the vCPUs' CPUs").
-pub fn guest_side_pool(vcpus: u32, name: &'static str) -> Option<rayon::ThreadPool> {
+/// A thread pool for pre-copy rounds, which read and code all of memory while the guest runs:
+/// the host's CPUs less the guest's vCPUs, at least one. Epochs keep rayon's global pool:
+/// confining their coding and apply to such a pool was measured and rejected (BENCHMARKS.md,
+/// "Epoch coding on the CPUs the vCPUs leave free": no change in the 1-vCPU probe's stalls,
+/// and `run-pair`'s 2-vCPU guest on two CPUs, left one thread, was throttled once a run).
+pub(crate) fn guest_side_pool(vcpus: u32, name: &'static str) -> Option<rayon::ThreadPool> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = cpus.saturating_sub(vcpus as usize).max(1);
     rayon::ThreadPoolBuilder::new()
@@ -432,7 +431,7 @@ pub fn guest_side_pool(vcpus: u32, name: &'static str) -> Option<rayon::ThreadPo
 
 /// Runs `f` in `pool` (its parallel iterators use that pool's threads), or on the caller's
 /// pool when there is none.
-pub fn in_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+pub(crate) fn in_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
     match pool {
         Some(p) => p.install(f),
         None => f(),

@@ -280,8 +280,6 @@ fn sender(
     // What the standby holds of each recently sent page: the base of XOR deltas. It starts
     // empty with every link (a new standby has nothing of ours).
     let mut cache = XorCache::new(cfg.xor_cache_bytes);
-    // Coding runs while the guest does: on the CPUs its vCPUs leave free.
-    let pool = crate::guest_side_pool(cfg.vcpus, "epoch-code");
     let lost = |reason: String| {
         let _ = events.send(LinkEvent::Lost { reason });
     };
@@ -291,10 +289,7 @@ fn sender(
                 Ok(Job::Epoch(mut cap)) => {
                     last = cap.epoch;
                     let first = std::mem::replace(&mut first_epoch, false);
-                    let sent = send_epoch(
-                        &mut tx, &replies, &inputs, &events, &cap, &cfg, &mut codec, &mut cache,
-                        first, pool.as_ref(),
-                    );
+                    let sent = send_epoch(&mut tx, &replies, &inputs, &events, &cap, &cfg, &mut codec, &mut cache, first);
                     // The copy buffers serve the next epoch's capture (no page faults on them
                     // while the guest is stunned).
                     monitor::dirty::recycle(std::mem::take(&mut cap.runs));
@@ -432,7 +427,6 @@ fn send_epoch(
     codec: &mut CodecChoice,
     cache: &mut XorCache,
     first: bool,
-    pool: Option<&rayon::ThreadPool>,
 ) -> Result<SendStats, String> {
     let t0 = Instant::now();
     let fence = Fence {
@@ -448,16 +442,12 @@ fn send_epoch(
     // time are sent raw for a while (zstd on random data costs time and saves nothing).
     let compress = cap.full || codec.compress(cap.epoch);
     // A full sync replaces everything the standby had: no XOR base.
-    if cap.full {
+    let coded = if cap.full {
         cache.clear();
-    }
-    let coded = crate::in_pool(pool, || {
-        if cap.full {
-            encode_parts(&parts, compress)
-        } else {
-            encode_parts_xor(&parts, compress, cache)
-        }
-    });
+        encode_parts(&parts, compress)
+    } else {
+        encode_parts_xor(&parts, compress, cache)
+    };
     let xor_ranges = coded
         .iter()
         .filter(|c| matches!(c.0.codec, Codec::XorZstd | Codec::Patch))

@@ -280,7 +280,6 @@ impl Standby {
         let mut vmx: Option<Vmx> = None;
         let mut replica: Option<Replica> = None;
         let mut last_frame = Instant::now();
-        let mut pool: Option<Arc<rayon::ThreadPool>> = None;
         let mut actions: VecDeque<Action> = VecDeque::new();
         // Set when the machine leaves the protocol: the link is shut, the stats taken.
         let mut ended: Option<(FtStatus, Duration, Instant)> = None;
@@ -353,8 +352,7 @@ impl Standby {
                         shape,
                     } => {
                         let first = replica.is_none();
-                        let (event, err) =
-                            self.commit(&mut vmx, &mut replica, staged, base, shape, pool.clone());
+                        let (event, err) = self.commit(&mut vmx, &mut replica, staged, base, shape);
                         if let (true, Some(r)) = (first, &replica) {
                             m.set_xor_base(r.xor_base());
                             self.prepare_sink();
@@ -445,22 +443,13 @@ impl Standby {
                 }
             };
             last_frame = Instant::now();
-            if let Received::Message(Message::FullSync { vcpus, .. }) = &msg {
-                // Staging and committing run while the primary's guest does (on a shared host,
-                // beside its vCPUs): on the CPUs its vCPUs leave free.
-                if pool.is_none() {
-                    pool = crate::guest_side_pool(*vcpus, "epoch-apply").map(Arc::new);
-                }
-            }
             let pages = matches!(msg, Received::Pages(_));
-            actions.extend(match msg {
-                Received::Pages(batch) => {
-                    crate::in_pool(pool.as_deref(), || m.on(Event::Pages(batch)))
-                }
-                Received::Message(msg) => m.on(Event::Message(msg)),
-                Received::End => m.on(Event::EndOfStream),
-                Received::Cancelled(why) => m.on(Event::Cancelled(why)),
-            });
+            actions.extend(m.on(match msg {
+                Received::Message(msg) => Event::Message(msg),
+                Received::Pages(batch) => Event::Pages(batch),
+                Received::End => Event::EndOfStream,
+                Received::Cancelled(why) => Event::Cancelled(why),
+            }));
             handled = !pages;
         }
     }
@@ -475,7 +464,6 @@ impl Standby {
         staged: Staged,
         base: Option<Base>,
         shape: Shape,
-        pool: Option<Arc<rayon::ThreadPool>>,
     ) -> (Event, Option<Error>) {
         let fence = staged.fence;
         if vmx.is_none() {
@@ -504,7 +492,7 @@ impl Standby {
             return (Event::CommitRefused { fence, why, base }, None);
         }
         // Bounds were checked; a failure here means the replica is unusable.
-        match crate::in_pool(pool.as_deref(), || r.complete(base, staged)) {
+        match r.complete(base, staged) {
             Ok(()) => (Event::Committed { fence }, None),
             Err(e) => (
                 Event::ReplicaFailed {
