@@ -954,15 +954,7 @@ mod tests {
     #[test]
     #[ignore = "a measurement: run by hand"]
     fn standby_apply_cpu() {
-        fn cpu() -> std::time::Duration {
-            let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-            let after = &stat[stat.rfind(')').unwrap() + 2..];
-            let f: Vec<u64> = after
-                .split_whitespace()
-                .map(|x| x.parse().unwrap_or(0))
-                .collect();
-            std::time::Duration::from_millis((f[11] + f[12]) * 10)
-        }
+        let cpu = crate::process_cpu;
         const MIB: usize = 16;
         let m: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
         let mut replica = Replica::new(m.clone());

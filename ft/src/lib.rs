@@ -431,9 +431,27 @@ pub(crate) fn guest_side_pool(vcpus: u32, name: &'static str) -> Option<rayon::T
 
 /// Runs `f` in `pool` (its parallel iterators use that pool's threads), or on the caller's
 /// pool when there is none.
-pub(crate) fn in_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+pub(crate) fn in_pool<R: Send>(
+    pool: Option<&rayon::ThreadPool>,
+    f: impl FnOnce() -> R + Send,
+) -> R {
     match pool {
         Some(p) => p.install(f),
         None => f(),
     }
+}
+
+/// The process's user + system time (`/proc/self/stat`, in clock ticks of 10 ms), for the
+/// CPU measurements run by hand (`sender_coding_cpu`, `standby_apply_cpu`: their epochs are
+/// many enough for that resolution). It counts every thread of the process: run one
+/// measurement at a time (by its full name), not both in one `cargo test`.
+#[cfg(test)]
+pub(crate) fn process_cpu() -> std::time::Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let after = &stat[stat.rfind(')').expect("comm ends with ')'") + 2..];
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    std::time::Duration::from_millis((f[11] + f[12]) * 10)
 }

@@ -910,17 +910,7 @@ mod tests {
     #[test]
     #[ignore = "a measurement: run by hand"]
     fn sender_coding_cpu() {
-        // The process's user + system time (/proc/self/stat, clock ticks of 10 ms: the
-        // epochs are many enough for that).
-        fn cpu() -> std::time::Duration {
-            let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-            let after = &stat[stat.rfind(')').unwrap() + 2..];
-            let f: Vec<u64> = after
-                .split_whitespace()
-                .map(|x| x.parse().unwrap_or(0))
-                .collect();
-            std::time::Duration::from_millis((f[11] + f[12]) * 10)
-        }
+        let cpu = crate::process_cpu;
         const MIB: usize = 16;
         let mut mem: Vec<u8> = (0..MIB << 20).map(|i| (i * 31 % 251) as u8).collect();
         let mut cache = XorCache::new(64 << 20);
