@@ -32,6 +32,19 @@ fn run_lib(w: &workloads::Workload, vcpus: u32, mem_mib: u64) -> vmx::RunReport 
     vmx::run::run(&cfg).expect("run")
 }
 
+/// A short `dirty` run: 4 MiB working sets, 8 pages written per iteration.
+fn short_dirty() -> workloads::Workload {
+    workload(
+        "dirty",
+        &[
+            ("iters", "200k"),
+            ("pages", "8"),
+            ("ws_mib", "4"),
+            ("record_every", "500"),
+        ],
+    )
+}
+
 #[test]
 fn counter_matches_the_reference_model_on_1_and_4_vcpus() {
     let w = workload("counter", &[("iters", "40M"), ("record_every", "20k")]);
@@ -45,15 +58,7 @@ fn counter_matches_the_reference_model_on_1_and_4_vcpus() {
 
 #[test]
 fn dirty_matches_the_reference_model_and_reaches_the_dirty_log() {
-    let w = workload(
-        "dirty",
-        &[
-            ("iters", "200k"),
-            ("pages", "8"),
-            ("ws_mib", "4"),
-            ("record_every", "500"),
-        ],
-    );
+    let w = short_dirty();
     let report = run_lib(&w, 4, 64);
     assert_eq!(report.digest, DigestSink::of(&w.reference_all(4)));
 
@@ -95,15 +100,7 @@ fn dirty_matches_the_reference_model_and_reaches_the_dirty_log() {
 /// sets are not among them, most of a large guest's RAM is, and reading one maps it.
 #[test]
 fn pages_nothing_touched_are_found_and_reading_one_maps_it() {
-    let w = workload(
-        "dirty",
-        &[
-            ("iters", "200k"),
-            ("pages", "8"),
-            ("ws_mib", "4"),
-            ("record_every", "500"),
-        ],
-    );
+    let w = short_dirty();
     let h = Harness::new(&w, 2, 64);
     let vm = h.vm.clone();
     vm.start().unwrap();
