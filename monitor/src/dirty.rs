@@ -116,6 +116,15 @@ impl DirtyPages {
         n
     }
 
+    /// Whether page `page` is in the set.
+    pub fn contains(&self, page: u64) -> bool {
+        page < self.pages
+            && self
+                .bitmap
+                .get((page / 64) as usize)
+                .is_some_and(|w| w >> (page % 64) & 1 == 1)
+    }
+
     /// Runs of at most [`MAX_RUN_PAGES`] dirty pages: (first page, page count).
     pub fn runs(&self) -> Vec<(u64, u64)> {
         dirty_runs(&self.bitmap, self.pages)
@@ -249,6 +258,46 @@ impl DirtyLog {
             }
         }
         Ok(out)
+    }
+
+    /// Fills `buf` with guest memory from `gpa`, without reading the pages in `untouched`
+    /// ([`DirtyLog::never_touched`]): those are zero, and reading one would map the zero page
+    /// at it, so the guest's first write after a snapshot would be a copy-on-write fault with
+    /// a TLB shootdown instead of a first touch. Pages only partly inside `buf` are read.
+    pub fn read_touched(&self, untouched: &DirtyPages, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        let end = gpa
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| Error::Memory(format!("{gpa:#x} + {} overflows", buf.len())))?;
+        // Whole untouched pages inside [gpa, end) are zeroed; everything between is read.
+        let mut at = gpa;
+        while at < end {
+            let page = at / PAGE_SIZE;
+            let whole = at % PAGE_SIZE == 0 && at + PAGE_SIZE <= end;
+            let zero = whole && untouched.contains(page);
+            // Extend the span while pages keep the same kind.
+            let mut next = if whole {
+                at + PAGE_SIZE
+            } else {
+                ((page + 1) * PAGE_SIZE).min(end)
+            };
+            while next < end
+                && next + PAGE_SIZE <= end
+                && untouched.contains(next / PAGE_SIZE) == zero
+            {
+                next += PAGE_SIZE;
+            }
+            let span = &mut buf[(at - gpa) as usize..(next - gpa) as usize];
+            if zero {
+                span.fill(0);
+            } else {
+                self.shared
+                    .mem
+                    .read_slice(span, GuestAddress(at))
+                    .map_err(|e| Error::Memory(e.to_string()))?;
+            }
+            at = next;
+        }
+        Ok(())
     }
 
     /// Copies `runs` (first page, count) out of guest memory, on every core, into buffers

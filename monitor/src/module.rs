@@ -284,11 +284,6 @@ impl Module for MainMem {
 /// memory file or compressed sections.
 fn main_mem_checkpoint(shared: &Arc<VmShared>, args: &CptArgs) -> Saved {
     let err = module_err("MainMem");
-    let mem = &shared.mem;
-    let read = |gpa: u64, buf: &mut [u8]| {
-        mem.read_slice(buf, GuestAddress(gpa))
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    };
     let size = shared.layout.mem_bytes;
     if let Some(epoch) = &args.epoch {
         // Replication: fetch and reset the dirty log, copy the pages out (on every core).
@@ -309,6 +304,17 @@ fn main_mem_checkpoint(shared: &Arc<VmShared>, args: &CptArgs) -> Saved {
         if let Some(p) = &args.progress {
             p(done, size)
         }
+    };
+    // Pages nothing ever touched are zeros, written as holes without being read (reading
+    // them would tax a guest that runs on after the snapshot; see `DirtyLog::read_touched`).
+    let log = crate::dirty::DirtyLog::new(shared.clone());
+    let untouched = log.never_touched().unwrap_or_else(|e| {
+        log::debug!("every page is read for the snapshot: {e}");
+        crate::dirty::DirtyPages::none(log.pages())
+    });
+    let read = |gpa: u64, buf: &mut [u8]| {
+        log.read_touched(&untouched, gpa, buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))
     };
     let state = if args.compress {
         let (index, sections) =

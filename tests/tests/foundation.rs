@@ -134,6 +134,66 @@ fn pages_nothing_touched_are_found_and_reading_one_maps_it() {
     );
 }
 
+/// A snapshot writes the pages nothing touched as holes without reading them: afterwards
+/// they are still unmapped (a guest that runs on pays no copy-on-write fault for them), and
+/// the memory file holds guest memory byte for byte.
+#[test]
+fn a_snapshot_leaves_untouched_pages_unmapped_and_saves_memory_exactly() {
+    let w = short_dirty();
+    let h = Harness::new(&w, 2, 64);
+    let vm = h.vm.clone();
+    vm.start().unwrap();
+    assert_eq!(h.finish(), DigestSink::of(&w.reference_all(2)));
+    let log = vm.dirty_log();
+    let before = log.never_touched().unwrap();
+    assert!(
+        before.count() > 64 * 256 / 2,
+        "most of the guest is untouched"
+    );
+    let dir = std::env::temp_dir().join(format!("tandem-untouched-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("snap.mem");
+    let args = monitor::CptArgs {
+        mem_path: Some(path.clone()),
+        ..Default::default()
+    };
+    vm.checkpoint_modules(&args).unwrap();
+    assert_eq!(
+        log.never_touched().unwrap(),
+        before,
+        "saving the snapshot mapped pages nothing had touched"
+    );
+    let file = std::fs::read(&path).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(file.len() as u64, vm.layout().mem_bytes);
+    // Unaligned reads across touched and untouched pages give the same bytes.
+    for v in 0..2u64 {
+        let edge = vm.layout().data(v as u32) + 4 * 256 * 4096; // the end of a working set
+        assert!(!before.contains(edge / 4096 - 1) && before.contains(edge / 4096));
+        for (gpa, len) in [
+            (edge - 100, 4096 * 3 + 200),
+            (edge - 8192, 8192 + 17),
+            (edge + 5, 7),
+        ] {
+            let mut buf = vec![0xa5u8; len];
+            log.read_touched(&before, gpa, &mut buf).unwrap();
+            assert!(
+                buf == file[gpa as usize..gpa as usize + len],
+                "read_touched({gpa:#x}, {len}) differs from the saved memory"
+            );
+        }
+    }
+    let mem: Vec<u8> = log
+        .copy_runs(&monitor::DirtyPages::all(log.pages()).runs())
+        .unwrap()
+        .into_iter()
+        .flat_map(|r| r.data)
+        .collect();
+    assert!(file == mem, "the memory file differs from guest memory");
+    // Reading guest memory whole (above) mapped every page.
+    assert_eq!(log.never_touched().unwrap().count(), 0);
+}
+
 #[test]
 fn a_thousand_stuns_stop_every_vcpu_and_the_run_still_completes_exactly() {
     let w = workload(
