@@ -194,6 +194,53 @@ fn a_snapshot_leaves_untouched_pages_unmapped_and_saves_memory_exactly() {
     assert_eq!(log.never_touched().unwrap().count(), 0);
 }
 
+/// In memory mapped from a snapshot's sparse file, the untouched pages are the file's holes
+/// that nothing has read or written: the file's data pages are not among them, and reading
+/// a hole maps it.
+#[test]
+fn untouched_pages_of_a_memory_file_are_its_holes() {
+    use std::os::unix::fs::FileExt;
+    require_kvm();
+    let dir = std::env::temp_dir().join(format!("tandem-holes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mem");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(16 << 20).unwrap();
+    f.write_all_at(&[7u8; 4096], 5 * 4096).unwrap();
+    f.write_all_at(&[9u8; 10 * 4096], 100 * 4096).unwrap();
+    f.write_all_at(&[3u8; 1], 3000 * 4096 + 17).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let mut cfg = VmConfig::new(16, 1);
+    cfg.memory_file = Some(path);
+    cfg.restoring = true;
+    let (tx, _rx) = crossbeam_channel::unbounded();
+    let vm = Vm::new(&cfg, ModuleTable::standard(vec![]), tx).unwrap();
+    let log = vm.dirty_log();
+    let untouched = log.never_touched().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let data: Vec<u64> = [5].into_iter().chain(100..110).chain([3000]).collect();
+    for &p in &data {
+        assert!(!untouched.contains(p), "page {p} holds the file's data");
+    }
+    for p in [4, 6, 50, 99, 110, 2999, 3001, 4095] {
+        assert!(untouched.contains(p), "page {p} is a hole nothing touched");
+    }
+    assert!(
+        untouched.count() > 4096 - 64,
+        "{} untouched",
+        untouched.count()
+    );
+    let copy = log.copy_runs(&[(5, 1), (50, 1), (3000, 1)]).unwrap();
+    assert!(copy[0].data.iter().all(|&b| b == 7));
+    assert!(copy[1].data.iter().all(|&b| b == 0));
+    assert_eq!(copy[2].data[17], 3);
+    assert!(
+        !log.never_touched().unwrap().contains(50),
+        "reading the hole at page 50 mapped it"
+    );
+}
+
 #[test]
 fn a_thousand_stuns_stop_every_vcpu_and_the_run_still_completes_exactly() {
     let w = workload(

@@ -27,6 +27,7 @@ mod bench_kv;
 mod bench_migrate;
 mod bench_stall;
 mod bench_tracking;
+mod floor;
 mod fuzz;
 mod modgraph;
 mod pair;

@@ -542,7 +542,7 @@ pub fn bench(out: &mut String) -> Result<(), String> {
          full sync's acknowledgement); FT off is `tandem run`. Dirtied MB/s and pages/epoch \
          count epochs only (not the full sync). Copy alone = copying pages/epoch pages from a \
          source just written, in this process, best of 21, on one thread / two \
-         (`bench_stall::hot_copy_ms`): the floor of the pause's copy, measured in the same \
+         (`floor::hot_copy_ms`): the floor of the pause's copy, measured in the same \
          run.\n\n\
          | ws_mib | FT | guest it/s | slowdown | dirtied MB/s | pages/epoch | pause p50 ms | pause p99 ms | SAVE step p50 ms | copy alone ms (1 / 2 threads) | throttles |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -610,7 +610,7 @@ pub fn bench(out: &mut String) -> Result<(), String> {
             let mem = c.mem_bytes as f64;
             let tput = iters as f64 / (wall_ms / 1e3);
             let pages = mem / 4096.0 / epochs;
-            let (copy1, copy2) = crate::bench_stall::hot_copy_ms(pages.round() as u64);
+            let (copy1, copy2) = crate::floor::hot_copy_ms(pages.round() as u64);
             let row = format!(
                 "| {ws} | {} Hz | {tput:.3e} | {:.1} % | {:.1} | {pages:.0} | {:.3} | {:.3} | {:.3} | {copy1:.3} / {copy2:.3} | {} |\n",
                 1000 / interval,
