@@ -342,7 +342,7 @@ impl DirtyLog {
 }
 
 /// The byte ranges of `file` within `[start, start + len)` that hold data, relative to
-/// `start` (from `SEEK_DATA`/`SEEK_HOLE`), merged and in order. A file system that cannot tell
+/// `start` (from `SEEK_DATA`/`SEEK_HOLE`), in order and disjoint. A file system that cannot tell
 /// holes gives one range: all of it.
 fn data_extents(file: &std::fs::File, start: u64, len: u64) -> Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
