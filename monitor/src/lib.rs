@@ -23,6 +23,7 @@
 pub mod actions;
 pub mod alloc;
 pub mod cow;
+pub mod crew;
 pub mod dirty;
 pub mod image;
 mod kick;

@@ -286,7 +286,8 @@ fn main_mem_checkpoint(shared: &Arc<VmShared>, args: &CptArgs) -> Saved {
     let err = module_err("MainMem");
     let size = shared.layout.mem_bytes;
     if let Some(epoch) = &args.epoch {
-        // Replication: fetch and reset the dirty log, copy the pages out (on every core).
+        // Replication: fetch and reset the dirty log, copy the pages out (with the crew's
+        // helpers beyond 2 MiB: `crate::crew`).
         let log = crate::dirty::DirtyLog::new(shared.clone());
         let runs = if epoch.full {
             log.take()?;

@@ -59,6 +59,8 @@ pub struct VmShared {
     pub(crate) rearm: Mutex<crate::rearm::Rearm>,
     /// The dirty rings, when the VM tracks with them instead of the bitmap ([`crate::ring`]).
     pub(crate) dirty_ring: Option<crate::ring::DirtyRings>,
+    /// Helper threads for large page copies ([`crate::crew`]).
+    pub(crate) crew: crate::crew::Crew,
 }
 
 impl VmShared {

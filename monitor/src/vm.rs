@@ -233,6 +233,7 @@ impl Vm {
             manual_dirty,
             rearm: Mutex::new(crate::rearm::Rearm::default()),
             dirty_ring,
+            crew: crate::crew::Crew::new(),
         });
         let run_size = shared
             .kvm

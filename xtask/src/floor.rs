@@ -4,7 +4,7 @@
 //! ```text
 //!   memcpy_gib_s   one thread, 256 MiB, best of 5        (bench stall: "the physical limit")
 //!   hot_copy_ms    N pages just written, 2 MiB pieces,   (bench ft: "copy alone")
-//!                  best of 21, one thread and two
+//!                  best of 21, one thread and the crew
 //! ```
 
 use std::time::Duration;
@@ -28,44 +28,56 @@ pub fn memcpy_gib_s() -> f64 {
     (LEN as f64 / (1u64 << 30) as f64) / best.as_secs_f64().max(1e-9)
 }
 
-/// What copying `pages` pages alone takes here, ms, as the epoch pause copies them: from a
-/// source just written (as a guest's hot set is, so partly in cache) into destination buffers
-/// reused from copy to copy, in 2 MiB pieces (`monitor::dirty::MAX_RUN_PAGES`); the best of
-/// 21 copies 20 ms apart (a floor), on one thread and on two (the pieces split in halves, a
-/// second thread started for each copy).
+/// What copying `pages` pages alone takes here, ms, as the epoch pause copies them: out of
+/// guest memory just written (as a guest's hot set is, so partly in cache) into destination
+/// buffers reused from copy to copy, in 2 MiB pieces (`monitor::dirty::MAX_RUN_PAGES`); the
+/// best of 21 copies 20 ms apart (a floor), on this thread alone and shared with a
+/// [`monitor::crew::Crew`] (helpers pinned to the other CPUs, woken for each copy, as the
+/// pause does beyond `monitor::dirty::INLINE_COPY_BYTES`).
 pub fn hot_copy_ms(pages: u64) -> (f64, f64) {
+    use vm_memory::{Bytes, GuestAddress};
     const PIECE: usize = 2 << 20;
     let len = (pages as usize * 4096).max(4096);
-    let mut src = vec![0u8; len];
-    let mut dst: Vec<Vec<u8>> = (0..len.div_ceil(PIECE))
-        .map(|i| vec![0u8; PIECE.min(len - i * PIECE)])
-        .collect();
-    let copy = |dst: &mut [Vec<u8>], first: usize, src: &[u8]| {
-        for (i, d) in dst.iter_mut().enumerate() {
-            let (at, n) = ((first + i) * PIECE, d.len());
-            d.copy_from_slice(&src[at..at + n]);
-        }
+    let Ok(mem) = monitor::GuestMem::from_ranges(&[(GuestAddress(0), len)]) else {
+        return (f64::NAN, f64::NAN);
     };
+    let crew = monitor::crew::Crew::new();
+    let pieces: Vec<(u64, usize)> = (0..len.div_ceil(PIECE))
+        .map(|i| ((i * PIECE) as u64, PIECE.min(len - i * PIECE)))
+        .collect();
+    let mut dst: Vec<Vec<u8>> = pieces.iter().map(|&(_, n)| vec![0u8; n]).collect();
     let mut one = Vec::new();
     let mut two = Vec::new();
     for round in 0..42u64 {
         std::thread::sleep(Duration::from_millis(20));
         // Rewrite one qword per page, as the `dirty` guest and the probe do.
-        for (p, page) in src.chunks_mut(4096).enumerate() {
-            page[(round as usize * 8) % 4096] = (p as u64 ^ round) as u8;
+        for p in 0..len as u64 / 4096 {
+            let _ = mem.write_obj(p ^ round, GuestAddress(p * 4096 + (round * 8) % 4096));
         }
         let t = std::time::Instant::now();
         if round % 2 == 0 {
-            copy(&mut dst, 0, std::hint::black_box(&src));
+            for (d, &(gpa, _)) in dst.iter_mut().zip(&pieces) {
+                let _ = mem.read_slice(d, GuestAddress(gpa));
+            }
             one.push(t.elapsed().as_secs_f64() * 1e3);
         } else {
-            let half = dst.len().div_ceil(2);
-            let (a, b) = dst.split_at_mut(half);
-            std::thread::scope(|sc| {
-                sc.spawn(|| copy(a, 0, &src));
-                copy(b, half, &src);
-            });
+            let units = pieces
+                .iter()
+                .zip(std::mem::take(&mut dst))
+                .enumerate()
+                .map(|(index, (&(gpa, len), data))| monitor::crew::Unit {
+                    index,
+                    gpa,
+                    len,
+                    data,
+                })
+                .collect();
+            let copied = crew.copy(&mem, units);
             two.push(t.elapsed().as_secs_f64() * 1e3);
+            match copied {
+                Ok(units) => dst = units.into_iter().map(|u| u.data).collect(),
+                Err(_) => return (f64::NAN, f64::NAN),
+            }
         }
         std::hint::black_box(&dst);
     }
