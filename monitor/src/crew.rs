@@ -1,5 +1,6 @@
 //! The copy crew: helper threads, each pinned to one CPU, that share a large page copy with
-//! the thread that asked for it (the epoch pause copies on vCPU 0's thread, in the stun).
+//! the thread that asked for it (the epoch pause copies on the thread running the SAVE step,
+//! while the vCPUs are stunned).
 //!
 //! ```text
 //!   copier (on CPU c)                          helper pinned to CPU k, k ≠ c
@@ -23,9 +24,9 @@
 //!
 //! - an unpinned thread woken by a copier that keeps running was often placed by the
 //!   scheduler on the copier's own CPU (wake-affine) and ran only when the copier was
-//!   preempted: p50 2.0–2.6 ms, against 0.94–1.2 ms for the copier alone and 0.80–0.86 ms
+//!   preempted: p50 1.84–2.39 ms, against 0.94–1.20 ms for the copier alone and 0.80–0.86 ms
 //!   with the helper pinned to the other CPU;
-//! - rayon's pool avoids that by blocking the caller (two pool threads copy while vCPU 0's
+//! - rayon's pool avoids that by blocking the caller (two pool threads copy while the SAVE
 //!   thread sleeps), but every copy pays the pool's wake-up and the caller's, with a long
 //!   tail: at 4 MiB and 8 MiB hot sets the crew cut the pause's p99 from 3.7–5.8 ms to
 //!   1.3–2.1 ms (`cargo xtask bench stall --hot-mib 4,8 --hz 20 --reps 3`, BENCHMARKS.md).
@@ -39,7 +40,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::{Error, Result};
 
-/// Most helpers: the copy is bound by memory bandwidth well before this many CPUs.
+/// Helpers are started for at most `MAX_HELPERS + 1` CPUs, so a copy wakes at most this many
+/// or one more (the copier's own CPU is skipped): memory bandwidth bounds the copy well before.
 pub const MAX_HELPERS: usize = 3;
 
 /// One run to copy: its place in the result, where it starts, how many bytes, and the buffer
