@@ -105,22 +105,20 @@ where
                 index,
                 gpa,
                 len,
-                mut data,
+                data,
             }) = unit
             else {
                 return n;
             };
-            data.resize(len, 0);
-            let copied = self
-                .mem
-                .read_slice(&mut data, GuestAddress(gpa))
-                .map(|()| Unit {
+            let copied = fill(
+                &self.mem,
+                Unit {
                     index,
                     gpa,
                     len,
                     data,
-                })
-                .map_err(|e| Error::Memory(format!("copying {len} bytes at {gpa:#x}: {e}")));
+                },
+            );
             self.done
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -129,6 +127,19 @@ where
             n += 1;
         }
     }
+}
+
+/// Copies one unit out of `mem` (the one copy both the crew and a lone caller use).
+pub(crate) fn fill<M>(mem: &M, mut unit: Unit) -> Result<Unit>
+where
+    M: Bytes<GuestAddress>,
+    M::E: std::fmt::Display,
+{
+    let (len, gpa) = (unit.len, unit.gpa);
+    unit.data.resize(len, 0);
+    mem.read_slice(&mut unit.data, GuestAddress(gpa))
+        .map_err(|e| Error::Memory(format!("copying {len} bytes at {gpa:#x}: {e}")))?;
+    Ok(unit)
 }
 
 struct Helper {

@@ -324,39 +324,32 @@ impl DirtyLog {
                 .collect()
         };
         let bytes: u64 = runs.iter().map(|&(_, n)| n * PAGE_SIZE).sum();
-        if bytes > INLINE_COPY_BYTES && self.shared.crew.helpers() > 0 {
-            let units = runs
-                .iter()
-                .zip(bufs)
-                .enumerate()
-                .map(|(index, (&(first, n), data))| crate::crew::Unit {
-                    index,
-                    gpa: first * PAGE_SIZE,
-                    len: (n * PAGE_SIZE) as usize,
-                    data,
-                })
-                .collect();
-            let copied = self.shared.crew.copy(mem, units)?;
-            return Ok(copied
-                .into_iter()
-                .map(|u| PageRun {
-                    gpa: u.gpa,
-                    data: u.data,
-                })
-                .collect());
-        }
-        runs.iter()
+        let units: Vec<crate::crew::Unit> = runs
+            .iter()
             .zip(bufs)
-            .map(|(&(first, n), mut data)| {
-                data.resize((n * PAGE_SIZE) as usize, 0);
-                mem.read_slice(&mut data, GuestAddress(first * PAGE_SIZE))
-                    .map_err(|e| Error::Memory(e.to_string()))?;
-                Ok(PageRun {
-                    gpa: first * PAGE_SIZE,
-                    data,
-                })
+            .enumerate()
+            .map(|(index, (&(first, n), data))| crate::crew::Unit {
+                index,
+                gpa: first * PAGE_SIZE,
+                len: (n * PAGE_SIZE) as usize,
+                data,
             })
-            .collect()
+            .collect();
+        let copied = if bytes > INLINE_COPY_BYTES && self.shared.crew.helpers() > 0 {
+            self.shared.crew.copy(mem, units)?
+        } else {
+            units
+                .into_iter()
+                .map(|u| crate::crew::fill(mem, u))
+                .collect::<Result<Vec<_>>>()?
+        };
+        Ok(copied
+            .into_iter()
+            .map(|u| PageRun {
+                gpa: u.gpa,
+                data: u.data,
+            })
+            .collect())
     }
 }
 
