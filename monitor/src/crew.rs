@@ -130,14 +130,18 @@ where
 }
 
 /// Copies one unit out of `mem` (the one copy both the crew and a lone caller use).
+///
+/// The pages are appended to the emptied buffer, which only needs the capacity: making it
+/// `len` long first would zero it (a pass as long as the copy's, measured at a fifth of the
+/// pause's copy time in `perf` of `run-pair`) just to overwrite it.
 pub(crate) fn fill<M>(mem: &M, mut unit: Unit) -> Result<Unit>
 where
     M: Bytes<GuestAddress>,
     M::E: std::fmt::Display,
 {
     let (len, gpa) = (unit.len, unit.gpa);
-    unit.data.resize(len, 0);
-    mem.read_slice(&mut unit.data, GuestAddress(gpa))
+    unit.data.clear();
+    mem.write_all_volatile_to(GuestAddress(gpa), &mut unit.data, len)
         .map_err(|e| Error::Memory(format!("copying {len} bytes at {gpa:#x}: {e}")))?;
     Ok(unit)
 }
