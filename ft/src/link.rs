@@ -14,7 +14,7 @@ use transport::{Channel, Epoch, Fence, Generation, Message, PageRange, Received}
 
 use rayon::prelude::*;
 use transport::pages::{
-    encode_patch, encode_range, encode_range_delta, encode_range_uncompressed, Codec,
+    encode_patch, encode_range, encode_range_delta, is_zero, Codec, PageRangeRef,
 };
 
 use super::epoch::RECORDS_PREFIX;
@@ -450,10 +450,16 @@ fn send_epoch(
     };
     let xor_ranges = coded
         .iter()
-        .filter(|c| matches!(c.0.codec, Codec::XorZstd | Codec::Patch))
+        .filter(|c| matches!(c.0.codec(), Codec::XorZstd | Codec::Patch))
         .count() as u64;
     let digest = combine_hashes(coded.iter().map(|c| c.1));
-    let ranges: Vec<PageRange> = coded.into_iter().map(|c| c.0).collect();
+    let coded: Vec<Coded> = coded.into_iter().map(|c| c.0).collect();
+    // What goes on the wire: raw parts straight from the captured pages.
+    let ranges: Vec<PageRangeRef<'_>> = coded
+        .iter()
+        .zip(&parts)
+        .map(|(c, &(gpa, data))| c.wire(gpa, data))
+        .collect();
     let t_enc = t0.elapsed();
     let pages: u64 = ranges.iter().map(|r| r.pages as u64).sum();
     let mut stats = SendStats {
@@ -479,12 +485,16 @@ fn send_epoch(
         tx.send(&Message::EpochBegin { fence, pages })
             .map_err(net)?;
         let mut sent_pages = 0u64;
-        let to_send = ranges.iter().enumerate().map(|(i, r)| {
-            let mut r = r.clone();
+        // Borrowed: the ranges stay here for a resend and for the XOR cache.
+        let to_send = ranges.iter().enumerate().map(|(i, &r)| {
             if fault == Some(Fault::Outside) && i == 0 {
-                r.gpa = cfg.mem_bytes;
+                PageRangeRef {
+                    gpa: cfg.mem_bytes,
+                    ..r
+                }
+            } else {
+                r
             }
-            r
         });
         send_ranges(tx, to_send, |n| {
             sent_pages += n;
@@ -579,11 +589,8 @@ fn send_epoch(
                     t_sent - t_enc,
                     t0.elapsed() - t_sent
                 );
-                // The standby committed these pages: they are the base of the next deltas. A
-                // full sync (all of memory) is not kept: copying it would hold this thread,
-                // and its heartbeats, for longer than the standby waits.
                 if !cap.full {
-                    cache.remember(cap.epoch, &parts, &ranges);
+                    cache.acknowledged(cap.epoch, codec, &parts, &ranges);
                 }
                 stats.xor_ranges = xor_ranges;
                 stats.xor_cache_bytes = cache.bytes();
@@ -686,6 +693,37 @@ impl XorCache {
         Some(encode_range_delta(gpa, data, buf))
     }
 
+    /// Epoch `epoch` (not a full sync: copying all of memory would hold the sender, and its
+    /// heartbeats, for longer than the standby waits) was committed by the standby: its pages
+    /// are the base of the next deltas. Unless the next epoch goes raw (pages that do not
+    /// compress) and takes no base: then its pages are dropped instead, so what stays is
+    /// still what the standby holds. Copying them would be a pass over every page sent
+    /// (measured: a fifth of the sender thread's time in `perf` of `run-pair` with `dirty`).
+    fn acknowledged(
+        &mut self,
+        epoch: u64,
+        codec: &CodecChoice,
+        parts: &[(u64, &[u8])],
+        coded: &[PageRangeRef<'_>],
+    ) {
+        if codec.compress(epoch + 1) {
+            self.remember(epoch, parts, coded);
+        } else {
+            self.forget(parts);
+        }
+    }
+
+    /// Drops the copies of the pages of `parts` (sent without being remembered: the
+    /// standby's pages are no longer these copies).
+    fn forget(&mut self, parts: &[(u64, &[u8])]) {
+        for (gpa, data) in parts {
+            let first = gpa / PAGE as u64;
+            for n in first..first + (data.len() / PAGE) as u64 {
+                self.pages.remove(&n);
+            }
+        }
+    }
+
     /// The copies of `len` bytes of pages from `gpa`, if every one is cached.
     #[cfg(test)]
     fn base(&self, gpa: u64, len: usize) -> Option<Vec<u8>> {
@@ -700,7 +738,7 @@ impl XorCache {
     /// `coded[i]`, where given, is how `parts[i]` was sent: a part sent as a patch against
     /// these copies updates just its changed words (the rest of its pages are the copies
     /// already).
-    fn remember(&mut self, epoch: u64, parts: &[(u64, &[u8])], coded: &[PageRange]) {
+    fn remember(&mut self, epoch: u64, parts: &[(u64, &[u8])], coded: &[PageRangeRef<'_>]) {
         if self.limit_pages == 0 {
             return;
         }
@@ -710,7 +748,7 @@ impl XorCache {
             let patch = coded.get(i).filter(|r| {
                 r.codec == Codec::Patch
                     && r.gpa == *gpa
-                    && r.len() == data.len()
+                    && r.pages as usize * PAGE == data.len()
                     && (first..first + pages).all(|n| self.pages.contains_key(&n))
             });
             if let Some(r) = patch {
@@ -722,7 +760,7 @@ impl XorCache {
                 let pages = &mut self.pages;
                 let applied = transport::pages::patch_runs(
                     r.gpa,
-                    &r.payload,
+                    r.payload,
                     data.len() / 8,
                     |word, mut new| {
                         // A run may cross pages.
@@ -774,12 +812,40 @@ thread_local! {
     static DELTA: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A part coded for the wire: a range with its own payload, or the part's pages as they are
+/// (raw; sent from the captured pages, never copied into a payload).
+#[derive(Debug)]
+pub(crate) enum Coded {
+    /// Coded into a payload of its own (zstd, XOR, patch, zero; or raw after zstd failed).
+    Range(PageRange),
+    /// The pages of the part, raw.
+    Raw,
+}
+
+impl Coded {
+    /// As it goes on the wire, for the part `(gpa, data)` it was coded from.
+    pub(crate) fn wire<'a>(&'a self, gpa: u64, data: &'a [u8]) -> PageRangeRef<'a> {
+        match self {
+            Coded::Range(r) => r.wire(),
+            Coded::Raw => PageRangeRef::raw(gpa, data),
+        }
+    }
+
+    /// Its codec.
+    pub(crate) fn codec(&self) -> Codec {
+        match self {
+            Coded::Range(r) => r.codec,
+            Coded::Raw => Codec::Raw,
+        }
+    }
+}
+
 /// [`encode_parts`] with XOR deltas against `cache` where every page of a part is cached.
 fn encode_parts_xor(
     parts: &[(u64, &[u8])],
     compress: bool,
     cache: &XorCache,
-) -> Vec<(PageRange, [u8; 16])> {
+) -> Vec<(Coded, [u8; 16])> {
     if !compress || cache.pages.is_empty() {
         return encode_parts(parts, compress);
     }
@@ -791,40 +857,47 @@ fn encode_parts_xor(
                     .code(*gpa, data, &mut buf.borrow_mut())
                     .unwrap_or_else(|| encode_range(*gpa, data, None))
             });
-            (coded, range_hash(*gpa, data))
+            (Coded::Range(coded), range_hash(*gpa, data))
         })
         .collect()
 }
 
 /// Codes each part (zstd, or raw when `compress` is off; zero pages always as zero ranges)
-/// and hashes it, in one pass on every core.
-pub(crate) fn encode_parts(parts: &[(u64, &[u8])], compress: bool) -> Vec<(PageRange, [u8; 16])> {
+/// and hashes it, in one pass on every core. A raw part is left where it is ([`Coded::Raw`]).
+pub(crate) fn encode_parts(parts: &[(u64, &[u8])], compress: bool) -> Vec<(Coded, [u8; 16])> {
     parts
         .par_iter()
-        .map(|(gpa, data)| {
-            let r = if compress {
-                encode_range(*gpa, data, None)
+        .map(|&(gpa, data)| {
+            let c = if compress {
+                Coded::Range(encode_range(gpa, data, None))
+            } else if is_zero(data) {
+                Coded::Range(PageRange {
+                    gpa,
+                    pages: (data.len() / PAGE) as u32,
+                    codec: Codec::Zero,
+                    payload: Vec::new(),
+                })
             } else {
-                encode_range_uncompressed(*gpa, data)
+                Coded::Raw
             };
-            (r, range_hash(*gpa, data))
+            (c, range_hash(gpa, data))
         })
         .collect()
 }
 
 /// Sends ranges in `Pages` frames of about 8 MiB each; `sent(pages)` after every frame.
-pub(crate) fn send_ranges(
+pub(crate) fn send_ranges<'a>(
     tx: &mut Channel<TcpStream>,
-    ranges: impl IntoIterator<Item = PageRange>,
+    ranges: impl IntoIterator<Item = PageRangeRef<'a>>,
     mut sent: impl FnMut(u64),
 ) -> transport::Result<()> {
-    let mut batch: Vec<PageRange> = Vec::new();
+    let mut batch: Vec<PageRangeRef<'a>> = Vec::new();
     let mut batch_bytes = 0usize;
-    let mut flush = |tx: &mut Channel<TcpStream>, batch: &mut Vec<PageRange>| {
+    let mut flush = |tx: &mut Channel<TcpStream>, batch: &mut Vec<PageRangeRef<'a>>| {
         if batch.is_empty() {
             return Ok(());
         }
-        tx.send_pages(batch)?;
+        tx.send_page_refs(batch)?;
         sent(batch.iter().map(|r| r.pages as u64).sum());
         batch.clear();
         Ok(())
@@ -843,6 +916,46 @@ pub(crate) fn send_ranges(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The range a part was coded into (not left raw).
+    fn owned(c: &Coded) -> &PageRange {
+        match c {
+            Coded::Range(r) => r,
+            Coded::Raw => panic!("a raw part has no range of its own"),
+        }
+    }
+
+    /// Uncompressed, a part goes raw from the captured pages (no payload of its own), zero
+    /// pages as a zero range; either way the receiver decodes the pages and their hash.
+    #[test]
+    fn raw_parts_are_sent_from_the_captured_pages() {
+        let data: Vec<u8> = (0..3 * PAGE).map(|i| (i * 7 % 253) as u8).collect();
+        let zeros = vec![0u8; 2 * PAGE];
+        let parts = [(0x4000u64, &data[..]), (0x10000, &zeros[..])];
+        for compress in [false, true] {
+            let coded = encode_parts(&parts, compress);
+            if !compress {
+                assert!(matches!(coded[0].0, Coded::Raw));
+            }
+            assert_eq!(coded[1].0.codec(), Codec::Zero);
+            let refs: Vec<PageRangeRef<'_>> = coded
+                .iter()
+                .zip(&parts)
+                .map(|(c, &(g, d))| c.0.wire(g, d))
+                .collect();
+            let batch = transport::pages::decode_batch(&{
+                let mut b = Vec::new();
+                transport::pages::encode_batch_into(&refs, &mut b);
+                b
+            })
+            .unwrap();
+            let back = transport::pages::decode_ranges(batch, 1 << 30, &|_, _| None).unwrap();
+            assert_eq!(back, vec![(0x4000, data.clone()), (0x10000, zeros.clone())]);
+            for ((_, h), &(g, d)) in coded.iter().zip(&parts) {
+                assert_eq!(*h, range_hash(g, d));
+            }
+        }
+    }
 
     #[test]
     fn the_xor_cache_holds_acknowledged_pages_and_drops_the_oldest_over_its_bound() {
@@ -871,7 +984,7 @@ mod tests {
         c.remember(2, &[(8 * PAGE as u64, &b)], &[]);
         // Over the bound (4 pages > 3): one page of epoch 1 went.
         assert_eq!(c.bytes(), 3 * PAGE as u64);
-        assert_eq!(c.base(8 * PAGE as u64, 2 * PAGE), Some(b));
+        assert_eq!(c.base(8 * PAGE as u64, 2 * PAGE), Some(b.clone()));
         // The oldest page went first (epoch 1, page 0); page 1 is still there.
         assert_eq!(c.base(0, PAGE), None);
         let base = c.base(PAGE as u64, PAGE).expect("page 1 cached");
@@ -880,11 +993,12 @@ mod tests {
         next[10] = 9;
         let parts = [(PAGE as u64, &next[..])];
         let coded = encode_parts_xor(&parts, true, &c);
-        assert_eq!(coded[0].0.codec, Codec::Patch);
-        let back = transport::pages::decode_range(&coded[0].0, 1 << 30, Some(&base)).unwrap();
+        assert_eq!(coded[0].0.codec(), Codec::Patch);
+        let back =
+            transport::pages::decode_range(owned(&coded[0].0), 1 << 30, Some(&base)).unwrap();
         assert_eq!(back, next);
         // Remembering a patch updates the copy to the page sent.
-        c.remember(3, &parts, &[coded[0].0.clone()]);
+        c.remember(3, &parts, &[owned(&coded[0].0).wire()]);
         assert_eq!(c.base(PAGE as u64, PAGE), Some(next.clone()));
         // Many changed words: the XOR's zstd is smaller than a patch.
         let mut busy = next.clone();
@@ -893,11 +1007,30 @@ mod tests {
         }
         let parts = [(PAGE as u64, &busy[..])];
         let coded = encode_parts_xor(&parts, true, &c);
-        assert_eq!(coded[0].0.codec, Codec::XorZstd);
-        let back = transport::pages::decode_range(&coded[0].0, 1 << 30, Some(&next)).unwrap();
+        assert_eq!(coded[0].0.codec(), Codec::XorZstd);
+        let back =
+            transport::pages::decode_range(owned(&coded[0].0), 1 << 30, Some(&next)).unwrap();
         assert_eq!(back, busy);
-        c.remember(4, &parts, &[coded[0].0.clone()]);
+        c.remember(4, &parts, &[owned(&coded[0].0).wire()]);
         assert_eq!(c.base(PAGE as u64, PAGE), Some(busy));
+        // An epoch followed by raw ones is not kept, and its pages' old copies go: they are
+        // no longer what the standby holds. Copies of other pages stay.
+        let mut raw_next = CodecChoice { raw_until: 0 };
+        raw_next.learn(5, true, 1 << 20, 1 << 20);
+        assert!(!raw_next.compress(6));
+        let mut c = XorCache::new(64 * PAGE as u64);
+        c.acknowledged(
+            4,
+            &CodecChoice { raw_until: 0 },
+            &[(0, &a), (8 * PAGE as u64, &b)],
+            &[],
+        );
+        assert_eq!(c.bytes(), 4 * PAGE as u64);
+        c.acknowledged(5, &raw_next, &[(PAGE as u64, &next)], &[]);
+        assert_eq!(c.base(0, PAGE), Some(a[..PAGE].to_vec()));
+        assert_eq!(c.base(PAGE as u64, PAGE), None, "sent raw: forgotten");
+        assert_eq!(c.base(8 * PAGE as u64, 2 * PAGE), Some(b.clone()));
+        assert_eq!(c.bytes(), 3 * PAGE as u64);
         // A disabled cache keeps nothing.
         let mut off = XorCache::new(0);
         off.remember(1, &[(0, &a)], &[]);
@@ -934,8 +1067,8 @@ mod tests {
             let coded = encode_parts_xor(&refs, true, &cache);
             let _ = combine_hashes(coded.iter().map(|c| c.1));
             enc += cpu() - t;
-            assert!(coded.iter().all(|c| c.0.codec == Codec::Patch));
-            let ranges: Vec<PageRange> = coded.into_iter().map(|c| c.0).collect();
+            assert!(coded.iter().all(|c| c.0.codec() == Codec::Patch));
+            let ranges: Vec<PageRangeRef<'_>> = coded.iter().map(|c| owned(&c.0).wire()).collect();
             let t = cpu();
             cache.remember(e, &refs, &ranges);
             rem += cpu() - t;

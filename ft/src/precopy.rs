@@ -268,7 +268,7 @@ fn send_round_parts(
         })
         .collect();
     ranges += zero_ranges.len() as u64;
-    send_ranges(tx, zero_ranges, |n| {
+    send_ranges(tx, zero_ranges.iter().map(PageRange::wire), |n| {
         done += n;
         progress(done * 4096, pages * 4096);
     })?;
@@ -288,8 +288,13 @@ fn send_round_parts(
         let coded = encode_parts(&parts, true);
         hashes.extend(coded.iter().map(|c| c.1));
         ranges += coded.len() as u64;
-        wire += coded.iter().map(|c| c.0.payload.len() as u64).sum::<u64>();
-        send_ranges(tx, coded.into_iter().map(|c| c.0), |n| {
+        let refs: Vec<_> = coded
+            .iter()
+            .zip(&parts)
+            .map(|(c, &(gpa, data))| c.0.wire(gpa, data))
+            .collect();
+        wire += refs.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+        send_ranges(tx, refs, |n| {
             done += n;
             progress(done * 4096, pages * 4096);
         })?;

@@ -69,6 +69,18 @@ pub struct PageRange {
 }
 
 impl PageRange {
+    /// The range with its payload borrowed, as [`Channel::send_page_refs`] sends it.
+    ///
+    /// [`Channel::send_page_refs`]: crate::Channel::send_page_refs
+    pub fn wire(&self) -> PageRangeRef<'_> {
+        PageRangeRef {
+            gpa: self.gpa,
+            pages: self.pages,
+            codec: self.codec,
+            payload: &self.payload,
+        }
+    }
+
     /// Bytes the range covers.
     pub fn len(&self) -> usize {
         self.pages as usize * PAGE
@@ -79,13 +91,43 @@ impl PageRange {
     }
 }
 
+/// A range whose payload is borrowed — from a [`PageRange`], or, for a raw range, straight from
+/// the pages it carries, which a sender then never copies into a payload of their own. It
+/// encodes to exactly the bytes of the [`PageRange`] with that payload: a receiver decodes
+/// [`PageRange`]s whichever was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PageRangeRef<'a> {
+    /// Guest-physical address of the first page.
+    pub gpa: u64,
+    /// Number of pages.
+    pub pages: u32,
+    /// Payload coding.
+    pub codec: Codec,
+    /// The coded bytes.
+    #[serde(with = "serde_bytes")]
+    pub payload: &'a [u8],
+}
+
+impl<'a> PageRangeRef<'a> {
+    /// `data` (whole pages from `gpa`) as they are: a raw range whose payload is `data`.
+    pub fn raw(gpa: u64, data: &'a [u8]) -> Self {
+        PageRangeRef {
+            gpa,
+            pages: (data.len() / PAGE) as u32,
+            codec: Codec::Raw,
+            payload: data,
+        }
+    }
+}
+
 /// zstd of `data XOR prev`.
 fn xor_zstd(data: &[u8], prev: &[u8]) -> std::io::Result<Vec<u8>> {
     let x: Vec<u8> = data.iter().zip(prev).map(|(a, b)| a ^ b).collect();
     zstd::bulk::compress(&x, LEVEL)
 }
 
-fn is_zero(b: &[u8]) -> bool {
+/// Whether `b` (whole pages, or any whole number of 8-byte words) is all zeros.
+pub fn is_zero(b: &[u8]) -> bool {
     b.chunks_exact(8)
         .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
 }
@@ -558,7 +600,17 @@ pub fn decode_ranges(
 
 /// Encodes a batch of ranges for a Pages frame.
 pub fn encode_batch(ranges: &[PageRange]) -> Vec<u8> {
-    postcard::to_stdvec(ranges).expect("ranges always encode")
+    let refs: Vec<PageRangeRef<'_>> = ranges.iter().map(PageRange::wire).collect();
+    let mut out = Vec::new();
+    encode_batch_into(&refs, &mut out);
+    out
+}
+
+/// Appends the encoding of a batch of ranges to `out` (the bytes [`encode_batch`] gives for
+/// the same ranges owned).
+pub fn encode_batch_into(ranges: &[PageRangeRef<'_>], out: &mut Vec<u8>) {
+    let taken = std::mem::take(out);
+    *out = postcard::to_extend(ranges, taken).expect("ranges always encode");
 }
 
 /// Decodes a Pages frame's batch (structure only; each range is checked by [`decode_range`]).
@@ -586,6 +638,27 @@ mod tests {
         (0..n * PAGE)
             .map(|i| words[(i * 7 + seed as usize) % words.len()])
             .collect()
+    }
+
+    #[test]
+    fn a_borrowed_range_encodes_to_the_bytes_of_the_owned_one() {
+        let data = text_pages(3, 4);
+        let owned = vec![
+            encode_range(0x3000, &data, None),
+            encode_range_with(0x10000, &data, None, Codec::Raw),
+            encode_range(0x20000, &vec![0u8; PAGE], None),
+        ];
+        let mut refs: Vec<PageRangeRef<'_>> = owned.iter().map(PageRange::wire).collect();
+        let mut out = vec![9u8; 3];
+        encode_batch_into(&refs, &mut out);
+        assert_eq!(&out[..3], &[9, 9, 9], "appended after what was there");
+        assert_eq!(out[3..], encode_batch(&owned)[..]);
+        // A raw range borrowing the pages themselves is the raw range.
+        refs[1] = PageRangeRef::raw(0x10000, &data);
+        let mut again = Vec::new();
+        encode_batch_into(&refs, &mut again);
+        assert_eq!(again, encode_batch(&owned));
+        assert_eq!(decode_batch(&again).unwrap(), owned);
     }
 
     #[test]

@@ -319,3 +319,69 @@ fn a_batch_of_messages_arrives_as_the_same_frames_in_order() {
     ch.send(&Message::Goodbye).unwrap();
     srv.join().unwrap().unwrap();
 }
+
+/// Each side reuses one buffer per direction: frames of every size, one after another, arrive
+/// as they were sent — a small frame after a large one carries only its own bytes, and owned
+/// and borrowed ranges encode alike.
+#[test]
+fn frames_of_mixed_sizes_arrive_exactly_through_the_reused_buffers() {
+    let psk = Psk::generate();
+    let (a, b) = pair();
+    let page = |n: usize, seed: u8| -> Vec<u8> {
+        (0..n * 4096)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    };
+    let big = page(600, 1);
+    let small = page(1, 2);
+    let mid = page(40, 3);
+    let (b1, s1, m1) = (big.clone(), small.clone(), mid.clone());
+    let server_psk = psk.clone();
+    let srv = thread::spawn(move || -> Result<(), Error> {
+        let mut ch = server(b, Some(&server_psk))?;
+        // Every page received, in arrival order (a long range comes in pieces).
+        let mut got: Vec<(u64, Vec<u8>)> = Vec::new();
+        loop {
+            match ch.recv()? {
+                Received::Pages(rs) => {
+                    for (gpa, data) in pages::decode_ranges(rs, 1 << 30, &|_, _| None)? {
+                        for (i, p) in data.chunks(4096).enumerate() {
+                            got.push((gpa + i as u64 * 4096, p.to_vec()));
+                        }
+                    }
+                }
+                Received::Message(Message::Goodbye) => break,
+                Received::Message(m) => assert!(matches!(m, Message::Heartbeat { .. })),
+                other => panic!("{other:?}"),
+            }
+        }
+        let want: Vec<(u64, Vec<u8>)> = [(0x10000u64, b1), (0x1000, s1), (0x200000, m1)]
+            .into_iter()
+            .flat_map(|(gpa, d)| {
+                d.chunks(4096)
+                    .enumerate()
+                    .map(|(i, p)| (gpa + i as u64 * 4096, p.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(got.len(), want.len(), "pages received");
+        for (g, w) in got.iter().zip(&want) {
+            assert!(g == w, "the page at {:#x} differs", w.0);
+        }
+        assert_eq!(ch.recv_blob()?, b"after".to_vec());
+        Ok(())
+    });
+    let mut ch = client(a, Some(&psk)).unwrap();
+    let none = &|_: u64, _: usize| None;
+    ch.send_pages(&pages::encode_ranges(&[(0x10000, &big)], none))
+        .unwrap();
+    ch.send(&Message::Heartbeat { fence: fence(1) }).unwrap();
+    let owned = pages::encode_ranges(&[(0x1000, &small)], none);
+    ch.send_pages(&owned).unwrap();
+    let borrowed_src = pages::encode_ranges(&[(0x200000, &mid)], none);
+    let borrowed: Vec<pages::PageRangeRef<'_>> = borrowed_src.iter().map(|r| r.wire()).collect();
+    ch.send_page_refs(&borrowed).unwrap();
+    ch.send(&Message::Goodbye).unwrap();
+    ch.send_blob(b"after").unwrap();
+    srv.join().unwrap().unwrap();
+}
