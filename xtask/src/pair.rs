@@ -428,6 +428,14 @@ pub fn run_pair(a: RunPairArgs) -> Result<(), String> {
          epoch waited for the Ack, the guest running), throttled {} times",
         c.epochs, c.full_syncs, c.nacks, c.late_epochs, c.throttles
     );
+    // Only a primary that finished its guest leaves a report.
+    if let Some(v) = r.primary_report.as_ref().and_then(|p| p.vcpus.first()) {
+        println!(
+            "guest: vCPU 0 ran {:.0} ms from start to done, protected (`tandem run` runs the \
+             same guest unprotected)",
+            v.run_ms
+        );
+    }
     if let Some(sy) = p.and_then(|p| p.last_sync.as_ref()).filter(|s| s.first) {
         let rounds = sy.precopy.as_ref().map_or(0, |p| p.rounds.len());
         println!(
