@@ -513,6 +513,13 @@ impl Pair {
         })
     }
 
+    /// Whether the primary (after [`Pair::rejoin`], the survivor) exited successfully with a
+    /// report of the guest's run: the guest finished.
+    pub fn survivor_finished_its_guest(&mut self) -> bool {
+        Self::wait(&mut self.primary, Duration::from_secs(5)).is_some_and(|s| s.success())
+            && self.result("primary").is_some_and(|r| r.report.is_some())
+    }
+
     /// SIGKILLs the primary; returns when (Unix ms).
     pub fn kill_primary(&mut self) -> f64 {
         let at = unix_ms();
@@ -744,6 +751,10 @@ pub fn soak(
                 {
                     break
                 }
+                // Or while the new standby was pre-copying: the survivor ended the guest's run
+                // (its report says how) and exited cleanly, so there was nothing to protect.
+                // The pair's stream is still checked below.
+                Err(_) if pair.survivor_finished_its_guest() => break,
                 Err(e) => {
                     return Err(format!(
                         "cycle {} (pair {}): {e}\n--- primary ---\n{}\n--- standby ---\n{}",
