@@ -40,7 +40,7 @@ pub enum Received {
 /// encoded straight into the send buffer behind room for its header and sealed there, and a
 /// frame is read into the receive buffer and opened there. A fresh buffer per frame would be
 /// zeroed (or faulted in) first, and sealing a copy of the encoded batch would copy it once
-/// more: `perf` of `cargo xtask run-pair` showed those two passes at a sixth of the sender's
+/// more: `perf` of `cargo xtask run-pair` showed those two passes at a seventh of the sender's
 /// and of the standby reader's time.
 pub struct Channel<S> {
     stream: S,
