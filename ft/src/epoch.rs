@@ -70,8 +70,9 @@ pub type BaseReader<'a> = &'a (dyn Fn(u64, &mut [u8]) -> bool + Sync);
 /// One staged range.
 #[derive(Debug)]
 pub enum StagedRange {
-    /// Decoded pages at a guest-physical address.
-    Bytes(u64, Vec<u8>),
+    /// Decoded pages at a guest-physical address (a raw range's are a slice of the frame
+    /// they came in).
+    Bytes(u64, transport::Bytes),
     /// A checked patch against the committed copy (`transport::pages`, `Codec::Patch`): at
     /// commit only its words are written, the rest of its pages being the committed copy
     /// already. Its hash was taken over the committed copy with the words in place.
@@ -286,7 +287,7 @@ impl Staging {
         fence: Fence,
         ranges: u64,
         digest: [u8; 32],
-    ) -> Result<(Vec<(u64, Vec<u8>)>, Vec<Section>)> {
+    ) -> Result<(Vec<(u64, transport::Bytes)>, Vec<Section>)> {
         self.check_pages(fence, ranges, digest)?;
         let disk = |s: &Section| {
             matches!(
@@ -438,7 +439,7 @@ impl Base {
     }
 
     /// Writes a verified round's pages (bounds were checked when they were decoded).
-    pub fn apply(&mut self, ranges: Vec<(u64, Vec<u8>)>) -> Result<()> {
+    pub fn apply(&mut self, ranges: Vec<(u64, transport::Bytes)>) -> Result<()> {
         for (gpa, data) in ranges {
             let end = gpa.checked_add(data.len() as u64);
             if end.is_none_or(|e| e > self.size) || gpa % 4096 != 0 || data.len() % 4096 != 0 {
@@ -743,7 +744,7 @@ mod tests {
             .unwrap();
         let staged = |e: u64, writes: &DiskWrites, page: u8| Staged {
             fence: fence(e),
-            ranges: vec![StagedRange::Bytes(0, vec![page; 4096])],
+            ranges: vec![StagedRange::Bytes(0, vec![page; 4096].into())],
             sections: {
                 let mut s = Snapshot::default();
                 s.push(Section {
@@ -1145,7 +1146,7 @@ mod tests {
         m.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(b, zero);
         // Out-of-range pages cannot get in.
-        assert!(base.apply(vec![(1 << 20, vec![0u8; 4096])]).is_err());
+        assert!(base.apply(vec![(1 << 20, vec![0u8; 4096].into())]).is_err());
     }
 
     #[test]
@@ -1157,14 +1158,14 @@ mod tests {
         let mut base = Base::new(4 << 20);
         let at = (2 << 20) - 8192;
         let data: Vec<u8> = (0..16384).map(|i| (i / 4096 + 1) as u8).collect();
-        base.apply(vec![(at, data.clone())]).unwrap();
+        base.apply(vec![(at, data.clone().into())]).unwrap();
         assert_eq!(base.chunks.iter().filter(|c| c.is_some()).count(), 2);
         base.write_into(&m).unwrap();
         let mut b = vec![0u8; 16384];
         m.read_slice(&mut b, GuestAddress(at)).unwrap();
         assert_eq!(b, data);
         assert!(base
-            .apply(vec![(u64::MAX - 4095, vec![1u8; 4096])])
+            .apply(vec![(u64::MAX - 4095, vec![1u8; 4096].into())])
             .is_err());
     }
 }

@@ -875,7 +875,7 @@ pub(crate) fn encode_parts(parts: &[(u64, &[u8])], compress: bool) -> Vec<(Coded
                     gpa,
                     pages: (data.len() / PAGE) as u32,
                     codec: Codec::Zero,
-                    payload: Vec::new(),
+                    payload: transport::Bytes::new(),
                 })
             } else {
                 Coded::Raw
@@ -950,7 +950,13 @@ mod tests {
             })
             .unwrap();
             let back = transport::pages::decode_ranges(batch, 1 << 30, &|_, _| None).unwrap();
-            assert_eq!(back, vec![(0x4000, data.clone()), (0x10000, zeros.clone())]);
+            assert_eq!(
+                back,
+                vec![
+                    (0x4000, data.clone().into()),
+                    (0x10000, zeros.clone().into())
+                ]
+            );
             for ((_, h), &(g, d)) in coded.iter().zip(&parts) {
                 assert_eq!(*h, range_hash(g, d));
             }

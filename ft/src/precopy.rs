@@ -263,7 +263,7 @@ fn send_round_parts(
                 gpa,
                 pages: n as u32,
                 codec: Codec::Zero,
-                payload: Vec::new(),
+                payload: transport::Bytes::new(),
             }
         })
         .collect();

@@ -11,12 +11,14 @@
 //! associated data: a frame that is altered, replayed, reordered or dropped fails to open.
 
 use std::io::{Read, Write};
+use std::sync::{Arc, Mutex, Weak};
 
+use bytes::Bytes;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::frame::{FrameHeader, FrameType, HEADER_LEN};
 use crate::message::{Message, MAX_TEXT};
-use crate::pages::{decode_batch, encode_batch_into, PageRange, PageRangeRef};
+use crate::pages::{decode_batch_shared, encode_batch_into, PageRange, PageRangeRef};
 use crate::{Error, Result};
 
 const TAG: usize = 16;
@@ -42,6 +44,19 @@ pub enum Received {
 /// zeroed (or faulted in) first, and sealing a copy of the encoded batch would copy it once
 /// more: `perf` of `cargo xtask run-pair` showed those two passes at a seventh of the sender's
 /// and of the standby reader's time.
+///
+/// A page batch is not copied out of the frame it came in: the opened frame becomes a shared
+/// [`Bytes`] and every range's payload is a slice of it ([`Received::Pages`]), so a receiver
+/// that stages raw pages until its epoch commits stages the frame itself. The frame's buffer
+/// comes back to the channel when the last of its ranges is dropped, and a later frame is
+/// read into it (at most [`SPARE_FRAMES`] are kept), so it is not zeroed or faulted in again.
+///
+/// ```text
+///   socket ──read──▶ frame buffer ──open (in place)──▶ Bytes ─┬─ range 0 payload ─┐ staged
+///                        ▲                                    ├─ range 1 payload ─┤ until
+///                        │ spare buffers (≤ SPARE_FRAMES)     └─ …                ┘ commit
+///                        └──────────────── last slice dropped ◀───────────────────┘
+/// ```
 pub struct Channel<S> {
     stream: S,
     send_key: Option<LessSafeKey>,
@@ -50,6 +65,50 @@ pub struct Channel<S> {
     recv_seq: u64,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
+    spare: Arc<Spare>,
+}
+
+/// Most frame buffers a channel keeps for reuse once their ranges are dropped.
+pub const SPARE_FRAMES: usize = 4;
+
+/// Frame buffers whose ranges have all been dropped, ready for the next frame.
+#[derive(Default)]
+struct Spare(Mutex<Vec<Vec<u8>>>);
+
+impl Spare {
+    fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().ok()?.pop()
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut v) = self.0.lock() {
+            if v.len() < SPARE_FRAMES {
+                v.push(buf);
+            }
+        }
+    }
+}
+
+/// An opened page frame shared by the ranges decoded from it: `buf[..len]` is its payload
+/// (the buffer keeps its full, initialized length so a later frame needs no zeroing).
+struct Frame {
+    buf: Vec<u8>,
+    len: usize,
+    spare: Weak<Spare>,
+}
+
+impl AsRef<[u8]> for Frame {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        if let Some(spare) = self.spare.upgrade() {
+            spare.give(std::mem::take(&mut self.buf));
+        }
+    }
 }
 
 /// The nonce of frame `seq`: unique per key, as each direction's counter only grows.
@@ -86,6 +145,7 @@ impl<S> Channel<S> {
             recv_seq: self.recv_seq,
             send_buf: self.send_buf,
             recv_buf: self.recv_buf,
+            spare: self.spare,
         }
     }
 }
@@ -103,6 +163,7 @@ impl Channel<std::net::TcpStream> {
             recv_seq: 0,
             send_buf: self.send_buf,
             recv_buf: Vec::new(),
+            spare: Arc::default(),
         };
         let rx = Channel {
             stream: twin,
@@ -112,6 +173,7 @@ impl Channel<std::net::TcpStream> {
             recv_seq: self.recv_seq,
             send_buf: Vec::new(),
             recv_buf: self.recv_buf,
+            spare: self.spare,
         };
         Ok((tx, rx))
     }
@@ -128,6 +190,7 @@ impl<S: Read + Write> Channel<S> {
             recv_seq: 0,
             send_buf: Vec::new(),
             recv_buf: Vec::new(),
+            spare: Arc::default(),
         }
     }
 
@@ -199,8 +262,13 @@ impl<S: Read + Write> Channel<S> {
         self.stream.read_exact(&mut hb)?;
         let header = FrameHeader::decode(&hb)?;
         // `decode` bounds the length. The buffer keeps its largest size, so it is zeroed only
-        // when it grows.
+        // when it grows; one handed out with a page batch is replaced by a spare one.
         let len = header.len as usize;
+        if self.recv_buf.is_empty() {
+            if let Some(b) = self.spare.take() {
+                self.recv_buf = b;
+            }
+        }
         if self.recv_buf.len() < len {
             self.recv_buf.resize(len, 0);
         }
@@ -300,22 +368,35 @@ impl<S: Read + Write> Channel<S> {
     /// Receives the next frame. Handshake frames are accepted only before the link is sealed.
     pub fn recv(&mut self) -> Result<Received> {
         let (header, n) = self.read_frame()?;
+        if header.kind != FrameType::Pages {
+            return self.message_frame(header.kind, n);
+        }
+        // The opened frame is handed out whole: its ranges' payloads are slices of it.
+        let frame = Bytes::from_owner(Frame {
+            buf: std::mem::take(&mut self.recv_buf),
+            len: n,
+            spare: Arc::downgrade(&self.spare),
+        });
+        Ok(Received::Pages(decode_batch_shared(&frame)?))
+    }
+
+    /// A frame other than a page batch, whose payload is `self.recv_buf[..n]`.
+    fn message_frame(&self, kind: FrameType, n: usize) -> Result<Received> {
         let body = &self.recv_buf[..n];
-        match header.kind {
+        match kind {
             FrameType::Handshake if self.recv_key.is_some() => Err(Error::Handshake(
                 "a handshake message after the handshake".into(),
             )),
             FrameType::Handshake | FrameType::Control | FrameType::Heartbeat => {
                 let m = Message::decode(body)?;
-                if m.frame_type() != header.kind {
-                    return Err(Error::Message(format!(
-                        "{m:?} in a {:?} frame",
-                        header.kind
-                    )));
+                if m.frame_type() != kind {
+                    return Err(Error::Message(format!("{m:?} in a {kind:?} frame")));
                 }
                 Ok(Received::Message(m))
             }
-            FrameType::Pages => Ok(Received::Pages(decode_batch(body)?)),
+            FrameType::Pages => Err(Error::Message(
+                "a page batch where a message was expected".into(),
+            )),
             FrameType::EndOfStream => {
                 if !body.is_empty() {
                     return Err(Error::Message("end-of-stream frame with a payload".into()));

@@ -34,6 +34,7 @@ pub mod handshake;
 pub mod message;
 pub mod pages;
 
+pub use bytes::Bytes;
 pub use channel::{Channel, Received};
 pub use frame::{Epoch, Fence, FrameError, FrameHeader, FrameType, Generation, HEADER_LEN, MAGIC};
 pub use handshake::Psk;

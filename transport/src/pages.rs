@@ -27,6 +27,7 @@
 //! copy; a patch's runs are bounded by the range and by the payload before any byte is read.
 //! Encoding and decoding run on every core (rayon); long ranges are split so both cores work.
 
+use bytes::Bytes;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -63,9 +64,10 @@ pub struct PageRange {
     pub pages: u32,
     /// Payload coding.
     pub codec: Codec,
-    /// The coded bytes (serialized as one byte string, not byte by byte).
-    #[serde(with = "serde_bytes")]
-    pub payload: Vec<u8>,
+    /// The coded bytes (serialized as one byte string, not byte by byte). Shared: a range a
+    /// [`Channel`](crate::Channel) received is a slice of the frame it came in
+    /// ([`decode_batch_shared`]), not a copy.
+    pub payload: Bytes,
 }
 
 impl PageRange {
@@ -95,7 +97,7 @@ impl PageRange {
 /// the pages it carries, which a sender then never copies into a payload of their own. It
 /// encodes to exactly the bytes of the [`PageRange`] with that payload: a receiver decodes
 /// [`PageRange`]s whichever was sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageRangeRef<'a> {
     /// Guest-physical address of the first page.
     pub gpa: u64,
@@ -104,7 +106,7 @@ pub struct PageRangeRef<'a> {
     /// Payload coding.
     pub codec: Codec,
     /// The coded bytes.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "serde_bytes", borrow)]
     pub payload: &'a [u8],
 }
 
@@ -230,7 +232,7 @@ pub fn encode_patch<'a>(
         gpa,
         pages: (len / PAGE) as u32,
         codec: Codec::Patch,
-        payload: out,
+        payload: out.into(),
     })
 }
 
@@ -300,7 +302,7 @@ pub fn encode_range_delta(gpa: u64, data: &[u8], delta: &[u8]) -> PageRange {
         gpa,
         pages,
         codec: Codec::XorZstd,
-        payload,
+        payload: payload.into(),
     };
     let z = worth_compressing(delta)
         .then(|| zstd::bulk::compress(delta, LEVEL).ok())
@@ -351,7 +353,7 @@ fn encode_plain(gpa: u64, data: &[u8]) -> PageRange {
             gpa,
             pages,
             codec: Codec::Raw,
-            payload: data.to_vec(),
+            payload: Bytes::copy_from_slice(data),
         };
     }
     match zstd::bulk::compress(data, LEVEL) {
@@ -359,13 +361,13 @@ fn encode_plain(gpa: u64, data: &[u8]) -> PageRange {
             gpa,
             pages,
             codec: Codec::Zstd,
-            payload: z,
+            payload: z.into(),
         },
         _ => PageRange {
             gpa,
             pages,
             codec: Codec::Raw,
-            payload: data.to_vec(),
+            payload: Bytes::copy_from_slice(data),
         },
     }
 }
@@ -375,7 +377,7 @@ fn zero_range(gpa: u64, pages: u32) -> PageRange {
         gpa,
         pages,
         codec: Codec::Zero,
-        payload: Vec::new(),
+        payload: Bytes::new(),
     }
 }
 
@@ -389,14 +391,14 @@ pub fn encode_range_uncompressed(gpa: u64, data: &[u8]) -> PageRange {
             gpa,
             pages,
             codec: Codec::Zero,
-            payload: Vec::new(),
+            payload: Bytes::new(),
         };
     }
     PageRange {
         gpa,
         pages,
         codec: Codec::Raw,
-        payload: data.to_vec(),
+        payload: Bytes::copy_from_slice(data),
     }
 }
 
@@ -430,7 +432,7 @@ pub fn encode_range_with(gpa: u64, data: &[u8], prev: Option<&[u8]>, codec: Code
         gpa,
         pages,
         codec,
-        payload,
+        payload: payload.into(),
     }
 }
 
@@ -531,7 +533,7 @@ pub fn decode_range(r: &PageRange, mem_size: u64, prev: Option<&[u8]>) -> Result
     };
     match r.codec {
         Codec::Zero => Ok(vec![0; len]),
-        Codec::Raw => Ok(r.payload.clone()),
+        Codec::Raw => Ok(r.payload.to_vec()),
         Codec::Zstd => unzstd(&r.payload),
         Codec::XorZstd => {
             let prev = prev.filter(|p| p.len() == len).ok_or_else(|| no_prev(r))?;
@@ -559,31 +561,33 @@ fn decode_patch(r: &PageRange, mut base: Vec<u8>) -> Result<Vec<u8>> {
     Ok(base)
 }
 
-/// Decodes one range, taking it: a raw range's payload is its bytes and a patch is applied to
-/// the copy `prev(gpa, len)` gives, without copying either again.
+/// Decodes one range, taking it: a raw range's payload is its bytes (a slice of the frame it
+/// came in, not a copy) and a patch is applied to the copy `prev(gpa, len)` gives, without
+/// copying either again.
 pub fn decode_range_owned(
     r: PageRange,
     mem_size: u64,
     prev: &(dyn Fn(u64, usize) -> Option<Vec<u8>> + Sync),
-) -> Result<(u64, Vec<u8>)> {
-    match r.codec {
+) -> Result<(u64, Bytes)> {
+    let decoded = match r.codec {
         Codec::Raw => {
             check_range(&r, mem_size)?;
-            Ok((r.gpa, r.payload))
+            return Ok((r.gpa, r.payload));
         }
         Codec::Patch => {
             check_range(&r, mem_size)?;
             let base = prev(r.gpa, r.len())
                 .filter(|p| p.len() == r.len())
                 .ok_or_else(|| no_prev(&r))?;
-            decode_patch(&r, base).map(|b| (r.gpa, b))
+            decode_patch(&r, base)
         }
         Codec::XorZstd => {
             let p = prev(r.gpa, r.len());
-            decode_range(&r, mem_size, p.as_deref()).map(|b| (r.gpa, b))
+            decode_range(&r, mem_size, p.as_deref())
         }
-        Codec::Zero | Codec::Zstd => decode_range(&r, mem_size, None).map(|b| (r.gpa, b)),
-    }
+        Codec::Zero | Codec::Zstd => decode_range(&r, mem_size, None),
+    };
+    decoded.map(|b| (r.gpa, b.into()))
 }
 
 /// Decodes many ranges on every core; all of them or none (the first error).
@@ -591,7 +595,7 @@ pub fn decode_ranges(
     ranges: Vec<PageRange>,
     mem_size: u64,
     prev: &(dyn Fn(u64, usize) -> Option<Vec<u8>> + Sync),
-) -> Result<Vec<(u64, Vec<u8>)>> {
+) -> Result<Vec<(u64, Bytes)>> {
     ranges
         .into_par_iter()
         .map(|r| decode_range_owned(r, mem_size, prev))
@@ -613,9 +617,16 @@ pub fn encode_batch_into(ranges: &[PageRangeRef<'_>], out: &mut Vec<u8>) {
     *out = postcard::to_extend(ranges, taken).expect("ranges always encode");
 }
 
-/// Decodes a Pages frame's batch (structure only; each range is checked by [`decode_range`]).
+/// Decodes a Pages frame's batch (structure only; each range is checked by [`decode_range`]),
+/// copying the payloads out of `bytes`.
 pub fn decode_batch(bytes: &[u8]) -> Result<Vec<PageRange>> {
-    let (v, rest): (Vec<PageRange>, &[u8]) = postcard::take_from_bytes(bytes)
+    decode_batch_shared(&Bytes::copy_from_slice(bytes))
+}
+
+/// [`decode_batch`] of a shared frame: every range's payload is a slice of `frame`, nothing is
+/// copied. The ranges keep the frame alive until the last of them is dropped.
+pub fn decode_batch_shared(frame: &Bytes) -> Result<Vec<PageRange>> {
+    let (v, rest): (Vec<PageRangeRef<'_>>, &[u8]) = postcard::take_from_bytes(frame)
         .map_err(|e| Error::Pages(format!("batch does not decode: {e}")))?;
     if !rest.is_empty() {
         return Err(Error::Pages(format!(
@@ -623,7 +634,14 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<PageRange>> {
             rest.len()
         )));
     }
-    Ok(v)
+    Ok(v.into_iter()
+        .map(|r| PageRange {
+            gpa: r.gpa,
+            pages: r.pages,
+            codec: r.codec,
+            payload: frame.slice_ref(r.payload),
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -745,7 +763,7 @@ mod tests {
         .contains("without a previous copy"));
         assert!(err(PageRange {
             codec: Codec::Patch,
-            payload: Vec::new(),
+            payload: Bytes::new(),
             ..good.clone()
         })
         .contains("without a previous copy"));
@@ -755,7 +773,7 @@ mod tests {
             gpa: 0,
             pages: 1,
             codec: Codec::Zstd,
-            payload: bomb
+            payload: bomb.into()
         })
         .contains("does not decompress"));
         // Fewer bytes than declared.
@@ -764,7 +782,7 @@ mod tests {
             gpa: 0,
             pages: 1,
             codec: Codec::Zstd,
-            payload: short
+            payload: short.into()
         })
         .contains("not 4096"));
         // A bogus codec on the wire.
@@ -795,7 +813,7 @@ mod tests {
             gpa: 0x4000,
             pages: 2,
             codec: Codec::Patch,
-            payload: patch(&[(0, 1, 0xaa), (1, 2, 0xbb), (1022, 2, 0xcc)]),
+            payload: patch(&[(0, 1, 0xaa), (1, 2, 0xbb), (1022, 2, 0xcc)]).into(),
         };
         let out = decode_range(&r, MEM, Some(&prev)).unwrap();
         let mut want = prev.clone();
@@ -822,7 +840,7 @@ mod tests {
                     gpa: 0x8000,
                     pages: 1,
                     codec: Codec::Patch,
-                    payload,
+                    payload: payload.into(),
                 },
                 MEM,
                 Some(&prev),

@@ -385,3 +385,76 @@ fn frames_of_mixed_sizes_arrive_exactly_through_the_reused_buffers() {
     ch.send_blob(b"after").unwrap();
     srv.join().unwrap().unwrap();
 }
+
+/// A page batch is not copied out of its frame: its ranges' payloads are slices of the frame
+/// they came in. A frame whose ranges are still held is never reused, so they stay exactly as
+/// sent while later frames arrive; once they are all dropped, a later frame is read into the
+/// same buffer (no fresh buffer to zero or fault in).
+#[test]
+fn received_ranges_share_their_frame_which_is_reused_only_once_they_are_dropped() {
+    let psk = Psk::generate();
+    let (a, b) = pair();
+    let pages_of = |seed: u8| -> Vec<u8> {
+        // 64 pages: a frame larger than malloc's first mmap threshold, so a fresh buffer
+        // would not come back at a freed one's address by chance.
+        (0..64 * 4096)
+            .map(|i| (i as u8).wrapping_mul(131).wrapping_add(seed) ^ (i >> 12) as u8)
+            .collect()
+    };
+    let sent: Vec<Vec<u8>> = (0..3).map(pages_of).collect();
+    let to_send = sent.clone();
+    let client_psk = psk.clone();
+    let cli = thread::spawn(move || -> Result<(), Error> {
+        let mut ch = client(a, Some(&client_psk))?;
+        for data in &to_send {
+            // Two raw ranges per frame.
+            let (lo, hi) = data.split_at(32 * 4096);
+            ch.send_page_refs(&[
+                pages::PageRangeRef::raw(0x10000, lo),
+                pages::PageRangeRef::raw(0x40000, hi),
+            ])?;
+        }
+        ch.send(&Message::Goodbye)
+    });
+    let mut ch = server(b, Some(&psk)).unwrap();
+    let mut batch = || match ch.recv().unwrap() {
+        Received::Pages(rs) => rs,
+        other => panic!("{other:?}"),
+    };
+    let joined = |rs: &[transport::PageRange]| -> Vec<u8> {
+        rs.iter().flat_map(|r| r.payload.iter().copied()).collect()
+    };
+    let first = batch();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|r| r.codec == pages::Codec::Raw));
+    // Both payloads lie in one shared frame (not copies of their own): the second starts just
+    // past the first and its range header.
+    assert!(first.iter().all(|r| !r.payload.is_unique()));
+    let (p0, p1) = (
+        first[0].payload.as_ptr() as usize,
+        first[1].payload.as_ptr() as usize,
+    );
+    assert!(p1 > p0 && p1 - p0 < 32 * 4096 + 16, "{p0:#x} {p1:#x}");
+    let second = batch();
+    assert_eq!(
+        joined(&first),
+        sent[0],
+        "held ranges unchanged by a later frame"
+    );
+    assert_eq!(joined(&second), sent[1]);
+    let held = [p0, second[0].payload.as_ptr() as usize];
+    assert_ne!(held[0], held[1], "a held frame's buffer is not reused");
+    drop(first);
+    drop(second);
+    let third = batch();
+    assert_eq!(joined(&third), sent[2]);
+    assert!(
+        held.contains(&(third[0].payload.as_ptr() as usize)),
+        "a dropped frame's buffer is reused"
+    );
+    assert!(matches!(
+        ch.recv().unwrap(),
+        Received::Message(Message::Goodbye)
+    ));
+    cli.join().unwrap().unwrap();
+}

@@ -107,7 +107,7 @@ fn ranges() -> Vec<PageRange> {
             gpa: 0x20000,
             pages: 1,
             codec: transport::Codec::Raw,
-            payload: vec![0x42; 4096],
+            payload: vec![0x42; 4096].into(),
         },
     ]
 }

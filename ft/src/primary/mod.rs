@@ -447,6 +447,12 @@ impl Protector {
                             rs.report = Some(report);
                         }
                         let guest_finished = vmx.finished();
+                        if guest_finished {
+                            log::info!(
+                                "the guest finished while {peer} pre-copied: nothing is left \
+                                 to protect, so no epoch link is started"
+                            );
+                        }
                         let pending_output = self.collect_drained(vmx);
                         let r = self.drive(
                             vmx,

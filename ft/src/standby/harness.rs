@@ -271,7 +271,7 @@ impl Harness {
                         .ranges
                         .iter()
                         .map(|r| match r {
-                            crate::epoch::StagedRange::Bytes(g, d) => (*g, d.as_slice()),
+                            crate::epoch::StagedRange::Bytes(g, d) => (*g, &d[..]),
                             crate::epoch::StagedRange::Patch(p) => {
                                 panic!("a patch at {:#x} staged without a base", p.gpa)
                             }
