@@ -49,7 +49,8 @@ pub enum Received {
 /// [`Bytes`] and every range's payload is a slice of it ([`Received::Pages`]), so a receiver
 /// that stages raw pages until its epoch commits stages the frame itself. The frame's buffer
 /// comes back to the channel when the last of its ranges is dropped, and a later frame is
-/// read into it (at most [`SPARE_FRAMES`] are kept), so it is not zeroed or faulted in again.
+/// read into it (at most [`SPARE_FRAMES`] of at most [`SPARE_FRAME_BYTES`] are kept), so it is
+/// not zeroed or faulted in again.
 ///
 /// ```text
 ///   socket ──read──▶ frame buffer ──open (in place)──▶ Bytes ─┬─ range 0 payload ─┐ staged
@@ -70,6 +71,9 @@ pub struct Channel<S> {
 
 /// Most frame buffers a channel keeps for reuse once their ranges are dropped.
 pub const SPARE_FRAMES: usize = 4;
+/// Largest frame buffer kept for reuse (a sender's page frames are 8 MiB and a little more;
+/// a larger one is freed, so the spare buffers hold at most 64 MiB).
+pub const SPARE_FRAME_BYTES: usize = 16 << 20;
 
 /// Frame buffers whose ranges have all been dropped, ready for the next frame.
 #[derive(Default)]
@@ -81,6 +85,9 @@ impl Spare {
     }
 
     fn give(&self, buf: Vec<u8>) {
+        if buf.capacity() > SPARE_FRAME_BYTES {
+            return;
+        }
         if let Ok(mut v) = self.0.lock() {
             if v.len() < SPARE_FRAMES {
                 v.push(buf);
