@@ -75,6 +75,12 @@ impl Conn {
     }
 }
 
+/// Reply gaps longer than this are kept, with their start, in [`History::gaps`]: longer than
+/// a reply of an unprotected server here takes (1–5 ms), shorter than a protected one's wait
+/// for its epoch's acknowledgement (about the epoch interval), so the gap across a failover
+/// is always among them.
+pub const GAP_KEPT: Duration = Duration::from_millis(10);
+
 /// One client connection's view: every reply it got, in order.
 #[derive(Debug, Default)]
 pub struct History {
@@ -86,7 +92,7 @@ pub struct History {
     pub last_set: Option<String>,
     /// The longest time between two replies.
     pub longest_gap: Duration,
-    /// Gaps between two replies longer than 50 ms: (start, length).
+    /// Gaps between two replies longer than [`GAP_KEPT`]: (start, length).
     pub gaps: Vec<(Instant, Duration)>,
     /// What ended the connection early (EOF, reset, timeout, a wrong reply), if anything.
     pub error: Option<String>,
@@ -193,7 +199,7 @@ fn rounds(
         lat.push(now - t);
         let gap = now - last;
         h.longest_gap = h.longest_gap.max(gap);
-        if gap > Duration::from_millis(50) {
+        if gap > GAP_KEPT {
             h.gaps.push((last, gap));
         }
         last = now;
