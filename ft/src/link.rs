@@ -23,8 +23,10 @@ use devices::virtio::InputFrame;
 use vmx::machine::Captured;
 
 /// Faults a test can inject into the primary's link. Production code never sets them: the
-/// `tandem` binary reads them from `TANDEM_TEST_*` only when built with its
-/// `fault-injection` feature (the end-to-end tests build it so).
+/// `tandem` binary reads them from `TANDEM_TEST_*` only when this crate is built with its
+/// `fault-injection` feature (the end-to-end tests' dev-dependency turns it on, so
+/// `cargo test --workspace` builds it so; `tandem`'s own `fault-injection` feature forwards
+/// to it).
 #[derive(Clone, Debug, Default)]
 pub struct TestHooks {
     /// `TANDEM_TEST_SEND_DELAY_MS`: sleep this long between an epoch's pages and its state
@@ -46,8 +48,14 @@ pub enum Fault {
 }
 
 impl TestHooks {
+    /// No hooks: this build has no `fault-injection` feature, so `TANDEM_TEST_*` is not read.
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn from_env() -> Self {
+        Self::default()
+    }
+
     /// Reads the hooks from the environment (`TANDEM_TEST_SEND_DELAY_MS`,
-    /// `TANDEM_TEST_BAD_EPOCH`). Only the test build of the binary calls this.
+    /// `TANDEM_TEST_BAD_EPOCH`): only in a build with the `fault-injection` feature.
     #[cfg(feature = "fault-injection")]
     pub fn from_env() -> Self {
         let send_delay = std::env::var("TANDEM_TEST_SEND_DELAY_MS")

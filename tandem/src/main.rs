@@ -14,16 +14,11 @@ use workloads::Workload;
 /// with their kinds (exit code 2 for usage, 3 for a fenced primary, 1 otherwise).
 type Error = ft::Error;
 
-/// Faults to inject, from `TANDEM_TEST_*`: only in a binary built with `--features
-/// fault-injection` (the end-to-end tests' build); a production build reads no such variable.
-#[cfg(feature = "fault-injection")]
+/// Faults to inject, from `TANDEM_TEST_*`: only in a binary whose `ft` is built with its
+/// `fault-injection` feature (`--features fault-injection`, or the end-to-end tests' build);
+/// a production build reads no such variable.
 fn fault_hooks() -> ft::link::TestHooks {
     ft::link::TestHooks::from_env()
-}
-
-#[cfg(not(feature = "fault-injection"))]
-fn fault_hooks() -> ft::link::TestHooks {
-    ft::link::TestHooks::default()
 }
 
 fn usage(msg: String) -> Error {

@@ -23,6 +23,12 @@ pub fn require_kvm() {
 }
 
 /// Path to the `tandem` binary of this build profile, building it first if needed.
+///
+/// It is built as part of the same build as these tests (`--workspace --tests`, which turns
+/// on the same features, `ft/fault-injection` among them through this crate's
+/// dev-dependency), so after `cargo test --workspace` only the binary itself is linked; a
+/// narrower `cargo build -p tandem` would resolve other features and recompile a dozen
+/// crates first.
 pub fn tandem_bin() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -37,12 +43,10 @@ pub fn tandem_bin() -> &'static PathBuf {
         cmd.args([
             "build",
             "--quiet",
-            "-p",
-            "tandem",
+            "--workspace",
+            "--tests",
             "--bin",
             "tandem",
-            "--features",
-            "fault-injection",
         ]);
         if release {
             cmd.arg("--release");
